@@ -1,0 +1,136 @@
+"""The KV cache: per layer, post-RoPE keys, values, mass and provenance.
+
+Layout per layer (batch B, heads H, cached tokens N, head dim d):
+  k, v            (B, H, N, d)   keys are stored AFTER RoPE, as Wan/Self-Forcing do
+  mass            (B, H, N)      original tokens a cached token stands for (1 unless merged)
+  frame, row, col (B, H, N)      where the token came from (a merged token keeps its target's)
+
+Every head holds the same number of tokens, but not necessarily the same ones:
+policies decide per head. Attention adds ``log(mass)`` to each cached key's
+logit (``bias``), so a merged token draws the attention of the tokens it
+replaced (policies.md); with all masses 1 the bias is skipped and attention is
+exactly the plain one.
+
+A policy's ``Decision`` says, per layer and head, which tokens stay (``keep``)
+and, for the others, which kept token each merges into (``merge_into``, -1 =
+dropped). ``KVCache.apply`` carries it out.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class LayerDecision:
+    """keep: (B, H, K) indices of tokens that stay, ascending.
+    merge_into: (B, H, N) index of the kept token each token merges into, -1 for
+    none (kept tokens and dropped ones); None when nothing merges.
+    score, distance: (B, H, N) the policy's score and merge distance, for the log.
+    """
+    keep: torch.Tensor
+    merge_into: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+    distance: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class Decision:
+    layers: list[LayerDecision]
+
+
+class LayerCache:
+    def __init__(self):
+        self.k = self.v = self.mass = self.frame = self.row = self.col = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k, v, frame, row, col) -> None:
+        """Add tokens: k, v (B, H, n, d); frame, row, col (n,) long."""
+        B, H, n, _ = k.shape
+        meta = [t.view(1, 1, n).expand(B, H, n) for t in (frame, row, col)]
+        mass = torch.ones(B, H, n, dtype=k.dtype, device=k.device)
+        if self.k is None:
+            self.k, self.v, self.mass = k, v, mass
+            self.frame, self.row, self.col = (m.clone() for m in meta)
+            return
+        self.k = torch.cat([self.k, k], 2)
+        self.v = torch.cat([self.v, v], 2)
+        self.mass = torch.cat([self.mass, mass], 2)
+        self.frame = torch.cat([self.frame, meta[0]], 2)
+        self.row = torch.cat([self.row, meta[1]], 2)
+        self.col = torch.cat([self.col, meta[2]], 2)
+
+    def bias(self) -> torch.Tensor | None:
+        """log(mass) (B, H, 1, N), or None when no token is merged."""
+        if self.mass is None or bool((self.mass == 1).all()):
+            return None
+        return self.mass.log().unsqueeze(2)
+
+    def apply(self, d: LayerDecision) -> None:
+        if d.merge_into is not None and bool((d.merge_into >= 0).any()):
+            self._merge(d.merge_into)
+        idx = d.keep
+        gather3 = lambda t: t.gather(2, idx)
+        gather4 = lambda t: t.gather(2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
+        self.k, self.v = gather4(self.k), gather4(self.v)
+        self.mass, self.frame, self.row, self.col = map(
+            gather3, (self.mass, self.frame, self.row, self.col))
+
+    def _merge(self, into: torch.Tensor) -> None:
+        """Mass-weighted average of each merging token into its target (in place
+        on the targets; merging tokens are then dropped by ``keep``)."""
+        src = into >= 0
+        tgt = torch.where(src, into, torch.zeros_like(into))
+        w = self.mass * src  # weight of each merging token, 0 for others
+        d = self.k.shape[-1]
+        idx4 = tgt.unsqueeze(-1).expand(*tgt.shape, d)
+        new_mass = self.mass.scatter_add(2, tgt, w)
+        k_sum = (self.k * self.mass.unsqueeze(-1)).scatter_add(2, idx4, self.k * w.unsqueeze(-1))
+        v_sum = (self.v * self.mass.unsqueeze(-1)).scatter_add(2, idx4, self.v * w.unsqueeze(-1))
+        self.k = k_sum / new_mass.unsqueeze(-1)
+        self.v = v_sum / new_mass.unsqueeze(-1)
+        self.mass = new_mass
+
+
+class KVCache:
+    """One ``LayerCache`` per layer plus the grid that token positions refer to."""
+
+    def __init__(self, layers: int, tokens_per_frame: int, grid: tuple[int, int]):
+        self.layers = [LayerCache() for _ in range(layers)]
+        self.tokens_per_frame = tokens_per_frame
+        self.grid = grid
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    @property
+    def size(self) -> int:
+        """Cached tokens per head (the same in every layer and head)."""
+        return self.layers[0].size
+
+    def frames(self) -> list[int]:
+        """Source frames with at least one token in layer 0, head 0."""
+        if self.layers[0].frame is None:
+            return []
+        return sorted(set(self.layers[0].frame[0, 0].tolist()))
+
+    def apply(self, decision: Decision) -> None:
+        if len(decision.layers) != len(self.layers):
+            raise ValueError(f"decision has {len(decision.layers)} layers, cache {len(self.layers)}")
+        for layer, d in zip(self.layers, decision.layers):
+            layer.apply(d)
+
+    def nbytes(self) -> int:
+        n = 0
+        for l in self.layers:
+            for t in (l.k, l.v, l.mass, l.frame, l.row, l.col):
+                if t is not None:
+                    n += t.numel() * t.element_size()
+        return n
+
+    def kv_bytes(self) -> int:
+        return sum(l.k.numel() * l.k.element_size() * 2 for l in self.layers if l.k is not None)

@@ -1,0 +1,206 @@
+"""The autoregressive loop: one generator that yields a ``Step`` per chunk.
+
+For every chunk: read the ``Controls`` (policy and budget may have changed),
+denoise the chunk over the cache, run it once more to write its keys and
+values, and let the policy bring the cache back to the budget. The first step
+carries the ``given_frames`` frames rendered from the prompt's scene (the model
+is image-to-video); they enter the cache like generated ones.
+
+Memory is bounded by the budget (plus one chunk) and by the recorder's own
+bound; frames are handed to the caller step by step, never kept here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ffviz.cache import Decision, KVCache
+from ffviz.hooks import QueryRecorder
+from ffviz.policies import Policy, PolicyContext, PolicyError, make_policy
+from ffviz.sampling import denoise_chunk, fill_cache
+from ffviz.scenes import Scene, SceneSpec, parse_prompt
+
+MAX_FRAMES = 1024  # documented cap on one run's length
+
+
+class GenerationError(ValueError):
+    """Settings a run cannot start with (the message says which and why)."""
+
+
+class Controls:
+    """Policy and budget, read before every chunk; safe to change from another
+    thread while a run goes on (the app's live steering)."""
+
+    def __init__(self, policy: Policy | str = "window", budget_frames: int = 4):
+        self._lock = threading.Lock()
+        self.version = 0
+        self._policy = make_policy(policy) if isinstance(policy, str) else policy
+        self._budget = self._check_budget(budget_frames)
+        self.stop_requested = False
+
+    @staticmethod
+    def _check_budget(budget_frames) -> int:
+        if isinstance(budget_frames, bool) or not isinstance(budget_frames, (int, np.integer)):
+            raise GenerationError(f"budget must be a whole number of frames, got {budget_frames!r}")
+        if budget_frames < 1:
+            raise GenerationError(f"budget must be at least 1 frame, got {budget_frames}")
+        return int(budget_frames)
+
+    def set(self, policy: Policy | str | None = None, budget_frames: int | None = None) -> None:
+        new_policy = make_policy(policy) if isinstance(policy, str) else policy
+        new_budget = None if budget_frames is None else self._check_budget(budget_frames)
+        with self._lock:
+            if new_policy is not None:
+                self._policy = new_policy
+            if new_budget is not None:
+                self._budget = new_budget
+            self.version += 1
+
+    def stop(self) -> None:
+        self.stop_requested = True
+
+    def snapshot(self) -> tuple[Policy, int, int]:
+        with self._lock:
+            return self._policy, self._budget, self.version
+
+
+@dataclasses.dataclass
+class Step:
+    """What one chunk produced. ``frames`` are uint8 (T, H, W, 3)."""
+    index: int
+    frame_indices: list[int]
+    frames: np.ndarray
+    seconds: dict
+    cache_tokens_peak: int  # after writing the chunk, before the policy
+    cache_tokens: int  # after the policy
+    cache_frames: list[int]
+    policy: str
+    policy_params: dict
+    budget_frames: int
+    switched: bool
+    decision: Decision | None = None
+    decision_log: dict | None = None
+
+
+@dataclasses.dataclass
+class RunSettings:
+    prompt: str
+    frames: int = 64
+    seed: int = 0
+    steps: int | None = None  # None: the model card's default
+    context_noise: float | None = None
+    record: bool = True
+
+    def validate(self) -> tuple[SceneSpec, list[str]]:
+        if isinstance(self.frames, bool) or not isinstance(self.frames, (int, np.integer)):
+            raise GenerationError(f"frames must be a whole number, got {self.frames!r}")
+        if self.frames < 1 or self.frames > MAX_FRAMES:
+            raise GenerationError(f"frames must be in [1, {MAX_FRAMES}], got {self.frames}")
+        if self.steps is not None and not 1 <= self.steps <= 50:
+            raise GenerationError(f"steps must be in [1, 50], got {self.steps}")
+        if self.context_noise is not None and not 0 <= self.context_noise < 1:
+            raise GenerationError(f"context noise must be in [0, 1), got {self.context_noise}")
+        return parse_prompt(self.prompt)
+
+
+def _to_uint8(model, tokens: torch.Tensor) -> np.ndarray:
+    img = model.unpatchify(tokens)[0].clamp(-1, 1)
+    return ((img + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def decision_log_entry(cache: KVCache, decision: Decision) -> dict:
+    """Per layer and head: the tokens dropped, and merged (token, into, distance).
+
+    Tokens are named by id = frame * tokens_per_frame + row * grid_cols + col.
+    Must be called before the cache applies the decision.
+    """
+    cols = cache.grid[1]
+    layers = []
+    for layer, d in zip(cache.layers, decision.layers):
+        ids = (layer.frame * cache.tokens_per_frame + layer.row * cols + layer.col)[0]  # (H, N)
+        H, N = ids.shape
+        kept = torch.zeros(H, N, dtype=torch.bool)
+        kept.scatter_(1, d.keep[0], True)
+        into = d.merge_into[0] if d.merge_into is not None else torch.full((H, N), -1)
+        heads = []
+        for h in range(H):
+            gone = (~kept[h]).nonzero().flatten()
+            merged = gone[into[h, gone] >= 0]
+            dropped = gone[into[h, gone] < 0]
+            entry = {"dropped": ids[h, dropped].tolist()}
+            if merged.numel():
+                dist = d.distance[0, h, merged].tolist() if d.distance is not None else [None] * merged.numel()
+                entry["merged"] = [[int(a), int(b), None if x is None else round(float(x), 5)]
+                                   for a, b, x in zip(ids[h, merged], ids[h, into[h, merged]], dist)]
+            if d.score is not None:
+                entry["kept_score_min"] = round(float(d.score[0, h][kept[h]].min()), 6)
+            heads.append(entry)
+        layers.append(heads)
+    return {"layers": layers}
+
+
+def generate(model, settings: RunSettings, controls: Controls,
+             recorder: QueryRecorder | None = None, stats=None) -> Iterator[Step]:
+    """Run ``model`` on ``settings``; yield one ``Step`` per chunk.
+
+    Raises ``GenerationError``/``PromptError``/``PolicyError`` before any work
+    when the settings are bad. ``controls.stop()`` ends the run after the
+    current chunk.
+    """
+    spec, _ = settings.validate()
+    cfg = model.cfg
+    policy, budget, _ = controls.snapshot()
+    if budget > settings.frames:
+        raise GenerationError(f"budget of {budget} frames is larger than the run "
+                              f"({settings.frames} frames)")
+    steps = settings.steps or cfg.sample_steps
+    level = cfg.context_noise if settings.context_noise is None else settings.context_noise
+    scene = Scene(spec, settings.seed)
+    n = cfg.tokens_per_frame
+    gen = torch.Generator().manual_seed(settings.seed)
+    cache = model.new_cache()
+    g = min(cfg.given_frames, settings.frames)
+    seen_version = controls.version
+    with torch.no_grad():
+        cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
+        f, index = 0, 0
+        while f < settings.frames and not controls.stop_requested:
+            t0 = time.perf_counter()
+            policy, budget, version = controls.snapshot()
+            switched = version != seen_version
+            seen_version = version
+            if f == 0:  # the frames given from the scene
+                frames = torch.arange(g)
+                given = scene.render(np.arange(g))
+                x0 = model.patchify(torch.from_numpy(given)[None].float() / 127.5 - 1)
+            else:
+                frames = torch.arange(f, min(f + cfg.chunk_frames, settings.frames))
+                noise = torch.randn(1, frames.numel() * n, cfg.patch_dim, generator=gen)
+                x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift).clamp(-1, 1)
+            t1 = time.perf_counter()
+            fill_cache(model, cache, x0, frames, cond, level, gen)
+            t2 = time.perf_counter()
+            peak = cache.size
+            ctx = PolicyContext(frame=int(frames[-1]), tokens_per_frame=n,
+                                chunk_frames=cfg.chunk_frames, stats=stats)
+            decision = policy.compress(cache, budget * n, ctx)
+            log = None
+            if decision is not None:
+                log = decision_log_entry(cache, decision)
+                cache.apply(decision)
+            if policy.holds_budget and cache.size > budget * n:
+                raise PolicyError(f"policy {policy.name} left {cache.size} tokens, budget is {budget * n}")
+            t3 = time.perf_counter()
+            yield Step(index=index, frame_indices=frames.tolist(), frames=_to_uint8(model, x0),
+                       seconds={"denoise": t1 - t0, "cache": t2 - t1, "policy": t3 - t2,
+                                "total": t3 - t0},
+                       cache_tokens_peak=peak, cache_tokens=cache.size, cache_frames=cache.frames(),
+                       policy=policy.name, policy_params=policy.params(), budget_frames=budget,
+                       switched=switched, decision=decision, decision_log=log)
+            f += frames.numel()
+            index += 1

@@ -1,0 +1,236 @@
+"""Named hook points and the query recorder.
+
+Every attention layer of a model calls four hook points, named by path as in
+TransformerLens: ``blocks.{i}.attn.hook_q_pre`` / ``hook_q_post`` (queries before
+and after RoPE) and ``hook_k_pre`` / ``hook_k_post``. Tensors are
+(batch, heads, tokens, head_dim). A hook function gets ``(tensor, hook)`` and
+may return a replacement tensor; ``hook.ctx`` tells which frames the tokens
+belong to, the noise level and the phase ("denoise" or "cache").
+
+The recorder keeps, per layer, head and frame, the mean and variance of pre-
+and post-RoPE queries, plus a bounded reservoir of query vectors for
+projections. Memory is bounded by construction: at most ``max_frames`` frame
+slots (when full, every other slot is dropped and the stride doubles) and
+``reservoir`` vectors per layer and head.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class HookContext:
+    """What a hook may want to know about the tensor it sees.
+
+    token_frame: (tokens,) absolute frame index of each token of the current call
+    t: noise level(s) of the call; phase: "denoise", "cache" or "train";
+    step: denoising step index (-1 for the cache pass).
+    """
+    token_frame: torch.Tensor | None = None
+    t: float = 0.0
+    phase: str = "train"
+    step: int = -1
+
+
+class HookPoint(nn.Module):
+    """Identity module with a name; functions attached to it see its tensor."""
+
+    def __init__(self, ctx: HookContext):
+        super().__init__()
+        self.name = ""
+        self.ctx = ctx
+        self.fns: list[Callable] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fn in self.fns:
+            out = fn(x, self)
+            if out is not None:
+                if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                    raise TypeError(f"hook on {self.name} must return None or a tensor of "
+                                    f"shape {tuple(x.shape)}")
+                x = out
+        return x
+
+
+def hook_points(model: nn.Module) -> dict[str, HookPoint]:
+    """All hook points of ``model`` by name (names are set here, from the module path)."""
+    points = {}
+    for name, m in model.named_modules():
+        if isinstance(m, HookPoint):
+            m.name = name
+            points[name] = m
+    return points
+
+
+class Hooks:
+    """Attach functions by hook name; ``remove()`` detaches all of them."""
+
+    def __init__(self, model: nn.Module):
+        self.points = hook_points(model)
+        self._attached: list[tuple[HookPoint, Callable]] = []
+
+    def add(self, name: str, fn: Callable) -> None:
+        if name not in self.points:
+            raise KeyError(f"no hook point named {name!r}; there are e.g. "
+                           f"{', '.join(list(self.points)[:4])}")
+        self.points[name].fns.append(fn)
+        self._attached.append((self.points[name], fn))
+
+    def remove(self) -> None:
+        for point, fn in self._attached:
+            if fn in point.fns:
+                point.fns.remove(fn)
+        self._attached.clear()
+
+
+class QueryRecorder:
+    """Per layer, head and frame statistics of pre- and post-RoPE queries.
+
+    Arrays (slots = recorded frames, at most ``max_frames``):
+      ``mean[kind]``, ``var[kind]``: (slots, layers, heads, head_dim) float32
+      ``count``: (slots,) tokens summed per slot; ``frames``: (slots,) frame index
+    Reservoir (uniform over the run): ``sample[kind]`` (layers, heads, reservoir,
+    head_dim) float16 with ``sample_frame`` (layers, heads, reservoir).
+    ``kind`` is "pre" or "post". Only batch element 0 is recorded.
+    """
+
+    KINDS = ("pre", "post")
+
+    def __init__(self, layers: int, heads: int, head_dim: int, max_frames: int = 512,
+                 reservoir: int = 256, phases=("denoise",), seed: int = 0):
+        if max_frames < 2 or reservoir < 1:
+            raise ValueError("max_frames must be >= 2 and reservoir >= 1")
+        self.L, self.H, self.d = layers, heads, head_dim
+        self.max_frames, self.reservoir, self.phases = max_frames, reservoir, tuple(phases)
+        self.stride = 1  # record every stride-th frame; doubles when slots run out
+        shape = (max_frames, layers, heads, head_dim)
+        self._sum = {k: np.zeros(shape, np.float64) for k in self.KINDS}
+        self._sq = {k: np.zeros(shape, np.float64) for k in self.KINDS}
+        self._count = np.zeros((max_frames, layers), np.int64)
+        self._frame = np.full(max_frames, -1, np.int64)
+        self.n_slots = 0
+        self.sample = {k: np.zeros((layers, heads, reservoir, head_dim), np.float16)
+                       for k in self.KINDS}
+        self.sample_frame = np.full((layers, heads, reservoir), -1, np.int64)
+        self._seen = np.zeros(layers, np.int64)  # reservoir counter per layer
+        self._rng = np.random.default_rng(seed)
+        self._pending_idx: dict[int, np.ndarray] = {}
+        self._hooks: Hooks | None = None
+
+    # -- wiring -----------------------------------------------------------
+    def attach(self, model: nn.Module) -> "QueryRecorder":
+        self._hooks = Hooks(model)
+        for i in range(self.L):
+            self._hooks.add(f"blocks.{i}.attn.hook_q_pre", self._make_fn(i, "pre"))
+            self._hooks.add(f"blocks.{i}.attn.hook_q_post", self._make_fn(i, "post"))
+        return self
+
+    def detach(self) -> None:
+        if self._hooks:
+            self._hooks.remove()
+
+    def _make_fn(self, layer: int, kind: str):
+        def fn(x: torch.Tensor, hook: HookPoint):
+            if hook.ctx.phase in self.phases:
+                self.observe(layer, kind, x[0], hook.ctx.token_frame)
+        return fn
+
+    # -- recording --------------------------------------------------------
+    def _slot(self, frame: int) -> int | None:
+        if frame % self.stride:
+            return None
+        hit = np.nonzero(self._frame[: self.n_slots] == frame)[0]
+        if hit.size:
+            return int(hit[0])
+        if self.n_slots == self.max_frames:
+            self._halve()
+            if frame % self.stride:
+                return None
+        self._frame[self.n_slots] = frame
+        self.n_slots += 1
+        return self.n_slots - 1
+
+    def _halve(self) -> None:
+        """Keep every other recorded frame: memory stays fixed, resolution halves."""
+        self.stride *= 2
+        keep = np.nonzero(self._frame[: self.n_slots] % self.stride == 0)[0]
+        n = keep.size
+        for arrs in (self._sum, self._sq):
+            for k in self.KINDS:
+                arrs[k][:n] = arrs[k][keep]
+                arrs[k][n:] = 0
+        self._count[:n] = self._count[keep]
+        self._count[n:] = 0
+        self._frame[:n] = self._frame[keep]
+        self._frame[n:] = -1
+        self.n_slots = n
+
+    @torch.no_grad()
+    def observe(self, layer: int, kind: str, q: torch.Tensor, token_frame: torch.Tensor) -> None:
+        """Add queries ``q`` (heads, tokens, d) whose frames are ``token_frame`` (tokens,)."""
+        q = q.detach().float()
+        tf = token_frame.cpu().numpy()
+        for f in np.unique(tf):
+            slot = self._slot(int(f))
+            if slot is None:
+                continue
+            sel = torch.from_numpy(np.nonzero(tf == f)[0])
+            qf = q[:, sel].double()  # (H, n, d)
+            self._sum[kind][slot, layer] += qf.sum(1).numpy()
+            self._sq[kind][slot, layer] += (qf * qf).sum(1).numpy()
+            if kind == "pre":
+                self._count[slot, layer] += qf.shape[1]
+        self._reservoir(layer, kind, q, tf)
+
+    def _reservoir(self, layer: int, kind: str, q: torch.Tensor, tf: np.ndarray) -> None:
+        # Reservoir sampling (Algorithm R) over tokens; the pre and post hooks of
+        # one call see the same tokens, so the "pre" call draws the indices and
+        # the "post" call reuses them: the two samples stay paired.
+        n = q.shape[1]
+        if kind == "pre":
+            seen = self._seen[layer] + np.arange(1, n + 1)
+            slot = np.where(seen <= self.reservoir, seen - 1,
+                            (self._rng.random(n) * seen).astype(np.int64))
+            take = slot < self.reservoir
+            self._pending_idx[layer] = (np.nonzero(take)[0], slot[take])
+            self._seen[layer] += n
+        src, dst = self._pending_idx.get(layer, (np.zeros(0, int), np.zeros(0, int)))
+        if src.size:
+            # later duplicates in dst win, as sequential Algorithm R would
+            self.sample[kind][layer][:, dst] = q[:, torch.from_numpy(src)].numpy().astype(np.float16)
+            if kind == "pre":
+                self.sample_frame[layer][:, dst] = tf[src]
+
+    # -- reading ----------------------------------------------------------
+    @property
+    def frames(self) -> np.ndarray:
+        return self._frame[: self.n_slots].copy()
+
+    def mean(self, kind: str) -> np.ndarray:
+        c = np.maximum(self._count[: self.n_slots], 1)[:, :, None, None]
+        return (self._sum[kind][: self.n_slots] / c).astype(np.float32)
+
+    def var(self, kind: str) -> np.ndarray:
+        c = np.maximum(self._count[: self.n_slots], 1)[:, :, None, None]
+        m = self._sum[kind][: self.n_slots] / c
+        return np.maximum(self._sq[kind][: self.n_slots] / c - m * m, 0).astype(np.float32)
+
+    def nbytes(self) -> int:
+        arrays = [*self._sum.values(), *self._sq.values(), self._count, self._frame,
+                  *self.sample.values(), self.sample_frame]
+        return int(sum(a.nbytes for a in arrays))
+
+    def to_npz(self, path) -> None:
+        """Write what was recorded; shapes as in the class docstring."""
+        np.savez_compressed(
+            path, frames=self.frames, stride=self.stride,
+            mean_pre=self.mean("pre"), var_pre=self.var("pre"),
+            mean_post=self.mean("post"), var_post=self.var("post"),
+            tokens_per_slot=self._count[: self.n_slots],
+            sample_pre=self.sample["pre"], sample_post=self.sample["post"],
+            sample_frame=self.sample_frame)

@@ -1,0 +1,154 @@
+"""Consistency of a generated run against its scene's ground truth.
+
+The scene knows, for every frame, where each object is and how much of it is
+visible. Generated frames are compared with that truth per frame:
+
+* ``background``: share of pixels that should show background (away from any
+  object and the pillar) whose colour is near the background colour;
+* ``off_palette``: share of pixels near none of the scene's colours (noise, smears);
+* ``color_presence``: per object and frame where it should be visible, whether
+  its colour forms one blob of at least a third of its visible area somewhere in
+  the frame (scattered pixels of noise do not count);
+* ``shape``: where an object should be fully visible and its colour is present,
+  whether the largest blob of its colour looks like its own shape rather than
+  another: two features (fill ratio of the bounding box, top-half vs bottom-half
+  balance) are compared with those of each shape rendered at the same size
+  (frames where this reading fails on the true frame itself are left out);
+* ``returns``: objects that left the view (or hid behind the pillar) for at
+  least 3 frames and came back: the share that shows its colour again within
+  the 8 frames after its return.
+
+``consistency`` is the mean of background, colour presence, shape and returns
+(those defined for the run). Positions are not compared: a free-running model
+may place an object slightly off and still keep it.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from scipy import ndimage
+
+from ffviz.scenes import COLORS, SHAPES, SIZES, ObjectSpec, Scene, SceneSpec
+
+COLOR_TOL = 60.0  # RGB distance within which a pixel "has" a colour
+
+
+def _near(frames: np.ndarray, rgb) -> np.ndarray:
+    d = frames.astype(np.float32) - np.asarray(rgb, np.float32)
+    return np.sqrt((d * d).sum(-1)) < COLOR_TOL
+
+
+def shape_features(mask: np.ndarray) -> np.ndarray:
+    """(fill ratio of the bounding box, top-half share) of the largest blob."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros(2)
+    sizes = ndimage.sum(mask, labels, range(1, n + 1))
+    blob = labels == (1 + int(np.argmax(sizes)))
+    ys, xs = np.nonzero(blob)
+    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    top = (ys < ys.min() + h / 2).sum() / ys.size
+    return np.array([ys.size / (h * w), top])
+
+
+def _largest_blob(mask: np.ndarray) -> int:
+    labels, n = ndimage.label(mask)
+    return int(np.bincount(labels.ravel())[1:].max()) if n else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_features(size: str) -> dict:
+    """Features of each shape rendered alone at ``size`` (calibrates the classifier)."""
+    refs = {}
+    for shape in SHAPES:
+        scene = Scene(SceneSpec("black", (ObjectSpec(shape, "white", size),)), 0)
+        scene.pos0[:] = 16.3
+        scene.vel[:] = 0
+        refs[shape] = shape_features(_near(scene.render([0])[0], COLORS["white"]))
+    return refs
+
+
+def classify_shape(mask: np.ndarray, size: str) -> str:
+    feat = shape_features(mask)
+    refs = _reference_features(size)
+    return min(refs, key=lambda s: float(np.abs(refs[s] - feat).sum()))
+
+
+def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
+    """Metrics of ``frames`` (T, H, W, 3) uint8, which show scene frames
+    ``start .. start + T - 1``. Returns scalars and per-frame curves."""
+    T = len(frames)
+    idx = np.arange(start, start + T)
+    spec = scene.spec
+    truth = scene.render(idx)
+    vis = scene.visible_area(idx)  # (T, n)
+    full = scene.full_area()  # (n,)
+    bg_rgb = COLORS[spec.background]
+    palette = [bg_rgb] + [COLORS[o.color] for o in spec.objects] + \
+              ([COLORS[spec.pillar]] if spec.pillar else [])
+    is_bg_true = _near(truth, bg_rgb)
+    # background pixels well away from objects (a dilation by 2 px)
+    pad = np.pad(~is_bg_true, ((0, 0), (2, 2), (2, 2)))
+    near_obj = np.zeros_like(is_bg_true)
+    for dy in range(5):
+        for dx in range(5):
+            near_obj |= pad[:, dy:dy + is_bg_true.shape[1], dx:dx + is_bg_true.shape[2]]
+    bg_region = is_bg_true & ~near_obj
+    bg_ok = _near(frames, bg_rgb)
+    bg_curve = (bg_ok & bg_region).sum((1, 2)) / np.maximum(bg_region.sum((1, 2)), 1)
+    off = np.ones(frames.shape[:3], bool)
+    for rgb in palette:
+        off &= ~_near(frames, rgb)
+    off_curve = off.mean((1, 2))
+
+    presence, shape_ok, returns = [], [], []
+    presence_curve = np.full(T, np.nan)
+    per_frame_hits = np.zeros(T)
+    per_frame_due = np.zeros(T)
+    for i, o in enumerate(spec.objects):
+        has = _near(frames, COLORS[o.color])
+        count = np.array([_largest_blob(m) for m in has])
+        due = vis[:, i] >= 6
+        present = count >= np.maximum(vis[:, i] / 3, 3)
+        presence += present[due].tolist()
+        per_frame_hits += present & due
+        per_frame_due += due
+        whole = vis[:, i] >= 0.9 * full[i]
+        truth_has = _near(truth, COLORS[o.color])
+        for t in np.nonzero(whole & present)[0]:
+            # only frames where the classifier reads the true frame right count
+            if classify_shape(truth_has[t], o.size) == o.shape:
+                shape_ok.append(classify_shape(has[t], o.size) == o.shape)
+        gone = vis[:, i] < 1
+        t = 0
+        while t < T:
+            if gone[t] and t > 0 and not gone[t - 1]:
+                end = t
+                while end < T and gone[end]:
+                    end += 1
+                if end - t >= 3 and end < T:
+                    window = slice(end, min(end + 8, T))
+                    w_due = due[window]
+                    if w_due.any():
+                        returns.append(bool(present[window][w_due].mean() >= 0.5))
+                t = end
+            else:
+                t += 1
+    presence_curve = np.where(per_frame_due > 0, per_frame_hits / np.maximum(per_frame_due, 1), np.nan)
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else float("nan")
+    out = {
+        "background": float(bg_curve.mean()),
+        "off_palette": float(off_curve.mean()),
+        "color_presence": mean(presence),
+        "shape": mean(shape_ok),
+        "returns": mean(returns),
+        "returns_count": len(returns),
+    }
+    parts = [out[k] for k in ("background", "color_presence", "shape", "returns")]
+    out["consistency"] = float(np.nanmean(parts)) if not all(np.isnan(parts)) else float("nan")
+    out["curves"] = {"background": bg_curve.round(4).tolist(),
+                     "off_palette": off_curve.round(4).tolist(),
+                     "color_presence": [None if np.isnan(x) else round(float(x), 4)
+                                        for x in presence_curve]}
+    return out

@@ -1,0 +1,244 @@
+"""The embedded model: Wan2.1 in miniature, readable in one sitting.
+
+Frames (32x32 RGB in [-1, 1]) are cut into 4x4 patches: 64 tokens per frame.
+A stack of DiT blocks with
+  * adaLN modulation per frame from its noise level plus the prompt embedding
+    (Wan-style: one shared projection to 6 x width, plus a learned offset per block),
+  * self-attention with q/k RMSNorm over the full width before the head split
+    (as Wan), 3D RoPE with Wan's temporal/height/width split of the head dim,
+  * block-causal attention: a token sees every token of its own chunk of
+    ``chunk_frames`` frames and of all earlier chunks.
+predicts the flow-matching velocity ``v = noise - clean`` of each frame.
+
+Generation (``ffviz.generate``) runs one chunk at a time over a ``KVCache`` of
+post-RoPE keys: a few Euler steps read the cache, then the finished chunk is
+run once more at the context noise level to write its keys and values (as
+Self-Forcing does). Training (``ffviz.train``) runs whole clips at once with
+the block-causal mask; both paths share ``Attention.forward``.
+
+The four hook points of every attention layer (``blocks.{i}.attn.hook_q_pre``,
+``hook_q_post``, ``hook_k_pre``, ``hook_k_post``) expose queries and keys
+before and after RoPE without changing the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ffviz.cache import KVCache
+from ffviz.hooks import HookContext, HookPoint
+from ffviz.models.rope import Rope3D, apply_rotation
+from ffviz.scenes import CONDITION_VOCAB
+
+
+@dataclasses.dataclass
+class TinyConfig:
+    frame_size: int = 32
+    patch: int = 4
+    channels: int = 3
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    chunk_frames: int = 1  # frames denoised together (block-causal unit)
+    given_frames: int = 2  # frames rendered from the prompt's scene (image-to-video)
+    rope_theta: float = 10000.0
+    # sampling defaults, stored with the weights
+    sample_steps: int = 4
+    shift: float = 3.0
+    context_noise: float = 0.0  # noise level of the cache-filling pass
+
+    @property
+    def grid(self) -> int:
+        return self.frame_size // self.patch
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch * self.patch * self.channels
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of noise levels t in [0, 1]: (...,) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    args = (t.float() * 1000.0)[..., None] * freqs
+    return torch.cat([args.cos(), args.sin()], -1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TinyConfig, ctx: HookContext):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.norm_q, self.norm_k = RMSNorm(cfg.width), RMSNorm(cfg.width)
+        self.out = nn.Linear(cfg.width, cfg.width)
+        self.hook_q_pre, self.hook_q_post = HookPoint(ctx), HookPoint(ctx)
+        self.hook_k_pre, self.hook_k_post = HookPoint(ctx), HookPoint(ctx)
+
+    def forward(self, x, cos, sin, mask=None, cache_layer=None, write=False, meta=None):
+        """x (B, N, width); cos/sin (N, d/2) RoPE of the N tokens.
+
+        mask: (N, N) bool, True = may attend (training path), or None.
+        cache_layer: a ``LayerCache`` to read (its keys come first, all visible),
+        and to extend with this call's keys and values when ``write``;
+        meta = (frame, row, col) of the N tokens, needed to write.
+        """
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k = self.norm_q(q), self.norm_k(k)
+        split = lambda t: t.view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        q, k, v = split(q), split(k), split(v)  # (B, H, N, d)
+        q = self.hook_q_post(apply_rotation(self.hook_q_pre(q), cos, sin))
+        k = self.hook_k_post(apply_rotation(self.hook_k_pre(k), cos, sin))
+        bias = None
+        if mask is not None:
+            bias = mask
+        if cache_layer is not None and cache_layer.size:
+            log_mass = cache_layer.bias()  # (B, H, 1, Nc) or None
+            if log_mass is not None:
+                bias = torch.cat([log_mass.expand(-1, -1, N, -1),
+                                  log_mass.new_zeros(B, self.heads, N, N)], -1)
+            keys = torch.cat([cache_layer.k, k], 2)
+            vals = torch.cat([cache_layer.v, v], 2)
+        else:
+            keys, vals = k, v
+        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias)
+        if write:
+            cache_layer.append(k, v, *meta)
+        return self.out(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TinyConfig, ctx: HookContext):
+        super().__init__()
+        w = cfg.width
+        self.norm1 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(cfg, ctx)
+        self.norm2 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(w, cfg.mlp_ratio * w), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.mlp_ratio * w, w))
+        # learned offset added to the shared time projection (as Wan's blocks do)
+        self.modulation = nn.Parameter(torch.randn(1, 6, w) / w ** 0.5)
+
+    def forward(self, x, mod, cos, sin, **attn_kw):
+        """mod: (B, N, 6, width) per-token modulation (each token gets its frame's)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation).unbind(2)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        x = x + gate1 * self.attn(h, cos, sin, **attn_kw)
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + gate2 * self.mlp(h)
+
+
+class TinyVideoModel(nn.Module):
+    def __init__(self, cfg: TinyConfig = TinyConfig()):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.hook_ctx = HookContext()
+        self.patch_embed = nn.Linear(cfg.patch_dim, w)
+        self.time_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.cond_embed = nn.ModuleList(nn.Embedding(n, w) for n in CONDITION_VOCAB)
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))
+        self.blocks = nn.ModuleList(Block(cfg, self.hook_ctx) for _ in range(cfg.layers))
+        self.head_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.head_mod = nn.Parameter(torch.randn(1, 2, w) / w ** 0.5)
+        self.head = nn.Linear(w, cfg.patch_dim)
+        self.rope = Rope3D(cfg.head_dim, cfg.rope_theta)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.time_proj[1].weight)
+        nn.init.zeros_(self.time_proj[1].bias)
+
+    # -- pixels <-> tokens ------------------------------------------------
+    def patchify(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, S, S, 3) in [-1, 1] -> (B, T * tokens_per_frame, patch_dim)."""
+        B, T, S, _, C = frames.shape
+        g, p = self.cfg.grid, self.cfg.patch
+        x = frames.reshape(B, T, g, p, g, p, C).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(B, T * g * g, p * p * C)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        g, p, C = self.cfg.grid, self.cfg.patch, self.cfg.channels
+        x = x.reshape(B, -1, g, g, p, p, C).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(B, -1, g * p, g * p, C)
+
+    # -- conditioning ------------------------------------------------------
+    def embed_condition(self, cond_ids: torch.Tensor) -> torch.Tensor:
+        """(B, len(CONDITION_VOCAB)) ids from ``SceneSpec.condition_ids`` -> (B, width)."""
+        return sum(emb(cond_ids[:, i]) for i, emb in enumerate(self.cond_embed))
+
+    def token_positions(self, frames: torch.Tensor):
+        """frame, row, col (T * tokens_per_frame,) of every token of ``frames`` (T,)."""
+        g = self.cfg.grid
+        n = frames.numel()
+        frame = frames.view(-1, 1).expand(n, g * g).reshape(-1)
+        row = torch.arange(g).repeat_interleave(g).repeat(n)
+        col = torch.arange(g).repeat(g * n)
+        return frame, row, col
+
+    def block_causal_mask(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, N) bool: True where a token may attend (same or earlier chunk)."""
+        chunk = torch.div(frames, self.cfg.chunk_frames, rounding_mode="floor")
+        tok_chunk = chunk.repeat_interleave(self.cfg.tokens_per_frame)
+        return tok_chunk[:, None] >= tok_chunk[None, :]
+
+    # -- the network --------------------------------------------------------
+    def forward(self, x, t, frames, cond, cache: KVCache | None = None, write: bool = False,
+                mask: torch.Tensor | None = None, phase: str = "train", step: int = -1):
+        """Velocity prediction.
+
+        x: (B, T * tokens_per_frame, patch_dim) noisy tokens of frames ``frames``
+        t: (B, T) noise level of each frame, 1 = pure noise, 0 = clean
+        frames: (T,) long absolute frame indices (they set the temporal RoPE)
+        cond: (B, width) from ``embed_condition``
+        cache: read before this call's own keys; extended with them when ``write``
+        mask: (N, N) bool block-causal mask for whole-clip training (no cache)
+        """
+        B, N, _ = x.shape
+        n_tok = self.cfg.tokens_per_frame
+        ctx = self.hook_ctx
+        meta = self.token_positions(frames)
+        ctx.token_frame, ctx.phase, ctx.step = meta[0], phase, step
+        ctx.t = float(t.flatten()[0])
+        cos, sin = self.rope.cos_sin(*meta)
+        e = self.time_embed(timestep_embedding(t, self.cfg.width)) + cond[:, None]  # (B, T, w)
+        mod = self.time_proj(e).view(B, -1, 6, self.cfg.width).repeat_interleave(n_tok, 1)
+        h = self.patch_embed(x)
+        for i, block in enumerate(self.blocks):
+            h = block(h, mod, cos, sin, mask=mask, write=write, meta=meta,
+                      cache_layer=cache[i] if cache is not None else None)
+        shift, scale = (e.repeat_interleave(n_tok, 1)[:, :, None] + self.head_mod).unbind(2)
+        return self.head(self.head_norm(h) * (1 + scale) + shift)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.layers, self.cfg.tokens_per_frame, (self.cfg.grid, self.cfg.grid))
+
+
+def sigma_schedule(steps: int, shift: float) -> list[float]:
+    """Noise levels from 1 to 0 for ``steps`` Euler steps, shifted towards high
+    noise as in Wan/SD3: t' = s t / (1 + (s - 1) t)."""
+    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u)).tolist()

@@ -1,0 +1,70 @@
+"""One complete run: generate, record, measure, write. Shared by the CLI's
+``generate`` and ``bench`` and by the app's API endpoint."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from pathlib import Path
+
+from ffviz.export import RunWriter
+from ffviz.generate import Controls, RunSettings, generate
+from ffviz.hooks import QueryRecorder
+from ffviz.metrics import consistency
+from ffviz.scenes import Scene
+
+
+def make_recorder(model) -> QueryRecorder:
+    cfg = model.cfg
+    return QueryRecorder(cfg.layers, cfg.heads, cfg.head_dim).attach(model)
+
+
+def run(model, settings: RunSettings, controls: Controls, out_dir: Path | None = None,
+        progress=None, on_step=None) -> dict:
+    """Generate ``settings`` under ``controls``; write files to ``out_dir`` when
+    given. ``progress`` is a tqdm-like object (``update(n)``); ``on_step(step)``
+    sees every step. Returns the summary (also written as summary.json)."""
+    spec, unknown = settings.validate()
+    recorder = make_recorder(model) if settings.record else None
+    writer = RunWriter(out_dir) if out_dir is not None else None
+    frames, peak, switches, policy_s, steps = [], 0, [], 0.0, 0
+    started = time.perf_counter()
+    try:
+        for step in generate(model, settings, controls, recorder):
+            if writer:
+                writer.add(step)
+            frames.append(step.frames)
+            peak = max(peak, step.cache_tokens_peak)
+            policy_s += step.seconds["policy"]
+            steps += 1
+            if step.switched:
+                switches.append({"frame": step.frame_indices[0], "policy": step.policy,
+                                 "budget_frames": step.budget_frames})
+            if progress is not None:
+                progress.update(len(step.frame_indices))
+            if on_step is not None:
+                on_step(step)
+    finally:
+        if recorder is not None:
+            recorder.detach()
+    seconds = time.perf_counter() - started
+
+    video = np.concatenate(frames)
+    policy, budget, _ = controls.snapshot()
+    metrics = consistency(video[model.cfg.given_frames:], Scene(spec, settings.seed),
+                          start=model.cfg.given_frames)
+    summary = {
+        "prompt": settings.prompt, "scene": spec.describe(), "unknown_words": unknown,
+        "seed": settings.seed, "frames": int(len(video)), "given_frames": model.cfg.given_frames,
+        "seconds": round(seconds, 3), "fps": round(len(video) / seconds, 2),
+        "policy": policy.name, "policy_params": policy.params(), "budget_frames": budget,
+        "tokens_per_frame": model.cfg.tokens_per_frame,
+        "peak_cache_tokens": int(peak),
+        "policy_ms_per_step": round(1000 * policy_s / max(steps, 1), 3),
+        "recorder_bytes": recorder.nbytes() if recorder else 0,
+        "switches": switches, "stopped_early": len(video) < settings.frames,
+        "metrics": metrics,
+    }
+    if writer:
+        writer.close(summary, recorder)
+    return summary

@@ -1,0 +1,261 @@
+"""Training the embedded model (``python -m ffviz train``).
+
+Recipe (model.md explains why plain teacher forcing fails when free-running):
+
+* Clips of procedural scenes (``ffviz.scenes``), prompt-conditioned, the first
+  ``given_frames`` frames kept nearly clean as at generation (image-to-video).
+* Per-frame noise levels told to the model (diffusion-forcing style): every
+  frame carries a *context* level c ~ U(0, ctx_noise_max) (sometimes 0), and a
+  random subset of frames are *targets* at a flow-matching level t. A target
+  in the middle of a clip is bad context for the frames after it, which pushes
+  them to look further back in their cache rather than only at the last frame.
+* Self-rollout (Self-Forcing's idea, in a cheap form): after
+  ``rollout_after`` steps, a share of batches replaces context frames by the
+  model's own free-running output (no gradients), mixed with the true ones;
+  targets stay the true frames, so the model learns to recover from its own
+  errors.
+* AdamW, warm-up then constant learning rate, an EMA of the weights (what
+  ships). Deterministic: batch ``s`` is drawn from ``seed`` and ``s`` alone.
+
+Resumable: a local training state (``--state``) continues exactly; without one
+the run starts from the committed weights (``--out``) and its card's step count.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ffviz.models.tiny import TinyConfig, TinyVideoModel
+from ffviz.sampling import denoise_chunk, fill_cache
+from ffviz.scenes import Scene, random_spec
+from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, load_tiny, save_weights
+
+DATA_VERSION = 1  # bump when scenes.py changes what a clip looks like
+TRAIN_SEED_BASE = 1 << 20  # training scene seeds are >= this; user and eval seeds stay below
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 6000  # total optimizer steps (a resumed run stops here too)
+    minutes: float = 0.0  # wall-clock budget of this invocation; 0 = none
+    batch: int = 8
+    clip_frames: int = 20
+    lr: float = 1e-3
+    warmup: int = 200
+    ema: float = 0.999
+    ctx_noise_max: float = 0.6
+    target_share: tuple = (0.15, 0.6)
+    rollout_after: int = 1500
+    rollout_prob: float = 0.3
+    rollout_steps: int = 2
+    seed: int = 0
+    threads: int = 0  # torch threads on CPU; 0 = torch's default
+    save_every_s: float = 300.0
+
+
+def make_batch(rng: np.random.Generator, batch: int, frames: int):
+    """Clips (B, T, 32, 32, 3) in [-1, 1] and condition ids (B, C)."""
+    clips, conds = [], []
+    for _ in range(batch):
+        spec = random_spec(rng)
+        scene = Scene(spec, int(rng.integers(TRAIN_SEED_BASE, 1 << 31)))
+        start = 0 if rng.random() < 0.5 else int(rng.integers(0, 96))
+        clips.append(scene.render(np.arange(start, start + frames)))
+        conds.append(spec.condition_ids())
+    x = torch.from_numpy(np.stack(clips)).float() / 127.5 - 1
+    return x, torch.from_numpy(np.stack(conds))
+
+
+def noise_levels(rng: np.random.Generator, batch: int, frames: int, given: int, cfg: TrainConfig,
+                 shift: float):
+    """Per-frame levels (B, T) and the target mask (B, T)."""
+    ctx = rng.uniform(0, cfg.ctx_noise_max, size=(batch, frames))
+    ctx[rng.random(batch) < 0.3] = 0.0  # clean context as at default generation
+    share = rng.uniform(*cfg.target_share, size=(batch, 1))
+    target = rng.random((batch, frames)) < share
+    target[:, :given] = False
+    none = ~target.any(1)
+    target[none, rng.integers(given, frames, size=none.sum())] = True
+    u = rng.random((batch, frames))
+    t = shift * u / (1 + (shift - 1) * u)
+    levels = np.where(target, t, ctx)
+    return torch.from_numpy(levels).float(), torch.from_numpy(target)
+
+
+@torch.no_grad()
+def rollout(model: TinyVideoModel, clip_tokens, cond, frames: int, steps: int, window: int,
+            generator: torch.Generator) -> torch.Tensor:
+    """Free-run the model from the given frames; returns tokens like ``clip_tokens``."""
+    cfg, n = model.cfg, model.cfg.tokens_per_frame
+    cache = model.new_cache()
+    out = clip_tokens.clone()
+    g = cfg.given_frames
+    fill_cache(model, cache, clip_tokens[:, : g * n], torch.arange(g), cond, 0.0)
+    for f in range(g, frames, cfg.chunk_frames):
+        fr = torch.arange(f, min(f + cfg.chunk_frames, frames))
+        sl = slice(f * n, (f + fr.numel()) * n)
+        noise = torch.randn(out[:, sl].shape, generator=generator)
+        out[:, sl] = denoise_chunk(model, cache, fr, cond, noise, steps, cfg.shift).clamp(-1, 1)
+        fill_cache(model, cache, out[:, sl], fr, cond, 0.0)
+        keep = window * n
+        for layer in cache.layers:  # a window cache, inline (batch > 1)
+            for name in ("k", "v", "mass", "frame", "row", "col"):
+                setattr(layer, name, getattr(layer, name)[:, :, -keep:])
+    return out
+
+
+def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
+          log=print) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(cfg.seed)
+    model = TinyVideoModel(model_cfg)
+    step, clips_seen, seconds, history = 0, 0, 0.0, []
+    opt_state = ema_state = None
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        model = TinyVideoModel(TinyConfig(**st["model_cfg"]))
+        model.load_state_dict(st["model"])
+        ema_state, opt_state = st["ema"], st["opt"]
+        step, clips_seen, seconds, history = st["step"], st["clips_seen"], st["seconds"], st["history"]
+        log(f"resumed from {state_path} at step {step}")
+    elif out.exists():
+        try:
+            model, card = load_tiny(out)
+        except WeightsError as e:
+            raise SystemExit(f"cannot resume: {e}")
+        step, clips_seen = card.get("steps", 0), card.get("clips_seen", 0)
+        seconds, history = card.get("train_seconds", 0.0), card.get("history", [])
+        log(f"starting from committed weights {out} (step {step}); optimizer state is fresh")
+    model_cfg = model.cfg
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval()
+    if ema_state:
+        ema.load_state_dict(ema_state)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    if opt_state:
+        opt.load_state_dict(opt_state)
+    warm_from = step if opt_state is None else 0  # a fresh optimizer warms up again
+    n, T, g = model_cfg.tokens_per_frame, cfg.clip_frames, model_cfg.given_frames
+    frames = torch.arange(T, device=device)
+    mask = model.block_causal_mask(frames.cpu()).to(device)
+    started, last_save, losses = time.time(), time.time(), []
+
+    def save():
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "step": step, "clips_seen": clips_seen, "seconds": seconds, "history": history,
+                 "model_cfg": dataclasses.asdict(model_cfg), "train_cfg": dataclasses.asdict(cfg)}
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, state_path.with_suffix(".tmp"))
+        state_path.with_suffix(".tmp").replace(state_path)
+        cpu_ema = copy.deepcopy(ema).cpu()
+        return save_weights(cpu_ema, out, {
+            "steps": step, "clips_seen": clips_seen, "train_seconds": round(seconds, 1),
+            "data_version": DATA_VERSION, "train_config": dataclasses.asdict(cfg),
+            "device": device, "history": history[-200:],
+            "command": "python -m ffviz train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        })
+
+    while step < cfg.steps:
+        t0 = time.time()
+        rng = np.random.default_rng([cfg.seed, step])
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+        clip, cond_ids = make_batch(rng, cfg.batch, T)
+        x0 = model.patchify(clip).to(device)
+        cond_ids = cond_ids.to(device)
+        levels, target = noise_levels(rng, cfg.batch, T, g, cfg, model_cfg.shift)
+        levels, target = levels.to(device), target.to(device)
+        context = x0
+        if step >= cfg.rollout_after and rng.random() < cfg.rollout_prob:
+            model.eval()
+            with torch.no_grad():
+                gen_tokens = rollout(model, x0.cpu() if device == "cpu" else x0,
+                                     model.embed_condition(cond_ids), T, cfg.rollout_steps,
+                                     int(rng.integers(2, T)), gen)
+            model.train()
+            use_gen = torch.from_numpy(rng.random((cfg.batch, T)) < 0.5).to(device)
+            use_gen[:, :g] = False
+            context = torch.where(use_gen.repeat_interleave(n, 1)[..., None], gen_tokens.to(device), x0)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        lv = levels.repeat_interleave(n, 1)[..., None]
+        # targets are noised true frames; context frames may be the model's own
+        x_t = (1 - lv) * torch.where(target.repeat_interleave(n, 1)[..., None], x0, context) + lv * noise
+        cond = model.embed_condition(cond_ids)
+        v = model(x_t, levels, frames, cond, mask=mask)
+        w = torch.where(target, 1.0, 0.2).repeat_interleave(n, 1)
+        loss = (((v - (noise - x0)) ** 2).mean(-1) * w).sum() / w.sum()
+        lr = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))  # EMA warm-up
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        clips_seen += cfg.batch
+        seconds += time.time() - t0
+        losses.append(loss.item())
+        if step % 50 == 0:
+            history.append({"step": step, "loss": round(float(np.mean(losses)), 5),
+                            "seconds": round(seconds, 1)})
+            log(f"step {step} loss {np.mean(losses):.4f} {seconds / max(step, 1):.2f}s/step(avg) "
+                f"last {time.time() - t0:.2f}s clips {clips_seen}")
+            losses = []
+        out_of_time = cfg.minutes and time.time() - started > cfg.minutes * 60
+        if time.time() - last_save > cfg.save_every_s or out_of_time or step == cfg.steps:
+            card = save()
+            last_save = time.time()
+            if out_of_time:
+                break
+    else:
+        card = save()
+    log(f"saved {out} at step {step} ({clips_seen} clips, {seconds / 60:.1f} min of training)")
+    return card
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps to reach")
+    p.add_argument("--minutes", type=float, default=0.0, help="stop (and save) after this many minutes")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--clip-frames", type=int, default=d.clip_frames)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--rollout-after", type=int, default=d.rollout_after)
+    p.add_argument("--rollout-prob", type=float, default=d.rollout_prob)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--save-every", type=float, default=d.save_every_s, help="seconds between checkpoints")
+    p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="weights file (safetensors + .json card)")
+    p.add_argument("--state", type=Path, default=Path("runs/train/state.pt"),
+                   help="local optimizer state for exact resumption (not committed)")
+    p.add_argument("--width", type=int, default=TinyConfig.width)
+    p.add_argument("--layers", type=int, default=TinyConfig.layers)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch,
+                      clip_frames=args.clip_frames, lr=args.lr, rollout_after=args.rollout_after,
+                      rollout_prob=args.rollout_prob, seed=args.seed, threads=args.threads,
+                      save_every_s=args.save_every)
+    model_cfg = TinyConfig(width=args.width, layers=args.layers)
+    card = train(cfg, model_cfg, args.out, args.state, log=lambda s: print(s, flush=True))
+    print(json.dumps({k: card[k] for k in ("steps", "clips_seen", "train_seconds", "sha256")}))
+    return 0

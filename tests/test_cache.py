@@ -1,0 +1,86 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ffviz.cache import Decision, KVCache, LayerDecision
+from ffviz.sampling import fill_cache
+from tests.conftest import random_model
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_cached_generation_equals_block_causal_forward(chunk):
+    model = random_model(chunk_frames=chunk)
+    T, n = 6, model.cfg.tokens_per_frame
+    torch.manual_seed(1)
+    x = torch.randn(1, T * n, model.cfg.patch_dim)
+    cond = model.embed_condition(torch.zeros(1, 12, dtype=torch.long))
+    frames = torch.arange(T)
+    t = torch.full((1, T), 0.3)
+    with torch.no_grad():
+        full = model(x, t, frames, cond, mask=model.block_causal_mask(frames))
+        cache, outs = model.new_cache(), []
+        for f in range(0, T, chunk):
+            fr = torch.arange(f, f + chunk)
+            sl = slice(f * n, (f + chunk) * n)
+            outs.append(model(x[:, sl], t[:, fr], fr, cond, cache=cache, write=True))
+    cached = torch.cat(outs, 1)
+    assert full.abs().mean() > 1e-2  # the comparison carries signal
+    assert torch.allclose(cached, full, atol=1e-5), (cached - full).abs().max()
+
+
+def test_cache_write_and_provenance(tiny_random):
+    model = tiny_random
+    cache = model.new_cache()
+    n = model.cfg.tokens_per_frame
+    cond = model.embed_condition(torch.zeros(1, 12, dtype=torch.long))
+    fill_cache(model, cache, torch.randn(1, 2 * n, model.cfg.patch_dim), torch.tensor([0, 1]), cond, 0.0)
+    assert cache.size == 2 * n
+    assert cache.frames() == [0, 1]
+    layer = cache[0]
+    assert layer.k.shape == (1, model.cfg.heads, 2 * n, model.cfg.head_dim)
+    assert layer.row[0, 0, :n].tolist() == [i // 8 for i in range(64)]
+    assert (layer.mass == 1).all() and layer.bias() is None
+
+
+def _layer_with(k, v):
+    cache = KVCache(1, tokens_per_frame=4, grid=(2, 2))
+    N = k.shape[2]
+    cache[0].append(k, v, torch.arange(N) // 4, (torch.arange(N) % 4) // 2, torch.arange(N) % 2)
+    return cache
+
+
+def test_merge_keeps_mass_and_mass_weighted_logit():
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    cache = _layer_with(k, v)
+    cache[0].mass[:] = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0, 1.0])
+    q = torch.randn(8)
+    m = cache[0].mass.clone()
+    before_logit = (m[0, 0, 1] * (k[0, 0, 1] @ q) + m[0, 0, 3] * (k[0, 0, 3] @ q)) / (m[0, 0, 1] + m[0, 0, 3])
+    total = m.sum(-1)
+    keep = torch.tensor([0, 1, 2, 4, 5]).expand(1, 2, 5)
+    into = torch.full((1, 2, 6), -1)
+    into[:, :, 3] = 1  # token 3 merges into token 1 in both heads
+    cache.apply(Decision([LayerDecision(keep=keep, merge_into=into)]))
+    assert torch.allclose(cache[0].mass.sum(-1), total)
+    assert torch.allclose(cache[0].k[0, 0, 1] @ q, before_logit, atol=1e-6)
+    assert cache[0].size == 5
+
+
+def test_log_mass_bias_makes_merge_of_duplicates_exact():
+    """Two identical tokens merged into one with mass 2 attend exactly as before."""
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    k[:, :, 4], v[:, :, 4] = k[:, :, 2], v[:, :, 2]
+    q = torch.randn(1, 1, 3, 8)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    cache = _layer_with(k, v)
+    into = torch.full((1, 1, 5), -1)
+    into[..., 4] = 2
+    cache.apply(Decision([LayerDecision(keep=torch.arange(4).view(1, 1, 4), merge_into=into)]))
+    bias = cache[0].bias()
+    assert bias is not None
+    out = F.scaled_dot_product_attention(q, cache[0].k, cache[0].v, attn_mask=bias.expand(1, 1, 3, 4))
+    assert torch.allclose(out, ref, atol=1e-6)
+    # without the bias the merged cache would attend differently
+    assert not torch.allclose(F.scaled_dot_product_attention(q, cache[0].k, cache[0].v), ref, atol=1e-4)

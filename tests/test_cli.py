@@ -1,0 +1,57 @@
+"""The CLI end to end, in a subprocess, with the committed weights."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def ffviz(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "ffviz", *args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_generate_writes_every_file(tmp_path):
+    out = tmp_path / "run"
+    r = ffviz("generate", "--prompt", "a red circle and a blue square on a green background",
+              "--frames", "10", "--policy", "window", "--budget", "4", "--seed", "0", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "frame" in r.stderr  # the progress bar
+    for name in ("video.mp4", "frames.npz", "record.npz", "decisions.jsonl", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("frames", "seconds", "fps", "policy", "budget_frames", "tokens_per_frame",
+                "peak_cache_tokens", "recorder_bytes", "metrics"):
+        assert key in summary
+    assert summary["frames"] == 10 and summary["policy"] == "window"
+    assert summary["peak_cache_tokens"] <= 5 * summary["tokens_per_frame"]
+    frames = np.load(out / "frames.npz")["frames"]
+    assert frames.dtype == np.uint8 and frames.shape == (10, 32, 32, 3)
+    record = np.load(out / "record.npz")
+    assert record["mean_pre"].shape[0] == 8  # the 8 generated frames were recorded
+    decisions = [json.loads(l) for l in (out / "decisions.jsonl").read_text().splitlines()]
+    assert len(decisions) == 10 - 4 and all(d["tokens_after"] == 4 * 64 for d in decisions)
+    assert 0 <= summary["metrics"]["consistency"] <= 1
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--policy", "lru"], "unknown policy"),
+    (["--budget", "0"], "at least 1"),
+    (["--frames", "0"], "frames must be in"),
+    (["--frames", "5000"], "frames must be in"),
+    (["--prompt", "colourless green ideas"], "no object"),
+    (["--weights", "/nonexistent/w.safetensors"], "weights not found"),
+])
+def test_bad_input_exits_2_with_a_message(tmp_path, args, msg):
+    r = ffviz("generate", "--frames", "6", "--out", str(tmp_path / "x"), *args)
+    assert r.returncode == 2
+    assert msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = ffviz("bench", "--frames", "6", "--repeats", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["full"]["fps"] > 0 and "recorder_overhead" in result["full"]

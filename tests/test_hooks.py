@@ -1,0 +1,63 @@
+import numpy as np
+import torch
+
+from ffviz.generate import Controls, RunSettings, generate
+from ffviz.hooks import Hooks, QueryRecorder
+
+
+def test_every_hook_point_fires_with_head_shapes(tiny_random):
+    model = tiny_random
+    seen = {}
+    hooks = Hooks(model)
+    names = [f"blocks.{i}.attn.hook_{w}" for i in range(model.cfg.layers)
+             for w in ("q_pre", "q_post", "k_pre", "k_post")]
+    assert set(names) <= set(hooks.points)
+    def note(x, hook):
+        seen[hook.name] = tuple(x.shape)
+    for name in names:
+        hooks.add(name, note)
+    list(generate(model, RunSettings("a red circle", frames=3, record=False), Controls("window", 2)))
+    hooks.remove()
+    cfg = model.cfg
+    assert seen == {n: (1, cfg.heads, cfg.tokens_per_frame, cfg.head_dim) for n in names}
+
+
+def test_hook_can_replace_a_tensor(tiny_random):
+    model = tiny_random
+    hooks = Hooks(model)
+    s = RunSettings("a red circle", frames=3, record=False)
+    base = np.concatenate([st.frames for st in generate(model, s, Controls("full", 3))])
+    hooks.add("blocks.0.attn.hook_q_post", lambda x, hook: torch.zeros_like(x))
+    changed = np.concatenate([st.frames for st in generate(model, s, Controls("full", 3))])
+    hooks.remove()
+    assert (base != changed).any()
+
+
+def test_recorder_statistics_match_direct_computation():
+    rec = QueryRecorder(layers=1, heads=2, head_dim=4, max_frames=8, reservoir=16)
+    torch.manual_seed(0)
+    q = torch.randn(2, 10, 4)
+    frames = torch.tensor([3] * 6 + [4] * 4)
+    rec.observe(0, "pre", q, frames)
+    rec.observe(0, "post", q * 2, frames)
+    assert rec.frames.tolist() == [3, 4]
+    assert np.allclose(rec.mean("pre")[0, 0], q[:, :6].mean(1).numpy(), atol=1e-6)
+    assert np.allclose(rec.var("pre")[1, 0], q[:, 6:].var(1, unbiased=False).numpy(), atol=1e-5)
+    assert np.allclose(rec.mean("post")[1, 0], 2 * q[:, 6:].mean(1).numpy(), atol=1e-6)
+    # the reservoir pairs pre and post samples of the same tokens
+    assert np.allclose(rec.sample["post"][0], 2 * rec.sample["pre"][0].astype(np.float32), atol=1e-2)
+
+
+def test_recorder_memory_is_bounded_for_1000_frames():
+    rec = QueryRecorder(layers=4, heads=4, head_dim=32, max_frames=64, reservoir=32)
+    start = rec.nbytes()
+    q = torch.randn(4, 64, 32)
+    for f in range(1000):
+        for layer in range(4):
+            rec.observe(layer, "pre", q, torch.full((64,), f))
+            rec.observe(layer, "post", q, torch.full((64,), f))
+    assert rec.nbytes() == start  # nothing grows with the run
+    assert rec.n_slots <= 64 and rec.stride == 16
+    assert rec.frames[0] == 0 and rec.frames[-1] >= 1000 - 16
+    assert (np.diff(rec.frames) == 16).all()
+    assert rec._seen[0] == 64 * 1000 and (rec.sample_frame >= 0).all()

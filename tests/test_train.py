@@ -1,0 +1,31 @@
+"""Training is deterministic and resumable (tiny settings)."""
+import dataclasses
+
+import torch
+
+from ffviz.models.tiny import TinyConfig
+from ffviz.train import TrainConfig, train
+from ffviz.weights import load_tiny
+
+SMALL = TinyConfig(width=32, layers=1, heads=2)
+
+
+def _cfg(steps):
+    return TrainConfig(steps=steps, batch=2, clip_frames=4, warmup=2, rollout_after=1,
+                       rollout_prob=1.0, save_every_s=1e9)
+
+
+def test_training_is_deterministic_and_resumes(tmp_path):
+    quiet = lambda s: None
+    a = train(_cfg(3), SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
+    b = train(_cfg(3), SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
+    assert a["sha256"] == b["sha256"] and a["steps"] == 3
+    # resuming from the saved state continues the same trajectory
+    train(_cfg(2), SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
+    c = train(_cfg(3), SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
+    assert c["sha256"] == a["sha256"]
+    model, card = load_tiny(tmp_path / "a.safetensors")
+    assert card["clips_seen"] == 6 and model.cfg.width == 32
+    # without a state file it starts from the weights file and its step count
+    d = train(_cfg(4), SMALL, tmp_path / "a.safetensors", tmp_path / "none.pt", log=quiet)
+    assert d["steps"] == 4
