@@ -18,7 +18,7 @@ def _time_run(model, frames: int, policy: str, budget: int, record: bool) -> flo
     recorder = make_recorder(model) if record else None
     t0 = time.perf_counter()
     try:
-        for _ in generate(model, settings, Controls(policy, budget), recorder):
+        for _ in generate(model, settings, Controls(policy, budget)):
             pass
     finally:
         if recorder:

@@ -5,6 +5,10 @@ Layout per layer (batch B, heads H, cached tokens N, head dim d):
   mass            (B, H, N)      original tokens a cached token stands for (1 unless merged)
   frame, row, col (B, H, N)      where the token came from (a merged token keeps its target's)
 
+``aux`` holds per-token running quantities a policy keeps with the tokens (H2O's
+accumulated attention): (B, H, N) tensors, zero for new tokens, gathered with
+the tokens and summed when tokens merge.
+
 Every head holds the same number of tokens, but not necessarily the same ones:
 policies decide per head. Attention adds ``log(mass)`` to each cached key's
 logit (``bias``), so a merged token draws the attention of the tokens it
@@ -43,6 +47,7 @@ class Decision:
 class LayerCache:
     def __init__(self):
         self.k = self.v = self.mass = self.frame = self.row = self.col = None
+        self.aux: dict[str, torch.Tensor] = {}
 
     @property
     def size(self) -> int:
@@ -53,6 +58,8 @@ class LayerCache:
         B, H, n, _ = k.shape
         meta = [t.view(1, 1, n).expand(B, H, n) for t in (frame, row, col)]
         mass = torch.ones(B, H, n, dtype=k.dtype, device=k.device)
+        for name, t in self.aux.items():
+            self.aux[name] = torch.cat([t, t.new_zeros(B, H, n)], 2)
         if self.k is None:
             self.k, self.v, self.mass = k, v, mass
             self.frame, self.row, self.col = (m.clone() for m in meta)
@@ -79,6 +86,7 @@ class LayerCache:
         self.k, self.v = gather4(self.k), gather4(self.v)
         self.mass, self.frame, self.row, self.col = map(
             gather3, (self.mass, self.frame, self.row, self.col))
+        self.aux = {name: gather3(t) for name, t in self.aux.items()}
 
     def _merge(self, into: torch.Tensor) -> None:
         """Mass-weighted average of each merging token into its target (in place
@@ -94,6 +102,7 @@ class LayerCache:
         self.k = k_sum / new_mass.unsqueeze(-1)
         self.v = v_sum / new_mass.unsqueeze(-1)
         self.mass = new_mass
+        self.aux = {name: t.scatter_add(2, tgt, t * src) for name, t in self.aux.items()}
 
 
 class KVCache:

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from ffviz.cache import Decision, KVCache
-from ffviz.hooks import QueryRecorder
+from ffviz.hooks import Hooks, QueryRecorder
 from ffviz.policies import Policy, PolicyContext, PolicyError, make_policy
 from ffviz.sampling import denoise_chunk, fill_cache
 from ffviz.scenes import Scene, SceneSpec, parse_prompt
+from ffviz.stats import QueryStats
 
 MAX_FRAMES = 1024  # documented cap on one run's length
 
@@ -144,63 +145,112 @@ def decision_log_entry(cache: KVCache, decision: Decision) -> dict:
     return {"layers": layers}
 
 
+class QueryTap:
+    """Feeds the policies' inputs from the hook points: the streaming pre-RoPE
+    statistics (every denoising step) and the post-RoPE queries of the last
+    denoising step of the current chunk."""
+
+    def __init__(self, model, stats: QueryStats, steps: int):
+        self.stats, self.steps = stats, steps
+        self.chunk_queries: list = [None] * model.cfg.layers
+        self.hooks = Hooks(model)
+        for i in range(model.cfg.layers):
+            self.hooks.add(f"blocks.{i}.attn.hook_q_pre", self._pre(i))
+            self.hooks.add(f"blocks.{i}.attn.hook_q_post", self._post(i))
+
+    def _pre(self, layer):
+        def fn(q, hook):
+            if hook.ctx.phase == "denoise":
+                self.stats.update(layer, q[:1], int(hook.ctx.token_frame[-1]))
+        return fn
+
+    def _post(self, layer):
+        def fn(q, hook):
+            if hook.ctx.phase == "denoise" and hook.ctx.step == self.steps - 1:
+                self.chunk_queries[layer] = q.detach()
+        return fn
+
+
+class Observer:
+    """Optional callbacks into a run (evaluation uses them); all default to no-ops."""
+
+    def after_write(self, cache: KVCache, frames: torch.Tensor, ctx: PolicyContext) -> None:
+        """The chunk's keys are in the cache; the policy has not acted yet."""
+
+    def after_compress(self, cache: KVCache, decision: Decision | None, ctx: PolicyContext) -> None:
+        """The policy's decision was applied."""
+
+
 def generate(model, settings: RunSettings, controls: Controls,
-             recorder: QueryRecorder | None = None, stats=None) -> Iterator[Step]:
+             observer: Observer | None = None, future_queries=None) -> Iterator[Step]:
     """Run ``model`` on ``settings``; yield one ``Step`` per chunk.
 
     Raises ``GenerationError``/``PromptError``/``PolicyError`` before any work
     when the settings are bad. ``controls.stop()`` ends the run after the
-    current chunk.
+    current chunk. ``future_queries(frame, layer)`` feeds the offline oracle.
+    A recorder, if any, listens on the model's hook points on its own.
     """
     spec, _ = settings.validate()
-    cfg = model.cfg
-    policy, budget, _ = controls.snapshot()
+    cfg, n = model.cfg, model.cfg.tokens_per_frame
+    policy, budget, seen_version = controls.snapshot()
     if budget > settings.frames:
         raise GenerationError(f"budget of {budget} frames is larger than the run "
                               f"({settings.frames} frames)")
     steps = settings.steps or cfg.sample_steps
     level = cfg.context_noise if settings.context_noise is None else settings.context_noise
     scene = Scene(spec, settings.seed)
-    n = cfg.tokens_per_frame
     gen = torch.Generator().manual_seed(settings.seed)
     cache = model.new_cache()
     g = min(cfg.given_frames, settings.frames)
-    seen_version = controls.version
-    with torch.no_grad():
-        cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
-        f, index = 0, 0
-        while f < settings.frames and not controls.stop_requested:
-            t0 = time.perf_counter()
-            policy, budget, version = controls.snapshot()
-            switched = version != seen_version
-            seen_version = version
-            if f == 0:  # the frames given from the scene
-                frames = torch.arange(g)
-                given = scene.render(np.arange(g))
-                x0 = model.patchify(torch.from_numpy(given)[None].float() / 127.5 - 1)
-            else:
-                frames = torch.arange(f, min(f + cfg.chunk_frames, settings.frames))
-                noise = torch.randn(1, frames.numel() * n, cfg.patch_dim, generator=gen)
-                x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift).clamp(-1, 1)
-            t1 = time.perf_counter()
-            fill_cache(model, cache, x0, frames, cond, level, gen)
-            t2 = time.perf_counter()
-            peak = cache.size
-            ctx = PolicyContext(frame=int(frames[-1]), tokens_per_frame=n,
-                                chunk_frames=cfg.chunk_frames, stats=stats)
-            decision = policy.compress(cache, budget * n, ctx)
-            log = None
-            if decision is not None:
-                log = decision_log_entry(cache, decision)
-                cache.apply(decision)
-            if policy.holds_budget and cache.size > budget * n:
-                raise PolicyError(f"policy {policy.name} left {cache.size} tokens, budget is {budget * n}")
-            t3 = time.perf_counter()
-            yield Step(index=index, frame_indices=frames.tolist(), frames=_to_uint8(model, x0),
-                       seconds={"denoise": t1 - t0, "cache": t2 - t1, "policy": t3 - t2,
-                                "total": t3 - t0},
-                       cache_tokens_peak=peak, cache_tokens=cache.size, cache_frames=cache.frames(),
-                       policy=policy.name, policy_params=policy.params(), budget_frames=budget,
-                       switched=switched, decision=decision, decision_log=log)
-            f += frames.numel()
-            index += 1
+    tap = QueryTap(model, QueryStats(cfg.layers, cfg.heads, cfg.head_dim), steps)
+    try:
+        with torch.no_grad():
+            cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
+            f, index = 0, 0
+            while f < settings.frames and not controls.stop_requested:
+                t0 = time.perf_counter()
+                policy, budget, version = controls.snapshot()
+                switched, seen_version = version != seen_version, version
+                if f == 0:  # the frames given from the scene
+                    frames = torch.arange(g)
+                    given = torch.from_numpy(scene.render(np.arange(g)))[None].float()
+                    x0 = model.patchify(given / 127.5 - 1)
+                else:
+                    frames = torch.arange(f, min(f + cfg.chunk_frames, settings.frames))
+                    noise = torch.randn(1, frames.numel() * n, cfg.patch_dim, generator=gen)
+                    x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift).clamp(-1, 1)
+                t1 = time.perf_counter()
+                fill_cache(model, cache, x0, frames, cond, level, gen)
+                t2 = time.perf_counter()
+                peak, newest = cache.size, int(frames[-1])
+                ctx = PolicyContext(
+                    frame=newest, tokens_per_frame=n, chunk_frames=cfg.chunk_frames,
+                    grid=cache.grid, rope=model.rope, stats=tap.stats,
+                    chunk_queries=list(tap.chunk_queries) if f > 0 else None,
+                    future_queries=None if future_queries is None else
+                    (lambda layer, _f=newest: future_queries(_f, layer)))
+                if observer:
+                    observer.after_write(cache, frames, ctx)
+                t_policy = time.perf_counter()
+                decision = policy.compress(cache, budget * n, ctx)
+                log = None
+                if decision is not None:
+                    log = decision_log_entry(cache, decision)
+                    cache.apply(decision)
+                if policy.holds_budget and cache.size > budget * n:
+                    raise PolicyError(f"policy {policy.name} left {cache.size} tokens, "
+                                      f"budget is {budget * n}")
+                t3 = time.perf_counter()
+                if observer:
+                    observer.after_compress(cache, decision, ctx)
+                yield Step(index=index, frame_indices=frames.tolist(), frames=_to_uint8(model, x0),
+                           seconds={"denoise": t1 - t0, "cache": t2 - t1,
+                                    "policy": t3 - t_policy, "total": t3 - t0},
+                           cache_tokens_peak=peak, cache_tokens=cache.size,
+                           cache_frames=cache.frames(), policy=policy.name,
+                           policy_params=policy.params(), budget_frames=budget,
+                           switched=switched, decision=decision, decision_log=log)
+                f += frames.numel()
+                index += 1
+    finally:
+        tap.hooks.remove()

@@ -30,7 +30,7 @@ def run(model, settings: RunSettings, controls: Controls, out_dir: Path | None =
     frames, peak, switches, policy_s, steps = [], 0, [], 0.0, 0
     started = time.perf_counter()
     try:
-        for step in generate(model, settings, controls, recorder):
+        for step in generate(model, settings, controls):
             if writer:
                 writer.add(step)
             frames.append(step.frames)

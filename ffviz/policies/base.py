@@ -23,13 +23,24 @@ class PolicyError(ValueError):
 class PolicyContext:
     """What a policy may read besides the cache.
 
-    frame: newest frame index in the cache; tokens_per_frame: tokens per frame;
-    chunk_frames: frames generated together; stats: query statistics (or None).
+    frame: newest frame index in the cache (the chunk just written ends here)
+    tokens_per_frame, grid (rows, cols), chunk_frames: the model's geometry
+    rope: the model's ``Rope3D`` (rotate proxies to future positions, re-rotate keys)
+    stats: ``QueryStats`` of pre-RoPE queries of every denoising step so far
+        (this chunk included), per layer and head
+    chunk_queries: per layer, post-RoPE queries (B, H, n, d) of the last
+        denoising step of the chunk just generated (SnapKV, H2O, Deep Forcing)
+    future_queries: for the offline oracle only: ``callable(layer) -> (B, H, m, d)``,
+        the true post-RoPE queries of the next frames from a full-cache run
     """
     frame: int
     tokens_per_frame: int
     chunk_frames: int
+    grid: tuple[int, int] = (8, 8)
+    rope: object | None = None
     stats: object | None = None
+    chunk_queries: list | None = None
+    future_queries: object | None = None
 
 
 @dataclasses.dataclass
