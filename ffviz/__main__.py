@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ffviz.generate import MAX_FRAMES
+from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, MAX_FRAMES
 
 DEFAULT_PROMPT = "a red circle and a blue square on a green background"
 
@@ -50,6 +50,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _seeds(text: str) -> list[int]:
+    """"0-7" or "0,3,5" -> list of ints."""
+    if "-" in text:
+        a, b = text.split("-", 1)
+        return list(range(int(a), int(b) + 1))
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def cmd_showcase(args) -> int:
+    from tqdm import tqdm
+
+    from ffviz.showcase import showcase
+    model = _load_model(args)
+    seeds = _seeds(args.seeds)
+    with tqdm(total=3 * len(seeds), unit="run", desc="showcase", file=sys.stderr) as bar:
+        summary = showcase(model, seeds, args.frames, Path(args.out), budget=args.budget,
+                           progress=bar)
+    print((Path(args.out) / "showcase.md").read_text())
+    return 0
+
+
 def main(argv=None) -> int:
     from ffviz.weights import DEFAULT_WEIGHTS
     parser = argparse.ArgumentParser(prog="python -m ffviz", description=__doc__)
@@ -58,10 +79,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("generate", help="generate a video and record its KV cache")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--frames", type=int, default=64, help=f"frames in the video, at most {MAX_FRAMES}")
-    p.add_argument("--policy", default="window")
+    p.add_argument("--policy", default=DEFAULT_POLICY)
     p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a policy parameter (repeatable)")
-    p.add_argument("--budget", type=int, default=4, help="cache budget in frames")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="cache budget in frames")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk")
     p.add_argument("--context-noise", type=float, default=None,
@@ -82,6 +103,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("showcase", help="free-running quality over seeds: default vs full vs 1-frame window")
+    p.add_argument("--seeds", default="0-7", help="e.g. 0-7 or 0,2,5")
+    p.add_argument("--frames", type=int, default=160)
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
+    p.add_argument("--out", default="docs/showcase")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.set_defaults(run=cmd_showcase)
 
     args = parser.parse_args(argv)
     from ffviz.generate import GenerationError

@@ -4,6 +4,9 @@ Layout per layer (batch B, heads H, cached tokens N, head dim d):
   k, v            (B, H, N, d)   keys are stored AFTER RoPE, as Wan/Self-Forcing do
   mass            (B, H, N)      original tokens a cached token stands for (1 unless merged)
   frame, row, col (B, H, N)      where the token came from (a merged token keeps its target's)
+  time            (B, H, N)      effective temporal RoPE position of the key: its frame
+                                 unless a policy re-rotated it (Deep Forcing); a merged
+                                 token keeps its target's
 
 ``aux`` holds per-token running quantities a policy keeps with the tokens (H2O's
 accumulated attention): (B, H, N) tensors, zero for new tokens, gathered with
@@ -32,11 +35,16 @@ class LayerDecision:
     merge_into: (B, H, N) index of the kept token each token merges into, -1 for
     none (kept tokens and dropped ones); None when nothing merges.
     score, distance: (B, H, N) the policy's score and merge distance, for the log.
+    k, time: optional replacements (B, H, N, d) / (B, H, N) for the keys and their
+    effective temporal positions (a re-rotating policy), applied before merging
+    and gathering.
     """
     keep: torch.Tensor
     merge_into: torch.Tensor | None = None
     score: torch.Tensor | None = None
     distance: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    time: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -46,7 +54,7 @@ class Decision:
 
 class LayerCache:
     def __init__(self):
-        self.k = self.v = self.mass = self.frame = self.row = self.col = None
+        self.k = self.v = self.mass = self.frame = self.row = self.col = self.time = None
         self.aux: dict[str, torch.Tensor] = {}
 
     @property
@@ -63,6 +71,7 @@ class LayerCache:
         if self.k is None:
             self.k, self.v, self.mass = k, v, mass
             self.frame, self.row, self.col = (m.clone() for m in meta)
+            self.time = self.frame.clone()
             return
         self.k = torch.cat([self.k, k], 2)
         self.v = torch.cat([self.v, v], 2)
@@ -70,6 +79,7 @@ class LayerCache:
         self.frame = torch.cat([self.frame, meta[0]], 2)
         self.row = torch.cat([self.row, meta[1]], 2)
         self.col = torch.cat([self.col, meta[2]], 2)
+        self.time = torch.cat([self.time, meta[0]], 2)
 
     def bias(self) -> torch.Tensor | None:
         """log(mass) (B, H, 1, N), or None when no token is merged."""
@@ -78,14 +88,18 @@ class LayerCache:
         return self.mass.log().unsqueeze(2)
 
     def apply(self, d: LayerDecision) -> None:
+        if d.k is not None:
+            self.k = d.k
+        if d.time is not None:
+            self.time = d.time
         if d.merge_into is not None and bool((d.merge_into >= 0).any()):
             self._merge(d.merge_into)
         idx = d.keep
         gather3 = lambda t: t.gather(2, idx)
         gather4 = lambda t: t.gather(2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
         self.k, self.v = gather4(self.k), gather4(self.v)
-        self.mass, self.frame, self.row, self.col = map(
-            gather3, (self.mass, self.frame, self.row, self.col))
+        self.mass, self.frame, self.row, self.col, self.time = map(
+            gather3, (self.mass, self.frame, self.row, self.col, self.time))
         self.aux = {name: gather3(t) for name, t in self.aux.items()}
 
     def _merge(self, into: torch.Tensor) -> None:
@@ -136,7 +150,7 @@ class KVCache:
     def nbytes(self) -> int:
         n = 0
         for l in self.layers:
-            for t in (l.k, l.v, l.mass, l.frame, l.row, l.col):
+            for t in (l.k, l.v, l.mass, l.frame, l.row, l.col, l.time):
                 if t is not None:
                     n += t.numel() * t.element_size()
         return n

@@ -27,6 +27,7 @@ from ffviz.scenes import Scene, SceneSpec, parse_prompt
 from ffviz.stats import QueryStats
 
 MAX_FRAMES = 1024  # documented cap on one run's length
+DEFAULT_POLICY, DEFAULT_BUDGET = "window", 4  # frames; what the CLI and app start with
 
 
 class GenerationError(ValueError):
@@ -37,7 +38,7 @@ class Controls:
     """Policy and budget, read before every chunk; safe to change from another
     thread while a run goes on (the app's live steering)."""
 
-    def __init__(self, policy: Policy | str = "window", budget_frames: int = 4):
+    def __init__(self, policy: Policy | str = DEFAULT_POLICY, budget_frames: int = DEFAULT_BUDGET):
         self._lock = threading.Lock()
         self.version = 0
         self._policy = make_policy(policy) if isinstance(policy, str) else policy

@@ -1,0 +1,25 @@
+import json
+
+import numpy as np
+
+from ffviz.showcase import showcase, showcase_prompt
+from ffviz.scenes import parse_prompt
+from ffviz.train import TRAIN_SEED_BASE
+from tests.conftest import random_model
+
+
+def test_showcase_writes_table_strip_and_json(tmp_path):
+    summary = showcase(random_model(), [0, 1], frames=6, out=tmp_path, stride=2, strip_seeds=1)
+    assert set(summary) == {"window 4 (default)", "full cache", "window 1"}
+    data = json.loads((tmp_path / "showcase.json").read_text())
+    assert len(data["runs"]["full cache"]) == 2
+    assert "| window 1 |" in (tmp_path / "showcase.md").read_text()
+    from PIL import Image
+    strip = np.asarray(Image.open(tmp_path / "strip.png"))
+    assert strip.shape[0] == 4 * 34 * 3  # truth + three settings, one seed
+
+
+def test_showcase_prompts_parse_and_seeds_are_not_training_seeds():
+    for seed in range(8):
+        parse_prompt(showcase_prompt(seed))
+        assert seed < TRAIN_SEED_BASE
