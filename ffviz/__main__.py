@@ -1,4 +1,4 @@
-"""Command line: ``python -m ffviz {generate,train,bench}``."""
+"""Command line: ``python -m ffviz {generate,eval,train,bench}``."""
 from __future__ import annotations
 
 import argparse
@@ -39,10 +39,44 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from ffviz.bench import bench_generation
+def cmd_eval(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ffviz.evaluate import (DEFAULT_SUITE, EvalConfig, EvalError, parse_list,
+                                parse_policy_arg_list, parse_prompts, run_eval, total_frames)
+    from ffviz.policies import POLICIES
+    policies = parse_list(args.policies, str, "policy") if args.policies else list(POLICIES)
+    config = EvalConfig(policies=policies, budgets=parse_list(args.budgets, int, "budget"),
+                        seeds=parse_list(args.seeds, int, "seed"), frames=args.frames,
+                        prompts=parse_prompts(args.prompts) if args.prompts else list(DEFAULT_SUITE),
+                        horizon=args.horizon, query_steps=args.query_steps,
+                        policy_args=parse_policy_arg_list(args.policy_arg))
+    config.validate()  # bad settings fail before the model loads
+    if args.threads < 0:
+        raise EvalError(f"threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = _load_model(args)
-    result = bench_generation(model, frames=args.frames, repeats=args.repeats)
+    log = lambda msg: tqdm.write(f"warning: {msg}", file=sys.stderr)
+    with tqdm(total=total_frames(config), unit="frame", desc="evaluating", file=sys.stderr) as bar:
+        summary = run_eval(model, config, Path(args.out), progress=bar, log=log)
+    print(f"wrote {args.out}: {summary['runs']} runs in {summary['seconds']:.0f} s "
+          f"(results.csv, runs.csv, results.md, plots)")
+    if summary["failed_runs"]:
+        print(f"error: {summary['failed_runs']} runs failed; see results.md", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.kernels:
+        from kernels.bench import bench_kernels
+        result = bench_kernels(repeats=args.repeats)
+    else:
+        from ffviz.bench import bench_generation
+        model = _load_model(args)
+        result = bench_generation(model, frames=args.frames, repeats=args.repeats)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +126,28 @@ def main(argv=None) -> int:
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.set_defaults(run=cmd_generate)
 
+    p = sub.add_parser("eval", help="policy x budget grid over a scenario suite")
+    p.add_argument("--policies", default=None,
+                   help="comma-separated policy names (default: every registered policy)")
+    p.add_argument("--budgets", default="2,4", help="comma-separated cache budgets in frames")
+    p.add_argument("--seeds", default="0,1", help="comma-separated user seeds (< 2**20)")
+    p.add_argument("--frames", type=int, default=96, help="frames per run, at most 256 for eval")
+    p.add_argument("--prompts", default=None,
+                   help="a file with one prompt a line, or prompts separated by ';' "
+                        "(default: the built-in suite of scenes where objects leave and return)")
+    p.add_argument("--policy-arg", action="append", default=[], metavar="POLICY:KEY=VALUE",
+                   help="a parameter of one policy (repeatable)")
+    p.add_argument("--horizon", type=int, default=4,
+                   help="future frames of the true future attention (and of the oracle's queries)")
+    p.add_argument("--query-steps", choices=("all", "last"), default="all",
+                   help="denoising steps whose queries the reference run records")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tiny model's ops are too small to gain "
+                        "from more, and more slows down badly on a busy machine; 0 = torch's default)")
+    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.set_defaults(run=cmd_eval)
+
     from ffviz import train
     p = sub.add_parser("train", help="train the embedded model (resumable)")
     train.add_args(p)
@@ -100,6 +156,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="frames per second and recorder overhead")
     p.add_argument("--frames", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kernels", action="store_true",
+                   help="time the Triton kernels against their PyTorch references instead "
+                        "(real-model size on CUDA; the reference at a reduced size on CPU)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.set_defaults(run=cmd_bench)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ffviz.cache import Decision, KVCache
-from ffviz.hooks import Hooks, QueryRecorder
+from ffviz.hooks import Hooks
 from ffviz.policies import Policy, PolicyContext, PolicyError, make_policy
 from ffviz.sampling import denoise_chunk, fill_cache
 from ffviz.scenes import Scene, SceneSpec, parse_prompt
@@ -205,53 +205,58 @@ def generate(model, settings: RunSettings, controls: Controls,
     g = min(cfg.given_frames, settings.frames)
     tap = QueryTap(model, QueryStats(cfg.layers, cfg.heads, cfg.head_dim), steps)
     try:
+        # no torch.no_grad() around the loop: a generator suspended inside it would leave
+        # grad mode off in its caller's thread; the model calls below are no_grad themselves
         with torch.no_grad():
             cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
-            f, index = 0, 0
-            while f < settings.frames and not controls.stop_requested:
-                t0 = time.perf_counter()
-                policy, budget, version = controls.snapshot()
-                switched, seen_version = version != seen_version, version
-                if f == 0:  # the frames given from the scene
-                    frames = torch.arange(g)
-                    given = torch.from_numpy(scene.render(np.arange(g)))[None].float()
-                    x0 = model.patchify(given / 127.5 - 1)
-                else:
-                    frames = torch.arange(f, min(f + cfg.chunk_frames, settings.frames))
-                    noise = torch.randn(1, frames.numel() * n, cfg.patch_dim, generator=gen)
-                    x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift).clamp(-1, 1)
-                t1 = time.perf_counter()
-                fill_cache(model, cache, x0, frames, cond, level, gen)
-                t2 = time.perf_counter()
-                peak, newest = cache.size, int(frames[-1])
-                ctx = PolicyContext(
-                    frame=newest, tokens_per_frame=n, chunk_frames=cfg.chunk_frames,
-                    grid=cache.grid, rope=model.rope, stats=tap.stats,
-                    chunk_queries=list(tap.chunk_queries) if f > 0 else None,
-                    future_queries=None if future_queries is None else
-                    (lambda layer, _f=newest: future_queries(_f, layer)))
-                if observer:
-                    observer.after_write(cache, frames, ctx)
-                t_policy = time.perf_counter()
-                decision = policy.compress(cache, budget * n, ctx)
-                log = None
-                if decision is not None:
-                    log = decision_log_entry(cache, decision)
-                    cache.apply(decision)
-                if policy.holds_budget and cache.size > budget * n:
-                    raise PolicyError(f"policy {policy.name} left {cache.size} tokens, "
-                                      f"budget is {budget * n}")
-                t3 = time.perf_counter()
-                if observer:
-                    observer.after_compress(cache, decision, ctx)
-                yield Step(index=index, frame_indices=frames.tolist(), frames=_to_uint8(model, x0),
-                           seconds={"denoise": t1 - t0, "cache": t2 - t1,
-                                    "policy": t3 - t_policy, "total": t3 - t0},
-                           cache_tokens_peak=peak, cache_tokens=cache.size,
-                           cache_frames=cache.frames(), policy=policy.name,
-                           policy_params=policy.params(), budget_frames=budget,
-                           switched=switched, decision=decision, decision_log=log)
-                f += frames.numel()
-                index += 1
+        f, index = 0, 0
+        while f < settings.frames and not controls.stop_requested:
+            t0 = time.perf_counter()
+            policy, budget, version = controls.snapshot()
+            switched, seen_version = version != seen_version, version
+            if f == 0:  # the frames given from the scene
+                frames = torch.arange(g)
+                given = torch.from_numpy(scene.render(np.arange(g)))[None].float()
+                x0 = model.patchify(given / 127.5 - 1)
+            else:
+                frames = torch.arange(f, min(f + cfg.chunk_frames, settings.frames))
+                noise = torch.randn(1, frames.numel() * n, cfg.patch_dim, generator=gen)
+                x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift).clamp(-1, 1)
+            t1 = time.perf_counter()
+            fill_cache(model, cache, x0, frames, cond, level, gen)
+            t2 = time.perf_counter()
+            peak, newest = cache.size, int(frames[-1])
+            ctx = PolicyContext(
+                frame=newest, tokens_per_frame=n, chunk_frames=cfg.chunk_frames,
+                grid=cache.grid, rope=model.rope, stats=tap.stats,
+                chunk_queries=list(tap.chunk_queries) if f > 0 else None,
+                future_queries=None if future_queries is None else
+                (lambda layer, _f=newest: future_queries(_f, layer)))
+            if observer:
+                observer.after_write(cache, frames, ctx)
+            t_policy = time.perf_counter()
+            decision = policy.compress(cache, budget * n, ctx)
+            log, log_s = None, 0.0
+            if decision is not None:
+                t_log = time.perf_counter()  # logging is the loop's cost, not the policy's
+                log = decision_log_entry(cache, decision)
+                log_s = time.perf_counter() - t_log
+                cache.apply(decision)
+            if policy.holds_budget and cache.size > budget * n:
+                raise PolicyError(f"policy {policy.name} left {cache.size} tokens, "
+                                  f"budget is {budget * n}")
+            t3 = time.perf_counter()
+            if observer:
+                observer.after_compress(cache, decision, ctx)
+            yield Step(index=index, frame_indices=frames.tolist(), frames=_to_uint8(model, x0),
+                       seconds={"denoise": t1 - t0, "cache": t2 - t1,
+                                "policy": t3 - t_policy - log_s, "log": log_s,
+                                "total": t3 - t0},
+                       cache_tokens_peak=peak, cache_tokens=cache.size,
+                       cache_frames=cache.frames(), policy=policy.name,
+                       policy_params=policy.params(), budget_frames=budget,
+                       switched=switched, decision=decision, decision_log=log)
+            f += frames.numel()
+            index += 1
     finally:
         tap.hooks.remove()

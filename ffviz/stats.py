@@ -14,7 +14,6 @@ against frame 0 or the running fit), ``spearman`` and ``topb_recall``
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
@@ -70,27 +69,39 @@ class QueryStats:
         c = self._m2[layer] / w
         return (0.5 * (c + c.transpose(1, 2))).float()
 
-    def top_eig(self, layer: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-r eigenvalues (heads, r) >= 0 and unit eigenvectors (heads, r, dim).
+    def top_eig(self, layer: int | None, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-r eigenvalues (heads, r) >= 0 and unit eigenvectors (heads, r, dim);
+        ``layer=None``: every layer at once, (layers, heads, r) and (layers, heads, r, dim)
+        from one batched decomposition.
 
         Non-finite or failed decompositions fall back to zeros with a warning.
         """
-        H, d = self.heads, self.dim
+        lead = (self.heads,) if layer is not None else (self.layers, self.heads)
+        d = self.dim
         if r <= 0:
-            return torch.zeros(H, 0), torch.zeros(H, 0, d)
+            return torch.zeros(*lead, 0), torch.zeros(*lead, 0, d)
         r = min(r, d)
-        c = self.cov(layer).double()
+        c = (self.cov(layer) if layer is not None else self.cov_all()).double()
         if not torch.isfinite(c).all():
             warnings.warn("QueryStats: non-finite covariance; using rank 0", RuntimeWarning)
-            return torch.zeros(H, r), torch.zeros(H, r, d)
+            return torch.zeros(*lead, r), torch.zeros(*lead, r, d)
         try:
             vals, vecs = torch.linalg.eigh(c)
         except RuntimeError:
             warnings.warn("QueryStats: eigendecomposition failed; using rank 0", RuntimeWarning)
-            return torch.zeros(H, r), torch.zeros(H, r, d)
-        vals = vals.flip(-1)[:, :r].clamp_min(0.0)
-        vecs = vecs.flip(-1)[:, :, :r].transpose(1, 2)
+            return torch.zeros(*lead, r), torch.zeros(*lead, r, d)
+        vals = vals.flip(-1)[..., :r].clamp_min(0.0)
+        vecs = vecs.flip(-1)[..., :r].transpose(-1, -2)
         return vals.float(), vecs.float()
+
+    def mean_all(self) -> torch.Tensor:
+        """(layers, heads, dim) float32."""
+        return self._mean.float()
+
+    def cov_all(self) -> torch.Tensor:
+        """(layers, heads, dim, dim) float32, symmetric PSD."""
+        c = self._m2 / self.weight.clamp_min(1.0)[:, :, None, None]
+        return (0.5 * (c + c.transpose(-1, -2))).float()
 
     def count(self, layer: int) -> torch.Tensor:
         return self.weight[layer].clone()

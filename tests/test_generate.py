@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from ffviz.generate import MAX_FRAMES, Controls, GenerationError, RunSettings, generate
 from ffviz.policies import PolicyError, make_policy, parse_policy_args
@@ -84,3 +85,11 @@ def test_policy_arguments_are_validated():
         parse_policy_args("window", ["oops"])
     with pytest.raises(PolicyError, match="has no parameter"):
         make_policy("full", rank=2)
+
+
+def test_a_suspended_run_leaves_grad_mode_alone(tiny_random):
+    run = generate(tiny_random, RunSettings("a red circle", frames=6, record=False), Controls())
+    next(run)
+    assert torch.is_grad_enabled()  # a generator paused mid-run must not switch autograd off
+    run.close()
+    assert torch.is_grad_enabled()

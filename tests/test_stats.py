@@ -134,3 +134,17 @@ def test_query_stats_half_life_matches_weighted_fit():
     x = torch.cat([a[0], b[0]]).double()
     m = (w[:, None] * x).sum(0) / w.sum()
     assert torch.allclose(s.mean(0)[0].double(), m, atol=1e-6)
+
+
+def test_query_stats_all_layers_at_once():
+    s = QueryStats(3, 2, 6)
+    for l in range(3):
+        s.update(l, torch.randn(2, 10, 6) + l, frame=0)
+    vals, vecs = s.top_eig(None, 2)
+    assert vals.shape == (3, 2, 2) and vecs.shape == (3, 2, 2, 6)
+    for l in range(3):
+        v, u = s.top_eig(l, 2)
+        assert torch.allclose(v, vals[l], atol=1e-6)
+        assert torch.allclose((u * vecs[l]).sum(-1).abs(), torch.ones(2, 2), atol=1e-5)  # same up to sign
+        assert torch.allclose(s.cov(l), s.cov_all()[l]) and torch.allclose(s.mean(l), s.mean_all()[l])
+    assert s.top_eig(None, 0)[1].shape == (3, 2, 0, 6)

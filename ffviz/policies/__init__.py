@@ -4,10 +4,23 @@ from __future__ import annotations
 import dataclasses
 
 from ffviz.policies.base import Policy, PolicyContext, PolicyError
+from ffviz.policies.deep_forcing import DeepForcing
+from ffviz.policies.expected_attention import ExpectedAttention
 from ffviz.policies.full import Full
+from ffviz.policies.future_forcing import FutureForcing
+from ffviz.policies.h2o import H2O
+from ffviz.policies.oracle import Oracle
+from ffviz.policies.sink import Sink
+from ffviz.policies.snapkv import SnapKV
 from ffviz.policies.window import Window
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Full, Window)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (
+    Full, Window, Sink, H2O, SnapKV, DeepForcing, ExpectedAttention, FutureForcing, Oracle)}
+
+
+def _fields(cls) -> dict:
+    """A policy's parameters: its init fields (internal state is not a parameter)."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
 def make_policy(name: str, **params) -> Policy:
@@ -15,7 +28,7 @@ def make_policy(name: str, **params) -> Policy:
     if name not in POLICIES:
         raise PolicyError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
     cls = POLICIES[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _fields(cls)
     for key in params:
         if key not in fields:
             raise PolicyError(f"policy {name!r} has no parameter {key!r}"
@@ -28,7 +41,7 @@ def parse_policy_args(name: str, pairs: list[str]) -> dict:
     """``["horizon=4", "rank=2"]`` -> typed kwargs for policy ``name``."""
     if name not in POLICIES:
         raise PolicyError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
-    fields = {f.name: f for f in dataclasses.fields(POLICIES[name])}
+    fields = _fields(POLICIES[name])
     out = {}
     for pair in pairs:
         if "=" not in pair:

@@ -1,0 +1,100 @@
+"""Deep Forcing: a deep sink, query-selected candidates, contiguous re-rotated positions.
+
+Deep Forcing (Yi et al., 2025, "Deep Forcing: Training-Free Long Video
+Generation with Deep Sink and Participative Compression"), as read here:
+  * deep sink: the first S = floor(sink_ratio x budget frames) frames stay;
+  * the newest ``n_recent`` frames stay;
+  * the rest of the budget goes to the tokens with the largest summed q.k'
+    over the queries of the newest ``query_frames`` frames (post-RoPE queries
+    of the last denoising step of each chunk, buffered here; the buffer resets
+    when the frame index goes backwards, i.e. a new run);
+  * re-rotation: the kept keys' distinct effective temporal positions
+    (``LayerCache.time``) are renumbered contiguously so the newest is
+    ``ctx.frame`` (dense rank, order kept), and each key is turned by the shift
+    with ``Rope3D.shift_time``, as if RoPE had been applied there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from ffviz.cache import Decision, LayerDecision
+from ffviz.policies.base import (Policy, check_bool, check_range, need,
+                                 protected_mask, select)
+
+
+def contiguous_times(t: torch.Tensor, newest: int) -> torch.Tensor:
+    """Renumber times t (B, H, K) per head: the distinct values, in order, become
+    consecutive integers ending at ``newest``."""
+    sv, order = t.sort(-1)
+    step = torch.zeros_like(sv)
+    step[..., 1:] = (sv[..., 1:] != sv[..., :-1]).long()
+    rank = step.cumsum(-1)  # dense rank in sorted order
+    new_sorted = newest - (rank[..., -1:] - rank)
+    return torch.empty_like(t).scatter_(-1, order, new_sorted)
+
+
+@dataclasses.dataclass
+class DeepForcing(Policy):
+    """sink_ratio: share of the budget (frames, floored) given to the deep sink, in
+    [0, 1]; query_frames: newest frames whose queries score candidates (1-64);
+    n_recent: protected newest frames (>= 0); rerotate: renumber kept positions."""
+    name = "deep_forcing"
+    sink_ratio: float = 0.5
+    query_frames: int = 2
+    n_recent: int = 1
+    rerotate: bool = True
+    _buffer: list = dataclasses.field(default_factory=list, init=False, repr=False, compare=False)
+    _last_frame: int = dataclasses.field(default=-1, init=False, repr=False, compare=False)
+
+    def validate(self):
+        check_range("sink_ratio", self.sink_ratio, 0.0, 1.0, kind=float)
+        check_range("query_frames", self.query_frames, 1, 64)
+        check_range("n_recent", self.n_recent, 0)
+        check_bool("rerotate", self.rerotate)
+
+    def remember(self, ctx) -> None:
+        """Buffer this chunk's queries (a list over layers of (B, H, n, d))."""
+        if ctx.frame < self._last_frame:
+            self._buffer.clear()
+        qs = ctx.chunk_queries
+        if qs is not None and not all(q is not None and bool(torch.isfinite(q).all()) for q in qs):
+            warnings.warn("deep_forcing: chunk queries missing or non-finite; not buffered",
+                          RuntimeWarning)
+            qs = None
+        if qs is not None:
+            if ctx.frame == self._last_frame and self._buffer:
+                self._buffer.pop()  # the same chunk again: replace it
+            self._buffer.append(list(qs))
+            del self._buffer[:-self.query_frames]  # R chunks always cover R frames
+        self._last_frame = ctx.frame
+
+    def compress(self, cache, budget_tokens, ctx):
+        self.remember(ctx)
+        if cache.size <= budget_tokens:
+            return None
+        if self.rerotate:
+            need(ctx, self.name, "rope")
+        n = ctx.tokens_per_frame
+        sink = int(self.sink_ratio * (budget_tokens // n))
+        layers = []
+        for i, layer in enumerate(cache.layers):
+            score = layer.mass.new_zeros(layer.mass.shape, dtype=torch.float32)
+            if self._buffer:
+                q = torch.cat([c[i] for c in self._buffer], 2)[:, :, -self.query_frames * n:]
+                score = (q.float() @ layer.k.float().transpose(-1, -2)).sum(-2)
+            what = "floor(sink_ratio x budget) + n_recent"
+            prot = protected_mask(layer.frame, ctx, sink, self.n_recent, budget_tokens, what)
+            keep = select(score, budget_tokens, layer.frame, prot, what)
+            d = LayerDecision(keep=keep, score=score)
+            if self.rerotate:
+                old = layer.time.gather(-1, keep)
+                new = contiguous_times(old, ctx.frame)
+                idx = keep.unsqueeze(-1).expand(*keep.shape, layer.k.shape[-1])
+                shifted = ctx.rope.shift_time(layer.k.gather(2, idx), new - old)
+                d.k = layer.k.scatter(2, idx, shifted)
+                d.time = layer.time.scatter(-1, keep, new)
+            layers.append(d)
+        return Decision(layers)

@@ -1,0 +1,98 @@
+"""Expected Attention: one Gaussian expected-attention score with averaged rotation.
+
+kvpress's ExpectedAttentionPress (NVIDIA, 2025, "Expected Attention: KV Cache
+Compression by Estimating Attention from Future Queries Distribution"), as read in
+shared/design/policies.md: fit pre-RoPE queries with N(mu, Sigma), average the
+rotation over the future positions, Rbar = mean_p R(p), and take ONE softmax:
+
+    z_j = (Rbar mu).k'_j / sqrt(d) + k'_j^T Rbar Sigma Rbar^T k'_j / (2d) + log m_j
+    a_j = softmax_j(z_j)                     (x ||v_j|| when value_norm)
+
+``statistics="current"``: mu and Sigma of the current chunk's queries (as kvpress
+fits the latest queries; ``ctx.chunk_queries`` de-rotated to pre-RoPE);
+"historical": the run's streaming statistics ``ctx.stats``, the same ones Future
+Forcing reads. With one future position and the same statistics this equals
+Future Forcing with rank = d and no merging. Rbar is block-diagonal with the
+mean cos/sin of each plane.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+
+from ffviz.cache import Decision, LayerDecision
+from ffviz.models.rope import apply_rotation
+from ffviz.policies.base import (Policy, check_bool, check_choice, check_range,
+                                 future_positions, need, plane_matrix, protected_mask, select)
+
+
+@dataclasses.dataclass
+class ExpectedAttention(Policy):
+    """horizon: future frames averaged over (1-64); stride: positions every
+    stride-th row and column (1 = the whole grid, 1-64); statistics: "current" or
+    "historical"; value_norm: multiply by ||v||; n_sink, n_recent: protected
+    first / newest frames (>= 0)."""
+    name = "expected_attention"
+    horizon: int = 1
+    stride: int = 1
+    statistics: str = "current"
+    value_norm: bool = False
+    n_sink: int = 1
+    n_recent: int = 1
+
+    def validate(self):
+        check_range("horizon", self.horizon, 1, 64)
+        check_range("stride", self.stride, 1, 64)
+        check_choice("statistics", self.statistics, ("current", "historical"))
+        check_bool("value_norm", self.value_norm)
+        check_range("n_sink", self.n_sink, 0)
+        check_range("n_recent", self.n_recent, 0)
+
+    def fit(self, ctx, L: int, H: int, d: int):
+        """mu (L, H, d), Sigma (L, H, d, d) of pre-RoPE queries (zeros without data)."""
+        if self.statistics == "historical":
+            need(ctx, self.name, "stats")
+            return ctx.stats.mean_all(), ctx.stats.cov_all()
+        qs = ctx.chunk_queries
+        if qs is None or any(q is None for q in qs):
+            return torch.zeros(L, H, d), torch.zeros(L, H, d, d)
+        q = torch.stack([q[0] for q in qs]).float()  # (L, H, n, d) post-RoPE, frame-major
+        finite = torch.isfinite(q).flatten(1).all(1)
+        if not finite.all():
+            warnings.warn("expected_attention: non-finite chunk queries; those layers get zero "
+                          "statistics", RuntimeWarning)
+            q = torch.where(finite.view(L, 1, 1, 1), q, torch.zeros_like(q))
+        rows, cols = ctx.grid
+        T = q.shape[2] // (rows * cols)
+        f = torch.arange(ctx.frame - T + 1, ctx.frame + 1).repeat_interleave(rows * cols)
+        y = torch.arange(rows).repeat_interleave(cols).repeat(T)
+        x = torch.arange(cols).repeat(rows * T)
+        cos, sin = ctx.rope.cos_sin(f, y, x)
+        q = apply_rotation(q, cos, -sin)  # back to pre-RoPE
+        mu = q.mean(2)
+        c = q - mu.unsqueeze(2)
+        return mu, c.transpose(-1, -2) @ c / q.shape[2]
+
+    def compress(self, cache, budget_tokens, ctx):
+        if cache.size <= budget_tokens:
+            return None
+        need(ctx, self.name, "rope")
+        k, v, mass, frame = (torch.stack([getattr(l, f) for l in cache.layers])
+                             for f in ("k", "v", "mass", "frame"))  # (L, B, H, N, ...)
+        L, B, H, N, d = k.shape
+        mu, sigma = self.fit(ctx, L, H, d)
+        cos, sin = ctx.rope.cos_sin(*future_positions(ctx, self.horizon, self.stride))
+        rbar = plane_matrix(cos.mean(0), sin.mean(0))  # Rbar = mean_p R(p), (d, d)
+        qbar = (mu @ rbar.T).view(L, 1, H, d, 1)  # Rbar mu
+        srot = (rbar @ sigma @ rbar.T).unsqueeze(1)  # Rbar Sigma Rbar^T, (L, 1, H, d, d)
+        z = (k @ qbar).squeeze(-1) / math.sqrt(d) + ((k @ srot) * k).sum(-1) / (2 * d) \
+            + mass.clamp_min(1e-30).log()  # (L, B, H, N)
+        score = torch.nan_to_num(z.softmax(-1))
+        if self.value_norm:
+            score = score * v.norm(dim=-1)
+        prot = protected_mask(frame, ctx, self.n_sink, self.n_recent, budget_tokens)
+        keep = select(score, budget_tokens, frame, prot)
+        return Decision([LayerDecision(keep=keep[i], score=score[i]) for i in range(L)])

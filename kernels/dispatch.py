@@ -1,0 +1,109 @@
+"""One entry point per kernel: Triton on CUDA, the PyTorch reference elsewhere.
+
+``FFVIZ_KERNELS`` picks the backend: ``auto`` (default: Triton when every tensor
+is on CUDA and triton imports, else the reference), ``triton`` (always Triton;
+an error if it cannot run, e.g. CPU tensors without ``TRITON_INTERPRET=1``) or
+``reference`` (always PyTorch). The policies call these functions, never a
+kernel directly. Shapes are checked here, so both backends see valid input.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import reference, triton_kernels
+
+ENV = "FFVIZ_KERNELS"
+MODES = ("auto", "triton", "reference")
+
+
+def mode() -> str:
+    m = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if m not in MODES:
+        raise ValueError(f"{ENV} must be one of {', '.join(MODES)}, got {m!r}")
+    return m
+
+
+def backend(*tensors: torch.Tensor) -> str:
+    """'triton' or 'reference': what a call with these tensors would run."""
+    m = mode()
+    if m == "reference":
+        return "reference"
+    if m == "triton":
+        if not triton_kernels.AVAILABLE:
+            raise RuntimeError(f"{ENV}=triton but triton is not importable ({triton_kernels.IMPORT_ERROR})")
+        if not triton_kernels.interpreting() and not all(t.is_cuda for t in tensors):
+            raise RuntimeError(f"{ENV}=triton needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
+        return "triton"
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+    return "triton" if on_cuda and triton_kernels.AVAILABLE else "reference"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def future_score(keys, log_mass, proxy_mean, proxy_dirs, eigvals) -> torch.Tensor:
+    """Each cached key's mean softmax share over proxy positions (policies.md,
+    "Future Forcing score").
+
+    keys (H, N, d) post-RoPE cached keys; log_mass (H, N) log(mass);
+    proxy_mean (H, P, d) = R(p) mu per proxy position; proxy_dirs (H, P, r, d) =
+    R(p) u_i (r may be 0); eigvals (H, r) >= 0.
+    z_pj = proxy_mean[p].k_j / sqrt(d) + sum_i eigvals[i] (proxy_dirs[p, i].k_j)^2 / (2d)
+           + log_mass[j];  scores[j] = mean_p softmax_j(z_pj).
+    Returns (H, N) float32 (each head sums to 1).
+    """
+    _check(keys.dim() == 3, f"keys must be (H, N, d), got {tuple(keys.shape)}")
+    H, N, d = keys.shape
+    _check(tuple(log_mass.shape) == (H, N), f"log_mass must be {(H, N)}, got {tuple(log_mass.shape)}")
+    _check(proxy_mean.dim() == 3 and proxy_mean.shape[0] == H and proxy_mean.shape[2] == d,
+           f"proxy_mean must be (H={H}, P, d={d}), got {tuple(proxy_mean.shape)}")
+    P = proxy_mean.shape[1]
+    _check(P > 0, "proxy_mean has no positions (P = 0): the mean over positions is undefined")
+    _check(proxy_dirs.dim() == 4 and proxy_dirs.shape[:2] == (H, P) and proxy_dirs.shape[3] == d,
+           f"proxy_dirs must be (H={H}, P={P}, r, d={d}), got {tuple(proxy_dirs.shape)}")
+    r = proxy_dirs.shape[2]
+    _check(tuple(eigvals.shape) == (H, r), f"eigvals must be {(H, r)}, got {tuple(eigvals.shape)}")
+    args = (keys, log_mass, proxy_mean, proxy_dirs, eigvals)
+    if backend(*args) == "triton":
+        return triton_kernels.future_score(*args)
+    return reference.future_score(*args)
+
+
+def merge_neighbour(cand, kept, M) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest kept token of every candidate under the future-query metric
+    D(a, b) = (a - b)^T M (a - b) / d (policies.md, "Future Forcing merge").
+
+    cand (H, Nc, d); kept (H, Nk, d); M (H, d, d) symmetric PSD.
+    Returns dist (H, Nc) float32 and index (H, Nc) int64 into kept; with Nk = 0,
+    dist is +inf and index -1.
+    """
+    _check(cand.dim() == 3 and kept.dim() == 3, "cand and kept must be (H, n, d)")
+    H, Nc, d = cand.shape
+    _check(kept.shape[0] == H and kept.shape[2] == d, f"kept must be (H={H}, Nk, d={d}), got {tuple(kept.shape)}")
+    _check(tuple(M.shape) == (H, d, d), f"M must be {(H, d, d)}, got {tuple(M.shape)}")
+    if backend(cand, kept, M) == "triton":
+        return triton_kernels.merge_neighbour(cand, kept, M)
+    return reference.merge_neighbour(cand, kept, M)
+
+
+def attention(q, k, v, log_mass=None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + log_mass) v over a cache with merged tokens.
+
+    q (B, H, n, d); k, v (B, H, N, d); log_mass (B, H, N) or None.
+    Returns (B, H, n, d) in q's dtype.
+    """
+    _check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be (B, H, n, d)")
+    B, H, n, d = q.shape
+    _check(k.shape[:2] == (B, H) and k.shape[3] == d and v.shape == k.shape,
+           f"k and v must be (B={B}, H={H}, N, d={d}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    N = k.shape[2]
+    _check(log_mass is None or tuple(log_mass.shape) == (B, H, N),
+           f"log_mass must be {(B, H, N)} or None, got {None if log_mass is None else tuple(log_mass.shape)}")
+    tensors = (q, k, v) if log_mass is None else (q, k, v, log_mass)
+    if backend(*tensors) == "triton":
+        return triton_kernels.attention(q, k, v, log_mass)
+    return reference.attention(q, k, v, log_mass)

@@ -1,0 +1,124 @@
+"""PyTorch references for the three kernels: the spec the Triton kernels are
+tested against, and the path ffviz takes on CPU.
+
+Each works in chunks so that memory stays bounded at real-model size
+(32,760 cached tokens x 12 heads, head dim 128): no function here holds more
+than about ``CHUNK_ELEMENTS`` float32 logits or distances at once.
+
+``upcast=True`` (the default) computes in float32 whatever the input dtype
+(float64 inputs stay float64 and give float64 results: the tests' ground truth);
+the tests call ``upcast=False`` to get a same-precision PyTorch implementation,
+the error baseline a kernel must not be worse than (flash-attention's test style).
+Math: shared/design/policies.md ("Future Forcing score", "Future Forcing merge").
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 1 << 25  # logits held at once (128 MiB in float32)
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cast(t: torch.Tensor, upcast: bool, like: torch.Tensor) -> torch.Tensor:
+    return t.to(_wide(like.dtype) if upcast else like.dtype)
+
+
+def proxy_logits(keys, log_mass, proxy_mean, proxy_dirs, eigvals):
+    """z (H, P, N): the Gaussian expected logit of every proxy position for every key.
+
+    keys (H, N, d); log_mass (H, N); proxy_mean (H, P, d); proxy_dirs (H, P, r, d);
+    eigvals (H, r). Computed in the dtype of ``keys`` (cast the inputs first).
+    """
+    d = keys.shape[-1]
+    z = proxy_mean @ keys.transpose(1, 2) / math.sqrt(d)  # (H, P, N)
+    r = proxy_dirs.shape[2]
+    for i in range(r):  # one direction at a time: (H, P, N) live, not (H, P, r, N)
+        u = proxy_dirs[:, :, i] @ keys.transpose(1, 2)
+        z = z + eigvals[:, i, None, None] * u.square() / (2 * d)
+    return z + log_mass[:, None, :]
+
+
+def future_score(keys, log_mass, proxy_mean, proxy_dirs, eigvals, upcast: bool = True):
+    """Mean over proxy positions of each key's softmax share.
+
+    keys (H, N, d) post-RoPE cached keys; log_mass (H, N); proxy_mean (H, P, d);
+    proxy_dirs (H, P, r, d) (r may be 0); eigvals (H, r) >= 0.
+    Returns scores (H, N) float32 (float64 for float64 keys); each head sums to 1.
+
+    Chunked over positions: each chunk's (H, Pc, N) logits get a full softmax
+    over N, then are summed over positions and dropped.
+    """
+    H, N, d = keys.shape
+    P = proxy_mean.shape[1]
+    k = _cast(keys, upcast, keys)
+    lm, mean, dirs, lam = (_cast(t, upcast, keys) for t in (log_mass, proxy_mean, proxy_dirs, eigvals))
+    acc = torch.zeros(H, N, dtype=_wide(k.dtype), device=k.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, H * N))
+    for p0 in range(0, P, step):
+        z = proxy_logits(k, lm, mean[:, p0:p0 + step], dirs[:, p0:p0 + step], lam)
+        acc += torch.softmax(z, dim=-1).to(acc.dtype).sum(1)
+    return acc / P
+
+
+def merge_neighbour(cand, kept, M, upcast: bool = True):
+    """Nearest kept token of every candidate under D(a, b) = (a-b)^T M (a-b) / d.
+
+    cand (H, Nc, d); kept (H, Nk, d); M (H, d, d) symmetric PSD.
+    Returns dist (H, Nc) float32 (float64 for float64 inputs; clamped at 0) and
+    index (H, Nc) int64;
+    with no kept token, dist is +inf and index -1.
+
+    Expanded as a'Ma - 2 a'Mb + b'Mb after centring both on the mean kept key;
+    chunked over candidates.
+    """
+    H, Nc, d = cand.shape
+    Nk = kept.shape[1]
+    if Nk == 0:
+        return (torch.full((H, Nc), math.inf, device=cand.device),
+                torch.full((H, Nc), -1, dtype=torch.long, device=cand.device))
+    a, b, m = _cast(cand, upcast, cand), _cast(kept, upcast, cand), _cast(M, upcast, cand)
+    c = b.mean(1, keepdim=True)  # D is shift invariant: centring cuts the cancellation
+    a, b = a - c, b - c
+    bM = b @ m
+    qb = (bM * b).sum(-1)  # (H, Nk)
+    dist = torch.empty(H, Nc, dtype=_wide(cand.dtype), device=cand.device)
+    index = torch.empty(H, Nc, dtype=torch.long, device=cand.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, H * Nk))
+    for c0 in range(0, Nc, step):
+        ac = a[:, c0:c0 + step]
+        aM = ac @ m
+        qa = (aM * ac).sum(-1)
+        D = qa[:, :, None] - 2 * (aM @ b.transpose(1, 2)) + qb[:, None, :]
+        dmin, imin = D.min(-1)
+        dist[:, c0:c0 + step] = dmin.to(dist.dtype).clamp_min(0) / d
+        index[:, c0:c0 + step] = imin
+    return dist, index
+
+
+def attention(q, k, v, log_mass=None, upcast: bool = False):
+    """softmax(q k^T / sqrt(d) + log_mass) v.
+
+    q (B, H, n, d); k, v (B, H, N, d); log_mass (B, H, N) or None.
+    Returns (B, H, n, d) in q's dtype. scaled_dot_product_attention with a float
+    bias, chunked over queries; ``upcast`` computes in float32 (float64 stays).
+    """
+    B, H, n, d = q.shape
+    N = k.shape[2]
+    dt = q.dtype
+    if upcast:
+        q, k, v = (t.to(_wide(dt)) for t in (q, k, v))
+    bias = None if log_mass is None else log_mass.to(q.dtype)[:, :, None, :]
+    step = max(1, CHUNK_ELEMENTS // max(1, B * H * N))
+    if step >= n or q.is_cuda:  # CUDA's fused kernels do not materialise the logits
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).to(dt)
+    out = torch.empty(B, H, n, d, dtype=dt, device=q.device)
+    for i in range(0, n, step):
+        out[:, :, i:i + step] = F.scaled_dot_product_attention(q[:, :, i:i + step], k, v, attn_mask=bias)
+    return out

@@ -1,0 +1,308 @@
+"""The app through ``gradio_client`` against a launched server, plus its plain
+functions (ffviz.viz) without a server. Runs are kept short (6-10 frames)."""
+from __future__ import annotations
+
+import gc
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client  # noqa: E402
+
+from ffviz.policies import PolicyError, make_policy  # noqa: E402
+from ffviz.scenes import PromptError  # noqa: E402
+from ffviz.generate import GenerationError  # noqa: E402
+
+PROMPT = "a red circle and a blue square on a green background"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    threads = torch.get_num_threads()
+    import app  # sets torch to one thread (see app.py); the rest of the suite gets its own back
+    yield app
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server(app_module):
+    port = free_port()
+    app_module.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+                      quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    app_module.demo.close()
+
+
+def client(url) -> Client:
+    return Client(url, verbose=False)
+
+
+def run_args(frames=6, policy="window", budget=2, seed=0, prompt=PROMPT):
+    # /run: prompt, seed, frames, policy, budget, layer, head, metric, reference, *params
+    return (prompt, seed, frames, policy, budget, "L3", "H0", "frechet", "first")
+
+
+def wait(job, timeout=240):
+    t0 = time.time()
+    while not job.done():
+        if time.time() - t0 > timeout:
+            raise TimeoutError("run did not finish")
+        time.sleep(0.05)
+    return job.outputs()
+
+
+# -- through the server ------------------------------------------------------
+
+def test_short_run_streams_frames_and_writes_files(server):
+    c = client(server)
+    job = c.submit(*run_args(frames=6), api_name="/run")
+    outs = wait(job)
+    # one update per chunk (2 given frames + 4 generated = 5 chunks) plus the final one
+    assert len(outs) >= 5
+    final = outs[-1]
+    summary = final[-1]
+    assert summary["frames"] == 6 and summary["policy"] == "window"
+    assert summary["peak_cache_tokens"] <= 3 * 64
+    names = sorted(p.rsplit("/", 1)[-1] for p in final[-2])
+    for want in ("video.mp4", "record.npz", "decisions.jsonl", "plots.html", "summary.json"):
+        assert want in names
+    assert final[-3].endswith(".mp4") or final[-3]["video"].endswith(".mp4")
+    record = np.load([p for p in final[-2] if p.endswith("record.npz")][0])
+    assert record["mean_pre"].shape[1:] == (4, 4, 32)
+
+
+def test_policy_change_mid_run_shows_in_record(server):
+    c = client(server)
+    # long enough (a chunk takes ~0.1 s) that the steer lands mid-run
+    job = c.submit(*run_args(frames=60, policy="window", budget=3), api_name="/run")
+    t0 = time.time()
+    while len(job.outputs()) < 2:  # the run is going: steer it
+        assert time.time() - t0 < 120 and not job.done()
+        time.sleep(0.05)
+    c.predict("sink", 3, api_name="/steer")
+    final = wait(job)[-1]
+    summary = final[-1]
+    assert summary["policy"] == "sink"
+    assert [s["policy"] for s in summary["switches"]] == ["sink"]
+    switch_frame = summary["switches"][0]["frame"]
+    assert 2 <= switch_frame < 60 and summary["frames"] == 60
+    decisions = [json.loads(l) for l in
+                 open([p for p in final[-2] if p.endswith("decisions.jsonl")][0])]
+    policies = {d["policy"] for d in decisions}
+    assert policies == {"window", "sink"}
+    assert all(d["policy"] == "sink" for d in decisions if d["frames"][0] >= switch_frame)
+
+
+def test_generate_endpoint(server):
+    c = client(server)
+    video, summary = c.predict(PROMPT, "sink", 2, 6, 1, api_name="/generate")
+    assert str(video).endswith(".mp4")
+    with open(video, "rb") as f:
+        assert len(f.read()) > 1000
+    assert summary["frames"] == 6 and summary["policy"] == "sink" and summary["seed"] == 1
+    assert summary["budget_frames"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("", "window", 2, 6, 0), "prompt is empty"),
+    (("the quick fox", "window", 2, 6, 0), "no object"),
+    ((PROMPT, "window", 0, 6, 0), "minimum"),
+    ((PROMPT, "window", 8, 6, 0), "beyond the run"),
+    ((PROMPT, "window", 2, 100000, 0), "frames must be between"),
+    ((PROMPT, "oracle", 2, 6, 0), "not in the list of choices"),
+])
+def test_bad_inputs_get_clear_errors(server, args, message):
+    c = client(server)
+    with pytest.raises(Exception) as err:
+        c.predict(*args, api_name="/generate")
+    assert message in str(err.value)
+
+
+def test_incompatible_parameters_rejected_at_start(server, app_module):
+    c = client(server)
+    params = [None] * len(app_module.SPECS)
+    i = [k for k, s in enumerate(app_module.SPECS) if s.policy == "sink" and s.name == "n_sink"][0]
+    params[i] = 5
+    with pytest.raises(Exception) as err:
+        c.predict(*run_args(frames=8, policy="sink", budget=2), *params, api_name="/run")
+    assert "do not fit the budget" in str(err.value)
+
+
+def test_concurrent_users_are_isolated(server, app_module):
+    """Four users at once all get answers, the same as alone, and the shared
+    model never carries a hook (each run hooks its own copy)."""
+    solo = client(server).predict(PROMPT, "window", 2, 6, 0, api_name="/generate")[1]
+    other = "a big yellow triangle on a purple background with a gray pillar"
+    results, seen_hooks = {}, []
+
+    def user(name, prompt, seed):
+        results[name] = client(server).predict(prompt, "window", 2, 6, seed,
+                                               api_name="/generate")[1]
+
+    threads = [threading.Thread(target=user, args=("a", PROMPT, 0)),
+               threading.Thread(target=user, args=("b", other, 3)),
+               threading.Thread(target=user, args=("c", PROMPT, 0)),
+               threading.Thread(target=user, args=("d", other, 5))]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        seen_hooks.append(sum(len(m.fns) for m in app_module.MODEL.modules() if hasattr(m, "fns")))
+        time.sleep(0.05)
+    assert max(seen_hooks) == 0
+    assert len(results) == 4
+    assert results["a"]["metrics"] == solo["metrics"] == results["c"]["metrics"]
+    assert results["a"]["prompt"] == PROMPT and results["b"]["prompt"] == other
+    assert results["a"]["metrics"] != results["b"]["metrics"]
+
+
+def test_cancelled_run_frees_its_session(server):
+    from ffviz.viz.session import RunSession
+
+    c = client(server)
+    job = c.submit(*run_args(frames=200, budget=2), api_name="/run")
+    t0 = time.time()
+    while len(job.outputs()) < 2:
+        assert time.time() - t0 < 120
+        time.sleep(0.05)
+    job.cancel()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        gc.collect()
+        live = [o for o in gc.get_objects() if isinstance(o, RunSession) and o.running]
+        if not live:
+            break
+        time.sleep(0.5)
+    assert not live, "a cancelled run kept generating"
+
+
+# -- plain functions (no server) ----------------------------------------------
+
+def test_check_inputs_messages():
+    from ffviz.viz.session import check_inputs
+
+    with pytest.raises(PromptError, match="empty"):
+        check_inputs("  ", 8, 2, 0)
+    with pytest.raises(PromptError):
+        check_inputs("nothing here", 8, 2, 0)
+    with pytest.raises(GenerationError, match="at least 1"):
+        check_inputs(PROMPT, 8, 0, 0)
+    with pytest.raises(GenerationError, match="beyond the run"):
+        check_inputs(PROMPT, 8, 9, 0)
+    with pytest.raises(GenerationError, match="between 3 and"):
+        check_inputs(PROMPT, 10_000, 2, 0)
+    with pytest.raises(GenerationError, match="whole number"):
+        check_inputs(PROMPT, 7.5, 2, 0)
+    assert check_inputs(PROMPT, 8.0, 2, 1).frames == 8
+
+
+def test_params_come_from_the_registry():
+    from ffviz.policies import POLICIES
+    from ffviz.viz.params import build_policy, collect, param_specs
+
+    specs = param_specs()
+    names = {s.policy for s in specs}
+    assert names <= set(POLICIES)
+    for s in specs:  # every widget default builds a valid policy
+        assert collect(s.policy, specs, [None] * len(specs))[s.name] == s.default
+    if "sink" in POLICIES:
+        vals = [None] * len(specs)
+        vals[[k for k, s in enumerate(specs) if s.policy == "sink"][0]] = 2.0  # a float from a box
+        assert build_policy("sink", specs, vals).params()["n_sink"] == 2
+        vals[[k for k, s in enumerate(specs) if s.policy == "sink"][0]] = 1.5
+        with pytest.raises(PolicyError, match="integer"):
+            build_policy("sink", specs, vals)
+
+
+def test_session_views_and_figures(app_module):
+    from ffviz.viz import figures as F
+    from ffviz.viz.oracle import fidelity, reference_queries, true_share
+    from ffviz.viz.projections import pca_common, projection_figure
+    from ffviz.viz.session import RunSession, check_inputs
+    from ffviz.viz.views import live_views, plot_views
+
+    s = RunSession(app_module.MODEL, check_inputs(PROMPT, 7, 2, 0), make_policy("window"), 2)
+    for step in s.run():
+        if step.index == 2:
+            assert not s.steer(make_policy("window"), 2)  # no change: no switch recorded
+            assert s.steer(make_policy("sink"), 3)
+    assert [w["policy"] for w in s.switches] == ["sink"]
+    live = live_views(s)
+    assert live["frame"].shape == (256, 256, 3) and live["cache"].ndim == 3
+    plots = plot_views(s)
+    assert all(isinstance(f, go.Figure) for f in plots.values())
+    # the switch is marked on the timeline plots
+    assert any("sink" in (a.text or "") for a in plots["timeline"].layout.annotations)
+    a, b, ratio = pca_common(np.random.randn(20, 8), np.random.randn(20, 8))
+    assert a.shape == (20, 2) and 0 < ratio.sum() <= 1
+    assert isinstance(projection_figure(s.recorder, 3, 0), go.Figure)
+    share = true_share(torch.randn(2, 5, 8), torch.randn(2, 7, 8), torch.ones(2, 7))
+    assert np.allclose(share.sum(-1).numpy(), 1, atol=1e-5)
+    ref = reference_queries(app_module.MODEL, s.settings)
+    res = fidelity(s.oracle_steps, ref, horizon=2)
+    assert res["steps"] >= 1 and res["spearman"].shape[1:] == (4, 4)
+    assert isinstance(F.oracle_figure(res, 3, 0), go.Figure)
+    s.close()
+    assert not s.dir.exists()
+
+
+def test_rope_explainer(app_module):
+    rot, drift = app_module.rope_views(None, 5, 2, 3, 0, "L3", "H0")
+    assert isinstance(rot, go.Figure) and isinstance(drift, go.Figure)
+
+
+def test_ab_oracle_umap_handlers(app_module):
+    """The A/B, Oracle and UMAP handlers, called as the app calls them."""
+    app = app_module
+    params = [None] * len(app.SPECS)
+    outs = list(app.run_ab(PROMPT, 0, 6, "window", 2, "sink", None, *params))
+    final = outs[-1]
+    rows = final[app.ab_table]
+    assert rows[0] == ["policy", "window", "sink"]
+    assert final[app.ab_video_a].endswith(".mp4") and final[app.ab_video_b].endswith(".mp4")
+    a, b = outs[-2][app.ab_state]
+    assert a.summary["frames"] == b.summary["frames"] == 6
+
+    runs = list(app.start_run(PROMPT, 0, 7, "window", 2, "L3", "H0", "frechet", "first", None,
+                              *params))
+    session = runs[-1][app.state]
+    assert session.summary["frames"] == 7
+    fig, msg = list(app.run_oracle(session, 2, "L3", "H0"))[-1]
+    assert isinstance(fig, go.Figure) and "compression steps compared" in msg
+    assert session.oracle_result["recency"]  # window has no scores: recency stands in
+    assert isinstance(app.show_umap(session, "L3", "H0"), go.Figure)
+    session.close()
+
+
+def test_closed_session_frees_its_run(app_module):
+    """Gradio calls the State's delete_callback when a user's session ends: the
+    run stops at its next chunk and its files go."""
+    from ffviz.viz.session import RunSession, check_inputs
+
+    s = RunSession(app_module.MODEL, check_inputs(PROMPT, 50, 2, 0), make_policy("window"), 2)
+    steps = s.run()
+    next(steps)
+    app_module.state.delete_callback(s)
+    assert s.controls.stop_requested and not s.dir.exists()
+    assert len(list(steps)) <= 1  # at most the chunk already under way
+    assert not s.running
+
+
+def test_policy_widgets_follow_the_registry(app_module):
+    from ffviz.policies import POLICIES
+
+    assert set(app_module.LIVE_POLICIES) == set(POLICIES) - app_module.OFFLINE
+    assert len(app_module.param_widgets) == len(app_module.SPECS)
+    assert "oracle" not in app_module.LIVE_POLICIES

@@ -1,0 +1,120 @@
+"""A real browser against ``python app.py``: headless Chromium (the system one,
+no browser download) loads the page, starts a run at default settings, sees a
+frame appear (time to first frame is measured and reported), switches the
+policy mid-run, sees the switch, and saves a screenshot."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage"]
+FIRST_FRAME_BAR_S = float(os.environ.get("FFVIZ_FIRST_FRAME_BAR_S", "3.0"))
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is absent (CI installs it: apt-get install chromium)",
+                allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
+           "GRADIO_ANALYTICS_ENABLED": "False", "FFVIZ_TRACE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 180
+        ready = False
+        while time.time() < deadline:  # served, warmed up (queue and UMAP)
+            assert proc.poll() is None, log.read_text()
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                ready = ready or True
+            except OSError:
+                ready = False
+            text = log.read_text()
+            if ready and "UMAP warmed up" in text and "ffviz: ready" in text:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("app did not start in time:\n" + log.read_text())
+        yield url
+    finally:
+        print("".join(l for l in log.read_text().splitlines(True) if "trace" in l))
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_browser_run_switch_screenshot(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    profile = tempfile.mkdtemp(prefix="ffviz-chromium-")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=ARGS,
+                viewport={"width": 1400, "height": 1000})
+            page = browser.new_page()
+            page.goto(app_url, wait_until="load", timeout=60_000)
+            page.wait_for_selector("#generate", timeout=60_000)
+            expect(page.locator("#frame img")).to_have_count(0)
+            page.wait_for_timeout(2000)  # a person reads the page before clicking
+
+            t0 = time.perf_counter()
+            print(f"\nclick at {time.time():.3f}")
+            page.click("#generate")  # default settings
+            page.wait_for_selector("#frame img", state="visible", timeout=60_000)
+            page.wait_for_function(
+                "() => { const i = document.querySelector('#frame img');"
+                " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
+            first_frame_s = time.perf_counter() - t0
+            print(f"frame visible at {time.time():.3f}")
+            print(f"\ntime to first frame in the browser: {first_frame_s:.2f} s")
+            (tmp_path / "first_frame_s.txt").write_text(f"{first_frame_s:.3f}\n")
+
+            # switch the policy while the run goes on
+            expect(page.locator("#status")).to_contain_text("running", timeout=60_000)
+            page.click("#policy input")
+            page.get_by_role("option", name="sink", exact=True).click()
+            expect(page.locator("#status")).to_contain_text("sink", timeout=60_000)
+            expect(page.locator("#status")).to_contain_text("1 switch", timeout=60_000)
+            page.wait_for_timeout(1500)  # let the plots catch up for the screenshot
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            if os.environ.get("FFVIZ_SCREENSHOT"):
+                shutil.copy(shot, os.environ["FFVIZ_SCREENSHOT"])
+            page.click("#stop")
+            expect(page.locator("#status")).to_contain_text(re.compile("stopped|done"),
+                                                            timeout=120_000)
+            browser.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert first_frame_s < FIRST_FRAME_BAR_S, f"first frame took {first_frame_s:.2f} s"
