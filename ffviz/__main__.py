@@ -11,7 +11,14 @@ from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, MAX_FRAMES
 DEFAULT_PROMPT = "a red circle and a blue square on a green background"
 
 
+MODEL_HELP = ("tiny (the embedded model, default) | wan:PATH (a Self-Forcing-family Wan2.1 "
+              "checkpoint; needs a CUDA GPU, see docs/wan_readme.md) | wan:tiny-random (CPU demo)")
+
+
 def _load_model(args):
+    if getattr(args, "model", "tiny") != "tiny":
+        from ffviz.models.wan import load_model
+        return load_model(args.model)
     from ffviz.weights import load_tiny
     model, _ = load_tiny(args.weights)
     return model
@@ -27,15 +34,17 @@ def cmd_generate(args) -> int:
     controls = Controls(policy, args.budget)
     settings = RunSettings(args.prompt, frames=args.frames, seed=args.seed, steps=args.steps,
                            context_noise=args.context_noise, record=not args.no_record)
-    settings.validate()  # bad prompt or settings fail before the model loads
+    settings.validate(scenes=args.model == "tiny")  # bad prompt or settings fail before the model loads
     model = _load_model(args)
     with tqdm(total=args.frames, unit="frame", desc="generating", file=sys.stderr) as bar:
         summary = run(model, settings, controls, Path(args.out), progress=bar)
     if summary["unknown_words"]:
         print(f"not understood in the prompt: {', '.join(summary['unknown_words'])}", file=sys.stderr)
     m = summary["metrics"]
+    quality = (f", consistency {m['consistency']:.3f}" if "consistency" in m
+               else " (no scene metrics for this model)")
     print(f"wrote {args.out}: {summary['frames']} frames at {summary['fps']} frames/s, "
-          f"peak cache {summary['peak_cache_tokens']} tokens, consistency {m['consistency']:.3f}")
+          f"peak cache {summary['peak_cache_tokens']} tokens{quality}")
     return 0
 
 
@@ -105,6 +114,10 @@ def cmd_showcase(args) -> int:
     return 0
 
 
+THREADS_HELP = ("torch CPU threads (default 1: the tiny model's ops are too small to gain from "
+                "more, and on a busy machine extra threads stall each other)")
+
+
 def main(argv=None) -> int:
     from ffviz.weights import DEFAULT_WEIGHTS
     parser = argparse.ArgumentParser(prog="python -m ffviz", description=__doc__)
@@ -124,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-record", action="store_true", help="do not record query statistics")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("eval", help="policy x budget grid over a scenario suite")
@@ -161,6 +176,8 @@ def main(argv=None) -> int:
                         "(real-model size on CUDA; the reference at a reduced size on CPU)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("showcase", help="free-running quality over seeds: default vs full vs 1-frame window")
@@ -169,6 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
     p.add_argument("--out", default="docs/showcase")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.set_defaults(run=cmd_showcase)
 
     args = parser.parse_args(argv)
@@ -176,9 +194,19 @@ def main(argv=None) -> int:
     from ffviz.policies import PolicyError
     from ffviz.scenes import PromptError
     from ffviz.weights import WeightsError
+    errors = (GenerationError, PolicyError, PromptError, WeightsError)
+    if getattr(args, "model", "tiny") != "tiny":
+        from ffviz.models.wan import WanLoadError
+        errors += (WanLoadError,)
+    if args.command in ("generate", "bench", "showcase"):
+        if args.threads < 1:
+            print(f"error: threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         return args.run(args)
-    except (GenerationError, PolicyError, PromptError, WeightsError) as e:
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

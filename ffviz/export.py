@@ -11,7 +11,7 @@ import numpy as np
 
 from ffviz.generate import Step
 
-VIDEO_SCALE = 8  # 32x32 frames are upscaled (nearest) so the video is watchable
+VIDEO_SIDE = 256  # small frames are upscaled (nearest) to about this side so they are watchable
 VIDEO_FPS = 8
 
 
@@ -27,7 +27,8 @@ class RunWriter:
 
     def add(self, step: Step) -> None:
         for frame in step.frames:
-            self._video.append_data(frame.repeat(VIDEO_SCALE, 0).repeat(VIDEO_SCALE, 1))
+            scale = max(1, VIDEO_SIDE // max(frame.shape[:2]))  # 32x32 -> 8x; Wan's 480x832 -> 1x
+            self._video.append_data(frame.repeat(scale, 0).repeat(scale, 1))
         self._frames.append(step.frames)
         if step.decision_log is not None:
             entry = {"step": step.index, "frames": step.frame_indices, "policy": step.policy,

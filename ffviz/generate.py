@@ -98,7 +98,9 @@ class RunSettings:
     context_noise: float | None = None
     record: bool = True
 
-    def validate(self) -> tuple[SceneSpec, list[str]]:
+    def validate(self, scenes: bool = True) -> tuple[SceneSpec | None, list[str]]:
+        """Check the settings; read the prompt's scene (``scenes=False``, for a
+        model without the scene grammar such as Wan: any non-empty text, no spec)."""
         if isinstance(self.frames, bool) or not isinstance(self.frames, (int, np.integer)):
             raise GenerationError(f"frames must be a whole number, got {self.frames!r}")
         if self.frames < 1 or self.frames > MAX_FRAMES:
@@ -107,10 +109,16 @@ class RunSettings:
             raise GenerationError(f"steps must be in [1, 50], got {self.steps}")
         if self.context_noise is not None and not 0 <= self.context_noise < 1:
             raise GenerationError(f"context noise must be in [0, 1), got {self.context_noise}")
+        if not scenes:
+            if not isinstance(self.prompt, str) or not self.prompt.strip():
+                raise GenerationError("empty prompt: describe the video")
+            return None, []
         return parse_prompt(self.prompt)
 
 
-def _to_uint8(model, tokens: torch.Tensor) -> np.ndarray:
+def _to_uint8(model, tokens: torch.Tensor, frames: torch.Tensor | None = None) -> np.ndarray:
+    if hasattr(model, "decode"):  # a latent model (Wan) decodes its own tokens
+        return model.decode(tokens, frames)
     img = model.unpatchify(tokens)[0].clamp(-1, 1)
     return ((img + 1) * 127.5).round().to(torch.uint8).numpy()
 
@@ -191,7 +199,8 @@ def generate(model, settings: RunSettings, controls: Controls,
     current chunk. ``future_queries(frame, layer)`` feeds the offline oracle.
     A recorder, if any, listens on the model's hook points on its own.
     """
-    spec, _ = settings.validate()
+    scenes = getattr(model, "has_scenes", True)  # False: free-text prompt, no given frames
+    spec, _ = settings.validate(scenes)
     cfg, n = model.cfg, model.cfg.tokens_per_frame
     policy, budget, seen_version = controls.snapshot()
     if budget > settings.frames:
@@ -199,7 +208,7 @@ def generate(model, settings: RunSettings, controls: Controls,
                               f"({settings.frames} frames)")
     steps = settings.steps or cfg.sample_steps
     level = cfg.context_noise if settings.context_noise is None else settings.context_noise
-    scene = Scene(spec, settings.seed)
+    scene = Scene(spec, settings.seed) if scenes else None
     gen = torch.Generator().manual_seed(settings.seed)
     cache = model.new_cache()
     g = min(cfg.given_frames, settings.frames)
@@ -208,20 +217,23 @@ def generate(model, settings: RunSettings, controls: Controls,
         # no torch.no_grad() around the loop: a generator suspended inside it would leave
         # grad mode off in its caller's thread; the model calls below are no_grad themselves
         with torch.no_grad():
-            cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
+            cond = (model.embed_condition(torch.from_numpy(spec.condition_ids())[None]) if scenes
+                    else model.encode_prompt(settings.prompt))
         f, index = 0, 0
         while f < settings.frames and not controls.stop_requested:
             t0 = time.perf_counter()
             policy, budget, version = controls.snapshot()
             switched, seen_version = version != seen_version, version
-            if f == 0:  # the frames given from the scene
+            if f == 0 and g:  # the frames given from the scene
                 frames = torch.arange(g)
                 given = torch.from_numpy(scene.render(np.arange(g)))[None].float()
                 x0 = model.patchify(given / 127.5 - 1)
             else:
                 frames = torch.arange(f, min(f + cfg.chunk_frames, settings.frames))
                 noise = torch.randn(1, frames.numel() * n, cfg.patch_dim, generator=gen)
-                x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift).clamp(-1, 1)
+                x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift)
+                if getattr(model, "clamp_tokens", True):  # pixels in [-1, 1]; not Wan's latents
+                    x0 = x0.clamp(-1, 1)
             t1 = time.perf_counter()
             fill_cache(model, cache, x0, frames, cond, level, gen)
             t2 = time.perf_counter()
@@ -248,7 +260,7 @@ def generate(model, settings: RunSettings, controls: Controls,
             t3 = time.perf_counter()
             if observer:
                 observer.after_compress(cache, decision, ctx)
-            yield Step(index=index, frame_indices=frames.tolist(), frames=_to_uint8(model, x0),
+            yield Step(index=index, frame_indices=frames.tolist(), frames=_to_uint8(model, x0, frames),
                        seconds={"denoise": t1 - t0, "cache": t2 - t1,
                                 "policy": t3 - t_policy - log_s, "log": log_s,
                                 "total": t3 - t0},

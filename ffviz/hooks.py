@@ -9,7 +9,9 @@ belong to, the noise level and the phase ("denoise" or "cache").
 
 The recorder keeps, per layer, head and frame, the mean and variance of pre-
 and post-RoPE queries, plus a bounded reservoir of query vectors for
-projections. Memory is bounded by construction: at most ``max_frames`` frame
+projections. By default it listens to the last denoising step of every frame
+(the queries closest to the finished frame; ``steps="all"`` takes every step,
+at about four times the cost). Memory is bounded by construction: at most ``max_frames`` frame
 slots (when full, every other slot is dropped and the stride doubles) and
 ``reservoir`` vectors per layer and head.
 """
@@ -29,12 +31,13 @@ class HookContext:
 
     token_frame: (tokens,) absolute frame index of each token of the current call
     t: noise level(s) of the call; phase: "denoise", "cache" or "train";
-    step: denoising step index (-1 for the cache pass).
+    step: denoising step index (-1 for the cache pass); steps: denoising steps per chunk.
     """
     token_frame: torch.Tensor | None = None
     t: float = 0.0
     phase: str = "train"
     step: int = -1
+    steps: int = 0
 
 
 class HookPoint(nn.Module):
@@ -102,11 +105,13 @@ class QueryRecorder:
     KINDS = ("pre", "post")
 
     def __init__(self, layers: int, heads: int, head_dim: int, max_frames: int = 512,
-                 reservoir: int = 256, phases=("denoise",), seed: int = 0):
+                 reservoir: int = 256, steps: str = "last", seed: int = 0):
         if max_frames < 2 or reservoir < 1:
             raise ValueError("max_frames must be >= 2 and reservoir >= 1")
         self.L, self.H, self.d = layers, heads, head_dim
-        self.max_frames, self.reservoir, self.phases = max_frames, reservoir, tuple(phases)
+        if steps not in ("last", "all"):
+            raise ValueError(f"steps must be 'last' or 'all', got {steps!r}")
+        self.max_frames, self.reservoir, self.steps = max_frames, reservoir, steps
         self.stride = 1  # record every stride-th frame; doubles when slots run out
         shape = (max_frames, layers, heads, head_dim)
         self._sum = {k: np.zeros(shape, np.float64) for k in self.KINDS}
@@ -114,10 +119,13 @@ class QueryRecorder:
         self._count = np.zeros((max_frames, layers), np.int64)
         self._frame = np.full(max_frames, -1, np.int64)
         self.n_slots = 0
+        self._slot_of: dict[int, int] = {}  # frame -> slot
         self.sample = {k: np.zeros((layers, heads, reservoir, head_dim), np.float16)
                        for k in self.KINDS}
         self.sample_frame = np.full((layers, heads, reservoir), -1, np.int64)
         self._seen = np.zeros(layers, np.int64)  # reservoir counter per layer
+        self._next = np.full(layers, -1, np.int64)  # next token index taken (Algorithm L)
+        self._w = np.zeros(layers)
         self._rng = np.random.default_rng(seed)
         self._pending_idx: dict[int, np.ndarray] = {}
         self._hooks: Hooks | None = None
@@ -136,22 +144,24 @@ class QueryRecorder:
 
     def _make_fn(self, layer: int, kind: str):
         def fn(x: torch.Tensor, hook: HookPoint):
-            if hook.ctx.phase in self.phases:
-                self.observe(layer, kind, x[0], hook.ctx.token_frame)
+            ctx = hook.ctx
+            if ctx.phase == "denoise" and (self.steps == "all" or ctx.step == ctx.steps - 1):
+                self.observe(layer, kind, x[0], ctx.token_frame)
         return fn
 
     # -- recording --------------------------------------------------------
     def _slot(self, frame: int) -> int | None:
         if frame % self.stride:
             return None
-        hit = np.nonzero(self._frame[: self.n_slots] == frame)[0]
-        if hit.size:
-            return int(hit[0])
+        hit = self._slot_of.get(frame)
+        if hit is not None:
+            return hit
         if self.n_slots == self.max_frames:
             self._halve()
             if frame % self.stride:
                 return None
         self._frame[self.n_slots] = frame
+        self._slot_of[frame] = self.n_slots
         self.n_slots += 1
         return self.n_slots - 1
 
@@ -169,42 +179,60 @@ class QueryRecorder:
         self._frame[:n] = self._frame[keep]
         self._frame[n:] = -1
         self.n_slots = n
+        self._slot_of = {int(f): i for i, f in enumerate(self._frame[:n])}
 
     @torch.no_grad()
     def observe(self, layer: int, kind: str, q: torch.Tensor, token_frame: torch.Tensor) -> None:
         """Add queries ``q`` (heads, tokens, d) whose frames are ``token_frame`` (tokens,)."""
-        q = q.detach().float()
+        q = q.detach().float().cpu()  # the recorder's arrays live in host memory
         tf = token_frame.cpu().numpy()
-        for f in np.unique(tf):
-            slot = self._slot(int(f))
+        # the common case (one frame per call) takes no per-frame indexing
+        groups = [(int(tf[0]), None)] if tf[0] == tf[-1] else \
+            [(int(f), torch.from_numpy(np.nonzero(tf == f)[0])) for f in np.unique(tf)]
+        for f, sel in groups:
+            slot = self._slot(f)
             if slot is None:
                 continue
-            sel = torch.from_numpy(np.nonzero(tf == f)[0])
-            qf = q[:, sel].double()  # (H, n, d)
-            self._sum[kind][slot, layer] += qf.sum(1).numpy()
-            self._sq[kind][slot, layer] += (qf * qf).sum(1).numpy()
+            qf = q if sel is None else q[:, sel]  # (H, n, d)
+            moments = torch.stack([qf.sum(1), (qf * qf).sum(1)]).numpy()  # float32 per call
+            self._sum[kind][slot, layer] += moments[0]  # float64 across calls
+            self._sq[kind][slot, layer] += moments[1]
             if kind == "pre":
                 self._count[slot, layer] += qf.shape[1]
         self._reservoir(layer, kind, q, tf)
 
     def _reservoir(self, layer: int, kind: str, q: torch.Tensor, tf: np.ndarray) -> None:
-        # Reservoir sampling (Algorithm R) over tokens; the pre and post hooks of
-        # one call see the same tokens, so the "pre" call draws the indices and
-        # the "post" call reuses them: the two samples stay paired.
+        # Reservoir sampling over tokens with geometric skips (Li's Algorithm L):
+        # once the reservoir is full, most calls only compare two counters. The pre
+        # and post hooks of one call see the same tokens, so the "pre" call draws the
+        # indices and the "post" call reuses them: the two samples stay paired.
         n = q.shape[1]
         if kind == "pre":
-            seen = self._seen[layer] + np.arange(1, n + 1)
-            slot = np.where(seen <= self.reservoir, seen - 1,
-                            (self._rng.random(n) * seen).astype(np.int64))
-            take = slot < self.reservoir
-            self._pending_idx[layer] = (np.nonzero(take)[0], slot[take])
+            seen, k = int(self._seen[layer]), self.reservoir
+            src, dst = [], []
+            for i in range(max(0, min(n, k - seen))):  # filling up
+                src.append(i)
+                dst.append(seen + i)
+            if seen + n > k:
+                if self._next[layer] < 0:  # just filled: draw the first skip
+                    self._w[layer] = np.exp(np.log(self._rng.random()) / k)
+                    self._next[layer] = k + self._skip(layer)
+                while self._next[layer] <= seen + n:  # 1-based index of the next token taken
+                    src.append(int(self._next[layer]) - seen - 1)
+                    dst.append(int(self._rng.integers(k)))
+                    self._w[layer] *= np.exp(np.log(self._rng.random()) / k)
+                    self._next[layer] += self._skip(layer)
+            self._pending_idx[layer] = (np.asarray(src, np.int64), np.asarray(dst, np.int64))
             self._seen[layer] += n
-        src, dst = self._pending_idx.get(layer, (np.zeros(0, int), np.zeros(0, int)))
-        if src.size:
-            # later duplicates in dst win, as sequential Algorithm R would
+        src, dst = self._pending_idx.get(layer, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        if src.size:  # rare once the reservoir is full: most calls end here
+            # later duplicates in dst win, as sequential sampling would
             self.sample[kind][layer][:, dst] = q[:, torch.from_numpy(src)].numpy().astype(np.float16)
             if kind == "pre":
                 self.sample_frame[layer][:, dst] = tf[src]
+
+    def _skip(self, layer: int) -> int:
+        return int(np.floor(np.log(self._rng.random()) / np.log1p(-self._w[layer]))) + 1
 
     # -- reading ----------------------------------------------------------
     @property

@@ -7,7 +7,7 @@ import time
 import numpy as np
 from pathlib import Path
 
-from ffviz.export import RunWriter
+from ffviz.export import VIDEO_FPS, RunWriter
 from ffviz.generate import Controls, RunSettings, generate
 from ffviz.hooks import QueryRecorder
 from ffviz.metrics import consistency
@@ -24,9 +24,10 @@ def run(model, settings: RunSettings, controls: Controls, out_dir: Path | None =
     """Generate ``settings`` under ``controls``; write files to ``out_dir`` when
     given. ``progress`` is a tqdm-like object (``update(n)``); ``on_step(step)``
     sees every step. Returns the summary (also written as summary.json)."""
-    spec, unknown = settings.validate()
+    scenes = getattr(model, "has_scenes", True)  # Wan: no scene grammar, no scene metrics
+    spec, unknown = settings.validate(scenes)
     recorder = make_recorder(model) if settings.record else None
-    writer = RunWriter(out_dir) if out_dir is not None else None
+    writer = RunWriter(out_dir, fps=getattr(model.cfg, "fps", VIDEO_FPS)) if out_dir is not None else None
     frames, peak, switches, policy_s, steps = [], 0, [], 0.0, 0
     started = time.perf_counter()
     try:
@@ -51,10 +52,15 @@ def run(model, settings: RunSettings, controls: Controls, out_dir: Path | None =
 
     video = np.concatenate(frames)
     policy, budget, _ = controls.snapshot()
-    metrics = consistency(video[model.cfg.given_frames:], Scene(spec, settings.seed),
-                          start=model.cfg.given_frames)
+    if scenes:
+        metrics = consistency(video[model.cfg.given_frames:], Scene(spec, settings.seed),
+                              start=model.cfg.given_frames)
+    else:
+        metrics = {"computed": False, "reason": "consistency metrics compare against the tiny "
+                   "model's scene renderer; this model has no scenes"}
     summary = {
-        "prompt": settings.prompt, "scene": spec.describe(), "unknown_words": unknown,
+        "prompt": settings.prompt, "scene": spec.describe() if spec else None, "unknown_words": unknown,
+        "model": getattr(model, "name", "tiny"),
         "seed": settings.seed, "frames": int(len(video)), "given_frames": model.cfg.given_frames,
         "seconds": round(seconds, 3), "fps": round(len(video) / seconds, 2),
         "policy": policy.name, "policy_params": policy.params(), "budget_frames": budget,

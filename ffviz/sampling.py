@@ -18,6 +18,8 @@ def denoise_chunk(model, cache: KVCache, frames: torch.Tensor, cond: torch.Tenso
     reading the cache (not writing it). Returns clean tokens, same shape."""
     x = noise
     ts = sigma_schedule(steps, shift)
+    if getattr(model, "hook_ctx", None) is not None:
+        model.hook_ctx.steps = steps  # lets hooks tell the last denoising step
     B, T = noise.shape[0], frames.numel()
     for i in range(steps):
         t = torch.full((B, T), ts[i])

@@ -56,7 +56,7 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
                 strips.append((name, seed, video))
             if progress:
                 progress.update(1)
-    summary = {name: {k: float(np.nanmean([r[k] for r in rs])) for k in METRICS}
+    summary = {name: {k: _nanmean([r[k] for r in rs]) for k in METRICS}
                for name, rs in rows.items()}
     for name, rs in rows.items():
         summary[name]["returns_events"] = int(sum(r["returns_count"] for r in rs))
@@ -65,6 +65,11 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
                                                    "summary": summary, "runs": rows}, indent=2))
     (out / "showcase.md").write_text(_table(summary, rows, frames, list(seeds)))
     return summary
+
+
+def _nanmean(xs) -> float:
+    xs = [x for x in xs if not np.isnan(x)]
+    return float(np.mean(xs)) if xs else float("nan")
 
 
 def _write_strip(strips, path: Path, stride: int, scale: int = 3) -> None:

@@ -36,8 +36,8 @@ class QueryStats:
         """Add queries q (heads, n, dim) (or (1, heads, n, dim)) of frame ``frame``."""
         if q.dim() == 4:
             q = q[0]
-        q = q.detach().double()
-        if not torch.isfinite(q).all():
+        q = q.detach().float().cpu()  # one batch's moments in float32; accumulated in float64 on the host
+        if not bool(torch.isfinite(q).all()):
             self.skipped += 1
             warnings.warn("QueryStats: non-finite queries skipped", RuntimeWarning, stacklevel=2)
             return
@@ -51,7 +51,8 @@ class QueryStats:
         n = q.shape[1]
         mb = q.mean(1)  # (H, d)
         centered = q - mb[:, None]
-        m2b = centered.transpose(1, 2) @ centered  # (H, d, d)
+        m2b = (centered.transpose(1, 2) @ centered).double()  # (H, d, d)
+        mb = mb.double()
         wa = self.weight[layer][:, None]
         tot = wa + n
         delta = mb - self._mean[layer]

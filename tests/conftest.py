@@ -9,6 +9,8 @@ import torch
 
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 
+torch.set_num_threads(1)  # as the CLI: the tiny shapes gain nothing from a second thread
+
 
 def random_model(**cfg) -> TinyVideoModel:
     """A small model whose zero-initialised layers are randomised too, so that

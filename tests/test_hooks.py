@@ -61,3 +61,31 @@ def test_recorder_memory_is_bounded_for_1000_frames():
     assert rec.frames[0] == 0 and rec.frames[-1] >= 1000 - 16
     assert (np.diff(rec.frames) == 16).all()
     assert rec._seen[0] == 64 * 1000 and (rec.sample_frame >= 0).all()
+
+
+def test_reservoir_is_uniform_over_the_run():
+    rec = QueryRecorder(layers=1, heads=1, head_dim=2, max_frames=8, reservoir=256, seed=1)
+    q = torch.zeros(1, 64, 2)
+    for f in range(1000):
+        q[0, :, 0] = f
+        rec.observe(0, "pre", q, torch.full((64,), f))
+        rec.observe(0, "post", q, torch.full((64,), f))
+    frames = rec.sample_frame[0, 0]
+    assert abs(frames.mean() - 499.5) < 60  # uniform: mean 499.5, sd of the mean ~18
+    assert (frames < 250).sum() > 30 and (frames >= 750).sum() > 30
+    # the stored vectors are those of the frames they claim
+    assert np.allclose(rec.sample["pre"][0, 0, :, 0].astype(np.float32), frames, atol=0.5)
+
+
+def test_recorder_listens_to_the_last_denoising_step_or_all(tiny_random):
+    counts = {}
+    for steps in ("last", "all"):
+        cfg = tiny_random.cfg
+        rec = QueryRecorder(cfg.layers, cfg.heads, cfg.head_dim, steps=steps).attach(tiny_random)
+        list(generate(tiny_random, RunSettings("a red circle", frames=5, record=False), Controls()))
+        rec.detach()
+        assert rec.frames.tolist() == [2, 3, 4]  # generated frames only
+        counts[steps] = rec._count[: rec.n_slots, 0]
+    n = tiny_random.cfg.tokens_per_frame
+    assert (counts["last"] == n).all()
+    assert (counts["all"] == n * tiny_random.cfg.sample_steps).all()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from ffviz.cache import KVCache
 from ffviz.hooks import HookContext, HookPoint
 from ffviz.models.rope import Rope3D, apply_rotation
@@ -112,19 +113,20 @@ class Attention(nn.Module):
         q, k, v = split(q), split(k), split(v)  # (B, H, N, d)
         q = self.hook_q_post(apply_rotation(self.hook_q_pre(q), cos, sin))
         k = self.hook_k_post(apply_rotation(self.hook_k_pre(k), cos, sin))
-        bias = None
-        if mask is not None:
-            bias = mask
-        if cache_layer is not None and cache_layer.size:
-            log_mass = cache_layer.bias()  # (B, H, 1, Nc) or None
-            if log_mass is not None:
-                bias = torch.cat([log_mass.expand(-1, -1, N, -1),
-                                  log_mass.new_zeros(B, self.heads, N, N)], -1)
-            keys = torch.cat([cache_layer.k, k], 2)
-            vals = torch.cat([cache_layer.v, v], 2)
+        if mask is not None:  # whole-clip training: the block-causal mask, no cache
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            keys, vals = k, v
-        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias)
+            log_mass = None
+            if cache_layer is not None and cache_layer.size:
+                lm = cache_layer.bias()  # (B, H, 1, Nc) or None
+                if lm is not None:  # this call's own tokens have mass 1
+                    log_mass = torch.cat([lm[:, :, 0], lm.new_zeros(B, self.heads, N)], -1)
+                keys = torch.cat([cache_layer.k, k], 2)
+                vals = torch.cat([cache_layer.v, v], 2)
+            else:
+                keys, vals = k, v
+            # the log-mass attention dispatch: Triton on CUDA, SDPA with a float bias on CPU
+            y = kernels.attention(q, keys, vals, log_mass)
         if write:
             cache_layer.append(k, v, *meta)
         return self.out(y.transpose(1, 2).reshape(B, N, -1))

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from ffviz.cache import KVCache
 from ffviz.hooks import HookContext, HookPoint
 from ffviz.models.rope import Rope3D, apply_rotation, wan_split
@@ -61,7 +62,7 @@ from ffviz.models.wan_convert import convert_state_dict, pick_generator
 
 TINY_RANDOM = "tiny-random"
 BASE_ENV = "FFVIZ_WAN_BASE"  # local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (text encoder, VAE)
-MIN_GPU_GIB = 20
+MIN_GPU_GIB = 22  # transformer 2.8 GB + umT5-XXL 11 GB + VAE + a few-frame cache (docs/wan_readme.md)
 
 
 class WanLoadError(RuntimeError):
@@ -96,6 +97,7 @@ class WanConfig:
     given_frames: int = 0  # text-to-video: the first chunk starts from noise
     sample_steps: int = 4
     shift: float = 5.0
+    fps: int = 16  # Wan2.1's output frame rate (the video writer reads it)
     context_noise: float = 0.0
     rope_theta: float = 10000.0
     eps: float = 1e-6
@@ -195,14 +197,17 @@ class CausalWanAttnProcessor:
             keys = torch.cat([layer.k.to(q.dtype), k], 2)
             vals = torch.cat([layer.v.to(v.dtype), v], 2)
             log_mass = layer.bias()  # (B, H, 1, Nc) or None
-            if log_mass is not None or bias is not None:
-                own = bias if bias is not None else q.new_zeros(N, N)
+            if bias is not None:  # a mask and a cache together: the plain SDPA path
                 past = (log_mass.to(q.dtype).expand(-1, -1, N, -1) if log_mass is not None
                         else q.new_zeros(B, H, N, layer.size))
-                bias = torch.cat([past, own.expand(B, H, N, N)], -1)
+                bias = torch.cat([past, bias.expand(B, H, N, N)], -1)
+                y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias)
+            else:  # the log-mass attention dispatch: Triton on CUDA, SDPA on CPU
+                if log_mass is not None:
+                    log_mass = torch.cat([log_mass[:, :, 0].to(q.dtype), q.new_zeros(B, H, N)], -1)
+                y = kernels.attention(q, keys, vals, log_mass)
         else:
-            keys, vals = k, v
-        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         if st.write:
             frame, row, col = st.meta
             layer.append(k.to(self.cache_dtype), v.to(self.cache_dtype), frame.to(k.device),
@@ -219,7 +224,8 @@ class WanCausalModel(nn.Module):
     vae: a diffusers ``AutoencoderKLWan``, or None (latent preview)
     """
 
-    has_scenes = False
+    has_scenes = False  # free-text prompts, text-to-video, no scene metrics
+    clamp_tokens = False  # tokens are normalised latents, not pixels in [-1, 1]
 
     def __init__(self, cfg: WanConfig, transformer=None, text_encoder=None, vae=None, name="wan"):
         super().__init__()
@@ -406,7 +412,7 @@ class UMT5Encoder:
             raise WanLoadError(f"the Wan text encoder needs transformers (pip install "
                                f"'transformers>=4.51'): {e}") from None
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        self.model = UMT5EncoderModel.from_pretrained(str(text_encoder_dir), torch_dtype=dtype).to(device).eval()
+        self.model = UMT5EncoderModel.from_pretrained(str(text_encoder_dir), dtype=dtype).to(device).eval()
         self.text_len, self.device = text_len, device
 
     @torch.no_grad()
@@ -441,7 +447,12 @@ def read_checkpoint(path) -> dict:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:  # mmap: a 5 GB checkpoint is not read into memory twice
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise WanLoadError(f"cannot read checkpoint {path}: {e}") from None
 
@@ -490,13 +501,15 @@ def _base_dir(ckpt: Path, base) -> Path:
 
 def load_wan(spec: str, base: str | None = None, device: str | None = None,
              dtype: torch.dtype = torch.bfloat16, prefer_ema: bool = True,
-             min_gpu_gib: float = MIN_GPU_GIB) -> WanCausalModel:
+             min_gpu_gib: float = MIN_GPU_GIB, cfg: WanConfig | None = None,
+             allow_cpu: bool = False) -> WanCausalModel:
     """The model behind ``--model wan:SPEC``.
 
     ``tiny-random``: ``build_tiny_random()`` on CPU. Otherwise SPEC is the path of
     a Self-Forcing-family checkpoint (.pt/.safetensors); the text encoder,
     tokenizer and VAE come from ``base`` (or $FFVIZ_WAN_BASE, or the checkpoint's
     folder). A full-size model needs a CUDA GPU with ``min_gpu_gib`` GiB.
+    ``cfg`` and ``allow_cpu`` exist for tests (a tiny Wan through the same path).
     """
     if spec == TINY_RANDOM:
         return build_tiny_random()
@@ -506,25 +519,31 @@ def load_wan(spec: str, base: str | None = None, device: str | None = None,
                            "Self-Forcing-family .pt/.safetensors file, or wan:tiny-random)")
     base_dir = _base_dir(ckpt, base)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not str(device).startswith("cuda"):
-        raise WanLoadError("no GPU: a full-size Wan2.1-1.3B model needs a CUDA GPU with at least "
-                           f"{min_gpu_gib} GiB (use wan:tiny-random to try the path on CPU)")
-    if not torch.cuda.is_available():
-        raise WanLoadError(f"device {device} asked for, but torch sees no CUDA GPU")
-    gib = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2 ** 30
-    if gib < min_gpu_gib:
-        raise WanLoadError(f"GPU has {gib:.0f} GiB; a full-size Wan2.1-1.3B run needs about "
-                           f"{min_gpu_gib} GiB")
+    if not allow_cpu:
+        if not str(device).startswith("cuda"):
+            raise WanLoadError("no GPU: a full-size Wan2.1-1.3B model needs a CUDA GPU with at "
+                               f"least {min_gpu_gib} GiB (use wan:tiny-random to try the path on CPU)")
+        if not torch.cuda.is_available():
+            raise WanLoadError(f"device {device} asked for, but torch sees no CUDA GPU")
+        gib = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2 ** 30
+        if gib < min_gpu_gib:
+            raise WanLoadError(f"GPU has {gib:.0f} GiB; a full-size Wan2.1-1.3B run needs about "
+                               f"{min_gpu_gib} GiB")
     diffusers = _diffusers()
-    cfg = WanConfig()
+    cfg = cfg or WanConfig()
     with torch.device(device):
         model = WanCausalModel(cfg, name=f"wan:{ckpt.name}")
     model.to(device=device, dtype=dtype)
     load_generator_weights(model, ckpt, prefer_ema)
-    vae = diffusers.AutoencoderKLWan.from_pretrained(str(base_dir / "vae"), torch_dtype=torch.float32)
-    model.vae = StreamingVAEDecoder(vae.to(device).eval())
-    model.text_encoder = UMT5Encoder(base_dir / "text_encoder", base_dir / "tokenizer",
-                                     cfg.text_len, device, dtype)
+    try:
+        vae = diffusers.AutoencoderKLWan.from_pretrained(str(base_dir / "vae"), torch_dtype=torch.float32)
+        model.vae = StreamingVAEDecoder(vae.to(device).eval())
+        model.text_encoder = UMT5Encoder(base_dir / "text_encoder", base_dir / "tokenizer",
+                                         cfg.text_len, device, dtype)
+    except WanLoadError:
+        raise
+    except Exception as e:  # missing or foreign files in the base folder
+        raise WanLoadError(f"cannot load the Wan text encoder / VAE from {base_dir}: {e}") from None
     return model.eval()
 
 
