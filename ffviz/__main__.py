@@ -111,6 +111,12 @@ def cmd_showcase(args) -> int:
         summary = showcase(model, seeds, args.frames, Path(args.out), budget=args.budget,
                            progress=bar)
     print((Path(args.out) / "showcase.md").read_text())
+    if args.card:  # the weights' card reports the free-running quality it was measured at
+        card_file = Path(args.weights).with_suffix(".json")
+        card = json.loads(card_file.read_text())
+        card["free_running"] = {"command": "python -m ffviz showcase " + " ".join(sys.argv[2:]),
+                                "frames": args.frames, "seeds": seeds, "summary": summary}
+        card_file.write_text(json.dumps(card, indent=2) + "\n")
     return 0
 
 
@@ -185,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=160)
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
     p.add_argument("--out", default="docs/showcase")
+    p.add_argument("--card", action="store_true",
+                   help="also write the summary into the weights' card (the .json next to them)")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.set_defaults(run=cmd_showcase)

@@ -64,7 +64,7 @@ class LayerCache:
     def append(self, k, v, frame, row, col) -> None:
         """Add tokens: k, v (B, H, n, d); frame, row, col (n,) long."""
         B, H, n, _ = k.shape
-        meta = [t.view(1, 1, n).expand(B, H, n) for t in (frame, row, col)]
+        meta = [t.to(k.device).view(1, 1, n).expand(B, H, n) for t in (frame, row, col)]
         mass = torch.ones(B, H, n, dtype=k.dtype, device=k.device)
         for name, t in self.aux.items():
             self.aux[name] = torch.cat([t, t.new_zeros(B, H, n)], 2)
@@ -88,13 +88,14 @@ class LayerCache:
         return self.mass.log().unsqueeze(2)
 
     def apply(self, d: LayerDecision) -> None:
+        dev = self.k.device  # a decision made elsewhere (host indices) is moved here
         if d.k is not None:
-            self.k = d.k
+            self.k = d.k.to(dev)
         if d.time is not None:
-            self.time = d.time
+            self.time = d.time.to(dev)
         if d.merge_into is not None and bool((d.merge_into >= 0).any()):
-            self._merge(d.merge_into)
-        idx = d.keep
+            self._merge(d.merge_into.to(dev))
+        idx = d.keep.to(dev)
         gather3 = lambda t: t.gather(2, idx)
         gather4 = lambda t: t.gather(2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
         self.k, self.v = gather4(self.k), gather4(self.v)

@@ -134,9 +134,11 @@ def decision_log_entry(cache: KVCache, decision: Decision) -> dict:
     for layer, d in zip(cache.layers, decision.layers):
         ids = (layer.frame * cache.tokens_per_frame + layer.row * cols + layer.col)[0]  # (H, N)
         H, N = ids.shape
-        kept = torch.zeros(H, N, dtype=torch.bool)
-        kept.scatter_(1, d.keep[0], True)
-        into = d.merge_into[0] if d.merge_into is not None else torch.full((H, N), -1)
+        dev = ids.device  # the cache's device (a CUDA cache: build the masks there too)
+        kept = torch.zeros(H, N, dtype=torch.bool, device=dev)
+        kept.scatter_(1, d.keep[0].to(dev), True)
+        into = (d.merge_into[0].to(dev) if d.merge_into is not None
+                else torch.full((H, N), -1, device=dev))
         heads = []
         for h in range(H):
             gone = (~kept[h]).nonzero().flatten()
@@ -144,11 +146,13 @@ def decision_log_entry(cache: KVCache, decision: Decision) -> dict:
             dropped = gone[into[h, gone] < 0]
             entry = {"dropped": ids[h, dropped].tolist()}
             if merged.numel():
-                dist = d.distance[0, h, merged].tolist() if d.distance is not None else [None] * merged.numel()
+                dist = (d.distance[0, h].to(dev)[merged].tolist() if d.distance is not None
+                        else [None] * merged.numel())
                 entry["merged"] = [[int(a), int(b), None if x is None else round(float(x), 5)]
-                                   for a, b, x in zip(ids[h, merged], ids[h, into[h, merged]], dist)]
+                                   for a, b, x in zip(ids[h, merged].tolist(),
+                                                      ids[h, into[h, merged]].tolist(), dist)]
             if d.score is not None:
-                entry["kept_score_min"] = round(float(d.score[0, h][kept[h]].min()), 6)
+                entry["kept_score_min"] = round(float(d.score[0, h].to(dev)[kept[h]].min()), 6)
             heads.append(entry)
         layers.append(heads)
     return {"layers": layers}

@@ -140,7 +140,8 @@ def select(score: torch.Tensor, budget: int, frame: torch.Tensor,
     if bool((frame[..., 1:] >= frame[..., :-1]).all()):  # cache order is frame order (as appended)
         order = (N - 1) - stable_desc(s.flip(-1))  # ties: the later slot first
     else:
-        order = stable_desc(frame.double() * (N + 1) + torch.arange(N, dtype=torch.float64))
+        order = stable_desc(frame.double() * (N + 1)
+                            + torch.arange(N, dtype=torch.float64, device=frame.device))
         order = order.gather(-1, stable_desc(s.gather(-1, order)))
     return order[..., :K].sort(-1).values
 
@@ -160,14 +161,16 @@ def merge_to_nearest(k: torch.Tensor, keep: torch.Tensor, metric: torch.Tensor |
     """
     *lead, N, d = k.shape
     K = keep.shape[-1]
-    merge_into = torch.full((*lead, N), -1, dtype=torch.long)
-    distance = torch.zeros(*lead, N, dtype=k.dtype)
+    dev = k.device
+    keep = keep.to(dev)
+    merge_into = torch.full((*lead, N), -1, dtype=torch.long, device=dev)
+    distance = torch.zeros(*lead, N, dtype=k.dtype, device=dev)
     if K == N or K == 0:
         return merge_into, distance
-    kept = torch.zeros(*lead, N, dtype=torch.bool).scatter_(-1, keep, True)
-    gone = torch.arange(N).expand(*lead, N)[~kept].view(*lead, N - K)  # each head evicts N - K
+    kept = torch.zeros(*lead, N, dtype=torch.bool, device=dev).scatter_(-1, keep, True)
+    gone = torch.arange(N, device=dev).expand(*lead, N)[~kept].view(*lead, N - K)  # each head evicts N - K
     gather = lambda idx: k.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, d)).reshape(-1, idx.shape[-1], d)
-    M = torch.eye(d, dtype=k.dtype) if metric is None else metric
+    M = torch.eye(d, dtype=k.dtype, device=dev) if metric is None else metric.to(dev)
     M = M.expand(*lead, d, d).reshape(-1, d, d)
     dmin, j = kernels.merge_neighbour(gather(gone), gather(keep), M)
     dmin = torch.nan_to_num(dmin.view(*lead, N - K).to(k.dtype), nan=math.inf)
@@ -187,7 +190,8 @@ def keep_newest(cache: KVCache, budget_tokens: int) -> Decision:
     for layer in cache.layers:
         B, H, N = layer.frame.shape
         # order key: newer frames last; within a frame, cache order
-        key = layer.frame.double() * (N + 1) + torch.arange(N, dtype=torch.float64)
+        key = layer.frame.double() * (N + 1) + torch.arange(N, dtype=torch.float64,
+                                                            device=layer.frame.device)
         keep = key.topk(budget_tokens, dim=-1).indices.sort(-1).values
         layers.append(LayerDecision(keep=keep))
     return Decision(layers)
@@ -200,6 +204,7 @@ def attention_share(q: torch.Tensor, layer: LayerCache, chunk: int = 4096) -> to
     as the model computes it (softmax of q.k'/sqrt(d) + log mass over the cached
     tokens), summed over the m queries: (B, H, N) float32. 0 when m = 0."""
     d = layer.k.shape[-1]
+    q = q.to(layer.k.device)
     logm = layer.mass.float().clamp_min(1e-30).log().unsqueeze(-2)
     out = layer.k.new_zeros(layer.k.shape[:3], dtype=torch.float32)
     for i in range(0, q.shape[2], chunk):
@@ -226,8 +231,8 @@ def plane_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin (d/2,): ``x @ plane_matrix(c, s).T == apply_rotation(x, c, s)``, also
     for an average of rotations (Rbar), which is not a rotation."""
     h = cos.shape[-1]
-    m = torch.zeros(2 * h, 2 * h, dtype=cos.dtype)
-    i = torch.arange(h)
+    m = torch.zeros(2 * h, 2 * h, dtype=cos.dtype, device=cos.device)
+    i = torch.arange(h, device=cos.device)
     m[2 * i, 2 * i], m[2 * i, 2 * i + 1] = cos, -sin
     m[2 * i + 1, 2 * i], m[2 * i + 1, 2 * i + 1] = sin, cos
     return m
@@ -235,8 +240,8 @@ def plane_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def rotate(v: torch.Tensor, rope, f, y, x) -> torch.Tensor:
     """Pre-RoPE vectors v (..., d) at positions (P,) -> post-RoPE (..., P, d)."""
-    cos, sin = rope.cos_sin(f, y, x, dtype=v.dtype)
-    return apply_rotation(v.unsqueeze(-2), cos, sin)
+    cos, sin = rope.cos_sin(f, y, x, dtype=v.dtype)  # on the host (Rope3D)
+    return apply_rotation(v.unsqueeze(-2), cos.to(v.device), sin.to(v.device))
 
 
 def need(ctx: PolicyContext, name: str, *fields: str) -> None:

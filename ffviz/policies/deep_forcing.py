@@ -21,6 +21,7 @@ import warnings
 import torch
 
 from ffviz.cache import Decision, LayerDecision
+from ffviz.models.rope import apply_rotation
 from ffviz.policies.base import (Policy, check_bool, check_range, need,
                                  protected_mask, select)
 
@@ -83,7 +84,8 @@ class DeepForcing(Policy):
         for i, layer in enumerate(cache.layers):
             score = layer.mass.new_zeros(layer.mass.shape, dtype=torch.float32)
             if self._buffer:
-                q = torch.cat([c[i] for c in self._buffer], 2)[:, :, -self.query_frames * n:]
+                q = torch.cat([c[i].to(layer.k.device) for c in self._buffer],
+                              2)[:, :, -self.query_frames * n:]
                 score = (q.float() @ layer.k.float().transpose(-1, -2)).sum(-2)
             what = "floor(sink_ratio x budget) + n_recent"
             prot = protected_mask(layer.frame, ctx, sink, self.n_recent, budget_tokens, what)
@@ -93,7 +95,11 @@ class DeepForcing(Policy):
                 old = layer.time.gather(-1, keep)
                 new = contiguous_times(old, ctx.frame)
                 idx = keep.unsqueeze(-1).expand(*keep.shape, layer.k.shape[-1])
-                shifted = ctx.rope.shift_time(layer.k.gather(2, idx), new - old)
+                x = layer.k.gather(2, idx)
+                # Rope3D.shift_time(x, new - old), with the angles on the host (Rope3D's
+                # frequencies live there) and the rotation on the cache's device
+                c, s = ctx.rope.cos_sin((new - old).cpu(), 0, 0, dtype=x.dtype)
+                shifted = apply_rotation(x, c.to(x.device), s.to(x.device))
                 d.k = layer.k.scatter(2, idx, shifted)
                 d.time = layer.time.scatter(-1, keep, new)
             layers.append(d)

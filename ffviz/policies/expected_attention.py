@@ -70,7 +70,7 @@ class ExpectedAttention(Policy):
         f = torch.arange(ctx.frame - T + 1, ctx.frame + 1).repeat_interleave(rows * cols)
         y = torch.arange(rows).repeat_interleave(cols).repeat(T)
         x = torch.arange(cols).repeat(rows * T)
-        cos, sin = ctx.rope.cos_sin(f, y, x)
+        cos, sin = (t.to(q.device) for t in ctx.rope.cos_sin(f, y, x))  # host -> q's device
         q = apply_rotation(q, cos, -sin)  # back to pre-RoPE
         mu = q.mean(2)
         c = q - mu.unsqueeze(2)
@@ -83,9 +83,9 @@ class ExpectedAttention(Policy):
         k, v, mass, frame = (torch.stack([getattr(l, f) for l in cache.layers])
                              for f in ("k", "v", "mass", "frame"))  # (L, B, H, N, ...)
         L, B, H, N, d = k.shape
-        mu, sigma = self.fit(ctx, L, H, d)
+        mu, sigma = (t.to(k.device) for t in self.fit(ctx, L, H, d))  # stats live on the host
         cos, sin = ctx.rope.cos_sin(*future_positions(ctx, self.horizon, self.stride))
-        rbar = plane_matrix(cos.mean(0), sin.mean(0))  # Rbar = mean_p R(p), (d, d)
+        rbar = plane_matrix(cos.mean(0), sin.mean(0)).to(k.device)  # Rbar = mean_p R(p), (d, d)
         qbar = (mu @ rbar.T).view(L, 1, H, d, 1)  # Rbar mu
         srot = (rbar @ sigma @ rbar.T).unsqueeze(1)  # Rbar Sigma Rbar^T, (L, 1, H, d, d)
         z = (k @ qbar).squeeze(-1) / math.sqrt(d) + ((k @ srot) * k).sum(-1) / (2 * d) \

@@ -104,7 +104,8 @@ class FutureForcing(Policy):
         need(ctx, self.name, "stats", "rope")
         k, mass, frame = (torch.stack([getattr(l, f) for l in cache.layers])
                           for f in ("k", "mass", "frame"))  # (L, B, H, N, ...)
-        w, P = self.proxies(ctx, k.shape[-1])
+        w, P = self.proxies(ctx, k.shape[-1])  # built on the host, from the host statistics
+        w = w.to(k.device)
         score = self.score(k, mass, w, P)
         if self.value_norm:
             score = score * torch.stack([l.v.norm(dim=-1) for l in cache.layers])
