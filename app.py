@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -45,10 +46,53 @@ DEFAULT_POLICY = "future_forcing" if "future_forcing" in LIVE_POLICIES else "win
 DEFAULT_FRAMES, DEFAULT_BUDGET = 48, 4
 PLOT_EVERY_S = 1.0  # plots refresh at most this often during a run; the frame every chunk
 MAX_FRAMES = int(os.environ.get("FFVIZ_MAX_FRAMES", APP_MAX_FRAMES))
+# FFVIZ_MODELS="tiny,wan:tiny-random" (or wan:/path/ckpt.pt on a GPU) offers a model
+# choice; unset: the embedded tiny model only, and no model widget
+MODEL_NAMES = [n.strip() for n in os.environ.get("FFVIZ_MODELS", "tiny").split(",") if n.strip()] \
+    or ["tiny"]
+MULTI_MODEL = len(MODEL_NAMES) > 1
+_MODELS = {"tiny": MODEL}  # name -> read-only template, loaded on first use
+_MODELS_LOCK = threading.Lock()
 
 
-def _layer_head(layer, head) -> tuple[int, int]:
-    return int(str(layer).lstrip("L") or 0), int(str(head).lstrip("H") or 0)
+def get_model(name=None):
+    """The template for ``name`` (one of MODEL_NAMES), loaded once and cached."""
+    name = name or MODEL_NAMES[0]
+    if name not in MODEL_NAMES:
+        raise gr.Error(f"model {name!r} is not offered here (FFVIZ_MODELS: {', '.join(MODEL_NAMES)})")
+    with _MODELS_LOCK:  # one load per model, also when several users pick it at once
+        if name not in _MODELS:
+            from ffviz.models.wan import load_model
+            try:
+                _MODELS[name] = load_model(name)
+            except Exception as e:
+                raise gr.Error(f"could not load model {name!r}: {e}") from None
+        return _MODELS[name]
+
+
+def _split(params):
+    """The policy parameter values and the model name (the last input when the
+    model choice is offered)."""
+    params = list(params)
+    n = len(SPECS)
+    return params[:n], (params[n] if len(params) > n else None)
+
+
+def _scenes(model) -> bool:
+    return getattr(model, "has_scenes", True)
+
+
+def _layer_head(layer, head, cfg=None) -> tuple[int, int]:
+    """Widget values to indices, clamped to ``cfg`` (models differ in layers/heads)."""
+    l, h = int(str(layer).lstrip("L") or 0), int(str(head).lstrip("H") or 0)
+    if cfg is not None:
+        l, h = min(max(l, 0), cfg.layers - 1), min(max(h, 0), cfg.heads - 1)
+    return l, h
+
+
+def _template(session):
+    """The model a session was started from (the oracle's reference run uses it)."""
+    return getattr(session, "template", None) or MODEL
 
 
 def _policy(name, values):
@@ -63,16 +107,19 @@ def _policy(name, values):
 def start_run(prompt, seed, frames, policy, budget, layer, head, metric, reference, old, *params):
     """Generate, streaming one frame update per chunk (plots at most every PLOT_EVERY_S)."""
     _trace("click received")
+    params, model_name = _split(params)
+    model = get_model(model_name)
     try:
-        settings = check_inputs(prompt, frames, budget, seed, MAX_FRAMES)
+        settings = check_inputs(prompt, frames, budget, seed, MAX_FRAMES, _scenes(model))
         pol = _policy(policy, params)
-        preflight(MODEL, pol, int(budget))
+        preflight(model, pol, int(budget))
     except InputError as e:
         raise gr.Error(str(e), title="Cannot start") from None
     if old is not None:
         old.close()  # this user's previous run: its files were served already
-    session = RunSession(MODEL, settings, pol, int(budget))
-    session.view["layer"], session.view["head"] = _layer_head(layer, head)
+    session = RunSession(model, settings, pol, int(budget))
+    session.template = model
+    session.view["layer"], session.view["head"] = _layer_head(layer, head, session.cfg)
     last_plot, plot_cost = -1e9, 0.0
     steps = session.run()
     try:
@@ -146,18 +193,18 @@ def set_view(session, layer, head, metric, reference):
     new view up at its next chunk through ``session.view``)."""
     if session is None:
         return {}
-    session.view["layer"], session.view["head"] = _layer_head(layer, head)
+    session.view["layer"], session.view["head"] = _layer_head(layer, head, session.cfg)
     out = _plot_outputs(session, metric, reference)
     out[cache_img] = live_views(session)["cache"]
     if session.oracle_result is not None:
-        out[oracle_plot] = F.oracle_figure(session.oracle_result, *_layer_head(layer, head))
+        out[oracle_plot] = F.oracle_figure(session.oracle_result, *_layer_head(layer, head, session.cfg))
     return out
 
 
 def show_umap(session, layer, head):
     if session is None or session.recorder is None:
         raise gr.Error("run something first: UMAP maps the run's recorded queries")
-    return projection_figure(session.recorder, *_layer_head(layer, head), method="umap")
+    return projection_figure(session.recorder, *_layer_head(layer, head, session.cfg), method="umap")
 
 
 def run_oracle(session, horizon, layer, head):
@@ -167,27 +214,29 @@ def run_oracle(session, horizon, layer, head):
     if session.running:
         raise gr.Error("the run is still going: stop it or wait until it ends")
     yield F.empty("Oracle", "running the full-cache reference..."), "reference run..."
-    ref = reference_queries(MODEL, session.settings)
+    ref = reference_queries(_template(session), session.settings)
     result = fidelity(session.oracle_steps, ref, int(horizon))
     session.oracle_result = result
     msg = (f"{result['steps']} compression steps compared" if result["steps"] else result["message"])
-    yield F.oracle_figure(result, *_layer_head(layer, head)), msg
+    yield F.oracle_figure(result, *_layer_head(layer, head, session.cfg)), msg
 
 
 def run_ab(prompt, seed, frames, policy, budget, policy_b, old_ab, *params):
     """Two policies, same prompt/seed/budget, chunk by chunk side by side."""
     for s in old_ab or []:
         s.close()
+    params, model_name = _split(params)
+    model = get_model(model_name)
     try:
-        settings = check_inputs(prompt, frames, budget, seed, MAX_FRAMES)
+        settings = check_inputs(prompt, frames, budget, seed, MAX_FRAMES, _scenes(model))
         pa = _policy(policy, params)
         pb = _policy(policy_b, [None] * len(SPECS))  # B runs with its defaults
-        preflight(MODEL, pa, int(budget))
-        preflight(MODEL, pb, int(budget))
+        preflight(model, pa, int(budget))
+        preflight(model, pb, int(budget))
     except InputError as e:
         raise gr.Error(str(e), title="Cannot start A/B") from None
-    a = RunSession(MODEL, settings, pa, int(budget), keep_oracle_keys=False)
-    b = RunSession(MODEL, settings, pb, int(budget), keep_oracle_keys=False)
+    a = RunSession(model, settings, pa, int(budget), keep_oracle_keys=False)
+    b = RunSession(model, settings, pb, int(budget), keep_oracle_keys=False)
     runs = [a.run(), b.run()]
     try:
         while runs:
@@ -213,42 +262,53 @@ def run_ab(prompt, seed, frames, policy, budget, policy_b, old_ab, *params):
 def rope_views(session, frame, row, col, plane, layer, head):
     """The RoPE explainer, on the run's own recorded queries when there is a run."""
     plane = int(plane)
-    layer, head = _layer_head(layer, head)
+    tm = _template(session)
+    layer, head = _layer_head(layer, head, tm.cfg)
     q = query_arrays(session)
     if q is not None and len(q[0]) >= 2:
         frames, mean_pre, _, mean_post, _ = q
         query, source = mean_pre[-1, layer, head], f"this run's queries, L{layer} H{head}"
-        drift = R.drift_explainer_figure(MODEL.rope, mean_pre[:, layer, head],
+        drift = R.drift_explainer_figure(tm.rope, mean_pre[:, layer, head],
                                          mean_post[:, layer, head], frames, plane, source)
     else:
         frames, pre, post = R.synthetic_means(MODEL.rope)
         query = pre[0]
         drift = R.drift_explainer_figure(MODEL.rope, pre, post, frames, plane,
                                          "a synthetic stationary query (run something to see yours)")
-    rot = R.rotation_figure(MODEL.rope, query, int(frame), int(row), int(col), plane,
+    rot = R.rotation_figure(tm.rope, query, int(frame), int(row), int(col), plane,
                             max_frame=max(int(frame), 24))
     return rot, drift
 
 
-def api_generate(prompt, policy, budget_frames, frames, seed):
+def api_generate(prompt, policy, budget_frames, frames, seed, model_name=None):
     """/generate: one complete run; returns the mp4 and the summary."""
+    model = get_model(model_name)
     try:
-        settings = check_inputs(prompt, frames, budget_frames, seed, MAX_FRAMES)
+        settings = check_inputs(prompt, frames, budget_frames, seed, MAX_FRAMES, _scenes(model))
         pol = _policy(policy, [None] * len(SPECS))
-        preflight(MODEL, pol, int(budget_frames))
+        preflight(model, pol, int(budget_frames))
     except InputError as e:
         raise gr.Error(str(e)) from None
     out = Path(RunSession.new_dir())
     try:
-        summary = run_once(copy.deepcopy(MODEL), settings, Controls(pol, int(budget_frames)), out)
+        summary = run_once(copy.deepcopy(model), settings, Controls(pol, int(budget_frames)), out)
     except InputError as e:
         raise gr.Error(str(e)) from None
     return str(out / "video.mp4"), summary
 
 
-def budget_info(budget):
+def budget_info(budget, model_name=None):
     b = int(budget or 0)
-    return f"budget = **{b} frames = {b * TOKENS} tokens** per layer and head"
+    tokens = TOKENS if model_name is None else get_model(model_name).cfg.tokens_per_frame
+    return f"budget = **{b} frames = {b * tokens} tokens** per layer and head"
+
+
+def model_views(name):
+    """The model choice changed: layer/head choices follow the model's shape."""
+    cfg = get_model(name).cfg
+    return (gr.Dropdown([f"L{i}" for i in range(cfg.layers)], value=f"L{cfg.layers - 1}"),
+            gr.Dropdown([f"H{i}" for i in range(cfg.heads)], value="H0"),
+            gr.Slider(info=f"1 frame = {cfg.tokens_per_frame} tokens"))
 
 
 def show_params(policy):
@@ -273,13 +333,18 @@ with gr.Blocks(title="ffviz - watch a KV cache decide", delete_cache=(1800, 3600
     gr.Markdown("## ffviz - watch a KV cache decide\nAn autoregressive video model generates "
                 "frame by frame; its KV cache is squeezed to a budget by a policy you pick and "
                 f"can change mid-run. Model: embedded tiny model ({CFG.layers} layers, "
-                f"{CFG.heads} heads, {TOKENS} tokens per frame), CPU.")
+                f"{CFG.heads} heads, {TOKENS} tokens per frame), CPU"
+                + (", or another model picked below (loaded on first use)." if MULTI_MODEL else "."))
     with gr.Row():
         prompt = gr.Textbox(EXAMPLE_PROMPTS[0], label="prompt", scale=4, elem_id="prompt")
         seed = gr.Number(0, label="seed", precision=0, scale=1)
         frames = gr.Number(DEFAULT_FRAMES, label=f"frames (max {MAX_FRAMES})", precision=0, scale=1,
                            elem_id="frames")
     gr.Examples(EXAMPLE_PROMPTS, inputs=prompt, label="examples (the scene grammar)")
+    # only with FFVIZ_MODELS listing several models; a model without scenes takes any prompt
+    model_choice = gr.Dropdown(MODEL_NAMES, value=MODEL_NAMES[0], label="model", visible=MULTI_MODEL,
+                               info="loaded on first use; the examples are the tiny model's scene "
+                                    "grammar, other models take any text", elem_id="model")
     with gr.Row():
         policy = gr.Dropdown(LIVE_POLICIES, value=DEFAULT_POLICY, label="policy", elem_id="policy")
         with gr.Column():
@@ -384,8 +449,9 @@ with gr.Blocks(title="ffviz - watch a KV cache decide", delete_cache=(1800, 3600
     api_summary = gr.JSON(visible=False)
 
     # -- wiring ---------------------------------------------------------------
+    model_in = [model_choice] if MULTI_MODEL else []  # unset: the API stays as it was
     run_inputs = [prompt, seed, frames, policy, budget, layer, head, metric, reference, state,
-                  *param_widgets]
+                  *param_widgets, *model_in]
     run_outputs = [state, status, frame_img, strip_img, cache_img, drift_plot, proj_plot,
                    scores_plot, timeline_plot, metrics_plot, video, downloads, summary_json]
     go_btn.click(start_run, run_inputs, run_outputs, concurrency_id="run", concurrency_limit=4,
@@ -395,7 +461,8 @@ with gr.Blocks(title="ffviz - watch a KV cache decide", delete_cache=(1800, 3600
     policy.change(steer, steer_inputs, None, concurrency_limit=None, api_name="steer")
     policy.change(show_params, policy, groups, concurrency_limit=None, api_visibility="private")
     budget.release(steer, steer_inputs, None, concurrency_limit=None, api_visibility="private")
-    budget.change(budget_info, budget, budget_tokens, concurrency_limit=None, api_visibility="private")
+    budget.change(budget_info, [budget, *model_in], budget_tokens, concurrency_limit=None,
+                  api_visibility="private")
     for w in param_widgets:
         events = [w.change] if isinstance(w, gr.Checkbox) else [w.submit, w.blur]
         for ev in events:
@@ -409,7 +476,8 @@ with gr.Blocks(title="ffviz - watch a KV cache decide", delete_cache=(1800, 3600
                    api_visibility="private")
     oracle_btn.click(run_oracle, [state, horizon, layer, head], [oracle_plot, oracle_status],
                      concurrency_id="run", concurrency_limit=4, api_visibility="private")
-    ab_btn.click(run_ab, [prompt, seed, frames, policy, budget, policy_b, ab_state, *param_widgets],
+    ab_btn.click(run_ab, [prompt, seed, frames, policy, budget, policy_b, ab_state, *param_widgets,
+                          *model_in],
                  [ab_state, ab_img_a, ab_img_b, ab_status, ab_table, ab_plot, ab_video_a, ab_video_b],
                  concurrency_id="run", concurrency_limit=4, api_visibility="private")
     rope_inputs = [state, r_frame, r_row, r_col, r_plane, layer, head]
@@ -421,7 +489,13 @@ with gr.Blocks(title="ffviz - watch a KV cache decide", delete_cache=(1800, 3600
     # rendered when the tab opens, not on page load: a 3D plot is costly to draw
     rope_tab.select(rope_views, rope_inputs, [rope_plot, rope_drift_plot], concurrency_limit=None,
                     api_visibility="private")
-    api_btn.click(api_generate, [prompt, policy, budget, frames, seed], [api_video, api_summary],
+    if MULTI_MODEL:
+        model_choice.change(model_views, model_choice, [layer, head, budget], concurrency_limit=None,
+                            api_visibility="private")
+        model_choice.change(budget_info, [budget, model_choice], budget_tokens,
+                            concurrency_limit=None, api_visibility="private")
+    api_btn.click(api_generate, [prompt, policy, budget, frames, seed, *model_in],
+                  [api_video, api_summary],
                   concurrency_id="run", concurrency_limit=4, api_name="generate")
 
 demo.queue(default_concurrency_limit=4, max_size=64)

@@ -306,3 +306,80 @@ def test_policy_widgets_follow_the_registry(app_module):
     assert set(app_module.LIVE_POLICIES) == set(POLICIES) - app_module.OFFLINE
     assert len(app_module.param_widgets) == len(app_module.SPECS)
     assert "oracle" not in app_module.LIVE_POLICIES
+
+
+# -- the model choice (FFVIZ_MODELS) --------------------------------------------
+
+def test_model_choice_hidden_by_default(app_module):
+    import os
+
+    if os.environ.get("FFVIZ_MODELS"):
+        pytest.skip("FFVIZ_MODELS is set in this environment")
+    assert app_module.MODEL_NAMES == ["tiny"] and not app_module.MULTI_MODEL
+    assert app_module.model_choice.visible is False
+    assert app_module.get_model(None) is app_module.MODEL
+    with pytest.raises(Exception, match="not offered"):
+        app_module.get_model("wan:tiny-random")
+
+
+def test_check_inputs_without_scenes():
+    from ffviz.viz.session import check_inputs
+
+    assert check_inputs("the quick fox", 8, 2, 0, scenes=False).prompt == "the quick fox"
+    with pytest.raises(PromptError, match="empty"):
+        check_inputs(" ", 8, 2, 0, scenes=False)
+    with pytest.raises(PromptError):
+        check_inputs("the quick fox", 8, 2, 0)
+
+
+MODEL_CHOICE_SCRIPT = r"""
+import json
+import ffviz.viz.projections as P
+P._warm_started = True  # no background UMAP warm-up (numba) competing for the CPU: no UMAP here
+import app
+assert app.MULTI_MODEL and app.model_choice.visible is not False
+params = [None] * len(app.SPECS)
+outs = list(app.start_run("a cat surfing a wave at dusk", 0, 6, "window", 2, "L3", "H0",
+                          "frechet", "first", None, *params, "wan:tiny-random"))
+final = outs[-1]
+s = final[app.state]
+assert final[app.frame_img].shape == (256, 256, 3) and final[app.cache_img].ndim == 3
+assert final[app.video].endswith(".mp4")
+views = app.set_view(s, "L3", "H1", "kl", "running")  # beyond wan's 2 layers/heads: clamped
+assert s.view == {"layer": 1, "head": 1} and len(views) >= 6
+rows = app.summary_table(s.summary)
+assert "32 tokens" in app.budget_info(2, "wan:tiny-random")
+assert "128 tokens" in app.budget_info(2, "tiny")
+# the endpoints take the model as their last input
+fns = {f.api_name: f for f in app.demo.fns.values()}
+for name in ("run", "generate"):
+    assert fns[name].inputs[-1] is app.model_choice, name
+_, api_summary = app.api_generate("a dog", "sink", 2, 6, 1, "wan:tiny-random")
+print("RESULT " + json.dumps({"summary": s.summary, "rows": rows, "chunks": len(outs),
+                              "api": api_summary, "cached": sorted(app._MODELS)}))
+s.close()
+"""
+
+
+def test_model_choice_runs_a_model_without_scenes():
+    """FFVIZ_MODELS lists two models: the dropdown shows, and a run on
+    wan:tiny-random (free-text prompt, other grid) gives frames and a summary
+    without scene metrics. A subprocess: the app reads FFVIZ_MODELS at import."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "FFVIZ_MODELS": "tiny,wan:tiny-random", "FFVIZ_TORCH_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", MODEL_CHOICE_SCRIPT], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads([l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+    summary = out["summary"]
+    assert summary["frames"] == 6 and summary["model"] == "wan:tiny-random"
+    assert summary["scene"] is None and summary["metrics"]["computed"] is False
+    assert summary["tokens_per_frame"] == 16 and out["chunks"] >= 2
+    assert ["scene metrics", "not computed (this model has no scenes)"] in out["rows"]
+    assert out["api"]["frames"] == 6 and out["api"]["metrics"]["computed"] is False
+    assert out["cached"] == ["tiny", "wan:tiny-random"]

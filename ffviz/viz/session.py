@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ffviz.cache import KVCache
-from ffviz.export import RunWriter
+from ffviz.export import VIDEO_FPS, RunWriter
 from ffviz.generate import Controls, GenerationError, Observer, RunSettings, Step, generate
 from ffviz.metrics import consistency
 from ffviz.policies import Policy, PolicyError
@@ -39,12 +39,15 @@ ORACLE_MAX_STEPS = 128  # steps whose cache keys are kept for the offline oracle
 InputError = (GenerationError, PromptError, PolicyError)
 
 
-def check_inputs(prompt, frames, budget, seed, max_frames: int = APP_MAX_FRAMES) -> RunSettings:
+def check_inputs(prompt, frames, budget, seed, max_frames: int = APP_MAX_FRAMES,
+                 scenes: bool = True) -> RunSettings:
     """Settings from raw widget values; raises one of ``InputError`` with a message
-    a user can act on (empty prompt, budget 0 or beyond the run, frames over the cap)."""
+    a user can act on (empty prompt, budget 0 or beyond the run, frames over the cap).
+    ``scenes``: the model's ``has_scenes`` (False: free text, no scene grammar)."""
     if prompt is None or not str(prompt).strip():
         raise PromptError("the prompt is empty: describe shapes and a background, "
-                          "e.g. 'a red circle on a blue background'")
+                          "e.g. 'a red circle on a blue background'" if scenes else
+                          "the prompt is empty: describe the video to generate")
     frames_i, budget_i, seed_i = (_whole(frames, "frames"), _whole(budget, "budget"),
                                   _whole(seed, "seed"))
     if frames_i < 3 or frames_i > max_frames:
@@ -57,7 +60,7 @@ def check_inputs(prompt, frames, budget, seed, max_frames: int = APP_MAX_FRAMES)
     if seed_i < 0:
         raise GenerationError(f"seed must be >= 0 (got {seed_i})")
     settings = RunSettings(str(prompt), frames=frames_i, seed=seed_i)
-    settings.validate()  # parses the prompt: PromptError with the reason
+    settings.validate(scenes)  # parses the prompt (scene models): PromptError with the reason
     return settings
 
 
@@ -207,6 +210,8 @@ class RunSession:
         self.settings = settings
         self.model = copy.deepcopy(template)  # hooks attach here, never to the shared model
         self.cfg = self.model.cfg
+        self.has_scenes = getattr(template, "has_scenes", True)  # Wan: free text, no scene metrics
+        self.model_name = getattr(template, "name", "tiny")
         self.controls = Controls(policy, budget_frames)
         self.dir = self.new_dir()
         self.view = {"layer": self.cfg.layers - 1, "head": 0}  # the user's layer/head choice
@@ -270,7 +275,7 @@ class RunSession:
         the run ends, also when it is stopped or abandoned."""
         self.running, self.started = True, time.perf_counter()
         self.recorder = make_recorder(self.model)
-        writer = RunWriter(self.dir)
+        writer = RunWriter(self.dir, fps=getattr(self.cfg, "fps", VIDEO_FPS))
         policy_s = 0.0
         try:
             for step in generate(self.model, self.settings, self.controls, observer=self._tap):
@@ -316,12 +321,18 @@ class RunSession:
         video = self.video()
         seconds = time.perf_counter() - self.started
         policy, budget, _ = self.controls.snapshot()
-        spec, unknown = self.settings.validate()
+        scenes = self.has_scenes
+        spec, unknown = self.settings.validate(scenes)
         g = self.cfg.given_frames
-        metrics = consistency(video[g:], Scene(spec, self.settings.seed), start=g) \
-            if len(video) > g else {}
+        if not scenes:
+            metrics = {"computed": False, "reason": "consistency metrics compare against the tiny "
+                       "model's scene renderer; this model has no scenes"}
+        else:
+            metrics = consistency(video[g:], Scene(spec, self.settings.seed), start=g) \
+                if len(video) > g else {}
         return {
-            "prompt": self.settings.prompt, "scene": spec.describe(), "unknown_words": unknown,
+            "prompt": self.settings.prompt, "scene": spec.describe() if spec else None,
+            "unknown_words": unknown, "model": self.model_name,
             "seed": self.settings.seed, "frames": int(len(video)), "given_frames": g,
             "seconds": round(seconds, 3), "fps": round(len(video) / max(seconds, 1e-9), 2),
             "policy": policy.name, "policy_params": policy.params(), "budget_frames": budget,

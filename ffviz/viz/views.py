@@ -63,6 +63,8 @@ def summary_table(summary: dict) -> list[list]:
     for k in ("consistency", "background", "color_presence", "shape", "returns"):
         if k in m and m[k] == m[k]:  # skip NaN
             rows.append([k, round(float(m[k]), 4)])
+    if m.get("computed") is False:  # a model without scenes (Wan): no scene metrics
+        rows.append(["scene metrics", "not computed (this model has no scenes)"])
     return rows
 
 
