@@ -395,7 +395,7 @@ def evaluate(model, config: EvalConfig, progress=None, log=None) -> list[dict]:
                 full_row, ref_video = _one_run(
                     model, prompt, seed, config.frames, make_policy("full"), config.frames,
                     RunProbe(config.frames * model.cfg.tokens_per_frame), progress=progress,
-                    extra_overhead=lambda: ref.seconds)
+                    extra_overhead=lambda ref=ref: ref.seconds)
             finally:
                 ref.detach()
             g = model.cfg.given_frames

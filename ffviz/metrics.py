@@ -29,7 +29,7 @@ import functools
 import numpy as np
 from scipy import ndimage
 
-from ffviz.scenes import COLORS, SHAPES, SIZES, ObjectSpec, Scene, SceneSpec
+from ffviz.scenes import COLORS, SHAPES, ObjectSpec, Scene, SceneSpec
 
 COLOR_TOL = 60.0  # RGB distance within which a pixel "has" a colour
 

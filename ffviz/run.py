@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 from ffviz.export import VIDEO_FPS, RunWriter
 from ffviz.generate import Controls, RunSettings, generate
@@ -17,6 +17,34 @@ from ffviz.scenes import Scene
 def make_recorder(model) -> QueryRecorder:
     cfg = model.cfg
     return QueryRecorder(cfg.layers, cfg.heads, cfg.head_dim).attach(model)
+
+
+def summarize(settings: RunSettings, model, video: np.ndarray, seconds: float, policy, budget: int,
+              peak: int, policy_s: float, steps: int, recorder_bytes: int, switches: list,
+              model_name: str | None = None) -> dict:
+    """The summary of a finished (or stopped) run: settings, speed, cache, scene metrics.
+    Shared by the CLI's ``run`` and the app's sessions, so both write the same keys."""
+    scenes = getattr(model, "has_scenes", True)  # Wan: no scene grammar, no scene metrics
+    spec, unknown = settings.validate(scenes)
+    g = model.cfg.given_frames
+    if not scenes:
+        metrics = {"computed": False, "reason": "consistency metrics compare against the tiny "
+                   "model's scene renderer; this model has no scenes"}
+    else:
+        metrics = consistency(video[g:], Scene(spec, settings.seed), start=g) if len(video) > g else {}
+    return {
+        "prompt": settings.prompt, "scene": spec.describe() if spec else None, "unknown_words": unknown,
+        "model": model_name or getattr(model, "name", "tiny"),
+        "seed": settings.seed, "frames": int(len(video)), "given_frames": g,
+        "seconds": round(seconds, 3), "fps": round(len(video) / max(seconds, 1e-9), 2),
+        "policy": policy.name, "policy_params": policy.params(), "budget_frames": budget,
+        "tokens_per_frame": model.cfg.tokens_per_frame,
+        "peak_cache_tokens": int(peak),
+        "policy_ms_per_step": round(1000 * policy_s / max(steps, 1), 3),
+        "recorder_bytes": recorder_bytes,
+        "switches": switches, "stopped_early": len(video) < settings.frames,
+        "metrics": metrics,
+    }
 
 
 def run(model, settings: RunSettings, controls: Controls, out_dir: Path | None = None,
@@ -50,27 +78,9 @@ def run(model, settings: RunSettings, controls: Controls, out_dir: Path | None =
             recorder.detach()
     seconds = time.perf_counter() - started
 
-    video = np.concatenate(frames)
     policy, budget, _ = controls.snapshot()
-    if scenes:
-        metrics = consistency(video[model.cfg.given_frames:], Scene(spec, settings.seed),
-                              start=model.cfg.given_frames)
-    else:
-        metrics = {"computed": False, "reason": "consistency metrics compare against the tiny "
-                   "model's scene renderer; this model has no scenes"}
-    summary = {
-        "prompt": settings.prompt, "scene": spec.describe() if spec else None, "unknown_words": unknown,
-        "model": getattr(model, "name", "tiny"),
-        "seed": settings.seed, "frames": int(len(video)), "given_frames": model.cfg.given_frames,
-        "seconds": round(seconds, 3), "fps": round(len(video) / seconds, 2),
-        "policy": policy.name, "policy_params": policy.params(), "budget_frames": budget,
-        "tokens_per_frame": model.cfg.tokens_per_frame,
-        "peak_cache_tokens": int(peak),
-        "policy_ms_per_step": round(1000 * policy_s / max(steps, 1), 3),
-        "recorder_bytes": recorder.nbytes() if recorder else 0,
-        "switches": switches, "stopped_early": len(video) < settings.frames,
-        "metrics": metrics,
-    }
+    summary = summarize(settings, model, np.concatenate(frames), seconds, policy, budget, peak,
+                        policy_s, steps, recorder.nbytes() if recorder else 0, switches)
     if writer:
         writer.close(summary, recorder)
     return summary

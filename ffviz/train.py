@@ -26,8 +26,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
-import os
 import shlex
 import sys
 import time
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
+from ffviz.policies.base import keep_newest
 from ffviz.sampling import denoise_chunk, fill_cache
 from ffviz.scenes import Scene, random_spec
 from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, load_tiny, save_weights
@@ -108,10 +107,8 @@ def rollout(model: TinyVideoModel, clip_tokens, cond, frames: int, steps: int, w
         noise = torch.randn(out[:, sl].shape, generator=generator)
         out[:, sl] = denoise_chunk(model, cache, fr, cond, noise, steps, cfg.shift).clamp(-1, 1)
         fill_cache(model, cache, out[:, sl], fr, cond, 0.0)
-        keep = window * n
-        for layer in cache.layers:  # a window cache, inline (batch > 1)
-            for name in ("k", "v", "mass", "frame", "row", "col"):
-                setattr(layer, name, getattr(layer, name)[:, :, -keep:])
+        if cache.size > window * n:  # a window cache: the window policy's own decision
+            cache.apply(keep_newest(cache, window * n))
     return out
 
 

@@ -1,8 +1,4 @@
 """Training is deterministic and resumable (tiny settings)."""
-import dataclasses
-
-import torch
-
 from ffviz.models.tiny import TinyConfig
 from ffviz.train import TrainConfig, train
 from ffviz.weights import load_tiny

@@ -20,7 +20,6 @@ Vectorised over layers and heads.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 

@@ -18,6 +18,7 @@ import dataclasses
 import shutil
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -28,10 +29,9 @@ import torch
 from ffviz.cache import KVCache
 from ffviz.export import VIDEO_FPS, RunWriter
 from ffviz.generate import Controls, GenerationError, Observer, RunSettings, Step, generate
-from ffviz.metrics import consistency
 from ffviz.policies import Policy, PolicyError
-from ffviz.run import make_recorder
-from ffviz.scenes import PromptError, Scene
+from ffviz.run import make_recorder, summarize
+from ffviz.scenes import PromptError
 
 APP_MAX_FRAMES = 256  # a CPU Space's cap on one interactive run
 ORACLE_MAX_STEPS = 128  # steps whose cache keys are kept for the offline oracle (~0.3 MB each)
@@ -317,32 +317,14 @@ class RunSession:
                 "score": [None if d.score is None else d.score[0].float() for d in step.decision.layers]})
 
     def _summary(self, policy_s: float) -> dict:
-        """The same keys as ``ffviz.run.run``'s summary, for a run driven chunk by chunk."""
-        video = self.video()
-        seconds = time.perf_counter() - self.started
+        """``ffviz.run.summarize`` for a run driven chunk by chunk (same keys as the CLI's)."""
         policy, budget, _ = self.controls.snapshot()
-        scenes = self.has_scenes
-        spec, unknown = self.settings.validate(scenes)
-        g = self.cfg.given_frames
-        if not scenes:
-            metrics = {"computed": False, "reason": "consistency metrics compare against the tiny "
-                       "model's scene renderer; this model has no scenes"}
-        else:
-            metrics = consistency(video[g:], Scene(spec, self.settings.seed), start=g) \
-                if len(video) > g else {}
-        return {
-            "prompt": self.settings.prompt, "scene": spec.describe() if spec else None,
-            "unknown_words": unknown, "model": self.model_name,
-            "seed": self.settings.seed, "frames": int(len(video)), "given_frames": g,
-            "seconds": round(seconds, 3), "fps": round(len(video) / max(seconds, 1e-9), 2),
-            "policy": policy.name, "policy_params": policy.params(), "budget_frames": budget,
-            "tokens_per_frame": self.cfg.tokens_per_frame,
-            "peak_cache_tokens": max((s.tokens_peak for s in self.steps), default=0),
-            "policy_ms_per_step": round(1000 * policy_s / max(len(self.steps), 1), 3),
-            "recorder_bytes": self.recorder.nbytes() if self.recorder else 0,
-            "switches": self.switches, "stopped_early": len(video) < self.settings.frames,
-            "metrics": metrics,
-        }
+        # the model copy may be gone (session closed mid-run): pass what was noted of it
+        model = types.SimpleNamespace(cfg=self.cfg, has_scenes=self.has_scenes)
+        return summarize(self.settings, model, self.video(), time.perf_counter() - self.started,
+                         policy, budget, max((s.tokens_peak for s in self.steps), default=0),
+                         policy_s, len(self.steps), self.recorder.nbytes() if self.recorder else 0,
+                         self.switches, model_name=self.model_name)
 
     def files(self) -> list[str]:
         names = ("video.mp4", "record.npz", "decisions.jsonl", "summary.json", "plots.html")
