@@ -12,7 +12,8 @@ DEFAULT_PROMPT = "a red circle and a blue square on a green background"
 
 
 MODEL_HELP = ("tiny (the embedded model, default) | wan:PATH (a Self-Forcing-family Wan2.1 "
-              "checkpoint; needs a CUDA GPU, see docs/wan_readme.md) | wan:tiny-random (CPU demo)")
+              "checkpoint; needs a CUDA GPU, see docs/wan_readme.md) | wan:tiny-random (CPU demo) | "
+              "wan:full-random (the 1.3B architecture with random weights, for speed on a GPU)")
 
 
 def _load_model(args):
@@ -82,6 +83,11 @@ def cmd_bench(args) -> int:
     if args.kernels:
         from kernels.bench import bench_kernels
         result = bench_kernels(repeats=args.repeats)
+    elif args.policies:
+        from ffviz.bench import bench_policies
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        model = _load_model(args)
+        result = bench_policies(model, policies, args.budget, frames=args.frames, repeats=args.repeats)
     else:
         from ffviz.bench import bench_generation
         model = _load_model(args)
@@ -177,6 +183,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="frames per second and recorder overhead")
     p.add_argument("--frames", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--policies", default=None, metavar="A,B,...",
+                   help="instead: each policy's compression time as a share of a generation step")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="cache budget in frames (--policies)")
     p.add_argument("--kernels", action="store_true",
                    help="time the Triton kernels against their PyTorch references instead "
                         "(real-model size on CUDA; the reference at a reduced size on CPU)")

@@ -44,3 +44,44 @@ def bench_generation(model, frames: int = 64, repeats: int = 3) -> dict:
         out[name] = {"fps": round(frames / plain, 2), "fps_recording": round(frames / rec, 2),
                      "recorder_overhead": round(rec / plain - 1, 4)}
     return out
+
+
+def bench_policies(model, policies: list[str], budget: int, frames: int = 64,
+                   repeats: int = 3) -> dict:
+    """Each policy's cost as a share of a generation step: per policy, frames/s, the
+    mean step time and the mean time of one compression (steps that compressed), over
+    the run's steps after the first chunk; the run with the lowest total of ``repeats``."""
+    from ffviz.policies import make_policy
+    for name in policies:
+        make_policy(name)  # an unknown name fails before any timing
+    settings = RunSettings(BENCH_PROMPT, frames=frames, seed=0, record=False)
+    for _ in generate(model, RunSettings(BENCH_PROMPT, frames=min(frames, 8), seed=0),
+                      Controls(policies[0], min(budget, 8))):
+        pass  # warm-up (kernels, allocator)
+    out = {"frames": frames, "budget_frames": budget, "repeats": repeats,
+           "torch_threads": torch.get_num_threads(), "device": _device_name(model), "policies": {}}
+    for name in policies:
+        best = None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            steps = list(generate(model, settings, Controls(name, budget)))
+            total = time.perf_counter() - t0
+            if best is None or total < best[0]:
+                best = (total, steps)
+        total, steps = best
+        later = steps[1:] or steps  # the first chunk has no cache to compress
+        step_ms = 1000 * sum(s.seconds["total"] for s in later) / len(later)
+        compress = [s.seconds["policy"] for s in later if s.decision is not None]
+        policy_ms = 1000 * sum(compress) / len(compress) if compress else 0.0
+        out["policies"][name] = {
+            "fps": round(frames / total, 2), "step_ms": round(step_ms, 2),
+            "policy_ms_per_compression": round(policy_ms, 3), "compressions": len(compress),
+            "policy_share_of_step": round(policy_ms / step_ms, 4) if step_ms else None}
+    return out
+
+
+def _device_name(model) -> str:
+    p = next(model.parameters(), None)
+    if p is not None and p.is_cuda:
+        return torch.cuda.get_device_name(p.device)
+    return platform.processor() or platform.machine()

@@ -194,6 +194,16 @@ class Observer:
         """The policy's decision was applied."""
 
 
+def _clock(model):
+    """perf_counter, after waiting for the GPU when the model runs on one (CUDA calls
+    return before their work is done: a step's parts would be timed wrongly)."""
+    p = next(model.parameters(), None)
+    if p is not None and p.is_cuda:
+        dev = p.device
+        return lambda: (torch.cuda.synchronize(dev), time.perf_counter())[1]
+    return time.perf_counter
+
+
 def generate(model, settings: RunSettings, controls: Controls,
              observer: Observer | None = None, future_queries=None) -> Iterator[Step]:
     """Run ``model`` on ``settings``; yield one ``Step`` per chunk.
@@ -217,6 +227,7 @@ def generate(model, settings: RunSettings, controls: Controls,
     cache = model.new_cache()
     g = min(cfg.given_frames, settings.frames)
     tap = QueryTap(model, QueryStats(cfg.layers, cfg.heads, cfg.head_dim), steps)
+    clock = _clock(model)
     try:
         # no torch.no_grad() around the loop: a generator suspended inside it would leave
         # grad mode off in its caller's thread; the model calls below are no_grad themselves
@@ -225,7 +236,7 @@ def generate(model, settings: RunSettings, controls: Controls,
                     else model.encode_prompt(settings.prompt))
         f, index = 0, 0
         while f < settings.frames and not controls.stop_requested:
-            t0 = time.perf_counter()
+            t0 = clock()
             policy, budget, version = controls.snapshot()
             switched, seen_version = version != seen_version, version
             if f == 0 and g:  # the frames given from the scene
@@ -238,9 +249,9 @@ def generate(model, settings: RunSettings, controls: Controls,
                 x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift)
                 if getattr(model, "clamp_tokens", True):  # pixels in [-1, 1]; not Wan's latents
                     x0 = x0.clamp(-1, 1)
-            t1 = time.perf_counter()
+            t1 = clock()
             fill_cache(model, cache, x0, frames, cond, level, gen)
-            t2 = time.perf_counter()
+            t2 = clock()
             peak, newest = cache.size, int(frames[-1])
             ctx = PolicyContext(
                 frame=newest, tokens_per_frame=n, chunk_frames=cfg.chunk_frames,
@@ -250,18 +261,18 @@ def generate(model, settings: RunSettings, controls: Controls,
                 (lambda layer, _f=newest: future_queries(_f, layer)))
             if observer:
                 observer.after_write(cache, frames, ctx)
-            t_policy = time.perf_counter()
+            t_policy = clock()
             decision = policy.compress(cache, budget * n, ctx)
             log, log_s = None, 0.0
             if decision is not None:
-                t_log = time.perf_counter()  # logging is the loop's cost, not the policy's
+                t_log = clock()  # logging is the loop's cost, not the policy's
                 log = decision_log_entry(cache, decision)
-                log_s = time.perf_counter() - t_log
+                log_s = clock() - t_log
                 cache.apply(decision)
             if policy.holds_budget and cache.size > budget * n:
                 raise PolicyError(f"policy {policy.name} left {cache.size} tokens, "
                                   f"budget is {budget * n}")
-            t3 = time.perf_counter()
+            t3 = clock()
             if observer:
                 observer.after_compress(cache, decision, ctx)
             yield Step(index=index, frame_indices=frames.tolist(), frames=_to_uint8(model, x0, frames),

@@ -22,7 +22,7 @@ def denoise_chunk(model, cache: KVCache, frames: torch.Tensor, cond: torch.Tenso
         model.hook_ctx.steps = steps  # lets hooks tell the last denoising step
     B, T = noise.shape[0], frames.numel()
     for i in range(steps):
-        t = torch.full((B, T), ts[i])
+        t = torch.full((B, T), ts[i], device=noise.device)
         v = model(x, t, frames, cond, cache=cache, phase="denoise", step=i)
         x = x + (ts[i + 1] - ts[i]) * v
     return x
@@ -34,7 +34,7 @@ def fill_cache(model, cache: KVCache, x0: torch.Tensor, frames: torch.Tensor,
     """Run the finished chunk once more at noise ``level`` to write its keys and values."""
     x = x0
     if level > 0:
-        noise = torch.randn(x0.shape, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         x = (1 - level) * x0 + level * noise
-    t = torch.full((x0.shape[0], frames.numel()), float(level))
+    t = torch.full((x0.shape[0], frames.numel()), float(level), device=x0.device)
     model(x, t, frames, cond, cache=cache, write=True, phase="cache")

@@ -60,11 +60,12 @@ class TrainConfig:
     rollout_steps: int = 2
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
+    workers: int = 0  # processes drawing batches ahead; 0 = in the training process
     save_every_s: float = 300.0
 
 
 def make_batch(rng: np.random.Generator, batch: int, frames: int):
-    """Clips (B, T, 32, 32, 3) in [-1, 1] and condition ids (B, C)."""
+    """Clips (B, T, 32, 32, 3) uint8 and condition ids (B, C)."""
     clips, conds = [], []
     for _ in range(batch):
         spec = random_spec(rng)
@@ -72,8 +73,7 @@ def make_batch(rng: np.random.Generator, batch: int, frames: int):
         start = 0 if rng.random() < 0.5 else int(rng.integers(0, 96))
         clips.append(scene.render(np.arange(start, start + frames)))
         conds.append(spec.condition_ids())
-    x = torch.from_numpy(np.stack(clips)).float() / 127.5 - 1
-    return x, torch.from_numpy(np.stack(conds))
+    return torch.from_numpy(np.stack(clips)), torch.from_numpy(np.stack(conds))
 
 
 def noise_levels(rng: np.random.Generator, batch: int, frames: int, given: int, cfg: TrainConfig,
@@ -92,6 +92,34 @@ def noise_levels(rng: np.random.Generator, batch: int, frames: int, given: int, 
     return torch.from_numpy(levels).float(), torch.from_numpy(target)
 
 
+def draw(seed: int, step: int, batch: int, frames: int, given: int, cfg: "TrainConfig",
+         shift: float):
+    """Everything random about batch ``step`` that lives on the host, from ``(seed, step)``
+    alone: (generator seed, clips, condition ids, levels, target mask, rng state to go on
+    with). Picklable both ways, so worker processes can prepare batches ahead."""
+    rng = np.random.default_rng([seed, step])
+    gen_seed = int(rng.integers(1 << 62))
+    clip, cond_ids = make_batch(rng, batch, frames)
+    levels, target = noise_levels(rng, batch, frames, given, cfg, shift)
+    return gen_seed, clip, cond_ids, levels, target, rng.bit_generator.state
+
+
+def prefetch(pool, jobs, depth: int):
+    """``draw(*job)`` for each job in order; with a pool, at most ``depth`` run ahead
+    (a bounded queue: memory stays flat however fast the workers are)."""
+    if pool is None:
+        yield from (draw(*job) for job in jobs)
+        return
+    import collections
+    pending = collections.deque()
+    for job in jobs:
+        pending.append(pool.apply_async(draw, job))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 @torch.no_grad()
 def rollout(model: TinyVideoModel, clip_tokens, cond, frames: int, steps: int, window: int,
             generator: torch.Generator) -> torch.Tensor:
@@ -104,7 +132,7 @@ def rollout(model: TinyVideoModel, clip_tokens, cond, frames: int, steps: int, w
     for f in range(g, frames, cfg.chunk_frames):
         fr = torch.arange(f, min(f + cfg.chunk_frames, frames))
         sl = slice(f * n, (f + fr.numel()) * n)
-        noise = torch.randn(out[:, sl].shape, generator=generator)
+        noise = torch.randn(out[:, sl].shape, generator=generator).to(out.device)
         out[:, sl] = denoise_chunk(model, cache, fr, cond, noise, steps, cfg.shift).clamp(-1, 1)
         fill_cache(model, cache, out[:, sl], fr, cond, 0.0)
         if cache.size > window * n:  # a window cache: the window policy's own decision
@@ -117,6 +145,9 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ample for this model
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     model = TinyVideoModel(model_cfg)
     step, clips_seen, seconds, history = 0, 0, 0.0, []
@@ -167,14 +198,21 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
             "command": "python -m ffviz train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         })
 
+    # batches are drawn ahead by worker processes when asked (a GPU outruns one core)
+    pool = None
+    if cfg.workers > 0:
+        import multiprocessing as mp
+        pool = mp.get_context("spawn").Pool(cfg.workers)
+    batches = prefetch(pool, ((cfg.seed, s, cfg.batch, T, g, cfg, model_cfg.shift)
+                              for s in range(step, cfg.steps)), depth=2 * cfg.workers)
     while step < cfg.steps:
         t0 = time.time()
-        rng = np.random.default_rng([cfg.seed, step])
-        gen = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
-        clip, cond_ids = make_batch(rng, cfg.batch, T)
-        x0 = model.patchify(clip).to(device)
+        gen_seed, clip, cond_ids, levels, target, rng_state = next(batches)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = rng_state
+        gen = torch.Generator().manual_seed(gen_seed)
+        x0 = model.patchify(clip.to(device).float() / 127.5 - 1)
         cond_ids = cond_ids.to(device)
-        levels, target = noise_levels(rng, cfg.batch, T, g, cfg, model_cfg.shift)
         levels, target = levels.to(device), target.to(device)
         context = x0
         if step >= cfg.rollout_after and rng.random() < cfg.rollout_prob:
@@ -204,8 +242,7 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
         opt.step()
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))  # EMA warm-up
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         step += 1
         clips_seen += cfg.batch
         seconds += time.time() - t0
@@ -224,6 +261,8 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
                 break
     else:
         card = save()
+    if pool is not None:
+        pool.terminate()
     log(f"saved {out} at step {step} ({clips_seen} clips, {seconds / 60:.1f} min of training)")
     return card
 
@@ -239,6 +278,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollout-prob", type=float, default=d.rollout_prob)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that draw batches ahead (use several with a GPU)")
     p.add_argument("--save-every", type=float, default=d.save_every_s, help="seconds between checkpoints")
     p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="weights file (safetensors + .json card)")
     p.add_argument("--state", type=Path, default=Path("runs/train/state.pt"),
@@ -250,7 +291,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch,
                       clip_frames=args.clip_frames, lr=args.lr, rollout_after=args.rollout_after,
-                      rollout_prob=args.rollout_prob, seed=args.seed, threads=args.threads,
+                      rollout_prob=args.rollout_prob, seed=args.seed, threads=args.threads, workers=args.workers,
                       save_every_s=args.save_every)
     model_cfg = TinyConfig(width=args.width, layers=args.layers)
     card = train(cfg, model_cfg, args.out, args.state, log=lambda s: print(s, flush=True))

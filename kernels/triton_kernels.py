@@ -315,7 +315,7 @@ def future_score(keys, log_mass, proxy_mean, proxy_dirs, eigvals, *,
         qd, lam = qm, qm
     dot, prec = _dot_types(keys.dtype)
     BD = _block_d(d)
-    BN = block_n or (64 if d > 64 else 128)
+    BN = block_n or (32 if d > 64 else 64)  # keys tiles fit Hopper's shared memory when pipelined
     BP = block_p or min(64, max(16, triton.next_power_of_2(P)))
     p_blocks = triton.cdiv(P, BP)
     n_blocks = triton.cdiv(N, BN)
@@ -326,7 +326,8 @@ def future_score(keys, log_mass, proxy_mean, proxy_dirs, eigvals, *,
     m = torch.empty(H, n_splits, P, dtype=torch.float32, device=keys.device)
     l = torch.empty_like(m)
     qk_scale, quad_scale = 1.0 / math.sqrt(d), 1.0 / (2.0 * d)
-    common = dict(D=d, BLOCK_D=BD, R=r, BLOCK_N=BN, BLOCK_P=BP, DOT=dot, PREC=prec, num_warps=num_warps)
+    common = dict(D=d, BLOCK_D=BD, R=r, BLOCK_N=BN, BLOCK_P=BP, DOT=dot, PREC=prec, num_warps=num_warps,
+                  num_stages=2)
     _fs_stats_kernel[(n_splits, p_blocks, H)](
         keys, log_mass, qm, qd, lam, m, l, N, P, split_len, n_splits,
         keys.stride(0), keys.stride(1), log_mass.stride(0), qk_scale, quad_scale, **common)
@@ -361,7 +362,7 @@ def merge_neighbour(cand, kept, M, *, block_c: int | None = None, block_k: int |
         cand, kept, cen, Mf, qb, dist, index, Nc, Nk,
         cand.stride(0), cand.stride(1), kept.stride(0), kept.stride(1), 1.0 / d,
         D=d, BLOCK_D=_block_d(d), BLOCK_C=BC, BLOCK_K=BK, DOT=dot, PREC=prec,
-        SPLIT=cand.dtype != torch.float32, num_warps=num_warps)
+        SPLIT=cand.dtype != torch.float32, num_warps=num_warps, num_stages=2)
     return dist, index
 
 

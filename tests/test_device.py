@@ -229,3 +229,28 @@ def test_oracle_with_host_future_queries():
         cache.apply(d)
     assert not audit.violations, "\n".join(audit.violations)
     assert _tagged(d.layers[0].score) and _tagged(cache[0].k)
+
+
+def test_tiny_model_training_and_rollout_stay_on_the_device():
+    """What ``python -m ffviz train`` runs on CUDA: the whole-clip forward with its mask,
+    and the free-running rollout (sampler, cache, window policy)."""
+    from ffviz.models.tiny import TinyConfig, TinyVideoModel
+    from ffviz.train import rollout
+
+    torch.manual_seed(0)
+    model = TinyVideoModel(TinyConfig(width=32, layers=2, heads=2)).eval()
+    audit = DeviceAudit()
+    for p in list(model.parameters()) + list(model.buffers()):
+        audit.tag(p)
+    n, T = model.cfg.tokens_per_frame, 5
+    x0 = audit.tag(torch.rand(2, T * n, model.cfg.patch_dim) * 2 - 1)
+    cond_ids = audit.tag(torch.zeros(2, 12, dtype=torch.long))
+    with audit:
+        frames = torch.arange(T, device=FAKE)
+        mask = model.block_causal_mask(frames.cpu()).to(FAKE)
+        levels = torch.rand(2, T, device=FAKE)
+        v = model(x0, levels, frames, model.embed_condition(cond_ids), mask=mask)
+        out = rollout(model, x0, model.embed_condition(cond_ids), T, 2, 2,
+                      torch.Generator().manual_seed(0))
+    assert not audit.violations, "\n".join(audit.violations)
+    assert _tagged(v) and _tagged(out) and out.shape == x0.shape

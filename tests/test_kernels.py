@@ -19,7 +19,7 @@ import torch
 
 from kernels import dispatch, reference, triton_kernels
 
-SLACK = 2.0
+SLACK = 4.0  # a different summation order (tiles, tensor-core dot) than the reference
 FLOOR = 1e-6  # relative to the output's scale: ~8 float32 ulps
 
 triton_only = pytest.mark.skipif(
@@ -309,7 +309,8 @@ def test_bench_kernels_cli_on_cpu(monkeypatch, tmp_path, capsys):
 def test_bench_kernels_triton_rows():
     """The rows a GPU run fills, computed here with the interpreter."""
     from kernels import bench
-    _device()
+    if not triton_kernels.interpreting():
+        pytest.skip("computes the GPU rows with the interpreter (TRITON_INTERPRET=1)")
     result = bench.bench_kernels("cpu", size=TINY, repeats=1, interpreted=True)
     for name in ("future_score", "merge_neighbour", "attention"):
         row = result[name]

@@ -25,3 +25,12 @@ def test_training_is_deterministic_and_resumes(tmp_path):
     # without a state file it starts from the weights file and its step count
     d = train(_cfg(4), SMALL, tmp_path / "a.safetensors", tmp_path / "none.pt", log=quiet)
     assert d["steps"] == 4
+
+
+def test_worker_processes_draw_the_same_batches(tmp_path):
+    quiet = lambda s: None
+    a = train(_cfg(3), SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
+    cfg = _cfg(3)
+    cfg.workers = 2
+    b = train(cfg, SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
+    assert a["sha256"] == b["sha256"]

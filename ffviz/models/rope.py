@@ -36,9 +36,10 @@ class Rope3D:
         self.split = wan_split(head_dim)
         omegas, axes = [], []
         for axis, n in enumerate(self.split):
-            i = torch.arange(n // 2, dtype=torch.float64)
+            # on the host whatever the default device (a model built under torch.device("cuda"))
+            i = torch.arange(n // 2, dtype=torch.float64, device="cpu")
             omegas.append(theta ** (-2.0 * i / n))
-            axes.append(torch.full((n // 2,), axis, dtype=torch.long))
+            axes.append(torch.full((n // 2,), axis, dtype=torch.long, device="cpu"))
         self.omega = torch.cat(omegas)  # (d/2,) float64
         self.axis = torch.cat(axes)  # (d/2,) 0=time 1=row 2=col
 

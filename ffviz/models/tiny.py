@@ -222,10 +222,12 @@ class TinyVideoModel(nn.Module):
         B, N, _ = x.shape
         n_tok = self.cfg.tokens_per_frame
         ctx = self.hook_ctx
-        meta = self.token_positions(frames)
+        dev = x.device
+        meta = self.token_positions(frames.cpu())  # provenance on the host; the cache moves it
         ctx.token_frame, ctx.phase, ctx.step = meta[0], phase, step
+        t = t.to(dev)
         ctx.t = float(t.flatten()[0])
-        cos, sin = self.rope.cos_sin(*meta)
+        cos, sin = (c.to(dev) for c in self.rope.cos_sin(*meta))  # float64 angles on the host
         e = self.time_embed(timestep_embedding(t, self.cfg.width)) + cond[:, None]  # (B, T, w)
         mod = self.time_proj(e).view(B, -1, 6, self.cfg.width).repeat_interleave(n_tok, 1)
         h = self.patch_embed(x)

@@ -61,6 +61,7 @@ from ffviz.models.rope import Rope3D, apply_rotation, wan_split
 from ffviz.models.wan_convert import convert_state_dict, pick_generator
 
 TINY_RANDOM = "tiny-random"
+FULL_RANDOM = "full-random"  # the full-size architecture, random weights: speed on a GPU
 BASE_ENV = "FFVIZ_WAN_BASE"  # local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (text encoder, VAE)
 MIN_GPU_GIB = 22  # transformer 2.8 GB + umT5-XXL 11 GB + VAE + a few-frame cache (docs/wan_readme.md)
 
@@ -438,6 +439,21 @@ def build_tiny_random(seed: int = 0, **cfg) -> WanCausalModel:
     return model.eval()
 
 
+def build_full_random(device: str | None = None, dtype: torch.dtype = torch.bfloat16,
+                      seed: int = 0) -> WanCausalModel:
+    """``wan:full-random``: Wan2.1-1.3B's architecture (``WanConfig()``) with diffusers'
+    random initialisation, no text encoder or VAE: what a real checkpoint costs per
+    step, without its files. Needs a CUDA GPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise WanLoadError("wan:full-random is the full-size 1.3B architecture: it needs a CUDA GPU "
+                           "(use wan:tiny-random on CPU)")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = WanCausalModel(WanConfig(), name="wan:full-random")
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def read_checkpoint(path) -> dict:
     """The raw object in a checkpoint file (.pt/.pth/.ckpt via torch.load, or .safetensors)."""
     path = Path(path)
@@ -513,6 +529,8 @@ def load_wan(spec: str, base: str | None = None, device: str | None = None,
     """
     if spec == TINY_RANDOM:
         return build_tiny_random()
+    if spec == FULL_RANDOM:
+        return build_full_random(device, dtype)
     ckpt = Path(spec).expanduser()
     if not ckpt.is_file():
         raise WanLoadError(f"checkpoint not found: {ckpt} (give --model wan:PATH to a "
