@@ -8,7 +8,6 @@ the plots need. ``python app.py`` serves on ``GRADIO_SERVER_PORT`` (7860).
 """
 from __future__ import annotations
 
-import copy
 import os
 import threading
 import time
@@ -18,6 +17,7 @@ import gradio as gr
 import torch
 
 from ffviz.generate import Controls, GenerationError
+from ffviz.hooks import run_copy
 from ffviz.policies import POLICIES, PolicyError, make_policy
 from ffviz.run import run as run_once
 from ffviz.scenes import EXAMPLE_PROMPTS
@@ -291,7 +291,7 @@ def api_generate(prompt, policy, budget_frames, frames, seed, model_name=None):
         raise gr.Error(str(e)) from None
     out = Path(RunSession.new_dir())
     try:
-        summary = run_once(copy.deepcopy(model), settings, Controls(pol, int(budget_frames)), out)
+        summary = run_once(run_copy(model), settings, Controls(pol, int(budget_frames)), out)
     except InputError as e:
         raise gr.Error(str(e)) from None
     return str(out / "video.mp4"), summary

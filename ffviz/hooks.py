@@ -262,3 +262,39 @@ class QueryRecorder:
             tokens_per_slot=self._count[: self.n_slots],
             sample_pre=self.sample["pre"], sample_post=self.sample["post"],
             sample_frame=self.sample_frame)
+
+
+def run_copy(model):
+    """A copy of ``model`` for one run: its own hook points and per-call state (hooks
+    of one user never fire in another's run), the template's weights shared, not
+    copied. A real Wan checkpoint (2.8 GB transformer, 11 GB text encoder) stays in
+    memory once however many runs use it; weights are only read at inference."""
+    import copy
+    memo = {}
+    for m in _modules_within(model):
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            memo[id(t)] = t
+    encoder = getattr(model, "text_encoder", None)
+    if encoder is not None:  # tokenizer + encoder: no state between prompts
+        memo[id(encoder)] = encoder
+    return copy.deepcopy(model, memo)
+
+
+def _modules_within(obj, depth: int = 3, seen=None):
+    """Every nn.Module reachable from ``obj``: its submodules, and modules held by
+    plain helper objects in its attributes (e.g. a VAE inside a streaming decoder)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth < 0:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, nn.Module):
+        for m in obj.modules():
+            seen.add(id(m))
+            yield m
+            for v in vars(m).values():
+                if not isinstance(v, (nn.Module, torch.Tensor, dict, list, tuple)) and hasattr(v, "__dict__"):
+                    yield from _modules_within(v, depth - 1, seen)
+    elif hasattr(obj, "__dict__"):
+        for v in vars(obj).values():
+            if isinstance(v, nn.Module) or (hasattr(v, "__dict__") and not isinstance(v, torch.Tensor)):
+                yield from _modules_within(v, depth - 1, seen)

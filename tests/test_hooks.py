@@ -89,3 +89,36 @@ def test_recorder_listens_to_the_last_denoising_step_or_all(tiny_random):
     n = tiny_random.cfg.tokens_per_frame
     assert (counts["last"] == n).all()
     assert (counts["all"] == n * tiny_random.cfg.sample_steps).all()
+
+
+def test_run_copy_shares_weights_and_keeps_hooks_apart(tiny_random):
+    """The app gives every run a copy: own hook points and call state, same weights."""
+    from ffviz.hooks import Hooks, run_copy
+    a, b = run_copy(tiny_random), run_copy(tiny_random)
+    for pa, pb, pt in zip(a.parameters(), b.parameters(), tiny_random.parameters()):
+        assert pa is pt and pb is pt  # no weight memory per run
+    assert a.hook_ctx is not tiny_random.hook_ctx and a.blocks[0].attn.hook_q_pre is not \
+        tiny_random.blocks[0].attn.hook_q_pre
+    seen = []
+    Hooks(a).add("blocks.0.attn.hook_q_pre", lambda q, hook: seen.append(q.shape))
+    x = torch.randn(1, 64, tiny_random.cfg.patch_dim)
+    args = (torch.zeros(1, 1), torch.arange(1), torch.zeros(1, tiny_random.cfg.width))
+    with torch.no_grad():
+        ref = tiny_random(x, *args)
+        out_b = b(x, *args)
+        assert not seen  # a's hook fires in a's runs only
+        out_a = a(x, *args)
+    assert len(seen) == 1
+    torch.testing.assert_close(out_a, ref) and torch.testing.assert_close(out_b, ref)
+
+
+def test_run_copy_of_wan_shares_the_transformer():
+    from ffviz.hooks import run_copy
+    from ffviz.models.wan import build_tiny_random
+    model = build_tiny_random()
+    c = run_copy(model)
+    assert all(p is q for p, q in zip(c.parameters(), model.parameters()))
+    assert c._state is not model._state
+    # the attention processors point at the copy's own hook points, not the template's
+    proc = c.transformer.blocks[0].attn1.processor
+    assert proc.hooks is c.blocks[0].attn

@@ -147,7 +147,7 @@ def select(score: torch.Tensor, budget: int, frame: torch.Tensor,
 
 
 def merge_to_nearest(k: torch.Tensor, keep: torch.Tensor, metric: torch.Tensor | None,
-                     tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     tau: float, factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge assignment of every evicted token to its nearest kept token.
 
     k: (..., N, d) keys, e.g. (B, H, N, d) or stacked layers (L, B, H, N, d);
@@ -156,6 +156,9 @@ def merge_to_nearest(k: torch.Tensor, keep: torch.Tensor, metric: torch.Tensor |
     into its nearest kept token when tau > 0, the head's median nearest-D over
     evicted tokens is > 0, and D <= tau * median. The search is the
     ``kernels.merge_neighbour`` dispatch (Triton on CUDA, PyTorch elsewhere).
+    factor: F (..., R, d) with M = F^T F, instead of ``metric``. With R < d the
+    search runs on the projections F k (R coordinates, identity metric): the same
+    D = |F (k_a - k_b)|^2 / d for fewer operations.
     Returns merge_into (..., N) long (-1 = none) and distance (..., N): the
     nearest-D for evicted tokens, 0 for kept ones.
     """
@@ -169,9 +172,18 @@ def merge_to_nearest(k: torch.Tensor, keep: torch.Tensor, metric: torch.Tensor |
         return merge_into, distance
     kept = torch.zeros(*lead, N, dtype=torch.bool, device=dev).scatter_(-1, keep, True)
     gone = torch.arange(N, device=dev).expand(*lead, N)[~kept].view(*lead, N - K)  # each head evicts N - K
-    gather = lambda idx: k.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, d)).reshape(-1, idx.shape[-1], d)
-    M = torch.eye(d, dtype=k.dtype, device=dev) if metric is None else metric.to(dev)
-    M = M.expand(*lead, d, d).reshape(-1, d, d)
+    if factor is not None and factor.shape[-2] < d:  # search in the R projected coordinates
+        R = factor.shape[-2]
+        y = k @ factor.to(dev).transpose(-1, -2)  # (..., N, R)
+        M = torch.eye(R, dtype=k.dtype, device=dev) * (R / d)  # the kernel divides by R
+        M, x, width = M.expand(math.prod(lead), R, R), y, R
+    else:
+        if factor is not None:
+            metric = factor.transpose(-1, -2) @ factor
+        M = torch.eye(d, dtype=k.dtype, device=dev) if metric is None else metric.to(dev)
+        M, x, width = M.expand(*lead, d, d).reshape(-1, d, d), k, d
+    gather = lambda idx: x.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, width)).reshape(
+        -1, idx.shape[-1], width)
     dmin, j = kernels.merge_neighbour(gather(gone), gather(keep), M)
     dmin = torch.nan_to_num(dmin.view(*lead, N - K).to(k.dtype), nan=math.inf)
     nearest = keep.gather(-1, j.view(*lead, N - K))  # kept-list index -> cache index

@@ -108,13 +108,13 @@ class FutureForcing(Policy):
         score = self.score(k, mass, w, P)
         if self.value_norm:
             score = score * torch.stack([l.v.norm(dim=-1) for l in cache.layers])
-        # M = mean_p R(p) (mu mu^T + Sigma_r) R(p)^T = w^T w / P, (L, 1, H, d, d)
-        metric = w.transpose(-1, -2) @ w / P if self.tau > 0 else None
         prot = protected_mask(frame, ctx, self.n_sink, self.n_recent, budget_tokens)
         keep = select(score, budget_tokens, frame, prot)
         L = len(cache.layers)
         if self.tau == 0:
             return Decision([LayerDecision(keep=keep[i], score=score[i]) for i in range(L)])
-        into, dist = merge_to_nearest(k, keep, metric, self.tau)
+        # M = mean_p R(p) (mu mu^T + Sigma_r) R(p)^T = F^T F with F = w / sqrt(P): the
+        # proxies are the metric's factor, so with (1 + r) P < d the search runs on w.k
+        into, dist = merge_to_nearest(k, keep, None, self.tau, factor=w / P ** 0.5)
         return Decision([LayerDecision(keep=keep[i], merge_into=into[i], score=score[i],
                                        distance=dist[i]) for i in range(L)])

@@ -15,20 +15,18 @@ score.
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
 from ffviz.generate import Controls, RunSettings, generate
-from ffviz.hooks import Hooks
+from ffviz.hooks import Hooks, run_copy
 from ffviz.stats import spearman, topb_recall
 
 
 def reference_queries(template, settings: RunSettings, should_stop=lambda: False) -> dict:
     """{frame: [per layer (H, n, d) float16]} of a full-cache run's post-RoPE
     queries at the last denoising step. Runs on its own model copy."""
-    model = copy.deepcopy(template)
+    model = run_copy(template)
     steps = settings.steps or model.cfg.sample_steps
     out: dict[int, list] = {}
     hooks = Hooks(model)

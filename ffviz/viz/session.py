@@ -13,7 +13,6 @@ Live steering goes through ``Controls`` (read by generate before every chunk).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ import torch
 from ffviz.cache import KVCache
 from ffviz.export import VIDEO_FPS, RunWriter
 from ffviz.generate import Controls, GenerationError, Observer, RunSettings, Step, generate
+from ffviz.hooks import run_copy
 from ffviz.policies import Policy, PolicyError
 from ffviz.run import make_recorder, summarize
 from ffviz.scenes import PromptError
@@ -191,7 +191,7 @@ def preflight(model, policy: Policy, budget_frames: int, seed: int = 0) -> None:
 def warm_up(model, policy: Policy) -> None:
     """One tiny run at start-up: the first call of several torch ops is slow, and
     the first user's first frame should not pay for it."""
-    m = copy.deepcopy(model)
+    m = run_copy(model)
     preflight(m, policy, 2)
     settings = RunSettings("a red circle on a blue background", frames=4, seed=0, record=True)
     recorder = make_recorder(m)
@@ -208,7 +208,7 @@ class RunSession:
     def __init__(self, template, settings: RunSettings, policy: Policy, budget_frames: int,
                  keep_oracle_keys: bool = True):
         self.settings = settings
-        self.model = copy.deepcopy(template)  # hooks attach here, never to the shared model
+        self.model = run_copy(template)  # hooks attach here, never to the shared model
         self.cfg = self.model.cfg
         self.has_scenes = getattr(template, "has_scenes", True)  # Wan: free text, no scene metrics
         self.model_name = getattr(template, "name", "tiny")
