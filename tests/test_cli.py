@@ -55,3 +55,24 @@ def test_bench_writes_json(tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert result["full"]["fps"] > 0 and "recorder_overhead" in result["full"]
+
+
+def test_bench_policies_reports_each_policys_share_of_a_step(tmp_path):
+    out = tmp_path / "policies.json"
+    r = ffviz("bench", "--policies", "window,future_forcing", "--budget", "2", "--frames", "8",
+              "--repeats", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())["policies"]
+    for name in ("window", "future_forcing"):
+        row = result[name]
+        assert row["compressions"] == 8 - 2  # every generated frame (the 2 given ones fill the budget)
+        assert 0 < row["policy_ms_per_compression"] < row["step_ms"]
+        assert row["policy_share_of_step"] == pytest.approx(
+            row["policy_ms_per_compression"] / row["step_ms"], abs=1e-3)
+    r = ffviz("bench", "--policies", "window,lru", "--frames", "8")
+    assert r.returncode == 2 and "unknown policy" in r.stderr
+
+
+def test_full_size_wan_needs_a_gpu(tmp_path):
+    r = ffviz("bench", "--model", "wan:full-random", "--policies", "window", "--frames", "6")
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
