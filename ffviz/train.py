@@ -37,7 +37,7 @@ import torch
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.policies.base import keep_newest
 from ffviz.sampling import denoise_chunk, fill_cache
-from ffviz.scenes import Scene, random_spec
+from ffviz.scenes import COLORS, Scene, random_spec
 from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, load_tiny, save_weights
 
 DATA_VERSION = 1  # bump when scenes.py changes what a clip looks like
@@ -61,19 +61,22 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
+    object_weight: float = 1.0  # loss weight of patches showing an object or the pillar
     save_every_s: float = 300.0
 
 
 def make_batch(rng: np.random.Generator, batch: int, frames: int):
-    """Clips (B, T, 32, 32, 3) uint8 and condition ids (B, C)."""
-    clips, conds = [], []
+    """Clips (B, T, 32, 32, 3) uint8, condition ids (B, C) and background colours (B, 3)."""
+    clips, conds, backgrounds = [], [], []
     for _ in range(batch):
         spec = random_spec(rng)
         scene = Scene(spec, int(rng.integers(TRAIN_SEED_BASE, 1 << 31)))
         start = 0 if rng.random() < 0.5 else int(rng.integers(0, 96))
         clips.append(scene.render(np.arange(start, start + frames)))
         conds.append(spec.condition_ids())
-    return torch.from_numpy(np.stack(clips)), torch.from_numpy(np.stack(conds))
+        backgrounds.append(COLORS[spec.background])
+    return (torch.from_numpy(np.stack(clips)), torch.from_numpy(np.stack(conds)),
+            torch.tensor(backgrounds, dtype=torch.uint8))
 
 
 def noise_levels(rng: np.random.Generator, batch: int, frames: int, given: int, cfg: TrainConfig,
@@ -99,9 +102,11 @@ def draw(seed: int, step: int, batch: int, frames: int, given: int, cfg: "TrainC
     with). Picklable both ways, so worker processes can prepare batches ahead."""
     rng = np.random.default_rng([seed, step])
     gen_seed = int(rng.integers(1 << 62))
-    clip, cond_ids = make_batch(rng, batch, frames)
+    clip, cond_ids, background = make_batch(rng, batch, frames)
     levels, target = noise_levels(rng, batch, frames, given, cfg, shift)
-    return gen_seed, clip, cond_ids, levels, target, rng.bit_generator.state
+    # patches showing anything but the background (objects, pillar): (B, T, S, S) -> per pixel
+    foreground = (clip != background[:, None, None, None]).any(-1)
+    return gen_seed, clip, cond_ids, levels, target, foreground, rng.bit_generator.state
 
 
 def prefetch(pool, jobs, depth: int):
@@ -207,7 +212,7 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
                               for s in range(step, cfg.steps)), depth=2 * cfg.workers)
     while step < cfg.steps:
         t0 = time.time()
-        gen_seed, clip, cond_ids, levels, target, rng_state = next(batches)
+        gen_seed, clip, cond_ids, levels, target, foreground, rng_state = next(batches)
         rng = np.random.default_rng()
         rng.bit_generator.state = rng_state
         gen = torch.Generator().manual_seed(gen_seed)
@@ -232,6 +237,9 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
         cond = model.embed_condition(cond_ids)
         v = model(x_t, levels, frames, cond, mask=mask)
         w = torch.where(target, 1.0, 0.2).repeat_interleave(n, 1)
+        if cfg.object_weight != 1.0:  # objects are few pixels: without this they are cheap to lose
+            fg = model.patchify(foreground[..., None].float()).amax(-1).to(device)  # (B, T * n)
+            w = w * (1 + (cfg.object_weight - 1) * fg)
         loss = (((v - (noise - x0)) ** 2).mean(-1) * w).sum() / w.sum()
         lr = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
         for group in opt.param_groups:
@@ -278,6 +286,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollout-prob", type=float, default=d.rollout_prob)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--object-weight", type=float, default=1.0,
+                   help="loss weight of patches that show an object (1 = plain)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes that draw batches ahead (use several with a GPU)")
     p.add_argument("--save-every", type=float, default=d.save_every_s, help="seconds between checkpoints")
@@ -292,6 +302,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch,
                       clip_frames=args.clip_frames, lr=args.lr, rollout_after=args.rollout_after,
                       rollout_prob=args.rollout_prob, seed=args.seed, threads=args.threads, workers=args.workers,
+                      object_weight=args.object_weight,
                       save_every_s=args.save_every)
     model_cfg = TinyConfig(width=args.width, layers=args.layers)
     card = train(cfg, model_cfg, args.out, args.state, log=lambda s: print(s, flush=True))

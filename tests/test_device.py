@@ -254,3 +254,28 @@ def test_tiny_model_training_and_rollout_stay_on_the_device():
                       torch.Generator().manual_seed(0))
     assert not audit.violations, "\n".join(audit.violations)
     assert _tagged(v) and _tagged(out) and out.shape == x0.shape
+
+
+def test_query_statistics_reduce_on_the_device():
+    """Only the per-batch moments cross to the host: the (heads, n, d) queries are
+    reduced where they are (a full-size Wan's are 28 MB per layer and step)."""
+    from ffviz.stats import QueryStats
+
+    class MoveLog(DeviceAudit):
+        moved: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.cpu, torch.Tensor.to) and _tagged(args[0]):
+                self.moved.append(tuple(args[0].shape))
+            return super().__torch_function__(func, types, args, kwargs)
+
+    audit = MoveLog()
+    q = torch.randn(1, 2, 50, 6)
+    ref = QueryStats(1, 2, 6)
+    ref.update(0, q)
+    stats = QueryStats(1, 2, 6)
+    with audit:
+        stats.update(0, audit.tag(q.clone()))
+    assert not audit.violations, "\n".join(audit.violations)
+    assert audit.moved and all(50 not in shape for shape in audit.moved), audit.moved
+    assert torch.equal(stats.mean(0), ref.mean(0)) and torch.equal(stats.cov(0), ref.cov(0))

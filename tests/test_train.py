@@ -34,3 +34,17 @@ def test_worker_processes_draw_the_same_batches(tmp_path):
     cfg.workers = 2
     b = train(cfg, SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
     assert a["sha256"] == b["sha256"]
+
+
+def test_object_weight_marks_foreground_patches_and_changes_the_loss(tmp_path):
+    from ffviz.train import draw
+    *_, foreground, _ = draw(0, 0, 4, 3, 2, TrainConfig(), 3.0)
+    share = foreground.float().mean()
+    assert 0 < share < 0.5  # objects (and pillars) are a minority of pixels
+    quiet = lambda s: None
+    a = train(_cfg(2), SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
+    cfg = _cfg(2)
+    cfg.object_weight = 4.0
+    b = train(cfg, SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
+    c = train(cfg, SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
+    assert a["sha256"] != b["sha256"] and b["sha256"] == c["sha256"]

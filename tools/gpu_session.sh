@@ -13,6 +13,7 @@ mkdir -p "$OUT"
 TRAIN_MIN=${TRAIN_MIN:-4.5}
 BATCH=${BATCH:-128}
 WORKERS=${WORKERS:-14}
+TRAIN_ARGS=${TRAIN_ARGS:-}  # e.g. "--object-weight 4 --rollout-prob 0.5"
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
@@ -33,7 +34,7 @@ cp "$FROM"/tiny.safetensors "$FROM"/tiny.json "$OUT/"
 # the reference attention in the rollouts: training must not depend on the kernels' first run
 FFVIZ_KERNELS=reference timeout "$(awk "BEGIN{print int($TRAIN_MIN*60+120)}")" \
     $PY -m ffviz train --minutes "$TRAIN_MIN" --batch "$BATCH" --workers "$WORKERS" --save-every 60 \
-    --steps 1000000 --out "$OUT/tiny.safetensors" --state "$OUT/state.pt" > "$OUT/train.log" 2>&1
+    --steps 1000000 --out "$OUT/tiny.safetensors" --state "$OUT/state.pt" $TRAIN_ARGS > "$OUT/train.log" 2>&1
 log "train exit $?"
 grep -E "^step [0-9]*(000|500) |resumed|starting|saved|Error|error" "$OUT/train.log" | tail -25
 
@@ -49,7 +50,7 @@ log "bench kernels exit $?"
 
 log "wan:full-random"
 wan_bench() {
-    timeout "${WAN_TIMEOUT:-110}" $PY -m ffviz bench --model wan:full-random \
+    timeout "${WAN_TIMEOUT:-150}" $PY -m ffviz bench --model wan:full-random \
         --policies full,window,future_forcing --budget 6 --frames 21 --repeats 1 --out "$1" 2>&1 | tail -30
     return "${PIPESTATUS[0]}"
 }
