@@ -93,31 +93,35 @@ class LayerCache:
             self.k = d.k.to(dev)
         if d.time is not None:
             self.time = d.time.to(dev)
-        if d.merge_into is not None and bool((d.merge_into >= 0).any()):
-            self._merge(d.merge_into.to(dev))
         idx = d.keep.to(dev)
         gather3 = lambda t: t.gather(2, idx)
+        self.frame, self.row, self.col, self.time = map(gather3, (self.frame, self.row, self.col, self.time))
+        if d.merge_into is not None and bool((d.merge_into >= 0).any()):
+            self._merge_into_kept(idx, d.merge_into.to(dev))
+            return
         gather4 = lambda t: t.gather(2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
-        self.k, self.v = gather4(self.k), gather4(self.v)
-        self.mass, self.frame, self.row, self.col, self.time = map(
-            gather3, (self.mass, self.frame, self.row, self.col, self.time))
+        self.k, self.v, self.mass = gather4(self.k), gather4(self.v), gather3(self.mass)
         self.aux = {name: gather3(t) for name, t in self.aux.items()}
 
-    def _merge(self, into: torch.Tensor) -> None:
-        """Mass-weighted average of each merging token into its target (in place
-        on the targets; merging tokens are then dropped by ``keep``)."""
-        src = into >= 0
-        tgt = torch.where(src, into, torch.zeros_like(into))
-        w = self.mass * src  # weight of each merging token, 0 for others
+    def _merge_into_kept(self, idx: torch.Tensor, into: torch.Tensor) -> None:
+        """Keep tokens ``idx`` (B, H, K); each evicted token with ``into >= 0`` adds to its
+        target: mass summed, keys and values mass-weighted averages, ``aux`` summed.
+        One scatter-add over all tokens into K + 1 slots (slot K collects the dropped)."""
+        B, H, N = into.shape
+        K = idx.shape[2]
+        slot = torch.full((B, H, N), K, dtype=torch.long, device=idx.device)
+        slot.scatter_(2, idx, torch.arange(K, device=idx.device).expand(B, H, K))
+        merging = (into >= 0) & (slot == K)  # a kept token never moves
+        slot = torch.where(merging, slot.gather(2, into.clamp_min(0)), slot)
+        mass = self.mass.new_zeros(B, H, K + 1).scatter_add_(2, slot, self.mass)
         d = self.k.shape[-1]
-        idx4 = tgt.unsqueeze(-1).expand(*tgt.shape, d)
-        new_mass = self.mass.scatter_add(2, tgt, w)
-        k_sum = (self.k * self.mass.unsqueeze(-1)).scatter_add(2, idx4, self.k * w.unsqueeze(-1))
-        v_sum = (self.v * self.mass.unsqueeze(-1)).scatter_add(2, idx4, self.v * w.unsqueeze(-1))
-        self.k = k_sum / new_mass.unsqueeze(-1)
-        self.v = v_sum / new_mass.unsqueeze(-1)
-        self.mass = new_mass
-        self.aux = {name: t.scatter_add(2, tgt, t * src) for name, t in self.aux.items()}
+        kv = torch.cat([self.k, self.v], -1) * self.mass.unsqueeze(-1)
+        kv = kv.new_zeros(B, H, K + 1, 2 * d).scatter_add_(2, slot.unsqueeze(-1).expand(B, H, N, 2 * d), kv)
+        kv = kv[:, :, :K] / mass[:, :, :K, None]
+        self.k, self.v = kv[..., :d].contiguous(), kv[..., d:].contiguous()
+        self.mass = mass[:, :, :K]
+        self.aux = {name: t.new_zeros(B, H, K + 1).scatter_add_(2, slot, t)[:, :, :K]
+                    for name, t in self.aux.items()}
 
 
 class KVCache:

@@ -35,13 +35,16 @@ def proxy_logits(keys, log_mass, proxy_mean, proxy_dirs, eigvals):
 
     keys (H, N, d); log_mass (H, N); proxy_mean (H, P, d); proxy_dirs (H, P, r, d);
     eigvals (H, r). Computed in the dtype of ``keys`` (cast the inputs first).
+    All (1 + r) P proxies meet the keys in one product; (H, (1 + r) P, N) is live.
     """
-    d = keys.shape[-1]
-    z = proxy_mean @ keys.transpose(1, 2) / math.sqrt(d)  # (H, P, N)
+    H, P, d = proxy_mean.shape
     r = proxy_dirs.shape[2]
-    for i in range(r):  # one direction at a time: (H, P, N) live, not (H, P, r, N)
-        u = proxy_dirs[:, :, i] @ keys.transpose(1, 2)
-        z = z + eigvals[:, i, None, None] * u.square() / (2 * d)
+    q = torch.cat([proxy_mean, proxy_dirs.transpose(1, 2).reshape(H, r * P, d)], 1)
+    y = q @ keys.transpose(1, 2)  # (H, (1 + r) P, N)
+    z = y[:, :P] / math.sqrt(d)
+    if r:
+        u = y[:, P:].view(H, r, P, -1)
+        z = z + (eigvals[:, :, None, None] * u.square()).sum(1) / (2 * d)
     return z + log_mass[:, None, :]
 
 
@@ -60,7 +63,7 @@ def future_score(keys, log_mass, proxy_mean, proxy_dirs, eigvals, upcast: bool =
     k = _cast(keys, upcast, keys)
     lm, mean, dirs, lam = (_cast(t, upcast, keys) for t in (log_mass, proxy_mean, proxy_dirs, eigvals))
     acc = torch.zeros(H, N, dtype=_wide(k.dtype), device=k.device)
-    step = max(1, CHUNK_ELEMENTS // max(1, H * N))
+    step = max(1, CHUNK_ELEMENTS // max(1, H * N * (1 + dirs.shape[2])))
     for p0 in range(0, P, step):
         z = proxy_logits(k, lm, mean[:, p0:p0 + step], dirs[:, p0:p0 + step], lam)
         acc += torch.softmax(z, dim=-1).to(acc.dtype).sum(1)
@@ -95,9 +98,11 @@ def merge_neighbour(cand, kept, M, upcast: bool = True):
         ac = a[:, c0:c0 + step]
         aM = ac @ m
         qa = (aM * ac).sum(-1)
-        D = qa[:, :, None] - 2 * (aM @ b.transpose(1, 2)) + qb[:, None, :]
+        # b'Mb - 2 a'Mb in one fused product; a'Ma is the same for the whole row, so it
+        # is added after the min (one (H, Nc, Nk) temporary instead of three)
+        D = torch.baddbmm(qb[:, None, :], aM, b.transpose(1, 2), alpha=-2)
         dmin, imin = D.min(-1)
-        dist[:, c0:c0 + step] = dmin.to(dist.dtype).clamp_min(0) / d
+        dist[:, c0:c0 + step] = (dmin + qa).to(dist.dtype).clamp_min(0) / d
         index[:, c0:c0 + step] = imin
     return dist, index
 
