@@ -123,11 +123,17 @@ def _to_uint8(model, tokens: torch.Tensor, frames: torch.Tensor | None = None) -
     return ((img + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def decision_log_entry(cache: KVCache, decision: Decision) -> dict:
+LOG_MAX_TOKENS = 4096  # evicted tokens per head beyond which a head's entry is a summary
+
+
+def decision_log_entry(cache: KVCache, decision: Decision, max_tokens: int = LOG_MAX_TOKENS) -> dict:
     """Per layer and head: the tokens dropped, and merged (token, into, distance).
 
     Tokens are named by id = frame * tokens_per_frame + row * grid_cols + col.
-    Must be called before the cache applies the decision.
+    Must be called before the cache applies the decision. When a head evicts more
+    than ``max_tokens`` tokens (a full-size Wan evicts 4,680 per head and chunk, 1.7M
+    over its 360 heads), its entry is a summary: counts, the lowest kept score and
+    the mean merge distance, so logging stays cheap and the file small.
     """
     cols = cache.grid[1]
     layers = []
@@ -139,6 +145,9 @@ def decision_log_entry(cache: KVCache, decision: Decision) -> dict:
         kept.scatter_(1, d.keep[0].to(dev), True)
         into = (d.merge_into[0].to(dev) if d.merge_into is not None
                 else torch.full((H, N), -1, device=dev))
+        if N - d.keep.shape[-1] > max_tokens:
+            layers.append(_summary_entries(kept, into, d))
+            continue
         heads = []
         for h in range(H):
             gone = (~kept[h]).nonzero().flatten()
@@ -156,6 +165,21 @@ def decision_log_entry(cache: KVCache, decision: Decision) -> dict:
             heads.append(entry)
         layers.append(heads)
     return {"layers": layers}
+
+
+def _summary_entries(kept: torch.Tensor, into: torch.Tensor, d) -> list[dict]:
+    """One layer's per-head summaries (see ``decision_log_entry``), computed for all heads at once."""
+    merged = ~kept & (into >= 0)
+    cols = {"dropped_count": (~kept & (into < 0)).sum(1), "merged_count": merged.sum(1)}
+    if d.score is not None:
+        score = d.score[0].to(kept.device).float()
+        cols["kept_score_min"] = torch.where(kept, score, torch.inf).amin(1)
+    if d.distance is not None:
+        dist = d.distance[0].to(kept.device).float()
+        cols["merge_distance_mean"] = (dist * merged).sum(1) / merged.sum(1).clamp_min(1)
+    rows = {name: t.tolist() for name, t in cols.items()}
+    return [{name: (v[h] if isinstance(v[h], int) else round(v[h], 6)) for name, v in rows.items()}
+            for h in range(kept.shape[0])]
 
 
 class QueryTap:

@@ -93,3 +93,23 @@ def test_a_suspended_run_leaves_grad_mode_alone(tiny_random):
     assert torch.is_grad_enabled()  # a generator paused mid-run must not switch autograd off
     run.close()
     assert torch.is_grad_enabled()
+
+
+def test_decision_log_summarises_heads_that_evict_many_tokens():
+    """Above ``max_tokens`` evicted tokens per head the entry is a summary that agrees
+    with the detailed one (counts, lowest kept score, mean merge distance)."""
+    from ffviz.generate import decision_log_entry
+    from ffviz.policies import make_policy
+    from tests.test_policies import toy
+    cache, ctx, _ = toy()
+    decision = make_policy("future_forcing").compress(cache, 2 * cache.tokens_per_frame, ctx)
+    full = decision_log_entry(cache, decision)
+    short = decision_log_entry(cache, decision, max_tokens=0)
+    for heads_full, heads_short in zip(full["layers"], short["layers"]):
+        for f, s in zip(heads_full, heads_short):
+            merged = f.get("merged", [])
+            assert s["dropped_count"] == len(f["dropped"]) and s["merged_count"] == len(merged)
+            assert s["kept_score_min"] == pytest.approx(f["kept_score_min"], abs=1e-6)
+            mean = sum(m[2] for m in merged) / max(1, len(merged))
+            assert s["merge_distance_mean"] == pytest.approx(mean, rel=1e-4, abs=1e-5)
+    assert any(s["merged_count"] for heads in short["layers"] for s in heads)
