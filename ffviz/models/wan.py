@@ -63,7 +63,7 @@ from ffviz.models.wan_convert import convert_state_dict, pick_generator
 TINY_RANDOM = "tiny-random"
 FULL_RANDOM = "full-random"  # the full-size architecture, random weights: speed on a GPU
 BASE_ENV = "FFVIZ_WAN_BASE"  # local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (text encoder, VAE)
-MIN_GPU_GIB = 22  # transformer 2.8 GB + umT5-XXL 11 GB + VAE + a few-frame cache (docs/wan_readme.md)
+MIN_GPU_GIB = 22  # transformer 2.8 GB + umT5-XXL 11 GB + VAE + a few-frame cache (README, "Real checkpoints")
 
 
 class WanLoadError(RuntimeError):
