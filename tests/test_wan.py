@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("diffusers", reason="the Wan path needs diffusers (see README, "Real checkpoints")")
+pytest.importorskip("diffusers", reason="the Wan path needs diffusers (see README, 'Real checkpoints')")
 diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "WanTransformer3DModel"):
     pytest.skip("diffusers is too old to have WanTransformer3DModel", allow_module_level=True)
