@@ -106,22 +106,24 @@ class LayerCache:
     def _merge_into_kept(self, idx: torch.Tensor, into: torch.Tensor) -> None:
         """Keep tokens ``idx`` (B, H, K); each evicted token with ``into >= 0`` adds to its
         target: mass summed, keys and values mass-weighted averages, ``aux`` summed.
-        One scatter-add over all tokens into K + 1 slots (slot K collects the dropped)."""
+        One row-wise index-add over all tokens into K + 1 slots per head (slot K collects
+        the dropped); index_add_ on rows is several times faster than scatter_add_ on CPU."""
         B, H, N = into.shape
         K = idx.shape[2]
-        slot = torch.full((B, H, N), K, dtype=torch.long, device=idx.device)
-        slot.scatter_(2, idx, torch.arange(K, device=idx.device).expand(B, H, K))
+        dev = idx.device
+        slot = torch.full((B, H, N), K, dtype=torch.long, device=dev)
+        slot.scatter_(2, idx, torch.arange(K, device=dev).expand(B, H, K))
         merging = (into >= 0) & (slot == K)  # a kept token never moves
         slot = torch.where(merging, slot.gather(2, into.clamp_min(0)), slot)
-        mass = self.mass.new_zeros(B, H, K + 1).scatter_add_(2, slot, self.mass)
+        rows = (slot + torch.arange(B * H, device=dev).view(B, H, 1) * (K + 1)).view(-1)
+        add = lambda t: t.new_zeros(B * H * (K + 1), *t.shape[3:]).index_add_(
+            0, rows, t.reshape(B * H * N, *t.shape[3:])).view(B, H, K + 1, *t.shape[3:])[:, :, :K]
         d = self.k.shape[-1]
-        kv = torch.cat([self.k, self.v], -1) * self.mass.unsqueeze(-1)
-        kv = kv.new_zeros(B, H, K + 1, 2 * d).scatter_add_(2, slot.unsqueeze(-1).expand(B, H, N, 2 * d), kv)
-        kv = kv[:, :, :K] / mass[:, :, :K, None]
+        mass = add(self.mass)
+        kv = add(torch.cat([self.k, self.v], -1) * self.mass.unsqueeze(-1)) / mass.unsqueeze(-1)
         self.k, self.v = kv[..., :d].contiguous(), kv[..., d:].contiguous()
-        self.mass = mass[:, :, :K]
-        self.aux = {name: t.new_zeros(B, H, K + 1).scatter_add_(2, slot, t)[:, :, :K]
-                    for name, t in self.aux.items()}
+        self.mass = mass
+        self.aux = {name: add(t) for name, t in self.aux.items()}
 
 
 class KVCache:
