@@ -63,15 +63,17 @@ def bench_policies(model, policies: list[str], budget: int, frames: int = 64,
     for name in policies:
         best = None
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            steps = list(generate(model, settings, Controls(name, budget)))
+            t0, steps, compress = time.perf_counter(), [], []
+            for i, step in enumerate(generate(model, settings, Controls(name, budget))):
+                if i:  # the first chunk has no cache to compress; only numbers are kept
+                    steps.append(step.seconds["total"])
+                    if step.decision is not None:
+                        compress.append(step.seconds["policy"])
             total = time.perf_counter() - t0
             if best is None or total < best[0]:
-                best = (total, steps)
-        total, steps = best
-        later = steps[1:] or steps  # the first chunk has no cache to compress
-        step_ms = 1000 * sum(s.seconds["total"] for s in later) / len(later)
-        compress = [s.seconds["policy"] for s in later if s.decision is not None]
+                best = (total, steps, compress)
+        total, steps, compress = best
+        step_ms = 1000 * sum(steps) / max(1, len(steps))
         policy_ms = 1000 * sum(compress) / len(compress) if compress else 0.0
         out["policies"][name] = {
             "fps": round(frames / total, 2), "step_ms": round(step_ms, 2),
