@@ -107,7 +107,9 @@ class LayerCache:
         """Keep tokens ``idx`` (B, H, K); each evicted token with ``into >= 0`` adds to its
         target: mass summed, keys and values mass-weighted averages, ``aux`` summed.
         One row-wise index-add over all tokens into K + 1 slots per head (slot K collects
-        the dropped); index_add_ on rows is several times faster than scatter_add_ on CPU."""
+        the dropped); index_add_ on rows is several times faster than scatter_add_ on CPU.
+        A token whose target is itself evicted is dropped with it (policies merge into
+        kept tokens only)."""
         B, H, N = into.shape
         K = idx.shape[2]
         dev = idx.device

@@ -12,6 +12,7 @@ bound; frames are handed to the caller step by step, never kept here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from typing import Iterator
@@ -161,7 +162,8 @@ def decision_log_entry(cache: KVCache, decision: Decision, max_tokens: int = LOG
                                    for a, b, x in zip(ids[h, merged].tolist(),
                                                       ids[h, into[h, merged]].tolist(), dist)]
             if d.score is not None:
-                entry["kept_score_min"] = round(float(d.score[0, h].to(dev)[kept[h]].min()), 6)
+                low = float(d.score[0, h].to(dev)[kept[h]].min()) if kept[h].any() else math.nan
+                entry["kept_score_min"] = round(low, 6) if math.isfinite(low) else None  # valid JSON
             heads.append(entry)
         layers.append(heads)
     return {"layers": layers}
@@ -178,8 +180,8 @@ def _summary_entries(kept: torch.Tensor, into: torch.Tensor, d) -> list[dict]:
         dist = d.distance[0].to(kept.device).float()
         cols["merge_distance_mean"] = (dist * merged).sum(1) / merged.sum(1).clamp_min(1)
     rows = {name: t.tolist() for name, t in cols.items()}
-    return [{name: (v[h] if isinstance(v[h], int) else round(v[h], 6)) for name, v in rows.items()}
-            for h in range(kept.shape[0])]
+    num = lambda x: x if isinstance(x, int) else (round(x, 6) if math.isfinite(x) else None)
+    return [{name: num(v[h]) for name, v in rows.items()} for h in range(kept.shape[0])]
 
 
 class QueryTap:

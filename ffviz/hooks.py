@@ -275,9 +275,14 @@ def run_copy(model):
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
             memo[id(t)] = t
     encoder = getattr(model, "text_encoder", None)
-    if encoder is not None:  # tokenizer + encoder: no state between prompts
+    if encoder is not None:  # tokenizer + encoder (thread-safe): no state between prompts
         memo[id(encoder)] = encoder
-    return copy.deepcopy(model, memo)
+    run = copy.deepcopy(model, memo)
+    copied = [n for m in _modules_within(run) for n, t in m.named_parameters(recurse=False)
+              if id(t) not in memo]
+    if copied:  # a module the walk above did not reach: its weights were duplicated
+        raise RuntimeError(f"run_copy duplicated weights it should share: {copied[:5]}")
+    return run
 
 
 def _modules_within(obj, depth: int = 3, seen=None):

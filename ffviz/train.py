@@ -145,8 +145,28 @@ def rollout(model: TinyVideoModel, clip_tokens, cond, frames: int, steps: int, w
     return out
 
 
+def _worker_init():
+    torch.set_num_threads(1)  # a worker only renders clips; many workers x many threads thrash
+
+
 def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
           log=print) -> dict:
+    """Train and save; returns the weights' card. Worker processes and the TF32
+    switch are undone however the run ends (an error or Ctrl-C included)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    pool = None
+    try:
+        if cfg.workers > 0:
+            import multiprocessing as mp
+            pool = mp.get_context("spawn").Pool(cfg.workers, initializer=_worker_init)
+        return _train(cfg, model_cfg, out, state_path, log, pool)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path, log, pool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,10 +224,6 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
         })
 
     # batches are drawn ahead by worker processes when asked (a GPU outruns one core)
-    pool = None
-    if cfg.workers > 0:
-        import multiprocessing as mp
-        pool = mp.get_context("spawn").Pool(cfg.workers)
     batches = prefetch(pool, ((cfg.seed, s, cfg.batch, T, g, cfg, model_cfg.shift)
                               for s in range(step, cfg.steps)), depth=2 * cfg.workers)
     while step < cfg.steps:
@@ -269,8 +285,6 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
                 break
     else:
         card = save()
-    if pool is not None:
-        pool.terminate()
     log(f"saved {out} at step {step} ({clips_seen} clips, {seconds / 60:.1f} min of training)")
     return card
 

@@ -109,7 +109,8 @@ def test_run_copy_shares_weights_and_keeps_hooks_apart(tiny_random):
         assert not seen  # a's hook fires in a's runs only
         out_a = a(x, *args)
     assert len(seen) == 1
-    torch.testing.assert_close(out_a, ref) and torch.testing.assert_close(out_b, ref)
+    torch.testing.assert_close(out_a, ref)
+    torch.testing.assert_close(out_b, ref)
 
 
 def test_run_copy_of_wan_shares_the_transformer():
@@ -122,3 +123,20 @@ def test_run_copy_of_wan_shares_the_transformer():
     # the attention processors point at the copy's own hook points, not the template's
     proc = c.transformer.blocks[0].attn1.processor
     assert proc.hooks is c.blocks[0].attn
+
+
+def test_run_copy_shares_modules_held_by_helper_objects(tiny_random):
+    """A VAE inside a streaming decoder (a plain object) is shared too, not duplicated."""
+    from ffviz.hooks import run_copy
+
+    class Helper:  # like StreamingVAEDecoder: state of its own, a module inside
+        def __init__(self, module):
+            self.module, self.first = module, True
+
+    tiny_random.helper = Helper(torch.nn.Linear(3, 3))
+    try:
+        c = run_copy(tiny_random)
+        assert c.helper is not tiny_random.helper  # its state is the run's own
+        assert c.helper.module.weight is tiny_random.helper.module.weight
+    finally:
+        del tiny_random.helper

@@ -46,7 +46,7 @@ tail -15 "$OUT/kernels.log"
 
 log "bench --kernels"
 timeout 75 $PY -m ffviz bench --kernels --repeats 3 --out "$OUT/bench_kernels.json" 2>&1 | tail -40
-log "bench kernels exit $?"
+log "bench kernels exit ${PIPESTATUS[0]}"
 
 log "wan:full-random"
 wan_bench() {

@@ -125,7 +125,7 @@ class Attention(nn.Module):
                 vals = torch.cat([cache_layer.v, v], 2)
             else:
                 keys, vals = k, v
-            # the log-mass attention dispatch: Triton on CUDA, SDPA with a float bias on CPU
+            # the log-mass attention dispatch: SDPA with a float bias (Triton when forced)
             y = kernels.attention(q, keys, vals, log_mass)
         if write:
             cache_layer.append(k, v, *meta)
@@ -225,8 +225,8 @@ class TinyVideoModel(nn.Module):
         dev = x.device
         meta = self.token_positions(frames.cpu())  # provenance on the host; the cache moves it
         ctx.token_frame, ctx.phase, ctx.step = meta[0], phase, step
+        ctx.t = float(t.flatten()[0])  # before the move: reading a GPU tensor waits for it
         t = t.to(dev)
-        ctx.t = float(t.flatten()[0])
         cos, sin = (c.to(dev) for c in self.rope.cos_sin(*meta))  # float64 angles on the host
         e = self.time_embed(timestep_embedding(t, self.cfg.width)) + cond[:, None]  # (B, T, w)
         mod = self.time_proj(e).view(B, -1, 6, self.cfg.width).repeat_interleave(n_tok, 1)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +204,7 @@ class CausalWanAttnProcessor:
                         else q.new_zeros(B, H, N, layer.size))
                 bias = torch.cat([past, bias.expand(B, H, N, N)], -1)
                 y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias)
-            else:  # the log-mass attention dispatch: Triton on CUDA, SDPA on CPU
+            else:  # the log-mass attention dispatch (SDPA unless FFVIZ_KERNELS=triton)
                 if log_mass is not None:
                     log_mass = torch.cat([log_mass[:, :, 0].to(q.dtype), q.new_zeros(B, H, N)], -1)
                 y = kernels.attention(q, keys, vals, log_mass)
@@ -415,9 +416,15 @@ class UMT5Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.model = UMT5EncoderModel.from_pretrained(str(text_encoder_dir), dtype=dtype).to(device).eval()
         self.text_len, self.device = text_len, device
+        # runs share one encoder (hooks.run_copy); a fast tokenizer is not safe across threads
+        self._lock = threading.Lock()
 
     @torch.no_grad()
     def __call__(self, prompt: str) -> torch.Tensor:
+        with self._lock:
+            return self._encode(prompt)
+
+    def _encode(self, prompt: str) -> torch.Tensor:
         tok = self.tokenizer([prompt], padding="max_length", max_length=self.text_len,
                              truncation=True, add_special_tokens=True, return_tensors="pt")
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)

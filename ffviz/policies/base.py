@@ -174,8 +174,8 @@ def merge_to_nearest(k: torch.Tensor, keep: torch.Tensor, metric: torch.Tensor |
     gone = torch.arange(N, device=dev).expand(*lead, N)[~kept].view(*lead, N - K)  # each head evicts N - K
     if factor is not None and factor.shape[-2] < d:  # search in the R projected coordinates
         R = factor.shape[-2]
-        y = k @ factor.to(dev).transpose(-1, -2)  # (..., N, R)
-        M = torch.eye(R, dtype=k.dtype, device=dev) * (R / d)  # the kernel divides by R
+        y = k.float() @ factor.to(dev, torch.float32).transpose(-1, -2)  # (..., N, R), float32
+        M = torch.eye(R, dtype=torch.float32, device=dev) * (R / d)  # the kernel divides by R
         M, x, width = M.expand(math.prod(lead), R, R), y, R
     else:
         if factor is not None:
