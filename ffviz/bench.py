@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ffviz.generate import Controls, RunSettings, generate
+from ffviz.generate import Controls, RunSettings, cuda_device, generate
 from ffviz.run import make_recorder
 
 BENCH_PROMPT = "a red circle and a blue square on a green background"
@@ -84,7 +84,6 @@ def bench_policies(model, policies: list[str], budget: int, frames: int = 64,
 
 
 def _device_name(model) -> str:
-    p = next(model.parameters(), None)
-    if p is not None and p.is_cuda:
-        return torch.cuda.get_device_name(p.device)
-    return platform.processor() or platform.machine()
+    dev = cuda_device(model)
+    return torch.cuda.get_device_name(dev) if dev is not None else (
+        platform.processor() or platform.machine())

@@ -220,12 +220,17 @@ class Observer:
         """The policy's decision was applied."""
 
 
+def cuda_device(model) -> torch.device | None:
+    """The CUDA device the model's weights are on, or None (CPU, or no weights)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None and p.is_cuda else None
+
+
 def _clock(model):
     """perf_counter, after waiting for the GPU when the model runs on one (CUDA calls
     return before their work is done: a step's parts would be timed wrongly)."""
-    p = next(model.parameters(), None)
-    if p is not None and p.is_cuda:
-        dev = p.device
+    dev = cuda_device(model)
+    if dev is not None:
         return lambda: (torch.cuda.synchronize(dev), time.perf_counter())[1]
     return time.perf_counter
 
