@@ -150,11 +150,48 @@ class KVCache:
             return []
         return sorted(set(self.layers[0].frame[0, 0].tolist()))
 
+    FIELDS = ("k", "v", "mass", "frame", "row", "col", "time")
+
     def apply(self, decision: Decision) -> None:
         if len(decision.layers) != len(self.layers):
             raise ValueError(f"decision has {len(decision.layers)} layers, cache {len(self.layers)}")
+        if self._batchable(decision):
+            return self._apply_batched(decision)
         for layer, d in zip(self.layers, decision.layers):
             layer.apply(d)
+
+    def _batchable(self, decision: Decision) -> bool:
+        """Merges in layers of one shape, no re-rotation, no ``aux``: done in one go (a
+        merge is ~20 small ops per layer; a plain gather is cheaper per layer than stacking)."""
+        first = self.layers[0]
+        return (first.k is not None and len(self.layers) > 1
+                and any(d.merge_into is not None for d in decision.layers)
+                and all(l.k is not None and l.k.shape == first.k.shape and l.k.device == first.k.device
+                        and l.k.dtype == first.k.dtype and not l.aux for l in self.layers)
+                and all(d.k is None and d.time is None and d.keep.shape == decision.layers[0].keep.shape
+                        for d in decision.layers))
+
+    def _apply_batched(self, decision: Decision) -> None:
+        """Every layer at once: the layers are stacked along the batch axis, one
+        ``LayerCache.apply`` runs on the stack (a handful of ops instead of a handful
+        per layer: a compression's bookkeeping is op count, not bytes, on a small model),
+        and each layer gets its slice back (views of the stacked result)."""
+        L, (B, H, N, _) = len(self.layers), self.layers[0].k.shape
+        dev = self.layers[0].k.device
+        stacked = LayerCache()
+        for name in self.FIELDS:
+            setattr(stacked, name, torch.cat([getattr(l, name) for l in self.layers], 0))
+        merges = [d.merge_into for d in decision.layers]
+        into = None
+        if any(m is not None for m in merges):
+            none = torch.full((B, H, N), -1, dtype=torch.long, device=dev)
+            into = torch.cat([none if m is None else m.to(dev) for m in merges], 0)
+        stacked.apply(LayerDecision(keep=torch.cat([d.keep.to(dev) for d in decision.layers], 0),
+                                    merge_into=into))
+        for name in self.FIELDS:
+            parts = getattr(stacked, name).unflatten(0, (L, B))
+            for i, layer in enumerate(self.layers):
+                setattr(layer, name, parts[i])
 
     def nbytes(self) -> int:
         n = 0

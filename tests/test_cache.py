@@ -84,3 +84,38 @@ def test_log_mass_bias_makes_merge_of_duplicates_exact():
     assert torch.allclose(out, ref, atol=1e-6)
     # without the bias the merged cache would attend differently
     assert not torch.allclose(F.scaled_dot_product_attention(q, cache[0].k, cache[0].v), ref, atol=1e-4)
+
+
+def _random_cache(layers, seed):
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(layers, tokens_per_frame=4, grid=(2, 2))
+    N = 12
+    for layer in cache.layers:
+        layer.append(torch.randn(2, 3, N, 8, generator=g), torch.randn(2, 3, N, 8, generator=g),
+                     torch.arange(N) // 4, (torch.arange(N) % 4) // 2, torch.arange(N) % 2)
+        layer.mass[:] = torch.rand(2, 3, N, generator=g) * 3 + 0.5
+    return cache
+
+
+def test_all_layers_at_once_equals_layer_by_layer():
+    """KVCache.apply merges every layer in one stacked pass; each layer's result must be
+    what LayerCache.apply gives it alone (also with a layer that only drops)."""
+    g = torch.Generator().manual_seed(1)
+    batched, single = _random_cache(3, 0), _random_cache(3, 0)
+    decisions = []
+    for i in range(3):
+        keep = torch.rand(2, 3, 12, generator=g).argsort(-1)[..., :7].sort(-1).values
+        into = None
+        if i != 1:  # layer 1 drops only
+            into = keep.gather(-1, torch.randint(0, 7, (2, 3, 12), generator=g))
+            into.scatter_(-1, keep, -1)  # kept tokens do not move
+            into[..., 0] = -1
+        decisions.append(LayerDecision(keep=keep, merge_into=into))
+    assert batched._batchable(Decision(decisions))
+    batched.apply(Decision(decisions))
+    for layer, d in zip(single.layers, decisions):
+        layer.apply(d)
+    for a, b in zip(batched.layers, single.layers):
+        for name in KVCache.FIELDS:
+            assert torch.allclose(getattr(a, name).float(), getattr(b, name).float(), atol=1e-6), name
+    assert batched.size == 7

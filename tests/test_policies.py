@@ -500,3 +500,21 @@ def test_merge_search_on_projections_equals_the_metric(R, d):
     tol = dict(rtol=1e-5, atol=1e-6) if R < d else {}  # the projection path searches in float32
     torch.testing.assert_close(dist_f, dist_m, **tol)
     assert (into_m >= 0).any()
+
+
+def test_rank_gives_select_and_the_evicted_for_merge():
+    """``rank``'s first K are ``select``'s tokens, the rest are the evicted ones, and
+    merge_to_nearest given them returns what it finds on its own."""
+    from ffviz.policies.base import rank
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(2, 1, 3, 10, generator=g)
+    frame = (torch.arange(10) // 2).expand(2, 1, 3, 10)
+    prot = frame == 4
+    order = rank(score, 6, frame, prot)
+    assert torch.equal(order[..., :6].sort(-1).values, select(score, 6, frame, prot))
+    assert torch.equal(order.sort(-1).values, torch.arange(10).expand(2, 1, 3, 10))
+    k = torch.randn(2, 1, 3, 10, 4, generator=g)
+    keep = select(score, 6, frame, prot)
+    alone = merge_to_nearest(k, keep, None, 2.0)
+    given = merge_to_nearest(k, keep, None, 2.0, gone=order[..., 6:])
+    assert torch.equal(alone[0], given[0]) and torch.allclose(alone[1], given[1])

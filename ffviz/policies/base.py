@@ -123,6 +123,15 @@ def select(score: torch.Tensor, budget: int, frame: torch.Tensor,
     layers (L, B, H, N). Order: protected tokens first, then by ``score``, ties
     to the newer source frame, then the later cache slot. Non-finite scores rank last.
     """
+    K = min(budget, score.shape[-1])
+    return rank(score, budget, frame, protected, what)[..., :K].sort(-1).values
+
+
+def rank(score: torch.Tensor, budget: int, frame: torch.Tensor,
+         protected: torch.Tensor | None = None, what: str = "n_sink + n_recent") -> torch.Tensor:
+    """Every token's cache index (..., N), best first in ``select``'s order: the first
+    K = min(budget, N) are the kept ones, the rest the evicted ones (a policy that
+    merges gets both from one sort). Raises when protected tokens exceed the budget."""
     N = score.shape[-1]
     K = min(budget, N)
     if protected is not None:
@@ -138,16 +147,15 @@ def select(score: torch.Tensor, budget: int, frame: torch.Tensor,
         s = s.masked_fill(protected, math.inf)  # first; among them, the tie-break below
     stable_desc = lambda t: torch.sort(t, stable=True, dim=-1, descending=True).indices
     if bool((frame[..., 1:] >= frame[..., :-1]).all()):  # cache order is frame order (as appended)
-        order = (N - 1) - stable_desc(s.flip(-1))  # ties: the later slot first
-    else:
-        order = stable_desc(frame.double() * (N + 1)
-                            + torch.arange(N, dtype=torch.float64, device=frame.device))
-        order = order.gather(-1, stable_desc(s.gather(-1, order)))
-    return order[..., :K].sort(-1).values
+        return (N - 1) - stable_desc(s.flip(-1))  # ties: the later slot first
+    order = stable_desc(frame.double() * (N + 1)
+                        + torch.arange(N, dtype=torch.float64, device=frame.device))
+    return order.gather(-1, stable_desc(s.gather(-1, order)))
 
 
 def merge_to_nearest(k: torch.Tensor, keep: torch.Tensor, metric: torch.Tensor | None,
-                     tau: float, factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     tau: float, factor: torch.Tensor | None = None,
+                     gone: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge assignment of every evicted token to its nearest kept token.
 
     k: (..., N, d) keys, e.g. (B, H, N, d) or stacked layers (L, B, H, N, d);
@@ -159,6 +167,8 @@ def merge_to_nearest(k: torch.Tensor, keep: torch.Tensor, metric: torch.Tensor |
     factor: F (..., R, d) with M = F^T F, instead of ``metric``. With R < d the
     search runs on the projections F k (R coordinates, identity metric): the same
     D = |F (k_a - k_b)|^2 / d for fewer operations.
+    gone: the evicted indices (..., N - K) in any order, when the caller has them
+    (``rank``); otherwise they are found from ``keep``.
     Returns merge_into (..., N) long (-1 = none) and distance (..., N): the
     nearest-D for evicted tokens, 0 for kept ones.
     """
@@ -170,8 +180,10 @@ def merge_to_nearest(k: torch.Tensor, keep: torch.Tensor, metric: torch.Tensor |
     distance = torch.zeros(*lead, N, dtype=k.dtype, device=dev)
     if K == N or K == 0:
         return merge_into, distance
-    kept = torch.zeros(*lead, N, dtype=torch.bool, device=dev).scatter_(-1, keep, True)
-    gone = torch.arange(N, device=dev).expand(*lead, N)[~kept].view(*lead, N - K)  # each head evicts N - K
+    if gone is None:
+        kept = torch.zeros(*lead, N, dtype=torch.bool, device=dev).scatter_(-1, keep, True)
+        gone = torch.arange(N, device=dev).expand(*lead, N)[~kept].view(*lead, N - K)  # each head evicts N - K
+    gone = gone.to(dev)
     if factor is not None and factor.shape[-2] < d:  # search in the R projected coordinates
         R = factor.shape[-2]
         y = k.float() @ factor.to(dev, torch.float32).transpose(-1, -2)  # (..., N, R), float32

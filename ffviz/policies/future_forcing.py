@@ -26,7 +26,7 @@ import torch
 import kernels
 from ffviz.cache import Decision, LayerDecision
 from ffviz.policies.base import (Policy, check_bool, check_range, future_positions,
-                                 merge_to_nearest, need, protected_mask, rotate, select)
+                                 merge_to_nearest, need, protected_mask, rank, rotate)
 
 
 @dataclasses.dataclass
@@ -109,12 +109,15 @@ class FutureForcing(Policy):
         if self.value_norm:
             score = score * torch.stack([l.v.norm(dim=-1) for l in cache.layers])
         prot = protected_mask(frame, ctx, self.n_sink, self.n_recent, budget_tokens)
-        keep = select(score, budget_tokens, frame, prot)
+        order = rank(score, budget_tokens, frame, prot)
+        K = min(budget_tokens, order.shape[-1])
+        keep = order[..., :K].sort(-1).values
         L = len(cache.layers)
         if self.tau == 0:
             return Decision([LayerDecision(keep=keep[i], score=score[i]) for i in range(L)])
         # M = mean_p R(p) (mu mu^T + Sigma_r) R(p)^T = F^T F with F = w / sqrt(P): the
         # proxies are the metric's factor, so with (1 + r) P < d the search runs on w.k
-        into, dist = merge_to_nearest(k, keep, None, self.tau, factor=w / P ** 0.5)
+        into, dist = merge_to_nearest(k, keep, None, self.tau, factor=w / P ** 0.5,
+                                      gone=order[..., K:])
         return Decision([LayerDecision(keep=keep[i], merge_into=into[i], score=score[i],
                                        distance=dist[i]) for i in range(L)])
