@@ -12,7 +12,8 @@ DEFAULT_PROMPT = "a red circle and a blue square on a green background"
 
 
 MODEL_HELP = ("tiny (the embedded model, default) | wan:PATH (a Self-Forcing-family Wan2.1 "
-              "checkpoint; needs a CUDA GPU, see README, 'Real checkpoints') | wan:tiny-random (CPU demo) | "
+              "checkpoint; needs a CUDA GPU, see README, 'Real checkpoints') | wan:BASE+LORA (a base "
+              "checkpoint and a LoRA merged into it, e.g. LongLive) | wan:tiny-random (CPU demo) | "
               "wan:full-random (the 1.3B architecture with random weights, for speed on a GPU)")
 
 

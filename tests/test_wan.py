@@ -359,3 +359,98 @@ def test_deepcopy_keeps_processors_wired_to_the_copy(model):
     args = (torch.randn(1, 3 * n, model.cfg.patch_dim), torch.full((1, 3), 0.5), torch.arange(3),
             model.encode_prompt("z"))
     assert torch.equal(model(*args), c(*args)) and len(seen) == 1
+
+
+# -- LoRA-only checkpoints (LongLive) ----------------------------------------------------
+
+def _lora_for(sd, rank=3, seed=1, modules=None):
+    """A peft-style LoRA state dict (LongLive's ``lora.pt`` layout) on every Linear of
+    the attention blocks of ``sd`` (original Wan names)."""
+    g = torch.Generator().manual_seed(seed)
+    modules = modules or [k[:-len(".weight")] for k in sd if k.startswith("blocks.")
+                          and k.endswith(".weight") and sd[k].dim() == 2]
+    out = {}
+    for m in modules:
+        o, i = sd[f"{m}.weight"].shape
+        out[f"base_model.model.{m}.lora_A.weight"] = torch.randn(rank, i, generator=g)
+        out[f"base_model.model.{m}.lora_B.weight"] = torch.randn(o, rank, generator=g)
+    return out
+
+
+def test_lora_merges_into_the_base_weights():
+    from ffviz.models.wan_lora import merge_lora
+    model = build_tiny_random()
+    sd = original_wan_state(model.cfg)
+    lora = _lora_for(sd, rank=3)
+    n = sum(1 for k in lora if "lora_A" in k)
+    assert n == model.cfg.layers * 10  # self/cross q, k, v, o and ffn.0, ffn.2 per block
+    base = {f"model.{k}": v for k, v in sd.items()}
+    where = load_generator_weights(model, {"generator": base}, lora={"generator_lora": lora},
+                                   lora_alpha=6.0)
+    assert where == f"generator + LoRA (generator_lora), {n} modules merged"
+    A = lora["base_model.model.blocks.1.self_attn.q.lora_A.weight"]
+    B = lora["base_model.model.blocks.1.self_attn.q.lora_B.weight"]
+    want = sd["blocks.1.self_attn.q.weight"] + 2.0 * B @ A  # alpha / r = 6 / 3
+    assert torch.allclose(model.transformer.blocks[1].attn1.to_q.weight, want, atol=1e-5)
+    A = lora["base_model.model.blocks.0.ffn.2.lora_A.weight"]
+    B = lora["base_model.model.blocks.0.ffn.2.lora_B.weight"]
+    assert torch.allclose(model.transformer.blocks[0].ffn.net[2].weight,
+                          sd["blocks.0.ffn.2.weight"] + 2.0 * B @ A, atol=1e-5)
+    assert torch.equal(model.transformer.blocks[0].attn1.to_q.bias, sd["blocks.0.self_attn.q.bias"])
+    merged, _ = merge_lora(sd, lora)  # default alpha = r: scale 1 (LongLive: rank 256, alpha 256)
+    assert torch.allclose(merged["blocks.0.ffn.2.weight"], sd["blocks.0.ffn.2.weight"] + B @ A, atol=1e-5)
+    assert merged["blocks.0.ffn.2.weight"] is not sd["blocks.0.ffn.2.weight"]  # the base is not modified
+
+
+def test_a_peft_wrapped_checkpoint_is_merged_too():
+    """A generator saved from a peft-wrapped model (base_layer + lora factors) loads as
+    the merged model."""
+    model = build_tiny_random()
+    sd = original_wan_state(model.cfg)
+    lora = _lora_for(sd, rank=2, modules=["blocks.0.self_attn.k"])
+    wrapped = {("base_model.model." + k).replace("self_attn.k.weight", "self_attn.k.base_layer.weight"): v
+               for k, v in sd.items()}
+    wrapped.update(lora)
+    assert "its own LoRA, 1 modules merged" in load_generator_weights(model, {"generator": wrapped})
+    A, B = (lora[f"base_model.model.blocks.0.self_attn.k.lora_{f}.weight"] for f in "AB")
+    assert torch.allclose(model.transformer.blocks[0].attn1.to_k.weight,
+                          sd["blocks.0.self_attn.k.weight"] + B @ A, atol=1e-5)
+
+
+def test_lora_errors_name_what_does_not_fit(tmp_path):
+    model = build_tiny_random()
+    sd = original_wan_state(model.cfg)
+    lora = _lora_for(sd)
+    with pytest.raises(WanLoadError, match="modules not in the base checkpoint: blocks.7.ffn.0"):
+        load_generator_weights(model, {"generator": sd}, lora={
+            **lora, "base_model.model.blocks.7.ffn.0.lora_A.weight": torch.zeros(3, 4),
+            "base_model.model.blocks.7.ffn.0.lora_B.weight": torch.zeros(4, 3)})
+    bad = dict(lora)
+    bad["base_model.model.blocks.0.self_attn.q.lora_B.weight"] = torch.zeros(5, 3)
+    with pytest.raises(WanLoadError, match="shapes that do not fit: blocks.0.self_attn.q"):
+        load_generator_weights(model, {"generator": sd}, lora=bad)
+    half = {k: v for k, v in lora.items() if "blocks.1.ffn.0.lora_B" not in k}
+    with pytest.raises(WanLoadError, match="lack lora_A or lora_B: blocks.1.ffn.0"):
+        load_generator_weights(model, {"generator": sd}, lora=half)
+    with pytest.raises(WanLoadError, match="no LoRA weights found"):
+        load_generator_weights(model, {"generator": sd}, lora={"optimizer": {"lr": 1}})
+    with pytest.raises(WanLoadError, match="LoRA file not found"):
+        load_wan(str(tmp_path / "base.pt") + "+" + str(tmp_path / "lora.pt"))
+
+
+def test_base_plus_lora_end_to_end_on_a_tiny_wan(tmp_path):
+    """wan:BASE+LORA through load_wan's real path, files on disk as LongLive ships them."""
+    from ffviz.models.wan import tiny_random_config
+    _tiny_base(tmp_path)
+    cfg = tiny_random_config()
+    sd = original_wan_state(cfg)
+    torch.save({"generator": {f"model.{k}": v for k, v in sd.items()},  # the LoRA's base (use_ema: false)
+                "generator_ema": {f"model.{k}": v * 0 for k, v in sd.items()}}, tmp_path / "longlive_base.pt")
+    lora = _lora_for(sd, rank=2)
+    torch.save({"generator_lora": lora, "critic_lora": {}}, tmp_path / "lora.pt")
+    model = load_wan(f"{tmp_path / 'longlive_base.pt'}+{tmp_path / 'lora.pt'}", device="cpu",
+                     dtype=torch.float32, cfg=cfg, allow_cpu=True)
+    assert model.name == "wan:longlive_base.pt+lora.pt"
+    A, B = (lora[f"base_model.model.blocks.0.cross_attn.v.lora_{f}.weight"] for f in "AB")
+    assert torch.allclose(model.transformer.blocks[0].attn2.to_v.weight,
+                          sd["blocks.0.cross_attn.v.weight"] + B @ A, atol=1e-5)

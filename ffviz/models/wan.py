@@ -60,6 +60,7 @@ from ffviz.cache import KVCache
 from ffviz.hooks import HookContext, HookPoint
 from ffviz.models.rope import Rope3D, apply_rotation, wan_split
 from ffviz.models.wan_convert import convert_state_dict, pick_generator
+from ffviz.models.wan_lora import LoraError, merge_lora, pick_lora, split_peft_model
 
 TINY_RANDOM = "tiny-random"
 FULL_RANDOM = "full-random"  # the full-size architecture, random weights: speed on a GPU
@@ -480,16 +481,30 @@ def read_checkpoint(path) -> dict:
         raise WanLoadError(f"cannot read checkpoint {path}: {e}") from None
 
 
-def load_generator_weights(model: WanCausalModel, checkpoint, prefer_ema: bool = True) -> str:
+def load_generator_weights(model: WanCausalModel, checkpoint, prefer_ema: bool = True,
+                           lora=None, lora_alpha: float | None = None) -> str:
     """Load a Self-Forcing-family checkpoint (a dict as read from the file, or its
     path) into ``model.transformer``. Every key must be used and every weight
     filled: otherwise ``WanLoadError`` names exactly the keys missing (diffusers
-    names) and unexpected (checkpoint names). Returns which entry was used."""
+    names) and unexpected (checkpoint names). ``lora``: a LoRA file (dict or path,
+    e.g. LongLive's ``lora.pt``) merged into the generator first (``wan_lora``); a
+    checkpoint saved from a peft-wrapped model carries its LoRA inside and is merged
+    too. Returns which entry was used (and what was merged)."""
     if not isinstance(checkpoint, dict):
         checkpoint = read_checkpoint(checkpoint)
     try:
         state, where = pick_generator(checkpoint, prefer_ema)
+        state, inner = split_peft_model(state)
+        adapters = [(inner, "its own LoRA")] if inner else []
+        if lora is not None:
+            lora_state, lora_where = pick_lora(lora if isinstance(lora, dict) else read_checkpoint(lora))
+            adapters.append((lora_state, f"LoRA ({lora_where})"))
+        for adapter, label in adapters:
+            state, n = merge_lora(state, adapter, lora_alpha)
+            where += f" + {label}, {n} modules merged"
         converted, unknown = convert_state_dict(state)
+    except LoraError as e:
+        raise WanLoadError(f"cannot merge the LoRA: {e}") from None
     except ValueError as e:
         raise WanLoadError(f"wrong checkpoint: {e}") from None
     expected = model.transformer.state_dict()
@@ -523,13 +538,18 @@ def _base_dir(ckpt: Path, base) -> Path:
 
 
 def load_wan(spec: str, base: str | None = None, device: str | None = None,
-             dtype: torch.dtype = torch.bfloat16, prefer_ema: bool = True,
+             dtype: torch.dtype = torch.bfloat16, prefer_ema: bool | None = None,
              min_gpu_gib: float = MIN_GPU_GIB, cfg: WanConfig | None = None,
-             allow_cpu: bool = False) -> WanCausalModel:
+             allow_cpu: bool = False, lora_alpha: float | None = None) -> WanCausalModel:
     """The model behind ``--model wan:SPEC``.
 
     ``tiny-random``: ``build_tiny_random()`` on CPU. Otherwise SPEC is the path of
-    a Self-Forcing-family checkpoint (.pt/.safetensors); the text encoder,
+    a Self-Forcing-family checkpoint (.pt/.safetensors), or ``BASE+LORA``: a base
+    checkpoint and a LoRA file merged into it (LongLive's ``longlive_base.pt`` and
+    ``lora.pt``; scale alpha / r, alpha = ``lora_alpha`` or r). ``prefer_ema``: which
+    generator entry is read first; by default ``generator_ema``, but ``generator`` for
+    BASE+LORA (LongLive's inference config reads the non-EMA generator, use_ema: false,
+    and its LoRA belongs to that one); the text encoder,
     tokenizer and VAE come from ``base`` (or $FFVIZ_WAN_BASE, or the checkpoint's
     folder). A full-size model needs a CUDA GPU with ``min_gpu_gib`` GiB.
     ``cfg`` and ``allow_cpu`` exist for tests (a tiny Wan through the same path).
@@ -538,10 +558,16 @@ def load_wan(spec: str, base: str | None = None, device: str | None = None,
         return build_tiny_random()
     if spec == FULL_RANDOM:
         return build_full_random(device, dtype)
-    ckpt = Path(spec).expanduser()
+    ckpt, lora = Path(spec).expanduser(), None
+    if "+" in spec and not ckpt.is_file():  # BASE+LORA (a path with a '+' of its own still works)
+        base_spec, lora_spec = spec.rsplit("+", 1)
+        ckpt, lora = Path(base_spec).expanduser(), Path(lora_spec).expanduser()
+        if not lora.is_file():
+            raise WanLoadError(f"LoRA file not found: {lora} (wan:BASE+LORA merges LORA into BASE)")
     if not ckpt.is_file():
         raise WanLoadError(f"checkpoint not found: {ckpt} (give --model wan:PATH to a "
-                           "Self-Forcing-family .pt/.safetensors file, or wan:tiny-random)")
+                           "Self-Forcing-family .pt/.safetensors file, wan:BASE+LORA for a "
+                           "LoRA-only release like LongLive, or wan:tiny-random)")
     base_dir = _base_dir(ckpt, base)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not allow_cpu:
@@ -557,9 +583,11 @@ def load_wan(spec: str, base: str | None = None, device: str | None = None,
     diffusers = _diffusers()
     cfg = cfg or WanConfig()
     with torch.device(device):
-        model = WanCausalModel(cfg, name=f"wan:{ckpt.name}")
+        model = WanCausalModel(cfg, name=f"wan:{ckpt.name}" + (f"+{lora.name}" if lora else ""))
     model.to(device=device, dtype=dtype)
-    load_generator_weights(model, ckpt, prefer_ema)
+    if prefer_ema is None:
+        prefer_ema = lora is None
+    load_generator_weights(model, ckpt, prefer_ema, lora=lora, lora_alpha=lora_alpha)
     try:
         vae = diffusers.AutoencoderKLWan.from_pretrained(str(base_dir / "vae"), torch_dtype=torch.float32)
         model.vae = StreamingVAEDecoder(vae.to(device).eval())
