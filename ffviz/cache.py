@@ -189,9 +189,8 @@ class KVCache:
         stacked.apply(LayerDecision(keep=torch.cat([d.keep.to(dev) for d in decision.layers], 0),
                                     merge_into=into))
         for name in self.FIELDS:
-            parts = getattr(stacked, name).unflatten(0, (L, B))
-            for i, layer in enumerate(self.layers):
-                setattr(layer, name, parts[i])
+            for layer, part in zip(self.layers, getattr(stacked, name).unflatten(0, (L, B)).unbind(0)):
+                setattr(layer, name, part)
 
     def nbytes(self) -> int:
         n = 0
