@@ -111,12 +111,13 @@ def _seeds(text: str) -> list[int]:
 def cmd_showcase(args) -> int:
     from tqdm import tqdm
 
-    from ffviz.showcase import showcase
+    from ffviz.showcase import parse_setting, showcase
+    also = [parse_setting(spec) for spec in args.also]  # a bad setting fails before loading
     model = _load_model(args)
     seeds = _seeds(args.seeds)
-    with tqdm(total=3 * len(seeds), unit="run", desc="showcase", file=sys.stderr) as bar:
+    with tqdm(total=(3 + len(also)) * len(seeds), unit="run", desc="showcase", file=sys.stderr) as bar:
         summary = showcase(model, seeds, args.frames, Path(args.out), budget=args.budget,
-                           progress=bar)
+                           progress=bar, also=also)
     print((Path(args.out) / "showcase.md").read_text())
     if args.card:  # the weights' card reports the free-running quality it was measured at
         card_file = Path(args.weights).with_suffix(".json")
@@ -201,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=160)
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
     p.add_argument("--out", default="docs/showcase")
+    p.add_argument("--also", action="append", default=[], metavar="POLICY:BUDGET[:KEY=VALUE...]",
+                   help="one more setting to compare, e.g. sink:2:n_sink=2 (repeatable)")
     p.add_argument("--card", action="store_true",
                    help="also write the summary into the weights' card (the .json next to them)")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)

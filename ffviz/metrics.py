@@ -17,10 +17,16 @@ visible. Generated frames are compared with that truth per frame:
 * ``returns``: objects that left the view (or hid behind the pillar) for at
   least 3 frames and came back: the share that shows its colour again within
   the 8 frames after its return.
+* ``tracking``: per object and frame where it should be visible, whether the
+  largest blob of its colour lies within ``TRACK_TOL`` pixels (centroids) of where
+  the object truly is. Not part of ``consistency``: it exists because the other
+  measures cannot tell a moving object from a frozen copy of the first frames (a
+  cache that keeps only the given frames scores well on colour and returns while
+  nothing moves; README, "Free-running quality").
 
 ``consistency`` is the mean of background, colour presence, shape and returns
-(those defined for the run). Positions are not compared: a free-running model
-may place an object slightly off and still keep it.
+(those defined for the run). It does not compare positions: a free-running model
+may place an object slightly off and still keep it; ``tracking`` does, loosely.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from scipy import ndimage
 from ffviz.scenes import COLORS, SHAPES, ObjectSpec, Scene, SceneSpec
 
 COLOR_TOL = 60.0  # RGB distance within which a pixel "has" a colour
+TRACK_TOL = 6.0  # pixels between blob centroids (of 32) that still count as "in place"
 
 
 def _near(frames: np.ndarray, rgb) -> np.ndarray:
@@ -55,6 +62,15 @@ def shape_features(mask: np.ndarray) -> np.ndarray:
 def _largest_blob(mask: np.ndarray) -> int:
     labels, n = ndimage.label(mask)
     return int(np.bincount(labels.ravel())[1:].max()) if n else 0
+
+
+def _blob_centre(mask: np.ndarray) -> np.ndarray | None:
+    """(y, x) centroid of the largest blob of ``mask``, None when it is empty."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    biggest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    return np.array(ndimage.center_of_mass(labels == biggest))
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,7 +118,7 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         off &= ~_near(frames, rgb)
     off_curve = off.mean((1, 2))
 
-    presence, shape_ok, returns = [], [], []
+    presence, shape_ok, returns, tracked = [], [], [], []
     presence_curve = np.full(T, np.nan)
     per_frame_hits = np.zeros(T)
     per_frame_due = np.zeros(T)
@@ -116,6 +132,10 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         per_frame_due += due
         whole = vis[:, i] >= 0.9 * full[i]
         truth_has = _near(truth, COLORS[o.color])
+        for t in np.nonzero(due)[0]:
+            want, got = _blob_centre(truth_has[t]), (_blob_centre(has[t]) if present[t] else None)
+            tracked.append(want is not None and got is not None
+                           and float(np.hypot(*(want - got))) <= TRACK_TOL)
         for t in np.nonzero(whole & present)[0]:
             # only frames where the classifier reads the true frame right count
             if classify_shape(truth_has[t], o.size) == o.shape:
@@ -144,6 +164,7 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         "shape": mean(shape_ok),
         "returns": mean(returns),
         "returns_count": len(returns),
+        "tracking": mean(tracked),
     }
     parts = [out[k] for k in ("background", "color_presence", "shape", "returns")]
     out["consistency"] = float(np.nanmean(parts)) if not all(np.isnan(parts)) else float("nan")

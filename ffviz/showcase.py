@@ -2,7 +2,8 @@
 
 For each seed a scene of the grammar (drawn from the seed; user seeds never
 overlap the training seeds), a long free-running rollout under three cache
-settings: the default policy and budget, the full cache, and a 1-frame window.
+settings: the default policy and budget, the full cache, and a 1-frame window,
+plus any asked for with ``--also POLICY:BUDGET[:KEY=VALUE...]``.
 Writes ``showcase.md`` (consistency metrics per setting, mean over seeds, and
 per seed), ``showcase.json`` and ``strip.png`` (truth and each setting for the
 first seeds, every ``stride``-th frame).
@@ -17,27 +18,45 @@ from PIL import Image
 
 from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings, generate
 from ffviz.metrics import consistency
+from ffviz.policies import PolicyError, make_policy, parse_policy_args
 from ffviz.scenes import Scene, parse_prompt, random_spec
 
-METRICS = ("consistency", "background", "color_presence", "shape", "returns", "off_palette")
+METRICS = ("consistency", "background", "color_presence", "shape", "returns", "off_palette",
+           "tracking")
 
 
 def showcase_prompt(seed: int) -> str:
     return random_spec(np.random.default_rng([seed, 7])).describe()
 
 
-def settings_list(budget: int = DEFAULT_BUDGET, policy: str = DEFAULT_POLICY):
-    return [(f"{policy} {budget} (default)", policy, budget), ("full cache", "full", 1),
-            ("window 1", "window", 1)]
+def settings_list(budget: int = DEFAULT_BUDGET, policy: str = DEFAULT_POLICY, also=()):
+    """(label, policy name, its parameters, budget) per setting."""
+    return [(f"{policy} {budget} (default)", policy, {}, budget), ("full cache", "full", {}, 1),
+            ("window 1", "window", {}, 1), *also]
 
 
-def run_frames(model, prompt: str, seed: int, frames: int, policy: str, budget: int) -> np.ndarray:
+def parse_setting(spec: str) -> tuple[str, str, dict, int]:
+    """``"sink:2:n_sink=2"`` -> ("sink 2, n_sink=2", "sink", {"n_sink": 2}, 2); a clear
+    ``PolicyError`` for a bad name, budget or parameter."""
+    name, *rest = spec.split(":")
+    if not rest or not rest[0].isdigit() or int(rest[0]) < 1:
+        raise PolicyError(f"setting {spec!r} must look like POLICY:BUDGET[:KEY=VALUE...] "
+                          "with a budget of at least 1 frame")
+    params = parse_policy_args(name, rest[1:])
+    make_policy(name, **params)  # a bad value fails here, before any run
+    label = ", ".join([f"{name} {rest[0]}", *rest[1:]])
+    return label, name, params, int(rest[0])
+
+
+def run_frames(model, prompt: str, seed: int, frames: int, policy: str, budget: int,
+               params: dict | None = None) -> np.ndarray:
     settings = RunSettings(prompt, frames=frames, seed=seed, record=False)
-    return np.concatenate([s.frames for s in generate(model, settings, Controls(policy, budget))])
+    controls = Controls(make_policy(policy, **(params or {})), budget)  # a fresh policy per run
+    return np.concatenate([s.frames for s in generate(model, settings, controls)])
 
 
 def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds: int = 2,
-             budget: int = DEFAULT_BUDGET, progress=None) -> dict:
+             budget: int = DEFAULT_BUDGET, progress=None, also=()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     g = model.cfg.given_frames
     rows, strips = {}, []
@@ -47,8 +66,8 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
         truth = scene.render(np.arange(frames))
         if i < strip_seeds:
             strips.append(("truth", seed, truth))
-        for name, policy, b in settings_list(budget):
-            video = run_frames(model, prompt, seed, frames, policy, b)
+        for name, policy, params, b in settings_list(budget, also=also):
+            video = run_frames(model, prompt, seed, frames, policy, b, params)
             m = consistency(video[g:], scene, start=g)
             m.pop("curves")
             rows.setdefault(name, []).append({"seed": seed, "prompt": prompt, **m})
@@ -60,7 +79,8 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
                for name, rs in rows.items()}
     for name, rs in rows.items():
         summary[name]["returns_events"] = int(sum(r["returns_count"] for r in rs))
-    _write_strip(strips, out / "strip.png", stride)
+    if strips:
+        _write_strip(strips, out / "strip.png", stride)
     (out / "showcase.json").write_text(json.dumps({"frames": frames, "seeds": list(seeds),
                                                    "summary": summary, "runs": rows}, indent=2))
     (out / "showcase.md").write_text(_table(summary, rows, frames, list(seeds)))
@@ -93,5 +113,7 @@ def _table(summary, rows, frames, seeds) -> str:
         per_seed += f"| {seed} | {prompt} | " + " | ".join(
             f"{rs[j]['consistency']:.3f}" for rs in rows.values()) + " |\n"
     return (f"Free-running, {frames} frames, seeds {seeds[0]}..{seeds[-1]} (mean over seeds; "
-            f"`returns`: share of objects that left the view and showed their colour again)\n\n"
+            f"`returns`: share of objects that left the view and showed their colour again; "
+            f"`tracking`: share of visible object-frames with the object's colour where it is, "
+            f"not part of `consistency`)\n\n"
             + head + body + per_seed)

@@ -62,3 +62,17 @@ def test_consistency_separates_truth_from_noise_and_from_a_vanished_object():
     bad = consistency(bg_only, scene, start=2)
     assert bad["background"] > 0.99 and bad["color_presence"] == 0.0
     assert bad["consistency"] < good["consistency"] - 0.4
+
+
+def test_tracking_tells_a_moving_object_from_a_frozen_copy():
+    """A video that repeats its first frame keeps every colour (and 'returns' whenever
+    the true object is back) but does not move: only ``tracking`` sees it."""
+    scene, _ = scene_from_prompt(EXAMPLE_PROMPTS[0], 1)
+    truth = scene.render(np.arange(2, 98))
+    assert consistency(truth, scene, start=2)["tracking"] > 0.97
+    frozen = np.repeat(truth[:1], len(truth), 0)
+    m = consistency(frozen, scene, start=2)
+    assert m["color_presence"] > 0.9  # the frozen objects are always 'present'
+    assert m["tracking"] < 0.5
+    shifted = np.roll(truth, 3, axis=2)  # 3 px off: still tracked (TRACK_TOL = 6)
+    assert consistency(shifted, scene, start=2)["tracking"] > 0.8

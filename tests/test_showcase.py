@@ -2,7 +2,10 @@ import json
 
 import numpy as np
 
-from ffviz.showcase import showcase, showcase_prompt
+import pytest
+
+from ffviz.policies import PolicyError
+from ffviz.showcase import parse_setting, showcase, showcase_prompt
 from ffviz.scenes import parse_prompt
 from ffviz.train import TRAIN_SEED_BASE
 from tests.conftest import random_model
@@ -23,3 +26,16 @@ def test_showcase_prompts_parse_and_seeds_are_not_training_seeds():
     for seed in range(8):
         parse_prompt(showcase_prompt(seed))
         assert seed < TRAIN_SEED_BASE
+
+
+def test_also_adds_a_setting_with_its_parameters(tmp_path):
+    also = [parse_setting("sink:2:n_sink=2")]
+    assert also == [("sink 2, n_sink=2", "sink", {"n_sink": 2}, 2)]
+    summary = showcase(random_model(), [0], frames=5, out=tmp_path, stride=2, strip_seeds=0, also=also)
+    assert "sink 2, n_sink=2" in summary and 0 <= summary["sink 2, n_sink=2"]["background"] <= 1
+    assert "tracking" in summary["full cache"]
+    for bad, msg in [("sink", "POLICY:BUDGET"), ("sink:0", "POLICY:BUDGET"),
+                     ("nope:2", "unknown policy"), ("sink:2:depth=3", "no parameter"),
+                     ("sink:2:n_sink=-1", "n_sink")]:
+        with pytest.raises(PolicyError, match=msg):
+            parse_setting(bad)
