@@ -57,7 +57,8 @@ class TrainConfig:
     target_share: tuple = (0.15, 0.6)
     rollout_after: int = 1500
     rollout_prob: float = 0.3
-    rollout_steps: int = 2
+    rollout_steps: int = 2  # denoising steps of the rollouts (generation uses the card's, 4)
+    gen_context: float = 0.5  # share of a rolled-out clip's context frames taken from the rollout
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
@@ -243,7 +244,7 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
                                      model.embed_condition(cond_ids), T, cfg.rollout_steps,
                                      int(rng.integers(2, T)), gen)
             model.train()
-            use_gen = torch.from_numpy(rng.random((cfg.batch, T)) < 0.5).to(device)
+            use_gen = torch.from_numpy(rng.random((cfg.batch, T)) < cfg.gen_context).to(device)
             use_gen[:, :g] = False
             context = torch.where(use_gen.repeat_interleave(n, 1)[..., None], gen_tokens.to(device), x0)
         noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -297,7 +298,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-frames", type=int, default=d.clip_frames)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--rollout-after", type=int, default=d.rollout_after)
-    p.add_argument("--rollout-prob", type=float, default=d.rollout_prob)
+    p.add_argument("--rollout-prob", type=float, default=d.rollout_prob,
+                   help="share of batches whose context comes partly from the model's own rollout")
+    p.add_argument("--rollout-steps", type=int, default=d.rollout_steps,
+                   help="denoising steps of those rollouts")
+    p.add_argument("--gen-context", type=float, default=d.gen_context,
+                   help="share of a rolled-out clip's context frames taken from the rollout (the "
+                        "rest stay true frames; 1 = all, as at generation)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--object-weight", type=float, default=1.0,
@@ -313,9 +320,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    for name in ("rollout_prob", "gen_context"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.rollout_steps < 1:
+        raise SystemExit(f"--rollout-steps must be >= 1, got {args.rollout_steps}")
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch,
                       clip_frames=args.clip_frames, lr=args.lr, rollout_after=args.rollout_after,
-                      rollout_prob=args.rollout_prob, seed=args.seed, threads=args.threads, workers=args.workers,
+                      rollout_prob=args.rollout_prob, rollout_steps=args.rollout_steps,
+                      gen_context=args.gen_context, seed=args.seed, threads=args.threads, workers=args.workers,
                       object_weight=args.object_weight,
                       save_every_s=args.save_every)
     model_cfg = TinyConfig(width=args.width, layers=args.layers)

@@ -48,3 +48,19 @@ def test_object_weight_marks_foreground_patches_and_changes_the_loss(tmp_path):
     b = train(cfg, SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
     c = train(cfg, SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
     assert a["sha256"] != b["sha256"] and b["sha256"] == c["sha256"]
+
+
+def test_gen_context_sets_how_much_context_comes_from_the_rollout(tmp_path):
+    import pytest
+
+    from ffviz.__main__ import main
+    quiet = lambda s: None
+    a = train(_cfg(2), SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
+    cfg = _cfg(2)
+    cfg.gen_context = 1.0
+    b = train(cfg, SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
+    cfg.gen_context, cfg.rollout_prob = 0.0, 0.0  # no rollout context at all: plain training
+    c = train(cfg, SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
+    assert len({a["sha256"], b["sha256"], c["sha256"]}) == 3
+    with pytest.raises(SystemExit, match="--gen-context must be in"):
+        main(["train", "--gen-context", "1.5", "--out", str(tmp_path / "x.safetensors")])
