@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
     p.add_argument("--out", default="docs/showcase")
     p.add_argument("--also", action="append", default=[], metavar="POLICY:BUDGET[:KEY=VALUE...]",
-                   help="one more setting to compare, e.g. sink:2:n_sink=2 (repeatable)")
+                   help="one more setting to compare, e.g. sink:2:n_sink=2 (repeatable); "
+                        "teacher-forced:4 generates every frame from the 4 TRUE previous frames")
     p.add_argument("--card", action="store_true",
                    help="also write the summary into the weights' card (the .json next to them)")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)

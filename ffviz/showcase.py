@@ -37,11 +37,16 @@ def settings_list(budget: int = DEFAULT_BUDGET, policy: str = DEFAULT_POLICY, al
 
 def parse_setting(spec: str) -> tuple[str, str, dict, int]:
     """``"sink:2:n_sink=2"`` -> ("sink 2, n_sink=2", "sink", {"n_sink": 2}, 2); a clear
-    ``PolicyError`` for a bad name, budget or parameter."""
+    ``PolicyError`` for a bad name, budget or parameter. ``teacher-forced:B``: frames
+    generated from a window of B true frames (``teacher_forced_frames``)."""
     name, *rest = spec.split(":")
     if not rest or not rest[0].isdigit() or int(rest[0]) < 1:
         raise PolicyError(f"setting {spec!r} must look like POLICY:BUDGET[:KEY=VALUE...] "
                           "with a budget of at least 1 frame")
+    if name == TEACHER:
+        if rest[1:]:
+            raise PolicyError(f"{TEACHER} takes a budget only, got {spec!r}")
+        return f"{TEACHER} {rest[0]} (true frames in the cache)", TEACHER, {}, int(rest[0])
     params = parse_policy_args(name, rest[1:])
     make_policy(name, **params)  # a bad value fails here, before any run
     label = ", ".join([f"{name} {rest[0]}", *rest[1:]])
@@ -53,6 +58,38 @@ def run_frames(model, prompt: str, seed: int, frames: int, policy: str, budget: 
     settings = RunSettings(prompt, frames=frames, seed=seed, record=False)
     controls = Controls(make_policy(policy, **(params or {})), budget)  # a fresh policy per run
     return np.concatenate([s.frames for s in generate(model, settings, controls)])
+
+
+def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: int) -> np.ndarray:
+    """Every frame generated as in a run (same sampler, same noise seed) but from a cache
+    of the TRUE previous frames (the newest ``budget``), never of its own output: what
+    the model can do without its own errors to build on. A diagnostic, not a policy."""
+    import torch
+
+    from ffviz.policies.base import keep_newest
+    from ffviz.sampling import denoise_chunk, fill_cache
+    spec = parse_prompt(prompt)[0]
+    cfg, n = model.cfg, model.cfg.tokens_per_frame
+    truth = torch.from_numpy(Scene(spec, seed).render(np.arange(frames)))[None].float()
+    x = model.patchify(truth / 127.5 - 1)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
+    cache, out, g = model.new_cache(), x.clone(), cfg.given_frames
+    fill_cache(model, cache, x[:, :g * n], torch.arange(g), cond, 0.0)
+    for f in range(g, frames):
+        fr = torch.tensor([f])
+        noise = torch.randn(1, n, cfg.patch_dim, generator=gen)
+        out[:, f * n:(f + 1) * n] = denoise_chunk(model, cache, fr, cond, noise, cfg.sample_steps,
+                                                  cfg.shift).clamp(-1, 1)
+        fill_cache(model, cache, x[:, f * n:(f + 1) * n], fr, cond, 0.0)  # the true frame
+        if cache.size > budget * n:
+            cache.apply(keep_newest(cache, budget * n))
+    img = model.unpatchify(out)[0].clamp(-1, 1)
+    return ((img + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+TEACHER = "teacher-forced"  # the policy name of the diagnostic setting above
 
 
 def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds: int = 2,
@@ -67,7 +104,8 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
         if i < strip_seeds:
             strips.append(("truth", seed, truth))
         for name, policy, params, b in settings_list(budget, also=also):
-            video = run_frames(model, prompt, seed, frames, policy, b, params)
+            video = (teacher_forced_frames(model, prompt, seed, frames, b) if policy == TEACHER
+                     else run_frames(model, prompt, seed, frames, policy, b, params))
             m = consistency(video[g:], scene, start=g)
             m.pop("curves")
             rows.setdefault(name, []).append({"seed": seed, "prompt": prompt, **m})

@@ -39,3 +39,21 @@ def test_also_adds_a_setting_with_its_parameters(tmp_path):
                      ("sink:2:n_sink=-1", "n_sink")]:
         with pytest.raises(PolicyError, match=msg):
             parse_setting(bad)
+
+
+def test_teacher_forced_setting_runs_on_true_frames(tmp_path):
+    """The diagnostic keeps the given frames and generates the rest from true context;
+    with true frames in the cache it differs from the free-running run."""
+    from ffviz.showcase import run_frames, teacher_forced_frames
+    model = random_model()
+    prompt = showcase_prompt(0)
+    tf = teacher_forced_frames(model, prompt, 0, 6, 2)
+    free = run_frames(model, prompt, 0, 6, "window", 2)
+    assert tf.shape == free.shape == (6, 32, 32, 3) and tf.dtype == np.uint8
+    assert np.array_equal(tf[:2], free[:2])  # the given frames, and the first generated frame
+    assert np.array_equal(tf[2], free[2])  # sees the same (true) cache in both
+    assert not np.array_equal(tf[3:], free[3:])
+    label = parse_setting("teacher-forced:4")
+    assert label[1:] == ("teacher-forced", {}, 4)
+    with pytest.raises(PolicyError, match="budget only"):
+        parse_setting("teacher-forced:4:x=1")
