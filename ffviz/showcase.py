@@ -14,15 +14,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings, generate
+from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings, _to_uint8, generate
 from ffviz.metrics import consistency
 from ffviz.policies import PolicyError, make_policy, parse_policy_args
+from ffviz.policies.base import keep_newest
+from ffviz.sampling import denoise_chunk, fill_cache
 from ffviz.scenes import Scene, parse_prompt, random_spec
 
 METRICS = ("consistency", "background", "color_presence", "shape", "returns", "off_palette",
            "tracking")
+TEACHER = "teacher-forced"  # the setting of ``teacher_forced_frames`` (a diagnostic, not a policy)
 
 
 def showcase_prompt(seed: int) -> str:
@@ -64,12 +68,11 @@ def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: in
     """Every frame generated as in a run (same sampler, same noise seed) but from a cache
     of the TRUE previous frames (the newest ``budget``), never of its own output: what
     the model can do without its own errors to build on. A diagnostic, not a policy."""
-    import torch
-
-    from ffviz.policies.base import keep_newest
-    from ffviz.sampling import denoise_chunk, fill_cache
     spec = parse_prompt(prompt)[0]
     cfg, n = model.cfg, model.cfg.tokens_per_frame
+    if cfg.chunk_frames != 1:
+        raise ValueError(f"teacher-forced frames are generated one at a time; this model's "
+                         f"chunks hold {cfg.chunk_frames} frames")
     truth = torch.from_numpy(Scene(spec, seed).render(np.arange(frames)))[None].float()
     x = model.patchify(truth / 127.5 - 1)
     gen = torch.Generator().manual_seed(seed)
@@ -85,11 +88,7 @@ def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: in
         fill_cache(model, cache, x[:, f * n:(f + 1) * n], fr, cond, 0.0)  # the true frame
         if cache.size > budget * n:
             cache.apply(keep_newest(cache, budget * n))
-    img = model.unpatchify(out)[0].clamp(-1, 1)
-    return ((img + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-TEACHER = "teacher-forced"  # the policy name of the diagnostic setting above
+    return _to_uint8(model, out)
 
 
 def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds: int = 2,
