@@ -59,18 +59,15 @@ def shape_features(mask: np.ndarray) -> np.ndarray:
     return np.array([ys.size / (h * w), top])
 
 
-def _largest_blob(mask: np.ndarray) -> int:
-    labels, n = ndimage.label(mask)
-    return int(np.bincount(labels.ravel())[1:].max()) if n else 0
-
-
-def _blob_centre(mask: np.ndarray) -> np.ndarray | None:
-    """(y, x) centroid of the largest blob of ``mask``, None when it is empty."""
+def _largest_blob(mask: np.ndarray) -> tuple[int, np.ndarray | None]:
+    """Size and (y, x) centroid of the largest blob of ``mask`` (0 and None when empty),
+    from one labelling."""
     labels, n = ndimage.label(mask)
     if n == 0:
-        return None
-    biggest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-    return np.array(ndimage.center_of_mass(labels == biggest))
+        return 0, None
+    sizes = np.bincount(labels.ravel())[1:]
+    biggest = 1 + int(np.argmax(sizes))
+    return int(sizes[biggest - 1]), np.array(ndimage.center_of_mass(labels == biggest))
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,7 +121,8 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
     per_frame_due = np.zeros(T)
     for i, o in enumerate(spec.objects):
         has = _near(frames, COLORS[o.color])
-        count = np.array([_largest_blob(m) for m in has])
+        blobs = [_largest_blob(m) for m in has]
+        count = np.array([size for size, _ in blobs])
         due = vis[:, i] >= 6
         present = count >= np.maximum(vis[:, i] / 3, 3)
         presence += present[due].tolist()
@@ -133,7 +131,7 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         whole = vis[:, i] >= 0.9 * full[i]
         truth_has = _near(truth, COLORS[o.color])
         for t in np.nonzero(due)[0]:
-            want, got = _blob_centre(truth_has[t]), (_blob_centre(has[t]) if present[t] else None)
+            want, got = _largest_blob(truth_has[t])[1], (blobs[t][1] if present[t] else None)
             tracked.append(want is not None and got is not None
                            and float(np.hypot(*(want - got))) <= TRACK_TOL)
         for t in np.nonzero(whole & present)[0]:
