@@ -26,7 +26,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import math
+
 import torch
+
+
+def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` (*lead, N, w) at ``idx`` (*lead, K) along the token axis ->
+    (*lead, K, w): ``t.gather`` with the index expanded over w, done as one
+    ``index_select`` on flattened rows (about 10x faster on CPU at cache shapes)."""
+    lead, N = idx.shape[:-1], t.shape[-2]
+    base = torch.arange(math.prod(lead), device=idx.device).view(*lead, 1) * N
+    return t.reshape(-1, t.shape[-1]).index_select(0, (idx + base).view(-1)).view(
+        *idx.shape, t.shape[-1])
 
 
 @dataclasses.dataclass
@@ -99,8 +111,7 @@ class LayerCache:
         if d.merge_into is not None and bool((d.merge_into >= 0).any()):
             self._merge_into_kept(idx, d.merge_into.to(dev))
             return
-        gather4 = lambda t: t.gather(2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
-        self.k, self.v, self.mass = gather4(self.k), gather4(self.v), gather3(self.mass)
+        self.k, self.v, self.mass = take_rows(self.k, idx), take_rows(self.v, idx), gather3(self.mass)
         self.aux = {name: gather3(t) for name, t in self.aux.items()}
 
     def _merge_into_kept(self, idx: torch.Tensor, into: torch.Tensor) -> None:
@@ -122,7 +133,7 @@ class LayerCache:
             0, rows, t.reshape(B * H * N, *t.shape[3:])).view(B, H, K + 1, *t.shape[3:])[:, :, :K]
         d = self.k.shape[-1]
         mass = add(self.mass)
-        kv = add(torch.cat([self.k, self.v], -1) * self.mass.unsqueeze(-1)) / mass.unsqueeze(-1)
+        kv = add(torch.cat([self.k, self.v], -1).mul_(self.mass.unsqueeze(-1))).div_(mass.unsqueeze(-1))
         self.k, self.v = kv[..., :d].contiguous(), kv[..., d:].contiguous()
         self.mass = mass
         self.aux = {name: add(t) for name, t in self.aux.items()}

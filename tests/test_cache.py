@@ -119,3 +119,16 @@ def test_all_layers_at_once_equals_layer_by_layer():
         for name in KVCache.FIELDS:
             assert torch.allclose(getattr(a, name).float(), getattr(b, name).float(), atol=1e-6), name
     assert batched.size == 7
+
+
+def test_take_rows_equals_gather():
+    from ffviz.cache import take_rows
+    g = torch.Generator().manual_seed(0)
+    for lead in [(1, 3), (2, 1, 3)]:
+        t = torch.randn(*lead, 7, 5, generator=g)
+        idx = torch.randint(0, 7, (*lead, 4), generator=g)
+        want = t.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, 5))
+        assert torch.equal(take_rows(t, idx), want)
+    expanded = torch.arange(7.0).view(1, 1, 7, 1).expand(2, 3, 7, 5)  # a non-contiguous view
+    idx = torch.tensor([6, 0, 3]).expand(2, 3, 3)
+    assert torch.equal(take_rows(expanded, idx)[..., 0], idx.float())

@@ -96,6 +96,13 @@ def test_reference_merge_neighbour_matches_brute_force(monkeypatch):
     assert torch.equal(i2, index)
     empty_d, empty_i = reference.merge_neighbour(cand, kept[:, :0], M)
     assert torch.isinf(empty_d).all() and (empty_i == -1).all()
+    twins = torch.cat([kept[:, :1], kept], 1)  # kept 0 twice: a tie goes to the first
+    _, i3 = reference.merge_neighbour(kept[:, :1] + 1e-3, twins, M)
+    assert (i3 == 0).all()
+    d64, i64 = reference.merge_neighbour(cand.double(), kept.double(), M.double())  # numpy's argmin
+    assert d64.dtype == torch.float64 and torch.equal(i64, index)
+    d16, _ = reference.merge_neighbour(cand.bfloat16(), kept.bfloat16(), M.bfloat16(), upcast=False)
+    torch.testing.assert_close(d16, dist, rtol=0.1, atol=0.1)  # torch's min: numpy has no bf16
 
 
 def test_reference_attention_matches_definition(monkeypatch):

@@ -518,3 +518,35 @@ def test_rank_gives_select_and_the_evicted_for_merge():
     alone = merge_to_nearest(k, keep, None, 2.0)
     given = merge_to_nearest(k, keep, None, 2.0, gone=order[..., 6:])
     assert torch.equal(alone[0], given[0]) and torch.allclose(alone[1], given[1])
+
+
+def test_future_forcing_eigenpairs_follow_moving_statistics_between_decompositions():
+    """Between exact decompositions (eig_every), one subspace-iteration step per call
+    moves the previous vectors toward the current covariance's top eigenspace, and the
+    eigenvalues are its Rayleigh quotients."""
+    g = torch.Generator().manual_seed(0)
+    L, H, r = 1, 2, 2
+    spectrum = torch.tensor([9.0, 4.0] + [0.1] * (D - 2))
+
+    def stats_along(basis):  # queries with covariance basis diag(spectrum) basis^T
+        qs = QueryStats(L, H, D)
+        z = torch.randn(H, 4000, D, generator=g) * spectrum.sqrt()
+        qs.update(0, z @ basis.T, 0)
+        return qs
+
+    pol = make_policy("future_forcing", rank=r, eig_every=1000)
+    first = torch.linalg.qr(torch.randn(D, D, generator=g)).Q
+    ctx = PolicyContext(frame=3, tokens_per_frame=N_TOK, chunk_frames=1, grid=GRID,
+                        stats=stats_along(first))
+    _, u0 = pol.eigenpairs(ctx, r)  # exact (first call)
+    turn = torch.linalg.matrix_exp(0.15 * (lambda a: a - a.T)(torch.randn(D, D, generator=g)))
+    ctx.stats, ctx.frame = stats_along(turn @ first), 4
+    exact_lam, exact_u = ctx.stats.top_eig(None, r)
+    lam, u = pol.eigenpairs(ctx, r)  # one iteration step from u0
+    overlap = lambda a, b: ((a @ b.transpose(-1, -2)) ** 2).sum((-1, -2)) / r  # 1 = same subspace
+    assert bool((overlap(u, exact_u) > overlap(u0, exact_u)).all())
+    assert bool((overlap(u, exact_u) > 0.95).all())
+    assert torch.allclose(u @ u.transpose(-1, -2), torch.eye(r).expand(L, H, r, r), atol=1e-5)
+    cov = ctx.stats.cov_all()
+    assert torch.allclose(lam, ((u @ cov) * u).sum(-1), rtol=1e-5)
+    assert torch.allclose(lam.sum(-1), exact_lam.sum(-1), rtol=0.05)

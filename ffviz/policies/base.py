@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 import kernels
-from ffviz.cache import Decision, KVCache, LayerCache, LayerDecision
+from ffviz.cache import Decision, KVCache, LayerCache, LayerDecision, take_rows
 from ffviz.models.rope import apply_rotation
 
 
@@ -194,8 +194,7 @@ def merge_to_nearest(k: torch.Tensor, keep: torch.Tensor, metric: torch.Tensor |
             metric = factor.transpose(-1, -2) @ factor
         M = torch.eye(d, dtype=k.dtype, device=dev) if metric is None else metric.to(dev)
         M, x, width = M.expand(*lead, d, d).reshape(-1, d, d), k, d
-    gather = lambda idx: x.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, width)).reshape(
-        -1, idx.shape[-1], width)
+    gather = lambda idx: take_rows(x, idx).reshape(-1, idx.shape[-1], width)
     dmin, j = kernels.merge_neighbour(gather(gone), gather(keep), M)
     dmin = torch.nan_to_num(dmin.view(*lead, N - K).to(k.dtype), nan=math.inf)
     nearest = keep.gather(-1, j.view(*lead, N - K))  # kept-list index -> cache index

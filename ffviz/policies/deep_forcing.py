@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from ffviz.cache import Decision, LayerDecision
+from ffviz.cache import Decision, LayerDecision, take_rows
 from ffviz.models.rope import apply_rotation
 from ffviz.policies.base import (Policy, check_bool, check_range, need,
                                  protected_mask, select)
@@ -95,7 +95,7 @@ class DeepForcing(Policy):
                 old = layer.time.gather(-1, keep)
                 new = contiguous_times(old, ctx.frame)
                 idx = keep.unsqueeze(-1).expand(*keep.shape, layer.k.shape[-1])
-                x = layer.k.gather(2, idx)
+                x = take_rows(layer.k, keep)
                 # Rope3D.shift_time(x, new - old), with the angles on the host (Rope3D's
                 # frequencies live there) and the rotation on the cache's device
                 c, s = ctx.rope.cos_sin((new - old).cpu(), 0, 0, dtype=x.dtype)
