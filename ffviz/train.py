@@ -59,6 +59,7 @@ class TrainConfig:
     rollout_prob: float = 0.3
     rollout_steps: int = 2  # denoising steps of the rollouts (generation uses the card's, 4)
     gen_context: float = 0.5  # share of a rolled-out clip's context frames taken from the rollout
+    rollout_horizon: int = 0  # the rollout caches the TRUE frame every this many frames (0 = never)
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
@@ -128,8 +129,15 @@ def prefetch(pool, jobs, depth: int):
 
 @torch.no_grad()
 def rollout(model: TinyVideoModel, clip_tokens, cond, frames: int, steps: int, window: int,
-            generator: torch.Generator) -> torch.Tensor:
-    """Free-run the model from the given frames; returns tokens like ``clip_tokens``."""
+            generator: torch.Generator, horizon: int = 0) -> torch.Tensor:
+    """Run the model from the given frames; returns tokens like ``clip_tokens``.
+
+    ``horizon`` 0: free-running, every frame built on the model's own output. ``horizon``
+    h > 0: every h-th frame the TRUE frame goes into the cache instead of the generated
+    one, so a generated frame is at most h frames of the model's errors away from the
+    truth (h = 1: each is a one-step prediction from true frames). Short horizons give
+    contexts that are off the data the way generation is, while the true next frame
+    still follows from them."""
     cfg, n = model.cfg, model.cfg.tokens_per_frame
     cache = model.new_cache()
     out = clip_tokens.clone()
@@ -140,7 +148,8 @@ def rollout(model: TinyVideoModel, clip_tokens, cond, frames: int, steps: int, w
         sl = slice(f * n, (f + fr.numel()) * n)
         noise = torch.randn(out[:, sl].shape, generator=generator).to(out.device)
         out[:, sl] = denoise_chunk(model, cache, fr, cond, noise, steps, cfg.shift).clamp(-1, 1)
-        fill_cache(model, cache, out[:, sl], fr, cond, 0.0)
+        anchor = horizon > 0 and (f - g) % horizon == horizon - 1
+        fill_cache(model, cache, (clip_tokens if anchor else out)[:, sl], fr, cond, 0.0)
         if cache.size > window * n:  # a window cache: the window policy's own decision
             cache.apply(keep_newest(cache, window * n))
     return out
@@ -242,7 +251,7 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
             with torch.no_grad():
                 gen_tokens = rollout(model, x0.cpu() if device == "cpu" else x0,
                                      model.embed_condition(cond_ids), T, cfg.rollout_steps,
-                                     int(rng.integers(2, T)), gen)
+                                     int(rng.integers(2, T)), gen, cfg.rollout_horizon)
             model.train()
             use_gen = torch.from_numpy(rng.random((cfg.batch, T)) < cfg.gen_context).to(device)
             use_gen[:, :g] = False
@@ -305,6 +314,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-context", type=float, default=d.gen_context,
                    help="share of a rolled-out clip's context frames taken from the rollout (the "
                         "rest stay true frames; 1 = all, as at generation)")
+    p.add_argument("--rollout-horizon", type=int, default=d.rollout_horizon,
+                   help="the rollout caches the TRUE frame every this many frames, so its "
+                        "frames are at most this many steps of the model's errors from the "
+                        "truth (0 = free-running rollouts)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--object-weight", type=float, default=1.0,
@@ -325,10 +338,12 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.rollout_steps < 1:
         raise SystemExit(f"--rollout-steps must be >= 1, got {args.rollout_steps}")
+    if args.rollout_horizon < 0:
+        raise SystemExit(f"--rollout-horizon must be >= 0, got {args.rollout_horizon}")
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch,
                       clip_frames=args.clip_frames, lr=args.lr, rollout_after=args.rollout_after,
                       rollout_prob=args.rollout_prob, rollout_steps=args.rollout_steps,
-                      gen_context=args.gen_context, seed=args.seed, threads=args.threads, workers=args.workers,
+                      gen_context=args.gen_context, rollout_horizon=args.rollout_horizon, seed=args.seed, threads=args.threads, workers=args.workers,
                       object_weight=args.object_weight,
                       save_every_s=args.save_every)
     model_cfg = TinyConfig(width=args.width, layers=args.layers)

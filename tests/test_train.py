@@ -1,4 +1,6 @@
 """Training is deterministic and resumable (tiny settings)."""
+import torch
+
 from ffviz.models.tiny import TinyConfig
 from ffviz.train import TrainConfig, train
 from ffviz.weights import load_tiny
@@ -64,3 +66,21 @@ def test_gen_context_sets_how_much_context_comes_from_the_rollout(tmp_path):
     assert len({a["sha256"], b["sha256"], c["sha256"]}) == 3
     with pytest.raises(SystemExit, match="--gen-context must be in"):
         main(["train", "--gen-context", "1.5", "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_rollout_horizon_puts_true_frames_into_the_rollout_cache():
+    """horizon 0 free-runs (true frames after the given ones are never read); horizon 1
+    caches every true frame, so changing true frame f changes the rollout's frame f + 1."""
+    from ffviz.train import rollout
+    from tests.conftest import random_model
+    model = random_model(width=32, layers=1)
+    n, T, g = model.cfg.tokens_per_frame, 5, model.cfg.given_frames
+    x0 = torch.rand(1, T * n, model.cfg.patch_dim) * 2 - 1
+    other = x0.clone()
+    other[:, g * n:(g + 1) * n] = -x0[:, g * n:(g + 1) * n]  # true frame g differs
+    cond = model.embed_condition(torch.zeros(1, 12, dtype=torch.long))
+    run = lambda x, h: rollout(model, x, cond, T, 2, 3, torch.Generator().manual_seed(0), horizon=h)
+    after = slice((g + 1) * n, None)
+    assert torch.equal(run(x0, 0)[:, after], run(other, 0)[:, after])
+    assert not torch.allclose(run(x0, 1)[:, after], run(other, 1)[:, after])
+    assert torch.equal(run(x0, 2)[:, (g + 1) * n:(g + 2) * n], run(other, 2)[:, (g + 1) * n:(g + 2) * n])
