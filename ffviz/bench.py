@@ -2,7 +2,10 @@
 the same process, so they mean something on any machine."""
 from __future__ import annotations
 
+import copy
+import itertools
 import platform
+import statistics
 import time
 
 import torch
@@ -13,36 +16,49 @@ from ffviz.run import make_recorder
 BENCH_PROMPT = "a red circle and a blue square on a green background"
 
 
-def _time_run(model, frames: int, policy: str, budget: int, record: bool) -> float:
-    settings = RunSettings(BENCH_PROMPT, frames=frames, seed=0, record=record)
-    recorder = make_recorder(model) if record else None
-    t0 = time.perf_counter()
+def _paired_run(model, twin, frames: int, policy: str, budget: int) -> tuple[float, float]:
+    """Seconds of one run without and one with the recorder, advanced in lockstep: a
+    step of the plain run on ``model`` and the same step of the recording run on
+    ``twin`` (a copy the recorder listens to), alternating which goes first. A machine that slows down for a while
+    slows both alike, so their ratio holds where separate timed runs drift apart."""
+    runs = [generate(m, RunSettings(BENCH_PROMPT, frames=frames, seed=0, record=False),
+                     Controls(policy, budget)) for m in (model, twin)]
+    seconds = [0.0, 0.0]
+    recorder = make_recorder(twin)
     try:
-        for _ in generate(model, settings, Controls(policy, budget)):
-            pass
+        for step in itertools.count():
+            done = False
+            for i in ((0, 1) if step % 2 == 0 else (1, 0)):  # neither always goes first
+                t0 = time.perf_counter()
+                done = next(runs[i], None) is None
+                seconds[i] += time.perf_counter() - t0
+            if done:
+                break
     finally:
-        if recorder:
-            recorder.detach()
-    return time.perf_counter() - t0
+        for run in runs:
+            run.close()
+        recorder.detach()
+    return seconds[0], seconds[1]
 
 
 def bench_generation(model, frames: int = 64, repeats: int = 3) -> dict:
     """Frames/s with the full cache and the default window, with and without the
-    recorder; configurations interleaved, best of ``repeats`` each."""
+    recorder (the two in lockstep, ``_paired_run``); per configuration, frames/s from
+    the fastest of ``repeats`` runs and the recorder's overhead as the median over
+    repeats of each pair's time ratio."""
     configs = {"full": ("full", frames), "window4": ("window", 4)}
-    best: dict[tuple, float] = {}
-    _time_run(model, 8, "window", 4, True)  # warm-up
+    twin = copy.deepcopy(model)
+    _paired_run(model, twin, 8, "window", 4)  # warm-up
+    pairs: dict[str, list] = {name: [] for name in configs}
     for _ in range(repeats):
         for name, (policy, budget) in configs.items():
-            for record in (False, True):
-                t = _time_run(model, frames, policy, budget, record)
-                best[(name, record)] = min(best.get((name, record), float("inf")), t)
+            pairs[name].append(_paired_run(model, twin, frames, policy, budget))
     out = {"frames": frames, "repeats": repeats, "torch_threads": torch.get_num_threads(),
            "machine": platform.processor() or platform.machine()}
-    for name in configs:
-        plain, rec = best[(name, False)], best[(name, True)]
+    for name, runs in pairs.items():
+        plain, rec = min(p for p, _ in runs), min(r for _, r in runs)
         out[name] = {"fps": round(frames / plain, 2), "fps_recording": round(frames / rec, 2),
-                     "recorder_overhead": round(rec / plain - 1, 4)}
+                     "recorder_overhead": round(statistics.median(r / p - 1 for p, r in runs), 4)}
     return out
 
 

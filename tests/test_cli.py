@@ -77,3 +77,20 @@ def test_bench_policies_reports_each_policys_share_of_a_step(tmp_path):
 def test_full_size_wan_needs_a_gpu(tmp_path):
     r = ffviz("bench", "--model", "wan:full-random", "--policies", "window", "--frames", "6")
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_pairs_plain_and_recording_steps_on_separate_models(monkeypatch):
+    """The lockstep pair: the recorder listens to the twin only, sees every frame of its
+    run, and every hook (the recorder's, each run's query tap) is gone afterwards."""
+    from ffviz import bench
+    from ffviz.hooks import hook_points
+    from tests.conftest import random_model
+    model, twin = random_model(), random_model()
+    seen = []
+    real = bench.make_recorder
+    monkeypatch.setattr(bench, "make_recorder", lambda m: seen.append(real(m)) or seen[-1])
+    plain, rec = bench._paired_run(model, twin, 5, "window", 2)
+    assert plain > 0 and rec > 0
+    assert list(seen[0].frames) == [2, 3, 4]  # each generated frame of the twin's run, once
+    for m in (model, twin):
+        assert all(not p.fns for p in hook_points(m).values())
