@@ -25,7 +25,7 @@ from ffviz.sampling import denoise_chunk, fill_cache
 from ffviz.scenes import Scene, parse_prompt, random_spec
 
 METRICS = ("consistency", "background", "color_presence", "shape", "returns", "off_palette",
-           "tracking")
+           "tracking", "mse")
 TEACHER = "teacher-forced"  # the setting of ``teacher_forced_frames`` (a diagnostic, not a policy)
 
 
@@ -95,11 +95,13 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
              budget: int = DEFAULT_BUDGET, progress=None, also=()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     g = model.cfg.given_frames
-    rows, strips = {}, []
+    rows, strips, copy_mse = {}, [], []
     for i, seed in enumerate(seeds):
         prompt = showcase_prompt(seed)
         scene = Scene(parse_prompt(prompt)[0], seed)
         truth = scene.render(np.arange(frames))
+        first = max(g, 1)
+        copy_mse.append(pixel_mse(truth[first - 1:-1], truth[first:]))  # predicting "nothing moves"
         if i < strip_seeds:
             strips.append(("truth", seed, truth))
         for name, policy, params, b in settings_list(budget, also=also):
@@ -107,6 +109,7 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
                      else run_frames(model, prompt, seed, frames, policy, b, params))
             m = consistency(video[g:], scene, start=g)
             m.pop("curves")
+            m["mse"] = pixel_mse(video[g:], truth[g:])
             rows.setdefault(name, []).append({"seed": seed, "prompt": prompt, **m})
             if i < strip_seeds:
                 strips.append((name, seed, video))
@@ -118,10 +121,17 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
         summary[name]["returns_events"] = int(sum(r["returns_count"] for r in rs))
     if strips:
         _write_strip(strips, out / "strip.png", stride)
+    copy = float(np.mean(copy_mse))
     (out / "showcase.json").write_text(json.dumps({"frames": frames, "seeds": list(seeds),
-                                                   "summary": summary, "runs": rows}, indent=2))
-    (out / "showcase.md").write_text(_table(summary, rows, frames, list(seeds)))
+                                                   "summary": summary, "copy_previous_mse": copy,
+                                                   "runs": rows}, indent=2))
+    (out / "showcase.md").write_text(_table(summary, rows, frames, list(seeds), copy))
     return summary
+
+
+def pixel_mse(video: np.ndarray, truth: np.ndarray) -> float:
+    """Mean squared error of uint8 frames against the true ones, pixels scaled to [-1, 1]."""
+    return float(np.mean(((video.astype(np.float32) - truth.astype(np.float32)) / 127.5) ** 2))
 
 
 def _nanmean(xs) -> float:
@@ -139,7 +149,7 @@ def _write_strip(strips, path: Path, stride: int, scale: int = 3) -> None:
     Image.fromarray(img).save(path)
 
 
-def _table(summary, rows, frames, seeds) -> str:
+def _table(summary, rows, frames, seeds, copy_mse: float) -> str:
     head = "| setting | " + " | ".join(METRICS) + " | return events |\n"
     head += "| --- |" + " --- |" * (len(METRICS) + 1) + "\n"
     body = "".join(f"| {name} | " + " | ".join(f"{v[k]:.3f}" for k in METRICS) +
@@ -152,5 +162,10 @@ def _table(summary, rows, frames, seeds) -> str:
     return (f"Free-running, {frames} frames, seeds {seeds[0]}..{seeds[-1]} (mean over seeds; "
             f"`returns`: share of objects that left the view and showed their colour again; "
             f"`tracking`: share of visible object-frames with the object's colour where it is, "
-            f"not part of `consistency`)\n\n"
-            + head + body + per_seed)
+            f"not part of `consistency`; `mse`: mean squared pixel error against the true "
+            f"frames, pixels in [-1, 1])\n\n"
+            + head + body
+            + f"\nCopying the previous true frame (a predictor that knows nothing moves) scores "
+              f"mse {copy_mse:.4f}: a teacher-forced row above that is not clearly below it has "
+              f"not learned the motion.\n"
+            + per_seed)

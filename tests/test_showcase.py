@@ -17,6 +17,11 @@ def test_showcase_writes_table_strip_and_json(tmp_path):
     data = json.loads((tmp_path / "showcase.json").read_text())
     assert len(data["runs"]["full cache"]) == 2
     assert "| window 1 |" in (tmp_path / "showcase.md").read_text()
+    from ffviz.scenes import Scene
+    truths = [Scene(parse_prompt(showcase_prompt(s))[0], s).render(np.arange(6)) for s in (0, 1)]
+    want = np.mean([np.mean(((t[2:].astype(float) - t[1:-1]) / 127.5) ** 2) for t in truths])
+    assert data["copy_previous_mse"] == pytest.approx(want, rel=1e-5) and want > 0
+    assert all(0 < r["mse"] <= 4 for r in data["runs"]["window 1"])
     from PIL import Image
     strip = np.asarray(Image.open(tmp_path / "strip.png"))
     assert strip.shape[0] == 4 * 34 * 3  # truth + three settings, one seed
@@ -53,6 +58,9 @@ def test_teacher_forced_setting_runs_on_true_frames(tmp_path):
     assert np.array_equal(tf[:2], free[:2])  # the given frames, and the first generated frame
     assert np.array_equal(tf[2], free[2])  # sees the same (true) cache in both
     assert not np.array_equal(tf[3:], free[3:])
+    from ffviz.showcase import pixel_mse
+    assert pixel_mse(tf, tf) == 0 and pixel_mse(np.zeros((1, 2, 2, 3), np.uint8),
+                                                np.full((1, 2, 2, 3), 255, np.uint8)) == pytest.approx(4)
     label = parse_setting("teacher-forced:4")
     assert label[1:] == ("teacher-forced", {}, 4)
     with pytest.raises(PolicyError, match="budget only"):
