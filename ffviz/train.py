@@ -330,6 +330,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="local optimizer state for exact resumption (not committed)")
     p.add_argument("--width", type=int, default=TinyConfig.width)
     p.add_argument("--layers", type=int, default=TinyConfig.layers)
+    p.add_argument("--rope-theta", type=float, default=TinyConfig.rope_theta,
+                   help="RoPE base of a NEW model (a resumed one keeps its own): with 5 planes per "
+                        "spatial axis and an 8x8 grid, 10000 leaves one plane that tells "
+                        "neighbouring positions apart")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -346,7 +350,9 @@ def main(args: argparse.Namespace) -> int:
                       gen_context=args.gen_context, rollout_horizon=args.rollout_horizon, seed=args.seed, threads=args.threads, workers=args.workers,
                       object_weight=args.object_weight,
                       save_every_s=args.save_every)
-    model_cfg = TinyConfig(width=args.width, layers=args.layers)
+    if not args.rope_theta > 1:
+        raise SystemExit(f"--rope-theta must be > 1, got {args.rope_theta}")
+    model_cfg = TinyConfig(width=args.width, layers=args.layers, rope_theta=args.rope_theta)
     card = train(cfg, model_cfg, args.out, args.state, log=lambda s: print(s, flush=True))
     print(json.dumps({k: card[k] for k in ("steps", "clips_seen", "train_seconds", "sha256")}))
     return 0

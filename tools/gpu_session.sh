@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session, in the order that gains the most (see the developers' brief):
-#   1. train the embedded model (resumes from assets/tiny.safetensors),
+#   1. train the embedded model (resumes from assets/tiny.safetensors, or RESUME=DIR,
+#      or RESUME=scratch for a new model),
 #   2. the Triton kernels compiled (tests, then `bench --kernels`),
 #   3. the full-size Wan2.1-1.3B architecture with random weights: frames/s and
 #      each policy's cost as a share of a step.
@@ -28,9 +29,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # packages the device image lacks (diffu
 fi
 
 log "train ${TRAIN_MIN} min, batch $BATCH, $WORKERS workers"
-FROM=${RESUME:-assets}  # a folder with tiny.safetensors + tiny.json (+ state.pt to resume exactly)
-cp "$FROM"/tiny.safetensors "$FROM"/tiny.json "$OUT/"
-[ -f "$FROM/state.pt" ] && cp "$FROM/state.pt" "$OUT/"
+FROM=${RESUME:-assets}  # a folder with tiny.safetensors + tiny.json (+ state.pt to resume exactly);
+if [ "$FROM" != scratch ]; then  # RESUME=scratch: a new model (e.g. TRAIN_ARGS="--rope-theta 10")
+    cp "$FROM"/tiny.safetensors "$FROM"/tiny.json "$OUT/"
+    [ -f "$FROM/state.pt" ] && cp "$FROM/state.pt" "$OUT/"
+fi
 # the reference attention in the rollouts: training must not depend on the kernels' first run
 FFVIZ_KERNELS=reference timeout "$(awk "BEGIN{print int($TRAIN_MIN*60+120)}")" \
     $PY -m ffviz train --minutes "$TRAIN_MIN" --batch "$BATCH" --workers "$WORKERS" --save-every 60 \
