@@ -84,3 +84,18 @@ def test_rollout_horizon_puts_true_frames_into_the_rollout_cache():
     assert torch.equal(run(x0, 0)[:, after], run(other, 0)[:, after])
     assert not torch.allclose(run(x0, 1)[:, after], run(other, 1)[:, after])
     assert torch.equal(run(x0, 2)[:, (g + 1) * n:(g + 2) * n], run(other, 2)[:, (g + 1) * n:(g + 2) * n])
+
+
+def test_rope_theta_sets_a_new_models_base(tmp_path):
+    import json
+
+    import pytest
+
+    from ffviz.__main__ import main
+    out = tmp_path / "t.safetensors"
+    args = ["train", "--steps", "1", "--batch", "1", "--clip-frames", "3", "--width", "32",
+            "--layers", "1", "--out", str(out), "--state", str(tmp_path / "t.pt")]
+    assert main([*args, "--rope-theta", "10"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["config"]["rope_theta"] == 10
+    with pytest.raises(SystemExit, match="--rope-theta must be > 1"):
+        main([*args, "--rope-theta", "1"])
