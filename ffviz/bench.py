@@ -19,8 +19,9 @@ BENCH_PROMPT = "a red circle and a blue square on a green background"
 def _paired_run(model, twin, frames: int, policy: str, budget: int) -> tuple[float, float]:
     """Seconds of one run without and one with the recorder, advanced in lockstep: a
     step of the plain run on ``model`` and the same step of the recording run on
-    ``twin`` (a copy the recorder listens to), alternating which goes first. A machine that slows down for a while
-    slows both alike, so their ratio holds where separate timed runs drift apart."""
+    ``twin`` (a copy the recorder listens to), alternating which goes first. A machine
+    that slows down for a while slows both alike, so their ratio holds where separate
+    timed runs drift apart."""
     runs = [generate(m, RunSettings(BENCH_PROMPT, frames=frames, seed=0, record=False),
                      Controls(policy, budget)) for m in (model, twin)]
     seconds = [0.0, 0.0]

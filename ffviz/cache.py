@@ -25,7 +25,6 @@ dropped). ``KVCache.apply`` carries it out.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 import torch

@@ -347,9 +347,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch,
                       clip_frames=args.clip_frames, lr=args.lr, rollout_after=args.rollout_after,
                       rollout_prob=args.rollout_prob, rollout_steps=args.rollout_steps,
-                      gen_context=args.gen_context, rollout_horizon=args.rollout_horizon, seed=args.seed, threads=args.threads, workers=args.workers,
-                      object_weight=args.object_weight,
-                      save_every_s=args.save_every)
+                      gen_context=args.gen_context, rollout_horizon=args.rollout_horizon,
+                      seed=args.seed, threads=args.threads, workers=args.workers,
+                      object_weight=args.object_weight, save_every_s=args.save_every)
     if not args.rope_theta > 1:
         raise SystemExit(f"--rope-theta must be > 1, got {args.rope_theta}")
     model_cfg = TinyConfig(width=args.width, layers=args.layers, rope_theta=args.rope_theta)
