@@ -334,6 +334,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="RoPE base of a NEW model (a resumed one keeps its own): with 5 planes per "
                         "spatial axis and an 8x8 grid, 10000 leaves one plane that tells "
                         "neighbouring positions apart")
+    p.add_argument("--rope-theta-time", type=float, default=None,
+                   help="RoPE base of the temporal axis of a NEW model (default: --rope-theta); "
+                        "e.g. --rope-theta 10 --rope-theta-time 10000: fine positions on the "
+                        "grid, no temporal wrap-around within a long run")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -350,9 +354,12 @@ def main(args: argparse.Namespace) -> int:
                       gen_context=args.gen_context, rollout_horizon=args.rollout_horizon,
                       seed=args.seed, threads=args.threads, workers=args.workers,
                       object_weight=args.object_weight, save_every_s=args.save_every)
-    if not args.rope_theta > 1:
-        raise SystemExit(f"--rope-theta must be > 1, got {args.rope_theta}")
-    model_cfg = TinyConfig(width=args.width, layers=args.layers, rope_theta=args.rope_theta)
+    for name in ("rope_theta", "rope_theta_time"):
+        value = getattr(args, name)
+        if value is not None and not value > 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be > 1, got {value}")
+    model_cfg = TinyConfig(width=args.width, layers=args.layers, rope_theta=args.rope_theta,
+                           rope_theta_time=args.rope_theta_time)
     card = train(cfg, model_cfg, args.out, args.state, log=lambda s: print(s, flush=True))
     print(json.dumps({k: card[k] for k in ("steps", "clips_seen", "train_seconds", "sha256")}))
     return 0

@@ -44,3 +44,16 @@ def test_shift_time_equals_recomputing_rope():
     c2, s2 = rope.cos_sin(9, 1, 6, dtype=torch.float64)
     shifted = rope.shift_time(apply_rotation(k, c, s), 5)
     assert torch.allclose(shifted, apply_rotation(k, c2, s2), atol=1e-12)
+
+
+def test_temporal_axis_can_have_its_own_base():
+    both = Rope3D(32, theta=10.0, theta_time=10000.0)
+    time_planes = both.axis == 0
+    assert torch.equal(both.omega[time_planes], Rope3D(32, 10000.0).omega[time_planes])
+    assert torch.equal(both.omega[~time_planes], Rope3D(32, 10.0).omega[~time_planes])
+    assert torch.equal(Rope3D(32, 10.0, None).omega, Rope3D(32, 10.0).omega)
+    R = both.matrix(7, 3, 5)
+    assert torch.allclose(R @ R.T, torch.eye(32, dtype=torch.float64), atol=1e-12)
+    q, k = torch.randn(32, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    dot = lambda p, pk: (both.matrix(*p) @ q) @ (both.matrix(*pk) @ k)
+    assert torch.allclose(dot((10, 2, 3), (4, 5, 1)), dot((106, 7, 9), (100, 10, 7)), atol=1e-9)

@@ -95,7 +95,14 @@ def test_rope_theta_sets_a_new_models_base(tmp_path):
     out = tmp_path / "t.safetensors"
     args = ["train", "--steps", "1", "--batch", "1", "--clip-frames", "3", "--width", "32",
             "--layers", "1", "--out", str(out), "--state", str(tmp_path / "t.pt")]
-    assert main([*args, "--rope-theta", "10"]) == 0
-    assert json.loads(out.with_suffix(".json").read_text())["config"]["rope_theta"] == 10
+    assert main([*args, "--rope-theta", "10", "--rope-theta-time", "10000"]) == 0
+    cfg = json.loads(out.with_suffix(".json").read_text())["config"]
+    assert cfg["rope_theta"] == 10 and cfg["rope_theta_time"] == 10000
+    model, _ = load_tiny(out)
+    from ffviz.models.rope import Rope3D
+    assert torch.equal(model.rope.omega, Rope3D(model.cfg.head_dim, 10.0, 10000.0).omega)
+    assert not torch.equal(model.rope.omega, Rope3D(model.cfg.head_dim, 10.0).omega)
     with pytest.raises(SystemExit, match="--rope-theta must be > 1"):
         main([*args, "--rope-theta", "1"])
+    with pytest.raises(SystemExit, match="--rope-theta-time must be > 1"):
+        main([*args, "--rope-theta-time", "0.5"])

@@ -30,7 +30,7 @@ fi
 
 log "train ${TRAIN_MIN} min, batch $BATCH, $WORKERS workers"
 FROM=${RESUME:-assets}  # a folder with tiny.safetensors + tiny.json (+ state.pt to resume exactly);
-if [ "$FROM" != scratch ]; then  # RESUME=scratch: a new model (e.g. TRAIN_ARGS="--rope-theta 10")
+if [ "$FROM" != scratch ]; then  # RESUME=scratch: a new model (TRAIN_ARGS="--rope-theta 10 --rope-theta-time 10000")
     cp "$FROM"/tiny.safetensors "$FROM"/tiny.json "$OUT/"
     [ -f "$FROM/state.pt" ] && cp "$FROM/state.pt" "$OUT/"
 fi

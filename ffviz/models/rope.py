@@ -31,14 +31,18 @@ class Rope3D:
     (a 1000-frame run needs no table).
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, theta_time: float | None = None):
+        """``theta``: the base of every axis (Wan: 10000), or of the two spatial axes only
+        when ``theta_time`` gives the temporal axis its own (a small grid wants a low
+        spatial base, a long run a high temporal one)."""
         self.head_dim = head_dim
         self.split = wan_split(head_dim)
+        bases = (theta if theta_time is None else theta_time, theta, theta)
         omegas, axes = [], []
         for axis, n in enumerate(self.split):
             # on the host whatever the default device (a model built under torch.device("cuda"))
             i = torch.arange(n // 2, dtype=torch.float64, device="cpu")
-            omegas.append(theta ** (-2.0 * i / n))
+            omegas.append(bases[axis] ** (-2.0 * i / n))
             axes.append(torch.full((n // 2,), axis, dtype=torch.long, device="cpu"))
         self.omega = torch.cat(omegas)  # (d/2,) float64
         self.axis = torch.cat(axes)  # (d/2,) 0=time 1=row 2=col

@@ -48,6 +48,7 @@ class TinyConfig:
     chunk_frames: int = 1  # frames denoised together (block-causal unit)
     given_frames: int = 2  # frames rendered from the prompt's scene (image-to-video)
     rope_theta: float = 10000.0
+    rope_theta_time: float | None = None  # the temporal axis's own base; None = rope_theta
     # sampling defaults, stored with the weights
     sample_steps: int = 4
     shift: float = 3.0
@@ -167,7 +168,7 @@ class TinyVideoModel(nn.Module):
         self.head_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.head_mod = nn.Parameter(torch.randn(1, 2, w) / w ** 0.5)
         self.head = nn.Linear(w, cfg.patch_dim)
-        self.rope = Rope3D(cfg.head_dim, cfg.rope_theta)
+        self.rope = Rope3D(cfg.head_dim, cfg.rope_theta, cfg.rope_theta_time)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         nn.init.zeros_(self.time_proj[1].weight)
