@@ -20,9 +20,8 @@ from PIL import Image
 from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings, _to_uint8, generate
 from ffviz.metrics import consistency
 from ffviz.policies import PolicyError, make_policy, parse_policy_args
-from ffviz.policies.base import keep_newest
-from ffviz.sampling import denoise_chunk, fill_cache
 from ffviz.scenes import Scene, parse_prompt, random_spec
+from ffviz.train import rollout
 
 METRICS = ("consistency", "background", "color_presence", "shape", "returns", "off_palette",
            "tracking", "mse")
@@ -67,27 +66,18 @@ def run_frames(model, prompt: str, seed: int, frames: int, policy: str, budget: 
 def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: int) -> np.ndarray:
     """Every frame generated as in a run (same sampler, same noise seed) but from a cache
     of the TRUE previous frames (the newest ``budget``), never of its own output: what
-    the model can do without its own errors to build on. A diagnostic, not a policy."""
+    the model can do without its own errors to build on. A diagnostic, not a policy:
+    the training rollout with horizon 1 (the true frame cached after every frame)."""
     spec = parse_prompt(prompt)[0]
-    cfg, n = model.cfg, model.cfg.tokens_per_frame
+    cfg = model.cfg
     if cfg.chunk_frames != 1:
         raise ValueError(f"teacher-forced frames are generated one at a time; this model's "
                          f"chunks hold {cfg.chunk_frames} frames")
     truth = torch.from_numpy(Scene(spec, seed).render(np.arange(frames)))[None].float()
-    x = model.patchify(truth / 127.5 - 1)
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
-    cache, out, g = model.new_cache(), x.clone(), cfg.given_frames
-    fill_cache(model, cache, x[:, :g * n], torch.arange(g), cond, 0.0)
-    for f in range(g, frames):
-        fr = torch.tensor([f])
-        noise = torch.randn(1, n, cfg.patch_dim, generator=gen)
-        out[:, f * n:(f + 1) * n] = denoise_chunk(model, cache, fr, cond, noise, cfg.sample_steps,
-                                                  cfg.shift).clamp(-1, 1)
-        fill_cache(model, cache, x[:, f * n:(f + 1) * n], fr, cond, 0.0)  # the true frame
-        if cache.size > budget * n:
-            cache.apply(keep_newest(cache, budget * n))
+    out = rollout(model, model.patchify(truth / 127.5 - 1), cond, frames, cfg.sample_steps,
+                  budget, torch.Generator().manual_seed(seed), horizon=1)
     return _to_uint8(model, out)
 
 
