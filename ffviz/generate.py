@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+import kernels
 from ffviz.cache import Decision, KVCache
 from ffviz.hooks import Hooks
 from ffviz.policies import Policy, PolicyContext, PolicyError, make_policy
@@ -269,6 +270,7 @@ def generate(model, settings: RunSettings, controls: Controls,
     scene = Scene(spec, settings.seed) if scenes else None
     gen = torch.Generator().manual_seed(settings.seed)
     cache = model.new_cache()
+    kernels.cpu_kernels.warm(len(cache.layers))  # compiled now, not inside a timed step
     g = min(cfg.given_frames, settings.frames)
     tap = QueryTap(model, QueryStats(cfg.layers, cfg.heads, cfg.head_dim), steps)
     clock = _clock(model)

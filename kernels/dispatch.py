@@ -1,8 +1,12 @@
 """One entry point per kernel: Triton on CUDA, the PyTorch reference elsewhere
 (attention: PyTorch's SDPA in ``auto`` mode everywhere, measured faster on an H200).
+On the CPU, whole steps that are many small ops (a Future Forcing compression, the
+cache's merge) run as numba kernels (``kernels.cpu_kernels``) where ``compiled_cpu``
+says so.
 
 ``FFVIZ_KERNELS`` picks the backend: ``auto`` (default: Triton when every tensor
-is on CUDA and triton imports, else the reference), ``triton`` (always Triton;
+is on CUDA and triton imports, else the reference; numba for those whole steps on
+float32 CPU tensors), ``triton`` (always Triton;
 an error if it cannot run, e.g. CPU tensors without ``TRITON_INTERPRET=1``) or
 ``reference`` (always PyTorch). The policies call these functions, never a
 kernel directly. Shapes are checked here, so both backends see valid input.
@@ -13,7 +17,7 @@ import os
 
 import torch
 
-from kernels import reference, triton_kernels
+from kernels import cpu_kernels, reference, triton_kernels
 
 ENV = "FFVIZ_KERNELS"
 MODES = ("auto", "triton", "reference")
@@ -39,6 +43,13 @@ def backend(*tensors: torch.Tensor) -> str:
         return "triton"
     on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
     return "triton" if on_cuda and triton_kernels.AVAILABLE else "reference"
+
+
+def compiled_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether a whole-step numba kernel runs for these tensors: ``auto`` mode, numba
+    importable, every tensor float32 on the CPU (the kernels are compiled for that)."""
+    return (mode() == "auto" and cpu_kernels.AVAILABLE and bool(tensors)
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 
 def _check(cond: bool, msg: str) -> None:

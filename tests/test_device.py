@@ -144,8 +144,11 @@ def _future(ctx, tagged, audit):
 
 @pytest.mark.parametrize("name,params", POLICY_CASES)
 @pytest.mark.parametrize("merged_mass", [False, True])
-def test_policies_stay_on_the_cache_device(name, params, merged_mass):
+def test_policies_stay_on_the_cache_device(name, params, merged_mass, monkeypatch):
     assert set(POLICIES) == {n for n, _ in POLICY_CASES}
+    # the PyTorch path on both sides, compared exactly (the CPU-only numba kernels are
+    # compared with the PyTorch path in test_cpu_kernels)
+    monkeypatch.setenv("FFVIZ_KERNELS", "reference")
     budget = 3 * 6  # 3 of 5 frames
     # the same policy twice (two compressions: buffers, cached eigenvectors), plain CPU
     ref_cache, ref_ctx, _ = toy(merged_mass=merged_mass)

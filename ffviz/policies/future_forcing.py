@@ -20,13 +20,16 @@ Vectorised over layers and heads.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
+import numpy as np
 import torch
 
 import kernels
 from ffviz.cache import Decision, LayerDecision
-from ffviz.policies.base import (Policy, check_bool, check_range, future_positions,
-                                 merge_to_nearest, need, protected_mask, rank, rotate)
+from ffviz.policies.base import (Policy, PolicyError, check_bool, check_fits, check_range,
+                                 future_positions, merge_to_nearest, need, protected_mask, rank,
+                                 rotate)
 
 
 @dataclasses.dataclass
@@ -76,6 +79,12 @@ class FutureForcing(Policy):
             self._eig = (u if fitted else None, ctx.frame, 1)
             return lam, u
         cov = ctx.stats.cov_all()
+        if kernels.compiled_cpu(u, cov):
+            basis, lam = (torch.from_numpy(t) for t in kernels.cpu_kernels.subspace_step(
+                u.flatten(0, 1).contiguous().numpy(), cov.flatten(0, 1).numpy()))
+            basis, lam = basis.view(u.shape), lam.view(u.shape[:3])
+            self._eig = (basis, ctx.frame, calls + 1)
+            return lam, basis
         basis = torch.linalg.qr((u @ cov).transpose(-1, -2)).Q.transpose(-1, -2)  # (L, H, r, d)
         if not bool(torch.isfinite(basis).all()):  # degenerate statistics: keep the old vectors
             basis = u
@@ -87,8 +96,16 @@ class FutureForcing(Policy):
         """The proxy queries (L, 1, H, (1 + r) P, d): R(p) mu for the P positions,
         then sqrt(lambda_i) R(p) u_i for i = 1..r (direction-major), and P."""
         lam, u = self.eigenpairs(ctx, min(self.rank, d))  # (L, H, r), (L, H, r, d)
-        vecs = torch.cat([ctx.stats.mean_all().unsqueeze(2), u * lam.sqrt().unsqueeze(-1)], 2)
         pos = future_positions(ctx, self.horizon, self.stride)
+        mean = ctx.stats.mean_all()
+        if kernels.compiled_cpu(mean, u, lam):
+            L, H, r, _ = u.shape
+            cos, sin = (c.numpy() for c in ctx.rope.cos_sin(*pos, dtype=torch.float32))
+            w = kernels.cpu_kernels.future_proxies(
+                mean.view(L * H, d).numpy(), u.contiguous().view(L * H, r, d).numpy(),
+                lam.contiguous().view(L * H, r).numpy(), cos, sin)
+            return torch.from_numpy(w).view(L, 1, H, -1, d), pos[0].numel()
+        vecs = torch.cat([mean.unsqueeze(2), u * lam.sqrt().unsqueeze(-1)], 2)
         return rotate(vecs, ctx.rope, *pos).flatten(2, 3).unsqueeze(1), pos[0].numel()
 
     def score(self, k, mass, w, P: int):
@@ -108,6 +125,8 @@ class FutureForcing(Policy):
         if cache.size <= budget_tokens:
             return None
         need(ctx, self.name, "stats", "rope")
+        if all(kernels.compiled_cpu(l.k, l.mass) and l.k.is_contiguous() for l in cache.layers):
+            return self._compress_compiled(cache, budget_tokens, ctx)
         k, mass, frame = (torch.stack([getattr(l, f) for l in cache.layers])
                           for f in ("k", "mass", "frame"))  # (L, B, H, N, ...)
         w, P = self.proxies(ctx, k.shape[-1])  # built on the host, from the host statistics
@@ -126,5 +145,34 @@ class FutureForcing(Policy):
         # proxies are the metric's factor, so with (1 + r) P < d the search runs on w.k
         into, dist = merge_to_nearest(k, keep, None, self.tau, factor=w / P ** 0.5,
                                       gone=order[..., K:])
+        return Decision([LayerDecision(keep=keep[i], merge_into=into[i], score=score[i],
+                                       distance=dist[i]) for i in range(L)])
+
+    def _compress_compiled(self, cache, budget_tokens, ctx):
+        """``compress`` as numba kernels (CPU, float32): the proxies, then score, order
+        and merge in one call over the layers' own arrays (no stacking); the same
+        math and rules as the PyTorch path (the tests compare the two)."""
+        check_fits("n_sink + n_recent", self.n_sink + self.n_recent, budget_tokens,
+                   ctx.tokens_per_frame)
+        B, H, N, d = cache.layers[0].k.shape
+        L, X, K = len(cache.layers), B * H, min(budget_tokens, N)
+        rows = lambda name: tuple(getattr(l, name).numpy().reshape(X, N) for l in cache.layers)
+        w, P = self.proxies(ctx, d)  # (L, 1, H, R, d)
+        w = w.expand(L, B, H, -1, d).reshape(L, X, -1, d).numpy()
+        scale = (torch.stack([l.v.norm(dim=-1) for l in cache.layers]).view(L, X, N).numpy()
+                 if self.value_norm else np.zeros((0, 0, 0), np.float32))
+        score, keep, into, dist, most, bad = kernels.cpu_kernels.future_compress(
+            tuple(l.k.numpy().reshape(X, N, d) for l in cache.layers), rows("mass"),
+            rows("frame"), scale, w, P, K, float(self.tau),
+            ctx.frame - self.n_recent + 1, self.n_sink)
+        if most > K:
+            raise PolicyError(f"n_sink + n_recent: {most} protected tokens in one head exceed "
+                              f"the budget of {K}")
+        if bad:
+            warnings.warn("policy score had non-finite values; they rank last", RuntimeWarning)
+        score, keep, into, dist = (torch.from_numpy(t).view(L, B, H, -1)
+                                   for t in (score, keep, into, dist))
+        if self.tau == 0:
+            return Decision([LayerDecision(keep=keep[i], score=score[i]) for i in range(L)])
         return Decision([LayerDecision(keep=keep[i], merge_into=into[i], score=score[i],
                                        distance=dist[i]) for i in range(L)])

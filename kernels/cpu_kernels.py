@@ -1,0 +1,391 @@
+"""Numba kernels for the CPU: a whole Future Forcing compression, and the cache's merge.
+
+On a small model a compression is not arithmetic but op count: the PyTorch path is
+~100 small tensor ops (score, rank, merge search, bookkeeping) at several
+microseconds each, ~12% of a generation step of the tiny model. Here each is one
+compiled loop over the (layer, head) rows, with the two products (proxies x keys,
+the merge metric) through BLAS (``np.dot``), and the same math, order and tie rules
+as the PyTorch path (``ffviz.policies.base.rank`` / ``merge_to_nearest``,
+``kernels.reference``, ``ffviz.cache.LayerCache``), which the tests compare them to.
+
+numba comes with umap-learn (the app's UMAP); without it (``AVAILABLE`` False) the
+callers stay on PyTorch. ``warm(layers)`` compiles the kernels on tiny inputs (a few
+seconds once; cached on disk next to this file when it is writable); ``generate``
+calls it before its first step, so that no timed compression pays for compilation.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+    AVAILABLE, IMPORT_ERROR = True, None
+except Exception as e:  # pragma: no cover - numba ships with umap-learn
+    numba, AVAILABLE, IMPORT_ERROR = None, False, e
+
+
+# reordered sums and fused multiply-adds (vector loops); NaN and inf stay honoured
+_FAST = {"reassoc", "contract", "arcp"}
+
+
+def _jit(fn):
+    # error_model="numpy": x / 0 is inf or NaN as in numpy and torch, not a Python exception
+    return (numba.njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")(fn)
+            if AVAILABLE else fn)
+
+
+@_jit
+def _select(s, frame, K):
+    """The K best tokens (ascending) and the others, in ``rank``'s order: by s
+    descending, ties to the newer source frame, then the later cache slot. One
+    partition finds the K-th best value; only ties at it need the tie rule."""
+    N = s.shape[0]
+    if K >= N:
+        return np.arange(N), np.empty(0, np.int64)
+    cut = -np.partition(-s, K - 1)[K - 1]  # the K-th largest score
+    inside = s > cut
+    room = K - inside.sum()
+    tied = np.nonzero(s == cut)[0]
+    if room < tied.shape[0]:  # the tie rule picks which of the tied ones stay
+        tie = np.empty(tied.shape[0], np.float64)
+        for i in range(tied.shape[0]):
+            tie[i] = -(frame[tied[i]] * (N + 1.0) + tied[i])
+        tied = tied[np.argsort(tie, kind="mergesort")]
+    for i in range(room):
+        inside[tied[i]] = True
+    return np.nonzero(inside)[0], np.nonzero(~inside)[0]
+
+
+@_jit
+def _exp_nonpositive(z, bits):
+    """exp(z) in place for z <= 0 (a softmax's shifted logits) as loops the compiler
+    vectorises (a scalar libm exp is most of a score's time otherwise): z = n ln 2 + f
+    with n an integer (2^n built in the float's exponent bits) and |f| <= ln 2 / 2
+    (Cody-Waite: ln 2 in two parts, so f keeps its digits), e^f by its Taylor series to
+    f^7. Within 1e-7 relative of the exact exp (numpy's float32 exp: 1.6e-7); z below
+    -87 gives e^-87 ~ 1.6e-38, nothing next to the softmax's largest term, 1.
+    ``bits``: int32 scratch of z's length."""
+    for j in range(z.shape[0]):
+        x = max(z[j], np.float32(-87.0))
+        n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+        f = (x - n * np.float32(0.693359375)) + n * np.float32(2.12194440e-4)
+        z[j] = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(1 / 2) + f * (
+            np.float32(1 / 6) + f * (np.float32(1 / 24) + f * (np.float32(1 / 120) + f * (
+                np.float32(1 / 720) + f * np.float32(1 / 5040)))))))
+        bits[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    for j in range(z.shape[0]):
+        z[j] *= scale[j]
+
+
+@_jit
+def _future_share(y, logm, P, r, d):
+    """Mean over the P proxy positions of each key's softmax share, from the proxy-key
+    products y ((1 + r) P, N): z_pj = y_pj / sqrt(d) + sum_i y_(P + iP + p)j^2 / (2d) + log m_j
+    (``kernels.reference.future_score``). A NaN logit makes the position's shares NaN."""
+    N = y.shape[1]
+    inv_sd, inv_2d = np.float32(1.0 / np.sqrt(d)), np.float32(1.0 / (2.0 * d))
+    acc = np.zeros(N, np.float32)
+    z = np.empty(N, np.float32)
+    bits = np.empty(N, np.int32)
+    for p in range(P):  # row views and plain loops: the compiler vectorises these
+        yp = y[p]
+        for j in range(N):
+            z[j] = yp[j] * inv_sd + logm[j]
+        for i in range(r):
+            yr = y[P + i * P + p]
+            for j in range(N):
+                z[j] += yr[j] * yr[j] * inv_2d
+        top = z[0]
+        for j in range(N):
+            top = max(top, z[j])
+        if np.isfinite(top):
+            for j in range(N):
+                z[j] -= top
+            _exp_nonpositive(z, bits)
+        else:  # NaN, or an infinite logit: the plain formula's result
+            z = np.exp(z - top)
+        tot = np.float32(0.0)
+        for j in range(N):
+            tot += z[j]
+        inv = np.float32(1.0) / tot
+        for j in range(N):
+            acc[j] += z[j] * inv
+    return acc / np.float32(P)
+
+
+@_jit
+def _row_argmin(r):
+    """The first index of the minimum of r: the minimum over 8 independent lanes (a
+    loop the compiler vectorises), then its first occurrence."""
+    n = r.shape[0]
+    lanes = np.full(8, np.inf, r.dtype)
+    for m in range(0, n - n % 8, 8):
+        for l in range(8):
+            lanes[l] = min(lanes[l], r[m + l])
+    best = lanes.min()
+    for m in range(n - n % 8, n):
+        best = min(best, r[m])
+    for m in range(n):
+        if r[m] == best:
+            return m
+    return np.argmin(r)  # NaN only: as torch, whichever
+
+
+@_jit
+def _nearest_kept(y, keep, gone, scale):
+    """For every evicted token, its nearest kept token under D(a, b) = |F (k_a - k_b)|^2 / d
+    with the projections F k = y / sqrt(P) already at hand: D = |y_a - y_b|^2 x ``scale``
+    (= 1 / (P d)). Centred on the mean kept projection (fewer cancelled digits).
+    Returns D (G,) float32 (NaN -> inf) and the index into ``keep`` (G,) (first minimum;
+    a kept token with a NaN projection is passed over)."""
+    R = y.shape[0]
+    K, G = keep.shape[0], gone.shape[0]
+    c = np.zeros(R, np.float32)
+    for t in range(R):
+        yr = y[t]
+        for m in range(K):
+            c[t] += yr[keep[m]]
+        c[t] /= np.float32(K)
+    # |a - b|^2 = |a|^2 + (|b|^2 - 2 a.b): the bracket is one product of [a, 1] and [-2b; |b|^2]
+    a = np.empty((G, R + 1), np.float32)
+    bt = np.empty((R + 1, K), np.float32)
+    qa = np.zeros(G, np.float32)
+    bt[R] = 0.0
+    qb = bt[R]
+    for t in range(R):  # row views, element loops: no temporary arrays per token
+        yr, br = y[t], bt[t]
+        ct = c[t]
+        for i in range(G):
+            e = yr[gone[i]] - ct
+            a[i, t] = e
+            qa[i] += e * e
+        for m in range(K):
+            e = yr[keep[m]] - ct
+            br[m] = np.float32(-2.0) * e
+            qb[m] += e * e
+    a[:, R] = 1.0
+    part = np.dot(a, bt)  # (G, K)
+    dmin = np.empty(G, np.float32)
+    arg = np.empty(G, np.int64)
+    for i in range(G):
+        at = _row_argmin(part[i])
+        # the winner's distance summed directly: the expansion above cancels digits for
+        # near-duplicates, which are what merging is about
+        v = np.float32(0.0)
+        for t in range(R):
+            e = y[t, gone[i]] - y[t, keep[at]]
+            v += e * e
+        v *= scale
+        dmin[i] = np.inf if np.isnan(v) else v
+        arg[i] = at
+    return dmin, arg
+
+
+@_jit
+def future_compress(ks, masses, frames, scale, w, P, K, tau, first_recent, n_sink):
+    """One Future Forcing compression of every layer's X = batch x heads rows.
+
+    ks: per layer (a tuple) keys (X, N, d) float32, post-RoPE; masses (X, N) float32;
+    frames (X, N) int64 source frames; scale (L, X, N) float32 multiplies the score
+    (||v|| for value_norm; shape (0, 0, 0) for none); w (L, X, (1 + r) P, d) float32 proxies (P
+    rows R(p) mu, then sqrt(lambda_i) R(p) u_i direction-major), which are also the
+    merge metric's factor (M = w^T w / P); K kept tokens per row; tau the merge
+    threshold (0 = no merging); protected: frame < n_sink or frame >= first_recent.
+
+    Returns (L, X, .) arrays: score float32, keep (K,) int64 ascending, merge_into int64
+    (-1 = none), distance float32; the most protected tokens of a row and the count of
+    non-finite scores (they rank last).
+    """
+    L, X, R, d = w.shape
+    N = ks[0].shape[1]
+    r = R // P - 1
+    score = np.empty((L, X, N), np.float32)
+    keep = np.empty((L, X, K), np.int64)
+    into = np.full((L, X, N), -1, np.int64)
+    dist = np.zeros((L, X, N), np.float32)
+    most_protected, bad = 0, 0
+    fmax = np.float32(3.4028234663852886e38)
+    s = np.empty(N, np.float64)
+    for l in range(L):
+        k, mass, frame = ks[l], masses[l], frames[l]
+        for x in range(X):
+            y = np.dot(w[l, x], k[x].T)  # (R, N): every proxy against every key
+            logm = np.log(np.maximum(mass[x], np.float32(1e-30)))
+            share = _future_share(y, logm, P, r, d)
+            n_prot = 0
+            for j in range(N):
+                a = share[j]
+                if np.isnan(a):  # nan_to_num, as the PyTorch score
+                    a = np.float32(0.0)
+                elif np.isinf(a):
+                    a = fmax if a > 0 else -fmax
+                if scale.shape[0]:
+                    a *= scale[l, x, j]
+                score[l, x, j] = a
+                s[j] = a
+                if not np.isfinite(a):
+                    bad += 1
+                    s[j] = -np.inf
+                if frame[x, j] < n_sink or frame[x, j] >= first_recent:
+                    s[j] = np.inf  # protected tokens first
+                    n_prot += 1
+            most_protected = max(most_protected, n_prot)
+            kept, gone = _select(s, frame[x], K)
+            keep[l, x] = kept
+            if tau == 0 or K == 0 or K == N:
+                continue
+            dmin, at = _nearest_kept(y, kept, gone, 1.0 / (P * d))
+            med = np.sort(dmin)[(N - K - 1) // 2]  # the lower median, as torch.median
+            for i in range(N - K):
+                dist[l, x, gone[i]] = 0.0 if np.isinf(dmin[i]) else dmin[i]
+                if med > 0 and dmin[i] <= tau * med and np.isfinite(dmin[i]):
+                    into[l, x, gone[i]] = kept[at[i]]
+    return score, keep, into, dist, most_protected, bad
+
+
+@_jit
+def subspace_step(u, cov):
+    """One step of subspace iteration per row: u (X, r, d) orthonormal rows, cov (X, d, d)
+    symmetric -> an orthonormal basis of the rows of u cov (Gram-Schmidt: the span of a
+    QR's Q, up to signs, which nothing downstream sees) and the Rayleigh quotients
+    u_i^T cov u_i (X, r) clamped at 0, NaN -> 0. A row whose new basis is not finite
+    (degenerate statistics) keeps u."""
+    X, r, d = u.shape
+    basis = np.empty_like(u)
+    lam = np.zeros((X, r), u.dtype)
+    for x in range(X):
+        v = np.dot(u[x], cov[x])  # (r, d)
+        for i in range(r):
+            for j in range(i):
+                proj = np.float32(0.0)
+                for t in range(d):
+                    proj += v[i, t] * v[j, t]
+                for t in range(d):
+                    v[i, t] -= proj * v[j, t]
+            norm = np.float32(0.0)
+            for t in range(d):
+                norm += v[i, t] * v[i, t]
+            norm = np.sqrt(norm)
+            for t in range(d):
+                v[i, t] /= norm
+        if not np.isfinite(v).all():
+            v = u[x].copy()
+        basis[x] = v
+        sv = np.dot(v, cov[x])
+        for i in range(r):
+            q = np.float32(0.0)
+            for t in range(d):
+                q += sv[i, t] * v[i, t]
+            lam[x, i] = 0.0 if np.isnan(q) else max(q, np.float32(0.0))
+    return basis, lam
+
+
+@_jit
+def future_proxies(mean, u, lam, cos, sin):
+    """The proxy queries per row: mean (X, d), u (X, r, d), lam (X, r) >= 0, cos and sin
+    (P, d/2) of the future positions -> w (X, (1 + r) P, d): R(p) mu for the P positions,
+    then sqrt(lambda_i) R(p) u_i, direction-major (interleaved RoPE planes)."""
+    X, r, d = u.shape
+    P = cos.shape[0]
+    w = np.empty((X, (1 + r) * P, d), mean.dtype)
+    vec = np.empty(d, mean.dtype)
+    for x in range(X):
+        for i in range(1 + r):
+            for t in range(d):
+                vec[t] = mean[x, t] if i == 0 else u[x, i - 1, t] * np.sqrt(lam[x, i - 1])
+            for p in range(P):
+                row = i * P + p
+                for m in range(d // 2):
+                    a, b, c, s = vec[2 * m], vec[2 * m + 1], cos[p, m], sin[p, m]
+                    w[x, row, 2 * m] = a * c - b * s
+                    w[x, row, 2 * m + 1] = a * s + b * c
+    return w
+
+
+@_jit
+def merge_apply(ks, vs, masses, frames, rows, cols, times, keep, into):
+    """Every layer's cache after a decision: per layer (tuples of (X, N, .) arrays:
+    keys, values, mass, and the int64 provenance frame, row, col, time), the tokens
+    ``keep`` (L, X, K) stay and each other token with ``into`` (L, X, N) >= 0 adds to its
+    (kept) target: masses summed, keys and values mass-weighted averages, summed in
+    token order as ``LayerCache._merge_into_kept``; a token whose target is evicted is
+    dropped. A kept token that receives nothing is copied as it is (the PyTorch path's
+    (m k) / m can move it by a rounding). Returns k, v (L, X, K, d), mass (L, X, K) and
+    the provenance (4, L, X, K)."""
+    L, X, K = keep.shape
+    N, d = ks[0].shape[1], ks[0].shape[2]
+    k2 = np.empty((L, X, K, d), ks[0].dtype)
+    v2 = np.empty((L, X, K, d), vs[0].dtype)
+    m2 = np.empty((L, X, K), masses[0].dtype)
+    meta = np.empty((4, L, X, K), np.int64)
+    slot = np.empty(N, np.int64)  # a kept token's place among the kept, K for the others
+    dest = np.empty(N, np.int64)  # where a token's mass goes: a kept place, or K (dropped)
+    fed = np.empty(K, np.bool_)  # kept places that receive a merge
+    for l in range(L):
+        k, v, mass, frame, row, col, time = ks[l], vs[l], masses[l], frames[l], rows[l], cols[l], times[l]
+        for x in range(X):
+            slot[:] = K
+            fed[:] = False
+            for i in range(K):
+                j = keep[l, x, i]
+                slot[j] = i
+                meta[0, l, x, i], meta[1, l, x, i] = frame[x, j], row[x, j]
+                meta[2, l, x, i], meta[3, l, x, i] = col[x, j], time[x, j]
+                m2[l, x, i] = mass[x, j]
+                for t in range(d):  # element loops: no array views per token
+                    k2[l, x, i, t] = k[x, j, t]
+                    v2[l, x, i, t] = v[x, j, t]
+            for j in range(N):
+                dest[j] = slot[j]
+                if slot[j] == K and into[l, x, j] >= 0:
+                    dest[j] = slot[into[l, x, j]]
+                    if dest[j] < K:
+                        fed[dest[j]] = True
+            for i in range(K):
+                if fed[i]:
+                    m2[l, x, i] = 0.0
+                    for t in range(d):
+                        k2[l, x, i, t] = 0.0
+                        v2[l, x, i, t] = 0.0
+            for j in range(N):  # the targets of merges: mass-weighted sums in token order
+                i = dest[j]
+                if i < K and fed[i]:
+                    m = mass[x, j]
+                    m2[l, x, i] += m
+                    for t in range(d):
+                        k2[l, x, i, t] += k[x, j, t] * m
+                        v2[l, x, i, t] += v[x, j, t] * m
+            for i in range(K):
+                if fed[i]:
+                    for t in range(d):
+                        k2[l, x, i, t] /= m2[l, x, i]
+                        v2[l, x, i, t] /= m2[l, x, i]
+    return k2, v2, m2, meta
+
+
+_warm: set[int] = set()
+
+
+def warm(layers: int) -> None:
+    """Compile the kernels for a model of ``layers`` layers (a tuple's length is part of
+    its type), once per process, on tiny inputs of the types the callers pass: a few
+    seconds the first time, then loaded from numba's disk cache; so that no timed
+    compression pays for compilation."""
+    if layers in _warm or not AVAILABLE:
+        return
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((2, 6, 4)).astype(np.float32)
+    mass = np.ones((2, 6), np.float32)
+    frame = np.repeat(np.arange(3), 2)[None].repeat(2, 0).astype(np.int64)
+    u = np.eye(4, dtype=np.float32)[None, :1].repeat(2, 0)
+    basis, lam = subspace_step(u, np.eye(4, dtype=np.float32)[None].repeat(2, 0))
+    cs = np.ones((2, 2), np.float32)
+    w = future_proxies(k[:, 0], basis, lam, cs, cs)  # (2, 4, 4): P = 2, r = 1
+    per_layer = lambda t: (t,) * layers
+    w = np.stack([w] * layers)
+    for scale in (np.zeros((0, 0, 0), np.float32), np.ones((layers, 2, 6), np.float32)):
+        _, keep, into, _, _, _ = future_compress(per_layer(k), per_layer(mass), per_layer(frame),
+                                                 scale, w, 2, 3, 4.0, 2, 1)
+    merge_apply(per_layer(k), per_layer(k), per_layer(mass), *(per_layer(frame),) * 4, keep, into)
+    _warm.add(layers)

@@ -1,0 +1,229 @@
+"""The numba CPU kernels (kernels/cpu_kernels.py) against the PyTorch path they
+replace: the same decisions, the same cache, the same errors."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from ffviz.cache import Decision, KVCache, LayerDecision
+from ffviz.policies import PolicyError, make_policy
+from ffviz.policies.base import rank
+from kernels import cpu_kernels
+from tests.test_policies import N_TOK, toy
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not importable")
+
+
+def both(monkeypatch, run):
+    """``run()`` on the PyTorch path, then on the compiled one."""
+    out = []
+    for mode in ("reference", "auto"):
+        monkeypatch.setenv("FFVIZ_KERNELS", mode)
+        out.append(run())
+    return out
+
+
+def test_compiled_only_for_float32_cpu_in_auto_mode(monkeypatch):
+    x = torch.zeros(2)
+    assert kernels.compiled_cpu(x) and not kernels.compiled_cpu(x.double())
+    assert not kernels.compiled_cpu()
+    monkeypatch.setenv("FFVIZ_KERNELS", "reference")
+    assert not kernels.compiled_cpu(x)
+
+
+FF_PARAMS = [{}, {"tau": 0.0}, {"value_norm": True}, {"rank": 0, "n_sink": 0},
+             {"horizon": 2, "stride": 1, "rank": 3, "tau": 1.0},
+             {"n_sink": 0, "n_recent": 2, "tau": 100.0}]
+
+
+@pytest.mark.parametrize("params", FF_PARAMS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("merged_mass", [False, True])
+def test_future_forcing_compiled_decides_as_pytorch(monkeypatch, params, seed, merged_mass):
+    def run():
+        cache, ctx, _ = toy(frames=6, L=2, H=3, seed=seed, merged_mass=merged_mass)
+        compiled = os.environ["FFVIZ_KERNELS"] == "auto"
+        assert kernels.compiled_cpu(cache[0].k) == compiled
+        return make_policy("future_forcing", **params).compress(cache, 3 * N_TOK, ctx)
+
+    ref, got = both(monkeypatch, run)
+    for r, g in zip(ref.layers, got.layers):
+        assert torch.equal(r.keep, g.keep)
+        torch.testing.assert_close(g.score, r.score, rtol=1e-5, atol=1e-8)
+        assert (r.merge_into is None) == (g.merge_into is None) == (params.get("tau") == 0.0)
+        if r.merge_into is not None:
+            assert torch.equal(r.merge_into, g.merge_into)
+            # the compiled distance of the winner is summed directly; PyTorch's expansion
+            # loses ~1e-6 to cancellation
+            torch.testing.assert_close(g.distance, r.distance, rtol=1e-4, atol=1e-5)
+
+
+def test_future_forcing_compiled_through_later_calls(monkeypatch):
+    """Calls after the first take the subspace-iteration step (compiled: Gram-Schmidt
+    instead of QR, the same span): decisions stay those of the PyTorch path."""
+    def run():
+        pol = make_policy("future_forcing", eig_every=4)
+        decisions = []
+        for seed in range(5):
+            cache, ctx, _ = toy(frames=6, L=2, H=3, seed=seed)
+            ctx.frame += seed  # a later frame: no restart of the eigenpairs
+            decisions.append(pol.compress(cache, 3 * N_TOK, ctx))
+        return decisions
+
+    ref, got = both(monkeypatch, run)
+    for dr, dg in zip(ref, got):
+        for r, g in zip(dr.layers, dg.layers):
+            assert torch.equal(r.keep, g.keep) and torch.equal(r.merge_into, g.merge_into)
+            torch.testing.assert_close(g.score, r.score, rtol=1e-4, atol=1e-7)
+
+
+def test_subspace_step_spans_what_qr_spans():
+    g = torch.Generator().manual_seed(0)
+    X, r, d = 5, 3, 8
+    a = torch.randn(X, d, 2 * d, generator=g)
+    cov = a @ a.transpose(1, 2) / (2 * d)
+    u = torch.linalg.qr(torch.randn(X, d, r, generator=g)).Q.transpose(1, 2).contiguous()
+    basis, lam = (torch.from_numpy(t) for t in cpu_kernels.subspace_step(u.numpy(), cov.numpy()))
+    want = torch.linalg.qr((u @ cov).transpose(1, 2)).Q.transpose(1, 2)
+    proj = lambda b: b.transpose(1, 2) @ b  # the projector onto the span
+    torch.testing.assert_close(proj(basis), proj(want), atol=1e-5, rtol=0)
+    torch.testing.assert_close(basis @ basis.transpose(1, 2), torch.eye(r).expand(X, r, r), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lam, ((basis @ cov) * basis).sum(-1), rtol=1e-5, atol=1e-6)
+    # degenerate statistics (a zero covariance): the old vectors stay, eigenvalues 0
+    basis0, lam0 = cpu_kernels.subspace_step(u.numpy(), np.zeros((X, d, d), np.float32))
+    assert np.array_equal(basis0, u.numpy()) and not lam0.any()
+
+
+def test_select_is_ranks_order_with_ties():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        N, K = 24, int(torch.randint(1, 24, (1,), generator=g))
+        s = torch.randint(0, 4, (N,), generator=g).double()  # many ties
+        protected = torch.zeros(N, dtype=torch.bool)
+        protected[torch.randint(0, N, (min(K, 3),), generator=g)] = True
+        frame = torch.randint(0, 6, (N,), generator=g)
+        if trial % 2:
+            frame = frame.sort().values  # cache order = frame order, as appended
+        order = rank(s.float()[None], K, frame[None], protected[None])[0]
+        keep, gone = cpu_kernels._select(s.masked_fill(protected, math.inf).numpy(),
+                                         frame.numpy(), K)
+        assert keep.tolist() == order[:K].sort().values.tolist()
+        assert sorted(gone.tolist()) == sorted(order[K:].tolist())
+
+
+def test_exp_matches_float64_exp():
+    z = np.concatenate([-np.logspace(-8, np.log10(87), 5000), [0.0]]).astype(np.float32)
+    got = z.copy()
+    cpu_kernels._exp_nonpositive(got, np.empty(z.size, np.int32))
+    want = np.exp(z.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 1e-7
+    low = np.array([-87.5, -1e4, -np.inf], np.float32)
+    cpu_kernels._exp_nonpositive(low, np.empty(3, np.int32))
+    assert np.all((low > 0) & (low < 2e-38))  # clamped at e^-87: negligible, never NaN
+
+
+def random_cache(seed, L=3, B=2, H=2, frames=4, n=3, d=4):
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(L, n, (1, n))
+    for layer in cache.layers:
+        for f in range(frames):
+            layer.append(torch.randn(B, H, n, d, generator=g), torch.randn(B, H, n, d, generator=g),
+                         torch.full((n,), f), torch.zeros(n, dtype=torch.long), torch.arange(n))
+        layer.mass = 1 + 3 * torch.rand(layer.mass.shape, generator=g)
+        layer.time = layer.time + 100  # a re-rotated time, to see it travel
+    return cache
+
+
+def random_decision(cache, K, seed):
+    """Random kept sets; each evicted token merges into a kept one, into an evicted one
+    (then it is dropped), or nowhere."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, N = cache[0].mass.shape
+    layers = []
+    for _ in cache.layers:
+        keep = torch.stack([torch.randperm(N, generator=g)[:K].sort().values
+                            for _ in range(B * H)]).view(B, H, K)
+        into = torch.randint(-1, N, (B, H, N), generator=g)
+        into.scatter_(-1, keep, -1)
+        layers.append(LayerDecision(keep=keep, merge_into=into))
+    return Decision(layers)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merge_apply_makes_the_pytorch_cache(monkeypatch, seed):
+    def run():
+        cache = random_cache(seed)
+        dec = random_decision(cache, 5, seed)
+        assert cache._compilable(dec) == (os.environ["FFVIZ_KERNELS"] == "auto")
+        cache.apply(dec)
+        return cache
+
+    ref, got = both(monkeypatch, run)
+    for r, g in zip(ref.layers, got.layers):
+        for name in ("frame", "row", "col", "time"):
+            assert torch.equal(getattr(r, name), getattr(g, name)), name
+        for name in ("k", "v", "mass"):
+            torch.testing.assert_close(getattr(g, name), getattr(r, name), rtol=1e-6, atol=1e-6)
+        assert g.k.shape == r.k.shape and g.k.dtype == r.k.dtype
+
+
+def test_merge_apply_copies_untouched_tokens_exactly():
+    cache = random_cache(7)
+    before = [(l.k.clone(), l.v.clone(), l.mass.clone()) for l in cache.layers]
+    dec = random_decision(cache, 5, 7)
+    cache.apply(dec)
+    for layer, d, (k, v, m) in zip(cache.layers, dec.layers, before):
+        into = d.merge_into
+        fed = torch.zeros_like(d.keep, dtype=torch.bool)
+        for b in range(into.shape[0]):
+            for h in range(into.shape[1]):
+                targets = set(into[b, h][into[b, h] >= 0].tolist())
+                fed[b, h] = torch.tensor([int(j) in targets for j in d.keep[b, h]])
+        idx = d.keep.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+        assert torch.equal(layer.k[~fed], k.gather(2, idx)[~fed])
+        assert torch.equal(layer.mass[~fed], m.gather(2, d.keep)[~fed])
+
+
+def test_compiled_paths_raise_as_pytorch(monkeypatch):
+    """More protected tokens in a head than the budget (frames of more tokens than the
+    context says): the same PolicyError on both paths, nothing applied."""
+    def run():
+        cache, ctx, _ = toy(frames=5)
+        ctx.tokens_per_frame = 1  # the protected frames "fit" by count, not by tokens
+        with pytest.raises(PolicyError, match="protected tokens in one head exceed"):
+            make_policy("future_forcing", n_sink=1, n_recent=1).compress(cache, 8, ctx)
+        return cache.size
+
+    assert both(monkeypatch, run) == [5 * N_TOK, 5 * N_TOK]
+
+
+def test_nan_key_gives_the_same_decision(monkeypatch):
+    def run():
+        cache, ctx, _ = toy(frames=5, seed=3)
+        cache[0].k[0, 1, 7] = float("nan")
+        return make_policy("future_forcing").compress(cache, 3 * N_TOK, ctx)
+
+    ref, got = both(monkeypatch, run)
+    for r, g in zip(ref.layers, got.layers):
+        assert torch.isfinite(g.score).all()
+        assert torch.equal(r.keep, g.keep)
+        torch.testing.assert_close(g.score, r.score, rtol=1e-5, atol=1e-8)
+
+
+def test_generation_with_compiled_future_forcing_matches(monkeypatch, tiny_random):
+    from ffviz.generate import Controls, RunSettings, generate
+
+    def run():
+        settings = RunSettings("a red circle on a blue background", frames=9, seed=0, record=False)
+        steps = list(generate(tiny_random, settings, Controls(make_policy("future_forcing"), 3)))
+        return steps
+
+    ref, got = both(monkeypatch, run)
+    first = next(i for i, s in enumerate(ref) if s.decision is not None)
+    for r, g in zip(ref[first].decision.layers, got[first].decision.layers):
+        assert torch.equal(r.keep, g.keep) and torch.equal(r.merge_into, g.merge_into)
+    frames = lambda steps: np.concatenate([s.frames for s in steps]).astype(int)
+    assert np.abs(frames(ref) - frames(got)).max() <= 2  # float rounding, not a different run
