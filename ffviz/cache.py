@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 import kernels
@@ -186,36 +187,33 @@ class KVCache:
                         for d in decision.layers))
 
     def _compilable(self, decision: Decision) -> bool:
-        """Merges on float32 CPU caches, no re-rotation, no ``aux``: the numba kernel."""
-        first = self.layers[0]
+        """Merges on float32 CPU caches of one shape, no re-rotation, no ``aux``: the
+        numba kernel."""
+        first, d0 = self.layers[0], decision.layers[0]
         return (first.k is not None
                 and any(d.merge_into is not None for d in decision.layers)
                 and all(l.k is not None and l.k.shape == first.k.shape and not l.aux
-                        and kernels.compiled_cpu(l.k, l.v, l.mass) for l in self.layers)
-                and all(d.k is None and d.time is None and d.keep.device.type == "cpu"
-                        and d.keep.shape == decision.layers[0].keep.shape
-                        for d in decision.layers))
+                        for l in self.layers)
+                and all(d.k is None and d.time is None and d.keep.shape == d0.keep.shape
+                        and d.keep.device.type == "cpu" for d in decision.layers)
+                and kernels.compiled_cpu(*(t for l in self.layers for t in (l.k, l.v, l.mass))))
 
     def _apply_compiled(self, decision: Decision) -> None:
         """Every layer's gather and merge in one numba call over the layers' own arrays
         (``kernels.cpu_kernels.merge_apply``: a merge's sums in the same order as
-        ``_merge_into_kept``); each layer gets views of the stacked result."""
-        L, (B, H, N, d) = len(self.layers), self.layers[0].k.shape
-        K = decision.layers[0].keep.shape[-1]
-        rows = lambda name, *tail: tuple(getattr(l, name).numpy().reshape(B * H, N, *tail)
-                                         for l in self.layers)  # views of each layer's tensor
-        keep = torch.stack([x.keep for x in decision.layers]).to(torch.long).view(L, B * H, K)
-        into = torch.stack([torch.full((B, H, N), -1, dtype=torch.long) if x.merge_into is None
-                            else x.merge_into for x in decision.layers]).to(torch.long)
+        ``_merge_into_kept``)."""
+        B, H, N, _ = self.layers[0].k.shape
+        arrays = lambda name: tuple(np.ascontiguousarray(getattr(l, name).numpy())
+                                    for l in self.layers)  # C order: one compiled variant
+        none = torch.full((B, H, N), -1, dtype=torch.long)
+        keep = torch.stack([d.keep for d in decision.layers]).to(torch.long)
+        into = torch.stack([none if d.merge_into is None else d.merge_into
+                            for d in decision.layers]).to(torch.long)
         k, v, mass, meta = kernels.cpu_kernels.merge_apply(
-            rows("k", d), rows("v", d), *(rows(name) for name in ("mass", "frame", "row", "col", "time")),
-            keep.numpy(), into.view(L, B * H, N).numpy())
-        k, v = (torch.from_numpy(t).view(L, B, H, K, d) for t in (k, v))
-        mass = torch.from_numpy(mass).view(L, B, H, K)
-        meta = torch.from_numpy(meta).view(4, L, B, H, K)
+            *(arrays(name) for name in self.FIELDS), keep.numpy(), into.numpy())
         for i, layer in enumerate(self.layers):
-            layer.k, layer.v, layer.mass = k[i], v[i], mass[i]
-            layer.frame, layer.row, layer.col, layer.time = meta[:, i].unbind(0)
+            layer.k, layer.v, layer.mass = (torch.from_numpy(t[i]) for t in (k, v, mass))
+            layer.frame, layer.row, layer.col, layer.time = map(torch.from_numpy, meta[i])
 
     def _apply_batched(self, decision: Decision) -> None:
         """Every layer at once: the layers are stacked along the batch axis, one

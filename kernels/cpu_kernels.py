@@ -29,9 +29,14 @@ _FAST = {"reassoc", "contract", "arcp"}
 
 
 def _jit(fn):
+    if not AVAILABLE:
+        return fn
     # error_model="numpy": x / 0 is inf or NaN as in numpy and torch, not a Python exception
-    return (numba.njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")(fn)
-            if AVAILABLE else fn)
+    opts = dict(nogil=True, fastmath=_FAST, error_model="numpy")
+    try:
+        return numba.njit(cache=True, **opts)(fn)
+    except RuntimeError:  # no writable place for the on-disk cache: compile per process
+        return numba.njit(**opts)(fn)
 
 
 @_jit
@@ -82,7 +87,8 @@ def _exp_nonpositive(z, bits):
 def _future_share(y, logm, P, r, d):
     """Mean over the P proxy positions of each key's softmax share, from the proxy-key
     products y ((1 + r) P, N): z_pj = y_pj / sqrt(d) + sum_i y_(P + iP + p)j^2 / (2d) + log m_j
-    (``kernels.reference.future_score``). A NaN logit makes the position's shares NaN."""
+    (``kernels.reference.future_score``). A NaN logit makes the position's shares NaN,
+    as in a softmax."""
     N = y.shape[1]
     inv_sd, inv_2d = np.float32(1.0 / np.sqrt(d)), np.float32(1.0 / (2.0 * d))
     acc = np.zeros(N, np.float32)
@@ -96,14 +102,15 @@ def _future_share(y, logm, P, r, d):
             yr = y[P + i * P + p]
             for j in range(N):
                 z[j] += yr[j] * yr[j] * inv_2d
-        top = z[0]
+        top, nan = z[0], False
         for j in range(N):
             top = max(top, z[j])
-        if np.isfinite(top):
+            nan |= z[j] != z[j]
+        if np.isfinite(top) and not nan:
             for j in range(N):
                 z[j] -= top
             _exp_nonpositive(z, bits)
-        else:  # NaN, or an infinite logit: the plain formula's result
+        else:  # a NaN or an infinite logit: the plain formula's result
             z = np.exp(z - top)
         tot = np.float32(0.0)
         for j in range(N):
@@ -136,7 +143,8 @@ def _row_argmin(r):
 def _nearest_kept(y, keep, gone, scale):
     """For every evicted token, its nearest kept token under D(a, b) = |F (k_a - k_b)|^2 / d
     with the projections F k = y / sqrt(P) already at hand: D = |y_a - y_b|^2 x ``scale``
-    (= 1 / (P d)). Centred on the mean kept projection (fewer cancelled digits).
+    (= 1 / (P d)). The search runs centred on the mean kept projection (fewer cancelled
+    digits); the winner's distance is then summed directly.
     Returns D (G,) float32 (NaN -> inf) and the index into ``keep`` (G,) (first minimum;
     a kept token with a NaN projection is passed over)."""
     R = y.shape[0]
@@ -147,19 +155,16 @@ def _nearest_kept(y, keep, gone, scale):
         for m in range(K):
             c[t] += yr[keep[m]]
         c[t] /= np.float32(K)
-    # |a - b|^2 = |a|^2 + (|b|^2 - 2 a.b): the bracket is one product of [a, 1] and [-2b; |b|^2]
+    # argmin_b |a - b|^2 = argmin_b (|b|^2 - 2 a.b): one product of [a, 1] and [-2b; |b|^2]
     a = np.empty((G, R + 1), np.float32)
     bt = np.empty((R + 1, K), np.float32)
-    qa = np.zeros(G, np.float32)
     bt[R] = 0.0
     qb = bt[R]
     for t in range(R):  # row views, element loops: no temporary arrays per token
         yr, br = y[t], bt[t]
         ct = c[t]
         for i in range(G):
-            e = yr[gone[i]] - ct
-            a[i, t] = e
-            qa[i] += e * e
+            a[i, t] = yr[gone[i]] - ct
         for m in range(K):
             e = yr[keep[m]] - ct
             br[m] = np.float32(-2.0) * e
@@ -184,63 +189,65 @@ def _nearest_kept(y, keep, gone, scale):
 
 @_jit
 def future_compress(ks, masses, frames, scale, w, P, K, tau, first_recent, n_sink):
-    """One Future Forcing compression of every layer's X = batch x heads rows.
+    """One Future Forcing compression of every layer, batch row and head.
 
-    ks: per layer (a tuple) keys (X, N, d) float32, post-RoPE; masses (X, N) float32;
-    frames (X, N) int64 source frames; scale (L, X, N) float32 multiplies the score
-    (||v|| for value_norm; shape (0, 0, 0) for none); w (L, X, (1 + r) P, d) float32 proxies (P
-    rows R(p) mu, then sqrt(lambda_i) R(p) u_i direction-major), which are also the
-    merge metric's factor (M = w^T w / P); K kept tokens per row; tau the merge
-    threshold (0 = no merging); protected: frame < n_sink or frame >= first_recent.
+    ks: per layer (a tuple) the cache's keys (B, H, N, d) float32, post-RoPE; masses
+    (B, H, N) float32; frames (B, H, N) int64 source frames; scale (L, B, H, N) float32
+    multiplies the score (||v|| for value_norm; shape (0, 0, 0, 0) for none); w (L, H,
+    (1 + r) P, d) float32 proxies (P rows R(p) mu, then sqrt(lambda_i) R(p) u_i,
+    direction-major), which are also the merge metric's factor (M = w^T w / P); K kept
+    tokens per head; tau the merge threshold (0 = no merging); protected: frame <
+    n_sink or frame >= first_recent.
 
-    Returns (L, X, .) arrays: score float32, keep (K,) int64 ascending, merge_into int64
-    (-1 = none), distance float32; the most protected tokens of a row and the count of
-    non-finite scores (they rank last).
+    Returns (L, B, H, .) arrays: score float32, keep (K,) int64 ascending, merge_into
+    int64 (-1 = none), distance float32; the most protected tokens of a head and the
+    count of non-finite scores (they rank last).
     """
-    L, X, R, d = w.shape
-    N = ks[0].shape[1]
+    L, H, R, d = w.shape
+    B, N = ks[0].shape[0], ks[0].shape[2]
     r = R // P - 1
-    score = np.empty((L, X, N), np.float32)
-    keep = np.empty((L, X, K), np.int64)
-    into = np.full((L, X, N), -1, np.int64)
-    dist = np.zeros((L, X, N), np.float32)
+    score = np.empty((L, B, H, N), np.float32)
+    keep = np.empty((L, B, H, K), np.int64)
+    into = np.full((L, B, H, N), -1, np.int64)
+    dist = np.zeros((L, B, H, N), np.float32)
     most_protected, bad = 0, 0
     fmax = np.float32(3.4028234663852886e38)
     s = np.empty(N, np.float64)
     for l in range(L):
-        k, mass, frame = ks[l], masses[l], frames[l]
-        for x in range(X):
-            y = np.dot(w[l, x], k[x].T)  # (R, N): every proxy against every key
-            logm = np.log(np.maximum(mass[x], np.float32(1e-30)))
-            share = _future_share(y, logm, P, r, d)
-            n_prot = 0
-            for j in range(N):
-                a = share[j]
-                if np.isnan(a):  # nan_to_num, as the PyTorch score
-                    a = np.float32(0.0)
-                elif np.isinf(a):
-                    a = fmax if a > 0 else -fmax
-                if scale.shape[0]:
-                    a *= scale[l, x, j]
-                score[l, x, j] = a
-                s[j] = a
-                if not np.isfinite(a):
-                    bad += 1
-                    s[j] = -np.inf
-                if frame[x, j] < n_sink or frame[x, j] >= first_recent:
-                    s[j] = np.inf  # protected tokens first
-                    n_prot += 1
-            most_protected = max(most_protected, n_prot)
-            kept, gone = _select(s, frame[x], K)
-            keep[l, x] = kept
-            if tau == 0 or K == 0 or K == N:
-                continue
-            dmin, at = _nearest_kept(y, kept, gone, 1.0 / (P * d))
-            med = np.sort(dmin)[(N - K - 1) // 2]  # the lower median, as torch.median
-            for i in range(N - K):
-                dist[l, x, gone[i]] = 0.0 if np.isinf(dmin[i]) else dmin[i]
-                if med > 0 and dmin[i] <= tau * med and np.isfinite(dmin[i]):
-                    into[l, x, gone[i]] = kept[at[i]]
+        for b in range(B):
+            for h in range(H):
+                mass, frame = masses[l][b, h], frames[l][b, h]
+                y = np.dot(w[l, h], ks[l][b, h].T)  # (R, N): every proxy against every key
+                logm = np.log(np.maximum(mass, np.float32(1e-30)))
+                share = _future_share(y, logm, P, r, d)
+                n_prot = 0
+                for j in range(N):
+                    a = share[j]
+                    if np.isnan(a):  # nan_to_num, as the PyTorch score
+                        a = np.float32(0.0)
+                    elif np.isinf(a):
+                        a = fmax if a > 0 else -fmax
+                    if scale.shape[0]:
+                        a *= scale[l, b, h, j]
+                    score[l, b, h, j] = a
+                    s[j] = a
+                    if not np.isfinite(a):
+                        bad += 1
+                        s[j] = -np.inf
+                    if frame[j] < n_sink or frame[j] >= first_recent:
+                        s[j] = np.inf  # protected tokens first
+                        n_prot += 1
+                most_protected = max(most_protected, n_prot)
+                kept, gone = _select(s, frame, K)
+                keep[l, b, h] = kept
+                if tau == 0 or K == 0 or K == N:
+                    continue
+                dmin, at = _nearest_kept(y, kept, gone, 1.0 / (P * d))
+                med = np.sort(dmin)[(N - K - 1) // 2]  # the lower median, as torch.median
+                for i in range(N - K):
+                    dist[l, b, h, gone[i]] = 0.0 if np.isinf(dmin[i]) else dmin[i]
+                    if med > 0 and dmin[i] <= tau * med and np.isfinite(dmin[i]):
+                        into[l, b, h, gone[i]] = kept[at[i]]
     return score, keep, into, dist, most_protected, bad
 
 
@@ -305,62 +312,64 @@ def future_proxies(mean, u, lam, cos, sin):
 
 @_jit
 def merge_apply(ks, vs, masses, frames, rows, cols, times, keep, into):
-    """Every layer's cache after a decision: per layer (tuples of (X, N, .) arrays:
-    keys, values, mass, and the int64 provenance frame, row, col, time), the tokens
-    ``keep`` (L, X, K) stay and each other token with ``into`` (L, X, N) >= 0 adds to its
-    (kept) target: masses summed, keys and values mass-weighted averages, summed in
-    token order as ``LayerCache._merge_into_kept``; a token whose target is evicted is
-    dropped. A kept token that receives nothing is copied as it is (the PyTorch path's
-    (m k) / m can move it by a rounding). Returns k, v (L, X, K, d), mass (L, X, K) and
-    the provenance (4, L, X, K)."""
-    L, X, K = keep.shape
-    N, d = ks[0].shape[1], ks[0].shape[2]
-    k2 = np.empty((L, X, K, d), ks[0].dtype)
-    v2 = np.empty((L, X, K, d), vs[0].dtype)
-    m2 = np.empty((L, X, K), masses[0].dtype)
-    meta = np.empty((4, L, X, K), np.int64)
+    """Every layer's cache after a decision: per layer (tuples of the cache's arrays:
+    keys and values (B, H, N, d), mass and the int64 provenance frame, row, col, time
+    (B, H, N)), the tokens ``keep`` (L, B, H, K) stay and each other token with ``into``
+    (L, B, H, N) >= 0 adds to its (kept) target: masses summed, keys and values
+    mass-weighted averages, summed in token order as ``LayerCache._merge_into_kept``; a
+    token whose target is evicted is dropped. A kept token that receives nothing is
+    copied as it is (the PyTorch path's (m k) / m can move it by a rounding). Returns
+    k, v (L, B, H, K, d), mass (L, B, H, K) and the provenance (L, 4, B, H, K)."""
+    L, B, H, K = keep.shape
+    N, d = ks[0].shape[2], ks[0].shape[3]
+    k2 = np.empty((L, B, H, K, d), ks[0].dtype)
+    v2 = np.empty((L, B, H, K, d), vs[0].dtype)
+    m2 = np.empty((L, B, H, K), masses[0].dtype)
+    meta = np.empty((L, 4, B, H, K), np.int64)
     slot = np.empty(N, np.int64)  # a kept token's place among the kept, K for the others
     dest = np.empty(N, np.int64)  # where a token's mass goes: a kept place, or K (dropped)
     fed = np.empty(K, np.bool_)  # kept places that receive a merge
     for l in range(L):
-        k, v, mass, frame, row, col, time = ks[l], vs[l], masses[l], frames[l], rows[l], cols[l], times[l]
-        for x in range(X):
-            slot[:] = K
-            fed[:] = False
-            for i in range(K):
-                j = keep[l, x, i]
-                slot[j] = i
-                meta[0, l, x, i], meta[1, l, x, i] = frame[x, j], row[x, j]
-                meta[2, l, x, i], meta[3, l, x, i] = col[x, j], time[x, j]
-                m2[l, x, i] = mass[x, j]
-                for t in range(d):  # element loops: no array views per token
-                    k2[l, x, i, t] = k[x, j, t]
-                    v2[l, x, i, t] = v[x, j, t]
-            for j in range(N):
-                dest[j] = slot[j]
-                if slot[j] == K and into[l, x, j] >= 0:
-                    dest[j] = slot[into[l, x, j]]
-                    if dest[j] < K:
-                        fed[dest[j]] = True
-            for i in range(K):
-                if fed[i]:
-                    m2[l, x, i] = 0.0
-                    for t in range(d):
-                        k2[l, x, i, t] = 0.0
-                        v2[l, x, i, t] = 0.0
-            for j in range(N):  # the targets of merges: mass-weighted sums in token order
-                i = dest[j]
-                if i < K and fed[i]:
-                    m = mass[x, j]
-                    m2[l, x, i] += m
-                    for t in range(d):
-                        k2[l, x, i, t] += k[x, j, t] * m
-                        v2[l, x, i, t] += v[x, j, t] * m
-            for i in range(K):
-                if fed[i]:
-                    for t in range(d):
-                        k2[l, x, i, t] /= m2[l, x, i]
-                        v2[l, x, i, t] /= m2[l, x, i]
+        for b in range(B):
+            for h in range(H):
+                k, v, mass = ks[l][b, h], vs[l][b, h], masses[l][b, h]
+                kk, vv, mm, ii = k2[l, b, h], v2[l, b, h], m2[l, b, h], into[l, b, h]
+                slot[:] = K
+                fed[:] = False
+                for i in range(K):
+                    j = keep[l, b, h, i]
+                    slot[j] = i
+                    meta[l, 0, b, h, i], meta[l, 1, b, h, i] = frames[l][b, h, j], rows[l][b, h, j]
+                    meta[l, 2, b, h, i], meta[l, 3, b, h, i] = cols[l][b, h, j], times[l][b, h, j]
+                    mm[i] = mass[j]
+                    for t in range(d):  # element loops: no array views per token
+                        kk[i, t] = k[j, t]
+                        vv[i, t] = v[j, t]
+                for j in range(N):
+                    dest[j] = slot[j]
+                    if slot[j] == K and ii[j] >= 0:
+                        dest[j] = slot[ii[j]]
+                        if dest[j] < K:
+                            fed[dest[j]] = True
+                for i in range(K):
+                    if fed[i]:
+                        mm[i] = 0.0
+                        for t in range(d):
+                            kk[i, t] = 0.0
+                            vv[i, t] = 0.0
+                for j in range(N):  # the targets of merges: mass-weighted sums in token order
+                    i = dest[j]
+                    if i < K and fed[i]:
+                        m = mass[j]
+                        mm[i] += m
+                        for t in range(d):
+                            kk[i, t] += k[j, t] * m
+                            vv[i, t] += v[j, t] * m
+                for i in range(K):
+                    if fed[i]:
+                        for t in range(d):
+                            kk[i, t] /= mm[i]
+                            vv[i, t] /= mm[i]
     return k2, v2, m2, meta
 
 
@@ -375,16 +384,16 @@ def warm(layers: int) -> None:
     if layers in _warm or not AVAILABLE:
         return
     rng = np.random.default_rng(0)
-    k = rng.standard_normal((2, 6, 4)).astype(np.float32)
-    mass = np.ones((2, 6), np.float32)
-    frame = np.repeat(np.arange(3), 2)[None].repeat(2, 0).astype(np.int64)
+    k = rng.standard_normal((1, 2, 6, 4)).astype(np.float32)
+    mass = np.ones((1, 2, 6), np.float32)
+    frame = np.repeat(np.arange(3), 2)[None, None].repeat(2, 1).astype(np.int64)
     u = np.eye(4, dtype=np.float32)[None, :1].repeat(2, 0)
     basis, lam = subspace_step(u, np.eye(4, dtype=np.float32)[None].repeat(2, 0))
     cs = np.ones((2, 2), np.float32)
-    w = future_proxies(k[:, 0], basis, lam, cs, cs)  # (2, 4, 4): P = 2, r = 1
+    w = future_proxies(k[0, :, 0], basis, lam, cs, cs)  # (H=2, 4, 4): P = 2, r = 1
     per_layer = lambda t: (t,) * layers
     w = np.stack([w] * layers)
-    for scale in (np.zeros((0, 0, 0), np.float32), np.ones((layers, 2, 6), np.float32)):
+    for scale in (np.zeros((0, 0, 0, 0), np.float32), np.ones((layers, 1, 2, 6), np.float32)):
         _, keep, into, _, _, _ = future_compress(per_layer(k), per_layer(mass), per_layer(frame),
                                                  scale, w, 2, 3, 4.0, 2, 1)
     merge_apply(per_layer(k), per_layer(k), per_layer(mass), *(per_layer(frame),) * 4, keep, into)

@@ -125,7 +125,7 @@ class FutureForcing(Policy):
         if cache.size <= budget_tokens:
             return None
         need(ctx, self.name, "stats", "rope")
-        if all(kernels.compiled_cpu(l.k, l.mass) and l.k.is_contiguous() for l in cache.layers):
+        if kernels.compiled_cpu(*(t for l in cache.layers for t in (l.k, l.mass))):
             return self._compress_compiled(cache, budget_tokens, ctx)
         k, mass, frame = (torch.stack([getattr(l, f) for l in cache.layers])
                           for f in ("k", "mass", "frame"))  # (L, B, H, N, ...)
@@ -154,25 +154,25 @@ class FutureForcing(Policy):
         math and rules as the PyTorch path (the tests compare the two)."""
         check_fits("n_sink + n_recent", self.n_sink + self.n_recent, budget_tokens,
                    ctx.tokens_per_frame)
-        B, H, N, d = cache.layers[0].k.shape
-        L, X, K = len(cache.layers), B * H, min(budget_tokens, N)
-        rows = lambda name: tuple(getattr(l, name).numpy().reshape(X, N) for l in cache.layers)
+        layers = cache.layers
+        L, (B, H, N, d) = len(layers), layers[0].k.shape
+        K = min(budget_tokens, N)
         w, P = self.proxies(ctx, d)  # (L, 1, H, R, d)
-        w = w.expand(L, B, H, -1, d).reshape(L, X, -1, d).numpy()
-        scale = (torch.stack([l.v.norm(dim=-1) for l in cache.layers]).view(L, X, N).numpy()
-                 if self.value_norm else np.zeros((0, 0, 0), np.float32))
+        scale = (torch.stack([l.v.norm(dim=-1) for l in layers]).numpy() if self.value_norm
+                 else np.zeros((0, 0, 0, 0), np.float32))
+        arrays = lambda name: tuple(np.ascontiguousarray(getattr(l, name).numpy())
+                                    for l in layers)  # C order: one compiled variant
         score, keep, into, dist, most, bad = kernels.cpu_kernels.future_compress(
-            tuple(l.k.numpy().reshape(X, N, d) for l in cache.layers), rows("mass"),
-            rows("frame"), scale, w, P, K, float(self.tau),
-            ctx.frame - self.n_recent + 1, self.n_sink)
+            arrays("k"), arrays("mass"), arrays("frame"), scale,
+            np.ascontiguousarray(w[:, 0].numpy(), np.float32), P, K,
+            float(self.tau), ctx.frame - self.n_recent + 1, self.n_sink)
         if most > K:
             raise PolicyError(f"n_sink + n_recent: {most} protected tokens in one head exceed "
                               f"the budget of {K}")
         if bad:
             warnings.warn("policy score had non-finite values; they rank last", RuntimeWarning)
-        score, keep, into, dist = (torch.from_numpy(t).view(L, B, H, -1)
-                                   for t in (score, keep, into, dist))
         if self.tau == 0:
-            return Decision([LayerDecision(keep=keep[i], score=score[i]) for i in range(L)])
-        return Decision([LayerDecision(keep=keep[i], merge_into=into[i], score=score[i],
-                                       distance=dist[i]) for i in range(L)])
+            return Decision([LayerDecision(keep=torch.from_numpy(keep[i]),
+                                           score=torch.from_numpy(score[i])) for i in range(L)])
+        return Decision([LayerDecision(*(torch.from_numpy(t[i]) for t in (keep, into, score, dist)))
+                         for i in range(L)])
