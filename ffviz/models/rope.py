@@ -12,7 +12,6 @@ This is what lets a cache store post-RoPE keys and still shift them in time
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
@@ -49,16 +48,16 @@ class Rope3D:
         self.axis = torch.cat(axes)  # (d/2,) 0=time 1=row 2=col
 
     def angles(self, frame, row, col) -> torch.Tensor:
-        """Plane angles (..., d/2) in float64 for broadcastable host positions (tensors,
-        arrays or numbers). Computed in numpy: at these sizes a dozen tensor ops cost
-        more than the arithmetic, and this runs every step (model and policies)."""
-        pos = np.stack(np.broadcast_arrays(*(np.asarray(p, dtype=np.float64)
-                                             for p in (frame, row, col))), axis=-1)  # (..., 3)
-        return torch.from_numpy(pos[..., self.axis.numpy()] * self.omega.numpy())
+        """Plane angles (..., d/2) in float64 for broadcastable position tensors."""
+        pos = torch.stack(torch.broadcast_tensors(
+            torch.as_tensor(frame, dtype=torch.float64),
+            torch.as_tensor(row, dtype=torch.float64),
+            torch.as_tensor(col, dtype=torch.float64)), dim=-1)  # (..., 3)
+        return pos[..., self.axis] * self.omega
 
     def cos_sin(self, frame, row, col, dtype=torch.float32):
-        a = self.angles(frame, row, col).numpy()
-        return torch.from_numpy(np.cos(a)).to(dtype), torch.from_numpy(np.sin(a)).to(dtype)
+        a = self.angles(frame, row, col)
+        return a.cos().to(dtype), a.sin().to(dtype)
 
     def grid_cos_sin(self, frames, rows: int, cols: int, dtype=torch.float32):
         """cos/sin (T*rows*cols, d/2) for frames ``frames`` (list/1D) on a full grid,

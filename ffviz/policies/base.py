@@ -18,7 +18,6 @@ import math
 import warnings
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 import kernels
@@ -242,10 +241,12 @@ def future_positions(ctx: PolicyContext, horizon: int, stride: int = 1):
     ``stride``-th row and column of the grid, starting at stride // 2 (stride 1 =
     every position; a stride past the grid leaves its centre)."""
     rows, cols = ctx.grid
-    axis = lambda n: np.arange(stride // 2, n, stride) if stride // 2 < n else np.array([n // 2])
-    f = np.arange(ctx.frame + 1, ctx.frame + 1 + horizon)
-    return tuple(torch.from_numpy(t.ravel().astype(np.int64))  # numpy: a few us, every step
-                 for t in np.meshgrid(f, axis(rows), axis(cols), indexing="ij"))
+    axis = lambda n: (torch.arange(stride // 2, n, stride) if stride // 2 < n
+                      else torch.tensor([n // 2]))
+    ys, xs = axis(rows), axis(cols)
+    f = torch.arange(ctx.frame + 1, ctx.frame + 1 + horizon)
+    f, y, x = torch.meshgrid(f, ys, xs, indexing="ij")
+    return f.flatten(), y.flatten(), x.flatten()
 
 
 def plane_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

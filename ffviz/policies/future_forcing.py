@@ -54,6 +54,7 @@ class FutureForcing(Policy):
     n_recent: int = 1
     eig_every: int = 16
     _eig: tuple = dataclasses.field(default=(None, -1, 0), init=False, repr=False, compare=False)
+    _angles: tuple = dataclasses.field(default=(None, None), init=False, repr=False, compare=False)
 
     def validate(self):
         check_range("horizon", self.horizon, 1, 64)
@@ -96,17 +97,32 @@ class FutureForcing(Policy):
         """The proxy queries (L, 1, H, (1 + r) P, d): R(p) mu for the P positions,
         then sqrt(lambda_i) R(p) u_i for i = 1..r (direction-major), and P."""
         lam, u = self.eigenpairs(ctx, min(self.rank, d))  # (L, H, r), (L, H, r, d)
-        pos = future_positions(ctx, self.horizon, self.stride)
         mean = ctx.stats.mean_all()
         if kernels.compiled_cpu(mean, u, lam):
             L, H, r, _ = u.shape
-            cos, sin = (c.numpy() for c in ctx.rope.cos_sin(*pos, dtype=torch.float32))
+            cos, sin = self._proxy_cos_sin(ctx)
             w = kernels.cpu_kernels.future_proxies(
                 mean.view(L * H, d).numpy(), u.contiguous().view(L * H, r, d).numpy(),
                 lam.contiguous().view(L * H, r).numpy(), cos, sin)
-            return torch.from_numpy(w).view(L, 1, H, -1, d), pos[0].numel()
+            return torch.from_numpy(w).view(L, 1, H, -1, d), cos.shape[0]
+        pos = future_positions(ctx, self.horizon, self.stride)
         vecs = torch.cat([mean.unsqueeze(2), u * lam.sqrt().unsqueeze(-1)], 2)
         return rotate(vecs, ctx.rope, *pos).flatten(2, 3).unsqueeze(1), pos[0].numel()
+
+    def _proxy_cos_sin(self, ctx) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin (P, d/2) float32 of the proxy positions. RoPE angles are linear in
+        the position: the spatial angles (fixed for a grid) are kept between calls and
+        the temporal ones, frame x omega, added per call (the same float64 products
+        ``Rope3D.angles`` makes), a few array ops per compression."""
+        key = (ctx.grid, self.horizon, self.stride, ctx.rope)
+        if self._angles[0] != key:
+            f, y, x = future_positions(ctx, self.horizon, self.stride)
+            spatial = ctx.rope.angles(0, y, x).numpy()  # (P, d/2), temporal planes 0
+            per_frame = ctx.rope.angles(1, 0, 0).numpy()  # (d/2,), spatial planes 0
+            self._angles = (key, (spatial, (f - ctx.frame - 1).numpy(), per_frame))
+        spatial, ahead, per_frame = self._angles[1]
+        a = spatial + (ahead + (ctx.frame + 1.0))[:, None] * per_frame
+        return np.cos(a).astype(np.float32), np.sin(a).astype(np.float32)
 
     def score(self, k, mass, w, P: int):
         """k (L, B, H, N, d); mass (L, B, H, N); proxies w (L, 1, H, (1 + r) P, d)
