@@ -40,25 +40,74 @@ def _jit(fn):
 
 
 @_jit
+def _kth_smallest(values, k):
+    """The k-th smallest of ``values`` (0-based), by quickselect on a copy (no NaN).
+    Hand-written, as the sorts below: numba compiles plain loops in a fraction of the
+    time of its sort and partition routines (seconds, on every fresh machine)."""
+    a = values.copy()
+    lo, hi = 0, a.shape[0] - 1
+    while lo < hi:
+        pivot = a[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return a[k]
+
+
+@_jit
 def _select(s, frame, K):
     """The K best tokens (ascending) and the others, in ``rank``'s order: by s
-    descending, ties to the newer source frame, then the later cache slot. One
-    partition finds the K-th best value; only ties at it need the tie rule."""
+    descending, ties to the newer source frame, then the later cache slot. The K-th
+    best value is found by selection; only ties at it need the tie rule."""
     N = s.shape[0]
     if K >= N:
         return np.arange(N), np.empty(0, np.int64)
-    cut = -np.partition(-s, K - 1)[K - 1]  # the K-th largest score
-    inside = s > cut
-    room = K - inside.sum()
-    tied = np.nonzero(s == cut)[0]
-    if room < tied.shape[0]:  # the tie rule picks which of the tied ones stay
-        tie = np.empty(tied.shape[0], np.float64)
-        for i in range(tied.shape[0]):
-            tie[i] = -(frame[tied[i]] * (N + 1.0) + tied[i])
-        tied = tied[np.argsort(tie, kind="mergesort")]
+    cut = _kth_smallest(s, N - K)  # the K-th largest score
+    inside = np.zeros(N, np.bool_)
+    room = K
+    for j in range(N):
+        if s[j] > cut:
+            inside[j] = True
+            room -= 1
+    # the tied tokens, best first by the tie rule: insertion into an ordered list
+    # (ties are few: equal scores, or protected tokens)
+    tied = np.empty(N, np.int64)
+    n = 0
+    for j in range(N):
+        if s[j] == cut:
+            at = n
+            while at > 0 and (frame[tied[at - 1]] < frame[j]
+                              or (frame[tied[at - 1]] == frame[j] and tied[at - 1] < j)):
+                tied[at] = tied[at - 1]
+                at -= 1
+            tied[at] = j
+            n += 1
     for i in range(room):
         inside[tied[i]] = True
-    return np.nonzero(inside)[0], np.nonzero(~inside)[0]
+    keep = np.empty(K, np.int64)
+    gone = np.empty(N - K, np.int64)
+    a, b = 0, 0
+    for j in range(N):
+        if inside[j]:
+            keep[a] = j
+            a += 1
+        else:
+            gone[b] = j
+            b += 1
+    return keep, gone
 
 
 @_jit
@@ -124,19 +173,23 @@ def _future_share(y, logm, P, r, d):
 @_jit
 def _row_argmin(r):
     """The first index of the minimum of r: the minimum over 8 independent lanes (a
-    loop the compiler vectorises), then its first occurrence."""
+    loop the compiler vectorises), then its first occurrence; NaN entries are passed
+    over (a row of NaN gives 0)."""
     n = r.shape[0]
-    lanes = np.full(8, np.inf, r.dtype)
+    lanes = np.empty(8, r.dtype)
+    lanes[:] = np.inf
     for m in range(0, n - n % 8, 8):
         for l in range(8):
             lanes[l] = min(lanes[l], r[m + l])
-    best = lanes.min()
+    best = lanes[0]
+    for l in range(1, 8):
+        best = min(best, lanes[l])
     for m in range(n - n % 8, n):
         best = min(best, r[m])
     for m in range(n):
         if r[m] == best:
             return m
-    return np.argmin(r)  # NaN only: as torch, whichever
+    return 0
 
 
 @_jit
@@ -213,12 +266,14 @@ def future_compress(ks, masses, frames, scale, w, P, K, tau, first_recent, n_sin
     most_protected, bad = 0, 0
     fmax = np.float32(3.4028234663852886e38)
     s = np.empty(N, np.float64)
+    logm = np.empty(N, np.float32)
     for l in range(L):
         for b in range(B):
             for h in range(H):
                 mass, frame = masses[l][b, h], frames[l][b, h]
                 y = np.dot(w[l, h], ks[l][b, h].T)  # (R, N): every proxy against every key
-                logm = np.log(np.maximum(mass, np.float32(1e-30)))
+                for j in range(N):
+                    logm[j] = np.log(max(mass[j], np.float32(1e-30)))
                 share = _future_share(y, logm, P, r, d)
                 n_prot = 0
                 for j in range(N):
@@ -243,7 +298,7 @@ def future_compress(ks, masses, frames, scale, w, P, K, tau, first_recent, n_sin
                 if tau == 0 or K == 0 or K == N:
                     continue
                 dmin, at = _nearest_kept(y, kept, gone, 1.0 / (P * d))
-                med = np.sort(dmin)[(N - K - 1) // 2]  # the lower median, as torch.median
+                med = _kth_smallest(dmin, (N - K - 1) // 2)  # the lower median, as torch.median
                 for i in range(N - K):
                     dist[l, b, h, gone[i]] = 0.0 if np.isinf(dmin[i]) else dmin[i]
                     if med > 0 and dmin[i] <= tau * med and np.isfinite(dmin[i]):
@@ -259,7 +314,7 @@ def subspace_step(u, cov):
     u_i^T cov u_i (X, r) clamped at 0, NaN -> 0. A row whose new basis is not finite
     (degenerate statistics) keeps u."""
     X, r, d = u.shape
-    basis = np.empty_like(u)
+    basis = np.empty((X, r, d), u.dtype)
     lam = np.zeros((X, r), u.dtype)
     for x in range(X):
         v = np.dot(u[x], cov[x])  # (r, d)
@@ -276,9 +331,15 @@ def subspace_step(u, cov):
             norm = np.sqrt(norm)
             for t in range(d):
                 v[i, t] /= norm
-        if not np.isfinite(v).all():
-            v = u[x].copy()
-        basis[x] = v
+        finite = True
+        for i in range(r):
+            for t in range(d):
+                finite &= np.isfinite(v[i, t])
+        if not finite:
+            v = u[x]
+        for i in range(r):
+            for t in range(d):
+                basis[x, i, t] = v[i, t]
         sv = np.dot(v, cov[x])
         for i in range(r):
             q = np.float32(0.0)
