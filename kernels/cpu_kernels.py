@@ -24,6 +24,8 @@ except Exception as e:  # pragma: no cover - numba ships with umap-learn
     numba, AVAILABLE, IMPORT_ERROR = None, False, e
 
 
+CHUNK_ELEMENTS = 1 << 22  # the merge search's distance block (16 MB of float32) at most
+
 # reordered sums and fused multiply-adds (vector loops); NaN and inf stay honoured
 _FAST = {"reassoc", "contract", "arcp"}
 
@@ -223,20 +225,23 @@ def _nearest_kept(y, keep, gone, scale):
             br[m] = np.float32(-2.0) * e
             qb[m] += e * e
     a[:, R] = 1.0
-    part = np.dot(a, bt)  # (G, K)
     dmin = np.empty(G, np.float32)
     arg = np.empty(G, np.int64)
-    for i in range(G):
-        at = _row_argmin(part[i])
-        # the winner's distance summed directly: the expansion above cancels digits for
-        # near-duplicates, which are what merging is about
-        v = np.float32(0.0)
-        for t in range(R):
-            e = y[t, gone[i]] - y[t, keep[at]]
-            v += e * e
-        v *= scale
-        dmin[i] = np.inf if np.isnan(v) else v
-        arg[i] = at
+    step = max(1, CHUNK_ELEMENTS // K)  # candidates per product: memory stays bounded
+    for start in range(0, G, step):
+        stop = min(G, start + step)
+        part = np.dot(a[start:stop], bt)  # (candidates, K)
+        for i in range(start, stop):
+            at = _row_argmin(part[i - start])
+            # the winner's distance summed directly: the expansion above cancels digits
+            # for near-duplicates, which are what merging is about
+            v = np.float32(0.0)
+            for t in range(R):
+                e = y[t, gone[i]] - y[t, keep[at]]
+                v += e * e
+            v *= scale
+            dmin[i] = np.inf if np.isnan(v) else v
+            arg[i] = at
     return dmin, arg
 
 

@@ -227,3 +227,19 @@ def test_generation_with_compiled_future_forcing_matches(monkeypatch, tiny_rando
         assert torch.equal(r.keep, g.keep) and torch.equal(r.merge_into, g.merge_into)
     frames = lambda steps: np.concatenate([s.frames for s in steps]).astype(int)
     assert np.abs(frames(ref) - frames(got)).max() <= 2  # float rounding, not a different run
+
+
+def test_nearest_kept_in_bounded_blocks():
+    """More candidates x kept tokens than one block (CHUNK_ELEMENTS): the search runs
+    block by block and finds what a brute-force search finds."""
+    rng = np.random.default_rng(0)
+    K = 2048
+    G = cpu_kernels.CHUNK_ELEMENTS // K + 50  # two blocks
+    y = rng.standard_normal((6, K + G)).astype(np.float32)
+    perm = rng.permutation(K + G)
+    keep, gone = np.sort(perm[:K]), perm[K:]
+    dmin, at = cpu_kernels._nearest_kept(y, keep, gone, 0.5)
+    a, b = y[:, gone].T.astype(np.float64), y[:, keep].T.astype(np.float64)
+    d = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
+    assert np.array_equal(at, d.argmin(1))
+    np.testing.assert_allclose(dmin, 0.5 * d.min(1), rtol=1e-5)
