@@ -192,10 +192,12 @@ class KVCache:
         first, d0 = self.layers[0], decision.layers[0]
         return (first.k is not None
                 and any(d.merge_into is not None for d in decision.layers)
-                and all(l.k is not None and l.k.shape == first.k.shape and not l.aux
-                        for l in self.layers)
+                and all(l.k is not None and l.k.shape == first.k.shape == l.v.shape
+                        and not l.aux for l in self.layers)
                 and all(d.k is None and d.time is None and d.keep.shape == d0.keep.shape
-                        and d.keep.device.type == "cpu" for d in decision.layers)
+                        and d.keep.shape[:2] == first.k.shape[:2] and d.keep.device.type == "cpu"
+                        and (d.merge_into is None or d.merge_into.shape == first.mass.shape)
+                        for d in decision.layers)
                 and kernels.compiled_cpu(*(t for l in self.layers for t in (l.k, l.v, l.mass))))
 
     def _apply_compiled(self, decision: Decision) -> None:
@@ -209,8 +211,10 @@ class KVCache:
         keep = torch.stack([d.keep for d in decision.layers]).to(torch.long)
         into = torch.stack([none if d.merge_into is None else d.merge_into
                             for d in decision.layers]).to(torch.long)
-        k, v, mass, meta = kernels.cpu_kernels.merge_apply(
+        k, v, mass, meta, ok = kernels.cpu_kernels.merge_apply(
             *(arrays(name) for name in self.FIELDS), keep.numpy(), into.numpy())
+        if not ok:  # the cache is untouched
+            raise IndexError(f"decision indices out of range for a cache of {N} tokens")
         for i, layer in enumerate(self.layers):
             layer.k, layer.v, layer.mass = (torch.from_numpy(t[i]) for t in (k, v, mass))
             layer.frame, layer.row, layer.col, layer.time = map(torch.from_numpy, meta[i])

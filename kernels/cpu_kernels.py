@@ -77,6 +77,8 @@ def _select(s, frame, K):
     N = s.shape[0]
     if K >= N:
         return np.arange(N), np.empty(0, np.int64)
+    if K <= 0:
+        return np.empty(0, np.int64), np.arange(N)
     cut = _kth_smallest(s, N - K)  # the K-th largest score
     inside = np.zeros(N, np.bool_)
     room = K
@@ -176,7 +178,7 @@ def _future_share(y, logm, P, r, d):
 def _row_argmin(r):
     """The first index of the minimum of r: the minimum over 8 independent lanes (a
     loop the compiler vectorises), then its first occurrence; NaN entries are passed
-    over (a row of NaN gives 0)."""
+    over, and a row of NaN gives -1."""
     n = r.shape[0]
     lanes = np.empty(8, r.dtype)
     lanes[:] = np.inf
@@ -191,7 +193,7 @@ def _row_argmin(r):
     for m in range(n):
         if r[m] == best:
             return m
-    return 0
+    return -1
 
 
 @_jit
@@ -200,8 +202,9 @@ def _nearest_kept(y, keep, gone, scale):
     with the projections F k = y / sqrt(P) already at hand: D = |y_a - y_b|^2 x ``scale``
     (= 1 / (P d)). The search runs centred on the mean kept projection (fewer cancelled
     digits); the winner's distance is then summed directly.
-    Returns D (G,) float32 (NaN -> inf) and the index into ``keep`` (G,) (first minimum;
-    a kept token with a NaN projection is passed over)."""
+    Returns D (G,) float32 and the index into ``keep`` (G,) (the first minimum). As in the
+    PyTorch path, a non-finite projection gives D = inf (no merge): for the candidate's
+    own row, or for the whole head when it is a kept token's (it spoils the centre)."""
     R = y.shape[0]
     K, G = keep.shape[0], gone.shape[0]
     c = np.zeros(R, np.float32)
@@ -210,6 +213,11 @@ def _nearest_kept(y, keep, gone, scale):
         for m in range(K):
             c[t] += yr[keep[m]]
         c[t] /= np.float32(K)
+    dmin = np.full(G, np.inf, np.float32)
+    arg = np.zeros(G, np.int64)
+    for t in range(R):
+        if not np.isfinite(c[t]):
+            return dmin, arg
     # argmin_b |a - b|^2 = argmin_b (|b|^2 - 2 a.b): one product of [a, 1] and [-2b; |b|^2]
     a = np.empty((G, R + 1), np.float32)
     bt = np.empty((R + 1, K), np.float32)
@@ -225,14 +233,14 @@ def _nearest_kept(y, keep, gone, scale):
             br[m] = np.float32(-2.0) * e
             qb[m] += e * e
     a[:, R] = 1.0
-    dmin = np.empty(G, np.float32)
-    arg = np.empty(G, np.int64)
     step = max(1, CHUNK_ELEMENTS // K)  # candidates per product: memory stays bounded
     for start in range(0, G, step):
         stop = min(G, start + step)
         part = np.dot(a[start:stop], bt)  # (candidates, K)
         for i in range(start, stop):
             at = _row_argmin(part[i - start])
+            if at < 0:  # a NaN candidate
+                continue
             # the winner's distance summed directly: the expansion above cancels digits
             # for near-duplicates, which are what merging is about
             v = np.float32(0.0)
@@ -316,11 +324,13 @@ def subspace_step(u, cov):
     """One step of subspace iteration per row: u (X, r, d) orthonormal rows, cov (X, d, d)
     symmetric -> an orthonormal basis of the rows of u cov (Gram-Schmidt: the span of a
     QR's Q, up to signs, which nothing downstream sees) and the Rayleigh quotients
-    u_i^T cov u_i (X, r) clamped at 0, NaN -> 0. A row whose new basis is not finite
-    (degenerate statistics) keeps u."""
+    u_i^T cov u_i (X, r), clamped at 0 with NaN -> 0 and inf -> the largest float32 (the
+    PyTorch path's nan_to_num). If any row's new basis is not finite (degenerate
+    statistics), every row keeps u, as in the PyTorch path."""
     X, r, d = u.shape
     basis = np.empty((X, r, d), u.dtype)
     lam = np.zeros((X, r), u.dtype)
+    finite = True
     for x in range(X):
         v = np.dot(u[x], cov[x])  # (r, d)
         for i in range(r):
@@ -336,21 +346,18 @@ def subspace_step(u, cov):
             norm = np.sqrt(norm)
             for t in range(d):
                 v[i, t] /= norm
-        finite = True
-        for i in range(r):
-            for t in range(d):
-                finite &= np.isfinite(v[i, t])
-        if not finite:
-            v = u[x]
-        for i in range(r):
-            for t in range(d):
                 basis[x, i, t] = v[i, t]
-        sv = np.dot(v, cov[x])
+                finite &= np.isfinite(v[i, t])
+    if not finite:
+        basis[:] = u
+    fmax = np.float32(3.4028234663852886e38)
+    for x in range(X):
+        sv = np.dot(basis[x], cov[x])
         for i in range(r):
             q = np.float32(0.0)
             for t in range(d):
-                q += sv[i, t] * v[i, t]
-            lam[x, i] = 0.0 if np.isnan(q) else max(q, np.float32(0.0))
+                q += sv[i, t] * basis[x, i, t]
+            lam[x, i] = 0.0 if np.isnan(q) else min(max(q, np.float32(0.0)), fmax)
     return basis, lam
 
 
@@ -385,7 +392,8 @@ def merge_apply(ks, vs, masses, frames, rows, cols, times, keep, into):
     mass-weighted averages, summed in token order as ``LayerCache._merge_into_kept``; a
     token whose target is evicted is dropped. A kept token that receives nothing is
     copied as it is (the PyTorch path's (m k) / m can move it by a rounding). Returns
-    k, v (L, B, H, K, d), mass (L, B, H, K) and the provenance (L, 4, B, H, K)."""
+    k, v (L, B, H, K, d), mass (L, B, H, K), the provenance (L, 4, B, H, K) and False
+    when an index was out of range (nothing else is then to be trusted)."""
     L, B, H, K = keep.shape
     N, d = ks[0].shape[2], ks[0].shape[3]
     k2 = np.empty((L, B, H, K, d), ks[0].dtype)
@@ -404,6 +412,8 @@ def merge_apply(ks, vs, masses, frames, rows, cols, times, keep, into):
                 fed[:] = False
                 for i in range(K):
                     j = keep[l, b, h, i]
+                    if j < 0 or j >= N:
+                        return k2, v2, m2, meta, False
                     slot[j] = i
                     meta[l, 0, b, h, i], meta[l, 1, b, h, i] = frames[l][b, h, j], rows[l][b, h, j]
                     meta[l, 2, b, h, i], meta[l, 3, b, h, i] = cols[l][b, h, j], times[l][b, h, j]
@@ -412,6 +422,8 @@ def merge_apply(ks, vs, masses, frames, rows, cols, times, keep, into):
                         kk[i, t] = k[j, t]
                         vv[i, t] = v[j, t]
                 for j in range(N):
+                    if ii[j] < -1 or ii[j] >= N:
+                        return k2, v2, m2, meta, False
                     dest[j] = slot[j]
                     if slot[j] == K and ii[j] >= 0:
                         dest[j] = slot[ii[j]]
@@ -436,7 +448,7 @@ def merge_apply(ks, vs, masses, frames, rows, cols, times, keep, into):
                         for t in range(d):
                             kk[i, t] /= mm[i]
                             vv[i, t] /= mm[i]
-    return k2, v2, m2, meta
+    return k2, v2, m2, meta, True
 
 
 _warm: set[int] = set()

@@ -95,6 +95,12 @@ def test_subspace_step_spans_what_qr_spans():
     # degenerate statistics (a zero covariance): the old vectors stay, eigenvalues 0
     basis0, lam0 = cpu_kernels.subspace_step(u.numpy(), np.zeros((X, d, d), np.float32))
     assert np.array_equal(basis0, u.numpy()) and not lam0.any()
+    # one degenerate head: every head keeps its vectors, as the PyTorch path does
+    some = cov.clone()
+    some[2] = 0
+    basis1, lam1 = cpu_kernels.subspace_step(u.numpy(), some.numpy())
+    assert np.array_equal(basis1, u.numpy())
+    torch.testing.assert_close(torch.from_numpy(lam1), ((u @ some) * u).sum(-1), rtol=1e-5, atol=1e-6)
 
 
 def test_select_is_ranks_order_with_ties():
@@ -112,6 +118,11 @@ def test_select_is_ranks_order_with_ties():
                                          frame.numpy(), K)
         assert keep.tolist() == order[:K].sort().values.tolist()
         assert sorted(gone.tolist()) == sorted(order[K:].tolist())
+
+
+def test_select_with_nothing_to_keep():
+    keep, gone = cpu_kernels._select(np.arange(30.0), np.zeros(30, np.int64), 0)
+    assert keep.size == 0 and gone.tolist() == list(range(30))
 
 
 def test_exp_matches_float64_exp():
@@ -170,6 +181,19 @@ def test_merge_apply_makes_the_pytorch_cache(monkeypatch, seed):
         assert g.k.shape == r.k.shape and g.k.dtype == r.k.dtype
 
 
+def test_merge_apply_rejects_indices_out_of_range():
+    for field, bad in (("keep", 12), ("merge_into", 12), ("merge_into", -2)):
+        cache = random_cache(1)
+        before = [l.k.clone() for l in cache.layers]
+        dec = random_decision(cache, 5, 1)
+        t = getattr(dec.layers[1], field)
+        t.view(-1)[t.numel() - 1] = bad
+        assert cache._compilable(dec)
+        with pytest.raises(IndexError, match="out of range"):
+            cache.apply(dec)
+        assert all(torch.equal(l.k, b) for l, b in zip(cache.layers, before))
+
+
 def test_merge_apply_copies_untouched_tokens_exactly():
     cache = random_cache(7)
     before = [(l.k.clone(), l.v.clone(), l.mass.clone()) for l in cache.layers]
@@ -200,17 +224,23 @@ def test_compiled_paths_raise_as_pytorch(monkeypatch):
     assert both(monkeypatch, run) == [5 * N_TOK, 5 * N_TOK]
 
 
-def test_nan_key_gives_the_same_decision(monkeypatch):
+@pytest.mark.parametrize("token", [7, 27])  # evicted / kept (the newest frame is protected)
+def test_nan_key_gives_the_same_decision(monkeypatch, token):
     def run():
         cache, ctx, _ = toy(frames=5, seed=3)
-        cache[0].k[0, 1, 7] = float("nan")
+        cache[0].k[0, 1, token, 0] = float("nan")
         return make_policy("future_forcing").compress(cache, 3 * N_TOK, ctx)
 
     ref, got = both(monkeypatch, run)
     for r, g in zip(ref.layers, got.layers):
         assert torch.isfinite(g.score).all()
-        assert torch.equal(r.keep, g.keep)
+        assert torch.equal(r.keep, g.keep) and torch.equal(r.merge_into, g.merge_into)
         torch.testing.assert_close(g.score, r.score, rtol=1e-5, atol=1e-8)
+    into = got.layers[0].merge_into[0, 1]
+    if token == 27:  # a kept NaN key: no merges in its head, as PyTorch's NaN distances
+        assert not (into >= 0).any()
+    else:  # an evicted NaN key merges nowhere; the others still do
+        assert into[token] == -1 and (into >= 0).any()
 
 
 def test_generation_with_compiled_future_forcing_matches(monkeypatch, tiny_random):
