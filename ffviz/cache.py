@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import torch
 
 import kernels
@@ -205,8 +204,7 @@ class KVCache:
         (``kernels.cpu_kernels.merge_apply``: a merge's sums in the same order as
         ``_merge_into_kept``)."""
         B, H, N, _ = self.layers[0].k.shape
-        arrays = lambda name: tuple(np.ascontiguousarray(getattr(l, name).numpy())
-                                    for l in self.layers)  # C order: one compiled variant
+        arrays = lambda name: kernels.cpu_kernels.layer_arrays(self.layers, name)
         none = torch.full((B, H, N), -1, dtype=torch.long)
         keep = torch.stack([d.keep for d in decision.layers]).to(torch.long)
         into = torch.stack([none if d.merge_into is None else d.merge_into

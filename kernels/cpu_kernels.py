@@ -451,6 +451,13 @@ def merge_apply(ks, vs, masses, frames, rows, cols, times, keep, into):
     return k2, v2, m2, meta, True
 
 
+def layer_arrays(layers, name: str) -> tuple:
+    """Field ``name`` of every cache layer as C-ordered numpy arrays (views of the
+    tensors when they are contiguous): the per-layer tuples the kernels take, always
+    in the layout they were compiled for."""
+    return tuple(np.ascontiguousarray(getattr(l, name).numpy()) for l in layers)
+
+
 _warm: set[int] = set()
 
 

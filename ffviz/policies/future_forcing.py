@@ -84,14 +84,13 @@ class FutureForcing(Policy):
             basis, lam = (torch.from_numpy(t) for t in kernels.cpu_kernels.subspace_step(
                 u.flatten(0, 1).contiguous().numpy(), cov.flatten(0, 1).numpy()))
             basis, lam = basis.view(u.shape), lam.view(u.shape[:3])
-            self._eig = (basis, ctx.frame, calls + 1)
-            return lam, basis
-        basis = torch.linalg.qr((u @ cov).transpose(-1, -2)).Q.transpose(-1, -2)  # (L, H, r, d)
-        if not bool(torch.isfinite(basis).all()):  # degenerate statistics: keep the old vectors
-            basis = u
+        else:
+            basis = torch.linalg.qr((u @ cov).transpose(-1, -2)).Q.transpose(-1, -2)  # (L, H, r, d)
+            if not bool(torch.isfinite(basis).all()):  # degenerate statistics: keep the old vectors
+                basis = u
+            lam = torch.nan_to_num(((basis @ cov) * basis).sum(-1).clamp_min(0))  # u_i^T Sigma u_i
         self._eig = (basis, ctx.frame, calls + 1)
-        lam = ((basis @ cov) * basis).sum(-1).clamp_min(0)  # u_i^T Sigma u_i
-        return torch.nan_to_num(lam), basis
+        return lam, basis
 
     def proxies(self, ctx, d: int) -> tuple[torch.Tensor, int]:
         """The proxy queries (L, 1, H, (1 + r) P, d): R(p) mu for the P positions,
@@ -176,8 +175,7 @@ class FutureForcing(Policy):
         w, P = self.proxies(ctx, d)  # (L, 1, H, R, d)
         scale = (torch.stack([l.v.norm(dim=-1) for l in layers]).numpy() if self.value_norm
                  else np.zeros((0, 0, 0, 0), np.float32))
-        arrays = lambda name: tuple(np.ascontiguousarray(getattr(l, name).numpy())
-                                    for l in layers)  # C order: one compiled variant
+        arrays = lambda name: kernels.cpu_kernels.layer_arrays(layers, name)
         score, keep, into, dist, most, bad = kernels.cpu_kernels.future_compress(
             arrays("k"), arrays("mass"), arrays("frame"), scale,
             np.ascontiguousarray(w[:, 0].numpy(), np.float32), P, K,
