@@ -62,7 +62,24 @@ class LayerDecision:
 
 @dataclasses.dataclass
 class Decision:
+    """Per layer, what stays and what merges. ``prepared``: the cache this decision
+    leaves, computed already by the policy (``KVCache.prepared``, the CPU kernels'
+    path), which ``KVCache.apply`` takes as it is when the cache has not changed since."""
     layers: list[LayerDecision]
+    prepared: "PreparedApply | None" = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass
+class PreparedApply:
+    """A cache's new arrays for a decision, and the arrays they were made from
+    (``KVCache.prepared``): valid while the cache still holds exactly those."""
+    source: list[tuple]
+    result: list[tuple]
+
+    def made_from(self, cache: "KVCache") -> bool:
+        return len(self.source) == len(cache.layers) and all(
+            a is b for layer, arrays in zip(cache.layers, self.source)
+            for a, b in zip((getattr(layer, name) for name in cache.FIELDS), arrays))
 
 
 class LayerCache:
@@ -167,6 +184,12 @@ class KVCache:
     def apply(self, decision: Decision) -> None:
         if len(decision.layers) != len(self.layers):
             raise ValueError(f"decision has {len(decision.layers)} layers, cache {len(self.layers)}")
+        prepared, decision.prepared = decision.prepared, None  # once; not kept with the decision
+        if prepared is not None and prepared.made_from(self):
+            for layer, arrays in zip(self.layers, prepared.result):
+                for name, t in zip(self.FIELDS, arrays):
+                    setattr(layer, name, t)
+            return
         if self._compilable(decision):
             return self._apply_compiled(decision)
         if self._batchable(decision):
@@ -198,6 +221,21 @@ class KVCache:
                         and (d.merge_into is None or d.merge_into.shape == first.mass.shape)
                         for d in decision.layers)
                 and kernels.compiled_cpu(*(t for l in self.layers for t in (l.k, l.v, l.mass))))
+
+    def prepared(self, k, v, mass, meta) -> PreparedApply | None:
+        """The cache after a decision as the CPU kernels made it (``merge_apply``'s
+        outputs, per layer first: k, v (L, B, H, K, d), mass (L, B, H, K), provenance
+        (L, 4, B, H, K)) for the arrays the cache holds now, for ``apply`` to take as it
+        is: a policy that scores and merges in one kernel call hands it over with its
+        decision. None where ``apply`` must do the work itself (``aux`` quantities,
+        which the kernels do not carry)."""
+        if any(l.aux for l in self.layers):
+            return None
+        k, v, mass = (torch.from_numpy(t).unbind(0) for t in (k, v, mass))  # views per layer
+        meta = [m.unbind(0) for m in torch.from_numpy(meta).unbind(0)]
+        result = [(k[i], v[i], mass[i], *meta[i]) for i in range(len(self.layers))]
+        source = [tuple(getattr(l, name) for name in self.FIELDS) for l in self.layers]
+        return PreparedApply(source=source, result=result)
 
     def _apply_compiled(self, decision: Decision) -> None:
         """Every layer's gather and merge in one numba call over the layers' own arrays

@@ -106,6 +106,13 @@ class QueryStats:
         c = self._m2 / self.weight.clamp_min(1.0)[:, :, None, None]
         return (0.5 * (c + c.transpose(-1, -2))).float()
 
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The running sums themselves, float64, not copies (read them, never write):
+        weight (layers, heads), mean (layers, heads, dim) and m2 (layers, heads, dim,
+        dim), the covariance being m2 / weight (``cov_all``). The CPU kernels read these
+        instead of a float32 copy per call."""
+        return self.weight, self._mean, self._m2
+
     def count(self, layer: int) -> torch.Tensor:
         return self.weight[layer].clone()
 

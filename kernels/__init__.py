@@ -7,6 +7,8 @@ compression and the cache's merge also have numba kernels (``kernels.cpu_kernels
 used where ``compiled_cpu`` is true).
 """
 from kernels import cpu_kernels
-from kernels.dispatch import attention, backend, compiled_cpu, future_score, merge_neighbour
+from kernels.dispatch import (attention, backend, compiled_cpu, compiled_cpu_enabled, future_score,
+                              merge_neighbour)
 
-__all__ = ["future_score", "merge_neighbour", "attention", "backend", "compiled_cpu", "cpu_kernels"]
+__all__ = ["future_score", "merge_neighbour", "attention", "backend", "compiled_cpu",
+           "compiled_cpu_enabled", "cpu_kernels"]

@@ -26,6 +26,20 @@ except Exception as e:  # pragma: no cover - numba ships with umap-learn
 
 CHUNK_ELEMENTS = 1 << 22  # the merge search's distance block (16 MB of float32) at most
 
+
+def _one_blas_thread() -> None:
+    """BLAS (OpenBLAS, which numba's ``np.dot`` calls) on one thread, as torch runs the
+    model: the kernels' products are small, and OpenBLAS's second thread spins while it
+    waits, so with another process on the other core a compression took ~16x longer
+    (18 ms against 1.1 ms); on a free CPU one thread was faster too (1.10 against 1.35 ms,
+    median in-loop, the tiny model)."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (numba's BLAS: loaded, so limited)
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - both come with scikit-learn (umap-learn)
+        return
+    threadpool_limits(1, user_api="blas")
+
 # reordered sums and fused multiply-adds (vector loops); NaN and inf stay honoured
 _FAST = {"reassoc", "contract", "arcp"}
 
@@ -175,28 +189,6 @@ def _future_share(y, logm, P, r, d):
 
 
 @_jit
-def _row_argmin(r):
-    """The first index of the minimum of r: the minimum over 8 independent lanes (a
-    loop the compiler vectorises), then its first occurrence; NaN entries are passed
-    over, and a row of NaN gives -1."""
-    n = r.shape[0]
-    lanes = np.empty(8, r.dtype)
-    lanes[:] = np.inf
-    for m in range(0, n - n % 8, 8):
-        for l in range(8):
-            lanes[l] = min(lanes[l], r[m + l])
-    best = lanes[0]
-    for l in range(1, 8):
-        best = min(best, lanes[l])
-    for m in range(n - n % 8, n):
-        best = min(best, r[m])
-    for m in range(n):
-        if r[m] == best:
-            return m
-    return -1
-
-
-@_jit
 def _nearest_kept(y, keep, gone, scale):
     """For every evicted token, its nearest kept token under D(a, b) = |F (k_a - k_b)|^2 / d
     with the projections F k = y / sqrt(P) already at hand: D = |y_a - y_b|^2 x ``scale``
@@ -205,60 +197,82 @@ def _nearest_kept(y, keep, gone, scale):
     Returns D (G,) float32 and the index into ``keep`` (G,) (the first minimum). As in the
     PyTorch path, a non-finite projection gives D = inf (no merge): for the candidate's
     own row, or for the whole head when it is a kept token's (it spoils the centre)."""
-    R = y.shape[0]
+    R, N = y.shape
     K, G = keep.shape[0], gone.shape[0]
-    c = np.zeros(R, np.float32)
-    for t in range(R):
+    is_kept = np.zeros(N, np.bool_)
+    for m in range(K):
+        is_kept[keep[m]] = True
+    c = np.empty(R, np.float32)
+    zero = np.float32(0.0)
+    for t in range(R):  # a masked sum over contiguous rows: no gathers (an evicted NaN is skipped)
         yr = y[t]
-        for m in range(K):
-            c[t] += yr[keep[m]]
-        c[t] /= np.float32(K)
+        acc = zero
+        for j in range(N):
+            acc += yr[j] if is_kept[j] else zero
+        c[t] = acc / np.float32(K)
     dmin = np.full(G, np.inf, np.float32)
-    arg = np.zeros(G, np.int64)
+    arg = np.full(G, -1, np.int64)
     for t in range(R):
         if not np.isfinite(c[t]):
+            arg[:] = 0
             return dmin, arg
-    # argmin_b |a - b|^2 = argmin_b (|b|^2 - 2 a.b): one product of [a, 1] and [-2b; |b|^2]
-    a = np.empty((G, R + 1), np.float32)
-    bt = np.empty((R + 1, K), np.float32)
-    bt[R] = 0.0
-    qb = bt[R]
-    for t in range(R):  # row views, element loops: no temporary arrays per token
-        yr, br = y[t], bt[t]
+    # argmin_b |a - b|^2 = argmin_b (|b|^2 - 2 a.b): one product of [-2b, |b|^2] for every
+    # token (contiguous rows, cheaper than gathering the kept ones) and [a; 1] per candidate
+    b = np.empty((R + 1, N), np.float32)
+    qb = b[R]
+    qb[:] = 0.0
+    a = np.empty((R + 1, G), np.float32)
+    a[R] = 1.0
+    for t in range(R):
+        yr, br, ar = y[t], b[t], a[t]
         ct = c[t]
+        for j in range(N):
+            e = yr[j] - ct
+            br[j] = np.float32(-2.0) * e
+            qb[j] += e * e
         for i in range(G):
-            a[i, t] = yr[gone[i]] - ct
-        for m in range(K):
-            e = yr[keep[m]] - ct
-            br[m] = np.float32(-2.0) * e
-            qb[m] += e * e
-    a[:, R] = 1.0
-    step = max(1, CHUNK_ELEMENTS // K)  # candidates per product: memory stays bounded
+            ar[i] = yr[gone[i]] - ct
+    best = np.full(G, np.inf, np.float32)
+    step = max(1, CHUNK_ELEMENTS // N)  # candidates per product: memory stays bounded
     for start in range(0, G, step):
         stop = min(G, start + step)
-        part = np.dot(a[start:stop], bt)  # (candidates, K)
-        for i in range(start, stop):
-            at = _row_argmin(part[i - start])
-            if at < 0:  # a NaN candidate
-                continue
-            # the winner's distance summed directly: the expansion above cancels digits
-            # for near-duplicates, which are what merging is about
-            v = np.float32(0.0)
-            for t in range(R):
-                e = y[t, gone[i]] - y[t, keep[at]]
-                v += e * e
-            v *= scale
-            dmin[i] = np.inf if np.isnan(v) else v
-            arg[i] = at
+        block = a if stop - start == G else np.ascontiguousarray(a[:, start:stop])
+        part = np.dot(b.T, block)  # (tokens, candidates)
+        # kept rows in keep order, a running minimum per candidate (vectorised over the
+        # candidates; strict < keeps the first minimum, NaN never wins)
+        best_block, arg_block = best[start:stop], arg[start:stop]
+        for m in range(K):
+            row = part[keep[m]]
+            for i in range(stop - start):
+                v = row[i]
+                if v < best_block[i] or (arg_block[i] < 0 and v == v):
+                    best_block[i] = v
+                    arg_block[i] = m
+    for i in range(G):
+        at = arg[i]
+        if at < 0:  # a NaN candidate
+            arg[i] = 0
+            continue
+        # the winner's distance summed directly: the expansion above cancels digits
+        # for near-duplicates, which are what merging is about
+        v = np.float32(0.0)
+        for t in range(R):
+            e = y[t, gone[i]] - y[t, keep[at]]
+            v += e * e
+        v *= scale
+        dmin[i] = np.inf if np.isnan(v) else v
     return dmin, arg
 
 
 @_jit
-def future_compress(ks, masses, frames, scale, w, P, K, tau, first_recent, n_sink):
-    """One Future Forcing compression of every layer, batch row and head.
+def future_compress(ks, vs, masses, frames, rows, cols, times, scale, w, P, K, tau,
+                    first_recent, n_sink):
+    """One Future Forcing compression of every layer, batch row and head, and the cache
+    it leaves, made head by head while the head's keys are still in the CPU's caches.
 
-    ks: per layer (a tuple) the cache's keys (B, H, N, d) float32, post-RoPE; masses
-    (B, H, N) float32; frames (B, H, N) int64 source frames; scale (L, B, H, N) float32
+    Per layer (tuples, as ``merge_apply`` takes them) the cache's keys ks and values vs
+    (B, H, N, d) float32, keys post-RoPE; masses (B, H, N) float32; the int64 provenance
+    frames (source frames), rows, cols, times (B, H, N); scale (L, B, H, N) float32
     multiplies the score (||v|| for value_norm; shape (0, 0, 0, 0) for none); w (L, H,
     (1 + r) P, d) float32 proxies (P rows R(p) mu, then sqrt(lambda_i) R(p) u_i,
     direction-major), which are also the merge metric's factor (M = w^T w / P); K kept
@@ -267,7 +281,9 @@ def future_compress(ks, masses, frames, scale, w, P, K, tau, first_recent, n_sin
 
     Returns (L, B, H, .) arrays: score float32, keep (K,) int64 ascending, merge_into
     int64 (-1 = none), distance float32; the most protected tokens of a head and the
-    count of non-finite scores (they rank last).
+    count of non-finite scores (they rank last); then ``merge_apply``'s results for this
+    decision (k, v, mass, provenance, ok), which are garbage when the most protected
+    tokens exceed K (the caller raises).
     """
     L, H, R, d = w.shape
     B, N = ks[0].shape[0], ks[0].shape[2]
@@ -280,13 +296,20 @@ def future_compress(ks, masses, frames, scale, w, P, K, tau, first_recent, n_sin
     fmax = np.float32(3.4028234663852886e38)
     s = np.empty(N, np.float64)
     logm = np.empty(N, np.float32)
+    k2 = np.empty((L, B, H, K, d), np.float32)
+    v2 = np.empty((L, B, H, K, d), np.float32)
+    m2 = np.empty((L, B, H, K), np.float32)
+    meta = np.empty((L, 4, B, H, K), np.int64)
+    slot, dest, fed = np.empty(N, np.int64), np.empty(N, np.int64), np.empty(K, np.bool_)
+    ok = True
     for l in range(L):
         for b in range(B):
             for h in range(H):
                 mass, frame = masses[l][b, h], frames[l][b, h]
                 y = np.dot(w[l, h], ks[l][b, h].T)  # (R, N): every proxy against every key
-                for j in range(N):
-                    logm[j] = np.log(max(mass[j], np.float32(1e-30)))
+                for j in range(N):  # most tokens stand for themselves: log 1 = 0, no call
+                    m = mass[j]
+                    logm[j] = np.float32(0.0) if m == 1 else np.log(max(m, np.float32(1e-30)))
                 share = _future_share(y, logm, P, r, d)
                 n_prot = 0
                 for j in range(N):
@@ -308,25 +331,45 @@ def future_compress(ks, masses, frames, scale, w, P, K, tau, first_recent, n_sin
                 most_protected = max(most_protected, n_prot)
                 kept, gone = _select(s, frame, K)
                 keep[l, b, h] = kept
-                if tau == 0 or K == 0 or K == N:
-                    continue
-                dmin, at = _nearest_kept(y, kept, gone, 1.0 / (P * d))
-                med = _kth_smallest(dmin, (N - K - 1) // 2)  # the lower median, as torch.median
-                for i in range(N - K):
-                    dist[l, b, h, gone[i]] = 0.0 if np.isinf(dmin[i]) else dmin[i]
-                    if med > 0 and dmin[i] <= tau * med and np.isfinite(dmin[i]):
-                        into[l, b, h, gone[i]] = kept[at[i]]
-    return score, keep, into, dist, most_protected, bad
+                if tau > 0 and 0 < K < N:
+                    dmin, at = _nearest_kept(y, kept, gone, 1.0 / (P * d))
+                    med = _kth_smallest(dmin, (N - K - 1) // 2)  # the lower median, as torch.median
+                    for i in range(N - K):
+                        dist[l, b, h, gone[i]] = 0.0 if np.isinf(dmin[i]) else dmin[i]
+                        if med > 0 and dmin[i] <= tau * med and np.isfinite(dmin[i]):
+                            into[l, b, h, gone[i]] = kept[at[i]]
+                if n_prot <= K:
+                    meta_in = (frame, rows[l][b, h], cols[l][b, h], times[l][b, h])
+                    ok &= _apply_head(ks[l][b, h], vs[l][b, h], mass, meta_in, kept,
+                                      into[l, b, h], k2[l, b, h], v2[l, b, h], m2[l, b, h],
+                                      meta[l, :, b, h], slot, dest, fed)
+    return score, keep, into, dist, most_protected, bad, k2, v2, m2, meta, ok
 
 
 @_jit
-def subspace_step(u, cov):
-    """One step of subspace iteration per row: u (X, r, d) orthonormal rows, cov (X, d, d)
-    symmetric -> an orthonormal basis of the rows of u cov (Gram-Schmidt: the span of a
-    QR's Q, up to signs, which nothing downstream sees) and the Rayleigh quotients
-    u_i^T cov u_i (X, r), clamped at 0 with NaN -> 0 and inf -> the largest float32 (the
-    PyTorch path's nan_to_num). If any row's new basis is not finite (degenerate
-    statistics), every row keeps u, as in the PyTorch path."""
+def covariances(m2, weight):
+    """QueryStats' covariances from its float64 sums, as ``QueryStats.cov_all`` forms
+    them: m2 (X, d, d) / max(weight (X,), 1), symmetrised, in float32 (X, d, d)."""
+    X, d = m2.shape[0], m2.shape[1]
+    cov = np.empty((X, d, d), np.float32)
+    for x in range(X):
+        w = max(weight[x], 1.0)
+        for i in range(d):
+            for j in range(d):
+                cov[x, i, j] = np.float32(0.5 * (m2[x, i, j] / w + m2[x, j, i] / w))
+    return cov
+
+
+@_jit
+def subspace_step(u, m2, weight):
+    """One step of subspace iteration per row: u (X, r, d) orthonormal rows, and the
+    covariance cov (X, d, d) from QueryStats' sums (``covariances``) -> an orthonormal
+    basis of the rows of u cov (Gram-Schmidt: the span of a QR's Q, up to signs, which
+    nothing downstream sees) and the Rayleigh quotients u_i^T cov u_i (X, r), clamped at
+    0 with NaN -> 0 and inf -> the largest float32 (the PyTorch path's nan_to_num). If
+    any row's new basis is not finite (degenerate statistics), every row keeps u, as in
+    the PyTorch path."""
+    cov = covariances(m2, weight)
     X, r, d = u.shape
     basis = np.empty((X, r, d), u.dtype)
     lam = np.zeros((X, r), u.dtype)
@@ -362,25 +405,90 @@ def subspace_step(u, cov):
 
 
 @_jit
-def future_proxies(mean, u, lam, cos, sin):
-    """The proxy queries per row: mean (X, d), u (X, r, d), lam (X, r) >= 0, cos and sin
-    (P, d/2) of the future positions -> w (X, (1 + r) P, d): R(p) mu for the P positions,
-    then sqrt(lambda_i) R(p) u_i, direction-major (interleaved RoPE planes)."""
+def future_proxies(mean, u, lam, m2, weight, step, spatial, ahead, per_frame, frame):
+    """The proxy queries per row: mean (X, d) (QueryStats' float64 mean), eigenpairs u
+    (X, r, d), lam (X, r) >= 0 (with ``step``: instead one ``subspace_step`` from u on
+    the covariance of the sums m2, weight; lam is then not read), and the P future
+    positions' RoPE angles (float64, as ``Rope3D.angles`` forms them: linear in the
+    position): the spatial part ``spatial`` (P, d/2) plus frame ``ahead`` (P,) +
+    ``frame`` + 1 times ``per_frame`` (d/2,) -> w (X, (1 + r) P, d) float32: R(p) mu for
+    the P positions, then sqrt(lambda_i) R(p) u_i, direction-major (interleaved RoPE
+    planes); and the eigenpairs used (u, lam)."""
+    if step:
+        u, lam = subspace_step(u, m2, weight)
     X, r, d = u.shape
-    P = cos.shape[0]
-    w = np.empty((X, (1 + r) * P, d), mean.dtype)
-    vec = np.empty(d, mean.dtype)
+    P = spatial.shape[0]
+    cos = np.empty((P, d // 2), np.float32)
+    sin = np.empty((P, d // 2), np.float32)
+    for p in range(P):
+        f = ahead[p] + (frame + 1.0)
+        for m in range(d // 2):
+            a = spatial[p, m] + f * per_frame[m]
+            cos[p, m], sin[p, m] = np.float32(np.cos(a)), np.float32(np.sin(a))
+    w = np.empty((X, (1 + r) * P, d), np.float32)
+    vec = np.empty(d, np.float32)
     for x in range(X):
         for i in range(1 + r):
             for t in range(d):
-                vec[t] = mean[x, t] if i == 0 else u[x, i - 1, t] * np.sqrt(lam[x, i - 1])
+                vec[t] = np.float32(mean[x, t]) if i == 0 else u[x, i - 1, t] * np.sqrt(lam[x, i - 1])
             for p in range(P):
                 row = i * P + p
                 for m in range(d // 2):
                     a, b, c, s = vec[2 * m], vec[2 * m + 1], cos[p, m], sin[p, m]
                     w[x, row, 2 * m] = a * c - b * s
                     w[x, row, 2 * m + 1] = a * s + b * c
-    return w
+    return w, u, lam
+
+
+@_jit
+def _apply_head(k, v, mass, meta_in, keep, into, kk, vv, mm, meta, slot, dest, fed):
+    """One head of ``merge_apply``: k, v (N, d), mass (N,), provenance ``meta_in`` (a
+    tuple of four (N,) arrays) in; kept ``keep`` (K,), targets ``into`` (N,); writes
+    kk, vv (K, d), mm (K,), meta (4, K). ``slot``, ``dest`` (N,) and ``fed`` (K,) are
+    scratch. False when an index is out of range."""
+    N, d = k.shape
+    K = keep.shape[0]
+    slot[:] = K  # a kept token's place among the kept, K for the others
+    fed[:] = False  # kept places that receive a merge
+    for i in range(K):
+        j = keep[i]
+        if j < 0 or j >= N:
+            return False
+        slot[j] = i
+        for f in range(4):
+            meta[f, i] = meta_in[f][j]
+        mm[i] = mass[j]
+        for t in range(d):  # element loops: no array views per token
+            kk[i, t] = k[j, t]
+            vv[i, t] = v[j, t]
+    for j in range(N):  # where a token's mass goes: a kept place, or K (dropped)
+        if into[j] < -1 or into[j] >= N:
+            return False
+        dest[j] = slot[j]
+        if slot[j] == K and into[j] >= 0:
+            dest[j] = slot[into[j]]
+            if dest[j] < K:
+                fed[dest[j]] = True
+    for i in range(K):
+        if fed[i]:
+            mm[i] = 0.0
+            for t in range(d):
+                kk[i, t] = 0.0
+                vv[i, t] = 0.0
+    for j in range(N):  # the targets of merges: mass-weighted sums in token order
+        i = dest[j]
+        if i < K and fed[i]:
+            m = mass[j]
+            mm[i] += m
+            for t in range(d):
+                kk[i, t] += k[j, t] * m
+                vv[i, t] += v[j, t] * m
+    for i in range(K):
+        if fed[i]:
+            for t in range(d):
+                kk[i, t] /= mm[i]
+                vv[i, t] /= mm[i]
+    return True
 
 
 @_jit
@@ -400,54 +508,15 @@ def merge_apply(ks, vs, masses, frames, rows, cols, times, keep, into):
     v2 = np.empty((L, B, H, K, d), vs[0].dtype)
     m2 = np.empty((L, B, H, K), masses[0].dtype)
     meta = np.empty((L, 4, B, H, K), np.int64)
-    slot = np.empty(N, np.int64)  # a kept token's place among the kept, K for the others
-    dest = np.empty(N, np.int64)  # where a token's mass goes: a kept place, or K (dropped)
-    fed = np.empty(K, np.bool_)  # kept places that receive a merge
+    slot, dest, fed = np.empty(N, np.int64), np.empty(N, np.int64), np.empty(K, np.bool_)
     for l in range(L):
         for b in range(B):
             for h in range(H):
-                k, v, mass = ks[l][b, h], vs[l][b, h], masses[l][b, h]
-                kk, vv, mm, ii = k2[l, b, h], v2[l, b, h], m2[l, b, h], into[l, b, h]
-                slot[:] = K
-                fed[:] = False
-                for i in range(K):
-                    j = keep[l, b, h, i]
-                    if j < 0 or j >= N:
-                        return k2, v2, m2, meta, False
-                    slot[j] = i
-                    meta[l, 0, b, h, i], meta[l, 1, b, h, i] = frames[l][b, h, j], rows[l][b, h, j]
-                    meta[l, 2, b, h, i], meta[l, 3, b, h, i] = cols[l][b, h, j], times[l][b, h, j]
-                    mm[i] = mass[j]
-                    for t in range(d):  # element loops: no array views per token
-                        kk[i, t] = k[j, t]
-                        vv[i, t] = v[j, t]
-                for j in range(N):
-                    if ii[j] < -1 or ii[j] >= N:
-                        return k2, v2, m2, meta, False
-                    dest[j] = slot[j]
-                    if slot[j] == K and ii[j] >= 0:
-                        dest[j] = slot[ii[j]]
-                        if dest[j] < K:
-                            fed[dest[j]] = True
-                for i in range(K):
-                    if fed[i]:
-                        mm[i] = 0.0
-                        for t in range(d):
-                            kk[i, t] = 0.0
-                            vv[i, t] = 0.0
-                for j in range(N):  # the targets of merges: mass-weighted sums in token order
-                    i = dest[j]
-                    if i < K and fed[i]:
-                        m = mass[j]
-                        mm[i] += m
-                        for t in range(d):
-                            kk[i, t] += k[j, t] * m
-                            vv[i, t] += v[j, t] * m
-                for i in range(K):
-                    if fed[i]:
-                        for t in range(d):
-                            kk[i, t] /= mm[i]
-                            vv[i, t] /= mm[i]
+                meta_in = (frames[l][b, h], rows[l][b, h], cols[l][b, h], times[l][b, h])
+                if not _apply_head(ks[l][b, h], vs[l][b, h], masses[l][b, h], meta_in,
+                                   keep[l, b, h], into[l, b, h], k2[l, b, h], v2[l, b, h],
+                                   m2[l, b, h], meta[l, :, b, h], slot, dest, fed):
+                    return k2, v2, m2, meta, False
     return k2, v2, m2, meta, True
 
 
@@ -473,13 +542,16 @@ def warm(layers: int) -> None:
     mass = np.ones((1, 2, 6), np.float32)
     frame = np.repeat(np.arange(3), 2)[None, None].repeat(2, 1).astype(np.int64)
     u = np.eye(4, dtype=np.float32)[None, :1].repeat(2, 0)
-    basis, lam = subspace_step(u, np.eye(4, dtype=np.float32)[None].repeat(2, 0))
-    cs = np.ones((2, 2), np.float32)
-    w = future_proxies(k[0, :, 0], basis, lam, cs, cs)  # (H=2, 4, 4): P = 2, r = 1
+    for step in (False, True):  # (H=2, 4, 4): P = 2, r = 1
+        w, _, _ = future_proxies(np.ones((2, 4)), u, np.ones((2, 1), np.float32),
+                                 np.eye(4)[None].repeat(2, 0), np.ones(2), step,
+                                 np.ones((2, 2)), np.zeros(2), np.ones(2), 3)
     per_layer = lambda t: (t,) * layers
     w = np.stack([w] * layers)
     for scale in (np.zeros((0, 0, 0, 0), np.float32), np.ones((layers, 1, 2, 6), np.float32)):
-        _, keep, into, _, _, _ = future_compress(per_layer(k), per_layer(mass), per_layer(frame),
-                                                 scale, w, 2, 3, 4.0, 2, 1)
+        out = future_compress(per_layer(k), per_layer(k), per_layer(mass), *(per_layer(frame),) * 4,
+                              scale, w, 2, 3, 4.0, 2, 1)
+        keep, into = out[1], out[2]
     merge_apply(per_layer(k), per_layer(k), per_layer(mass), *(per_layer(frame),) * 4, keep, into)
+    _one_blas_thread()  # after the first np.dot: numba loads its BLAS library lazily
     _warm.add(layers)

@@ -45,10 +45,17 @@ def backend(*tensors: torch.Tensor) -> str:
     return "triton" if on_cuda and triton_kernels.AVAILABLE else "reference"
 
 
+def compiled_cpu_enabled() -> bool:
+    """Whether the numba kernels are on at all: ``auto`` mode and numba importable (for
+    inputs that are always on the host, such as the query statistics)."""
+    return mode() == "auto" and cpu_kernels.AVAILABLE
+
+
 def compiled_cpu(*tensors: torch.Tensor) -> bool:
-    """Whether a whole-step numba kernel runs for these tensors: ``auto`` mode, numba
-    importable, every tensor float32 on the CPU (the kernels are compiled for that)."""
-    return (mode() == "auto" and cpu_kernels.AVAILABLE and bool(tensors)
+    """Whether a whole-step numba kernel runs for these tensors: the kernels on
+    (``compiled_cpu_enabled``) and every tensor float32 on the CPU (the kernels are
+    compiled for that); False for no tensors."""
+    return (compiled_cpu_enabled() and bool(tensors)
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 

@@ -29,9 +29,9 @@ def both(monkeypatch, run):
 def test_compiled_only_for_float32_cpu_in_auto_mode(monkeypatch):
     x = torch.zeros(2)
     assert kernels.compiled_cpu(x) and not kernels.compiled_cpu(x.double())
-    assert not kernels.compiled_cpu()
+    assert not kernels.compiled_cpu() and kernels.compiled_cpu_enabled()
     monkeypatch.setenv("FFVIZ_KERNELS", "reference")
-    assert not kernels.compiled_cpu(x)
+    assert not kernels.compiled_cpu(x) and not kernels.compiled_cpu_enabled()
 
 
 FF_PARAMS = [{}, {"tau": 0.0}, {"value_norm": True}, {"rank": 0, "n_sink": 0},
@@ -80,27 +80,47 @@ def test_future_forcing_compiled_through_later_calls(monkeypatch):
             torch.testing.assert_close(g.score, r.score, rtol=1e-4, atol=1e-7)
 
 
+def step(u, cov):
+    """The kernel's subspace step on a covariance given as QueryStats-style sums."""
+    return cpu_kernels.subspace_step(u.numpy(), np.asarray(cov, np.float64),
+                                     np.ones(cov.shape[0]))
+
+
 def test_subspace_step_spans_what_qr_spans():
     g = torch.Generator().manual_seed(0)
     X, r, d = 5, 3, 8
     a = torch.randn(X, d, 2 * d, generator=g)
     cov = a @ a.transpose(1, 2) / (2 * d)
     u = torch.linalg.qr(torch.randn(X, d, r, generator=g)).Q.transpose(1, 2).contiguous()
-    basis, lam = (torch.from_numpy(t) for t in cpu_kernels.subspace_step(u.numpy(), cov.numpy()))
+    basis, lam = (torch.from_numpy(t) for t in step(u, cov))
     want = torch.linalg.qr((u @ cov).transpose(1, 2)).Q.transpose(1, 2)
     proj = lambda b: b.transpose(1, 2) @ b  # the projector onto the span
     torch.testing.assert_close(proj(basis), proj(want), atol=1e-5, rtol=0)
     torch.testing.assert_close(basis @ basis.transpose(1, 2), torch.eye(r).expand(X, r, r), atol=1e-5, rtol=0)
     torch.testing.assert_close(lam, ((basis @ cov) * basis).sum(-1), rtol=1e-5, atol=1e-6)
     # degenerate statistics (a zero covariance): the old vectors stay, eigenvalues 0
-    basis0, lam0 = cpu_kernels.subspace_step(u.numpy(), np.zeros((X, d, d), np.float32))
+    basis0, lam0 = step(u, np.zeros((X, d, d)))
     assert np.array_equal(basis0, u.numpy()) and not lam0.any()
     # one degenerate head: every head keeps its vectors, as the PyTorch path does
     some = cov.clone()
     some[2] = 0
-    basis1, lam1 = cpu_kernels.subspace_step(u.numpy(), some.numpy())
+    basis1, lam1 = step(u, some)
     assert np.array_equal(basis1, u.numpy())
     torch.testing.assert_close(torch.from_numpy(lam1), ((u @ some) * u).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_covariances_are_cov_all():
+    """The kernel forms QueryStats' covariances from its sums as ``cov_all`` does."""
+    from ffviz.stats import QueryStats
+    g = torch.Generator().manual_seed(1)
+    stats = QueryStats(2, 3, 8)
+    for layer in range(2):
+        for _ in range(3):
+            stats.update(layer, torch.randn(3, 20, 8, generator=g) * 3 + 1)
+    weight, _, m2 = stats.moments()
+    got = cpu_kernels.covariances(m2.view(6, 8, 8).numpy(), weight.view(6).numpy())
+    torch.testing.assert_close(torch.from_numpy(got).view(2, 3, 8, 8), stats.cov_all(),
+                               rtol=1e-6, atol=0)
 
 
 def test_select_is_ranks_order_with_ties():

@@ -11,6 +11,7 @@ from ffviz.policies import POLICIES, PolicyContext, PolicyError, make_policy, pa
 from ffviz.policies.base import future_positions, merge_to_nearest, select
 from ffviz.policies.deep_forcing import contiguous_times
 from ffviz.stats import QueryStats, spearman, topb_recall
+from kernels import cpu_kernels
 from tests.conftest import random_model
 
 D, GRID = 12, (2, 3)  # toy head dim (Wan split 4/4/4) and token grid
@@ -550,3 +551,9 @@ def test_future_forcing_eigenpairs_follow_moving_statistics_between_decompositio
     cov = ctx.stats.cov_all()
     assert torch.allclose(lam, ((u @ cov) * u).sum(-1), rtol=1e-5)
     assert torch.allclose(lam.sum(-1), exact_lam.sum(-1), rtol=0.05)
+    # the CPU kernels' step, from the statistics' float64 sums, takes the same step
+    weight, _, m2 = ctx.stats.moments()
+    basis, lam_c = cpu_kernels.subspace_step(u0.reshape(L * H, r, D).contiguous().numpy(),
+                                             m2.view(L * H, D, D).numpy(), weight.view(-1).numpy())
+    assert bool((overlap(torch.from_numpy(basis).view(L, H, r, D), u) > 1 - 1e-5).all())
+    assert torch.allclose(torch.from_numpy(lam_c).view(L, H, r), lam, rtol=1e-4)

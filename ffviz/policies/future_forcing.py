@@ -43,7 +43,8 @@ class FutureForcing(Policy):
     n_sink, n_recent: protected first / newest frames (>= 0); eig_every: an exact
     eigendecomposition every this many compressions (1-1000; in between one step of
     subspace iteration from the previous vectors follows the current Sigma: the
-    statistics are stationary, and an eigh costs ~1 ms, a step a tenth of it)."""
+    statistics are stationary, and an eigh costs ~1 ms, a step a tenth of it; in
+    ``ffviz eval`` 64 and 16 gave the same fidelity to the third digit)."""
     name = "future_forcing"
     horizon: int = 1
     stride: int = 2
@@ -52,7 +53,7 @@ class FutureForcing(Policy):
     tau: float = 4.0
     n_sink: int = 1
     n_recent: int = 1
-    eig_every: int = 16
+    eig_every: int = 64
     _eig: tuple = dataclasses.field(default=(None, -1, 0), init=False, repr=False, compare=False)
     _angles: tuple = dataclasses.field(default=(None, None), init=False, repr=False, compare=False)
 
@@ -72,56 +73,78 @@ class FutureForcing(Policy):
         run restarts; in between, one step of subspace iteration from the previous
         vectors (u <- orthonormal basis of Sigma u, eigenvalues as Rayleigh
         quotients), which tracks the slowly moving top eigenspace for a few small ops."""
-        u, last, calls = self._eig
-        if (u is None or u.shape[2] != r or ctx.frame < last or calls % self.eig_every == 0
-                or u.shape[:2] != (ctx.stats.layers, ctx.stats.heads)):
-            lam, u = ctx.stats.top_eig(None, r)
-            fitted = bool((ctx.stats.weight > 0).all())  # no data yet: decompose again next time
-            self._eig = (u if fitted else None, ctx.frame, 1)
-            return lam, u
-        cov = ctx.stats.cov_all()
-        if kernels.compiled_cpu(u, cov):
-            basis, lam = (torch.from_numpy(t) for t in kernels.cpu_kernels.subspace_step(
-                u.flatten(0, 1).contiguous().numpy(), cov.flatten(0, 1).numpy()))
-            basis, lam = basis.view(u.shape), lam.view(u.shape[:3])
-        else:
-            basis = torch.linalg.qr((u @ cov).transpose(-1, -2)).Q.transpose(-1, -2)  # (L, H, r, d)
-            if not bool(torch.isfinite(basis).all()):  # degenerate statistics: keep the old vectors
-                basis = u
-            lam = torch.nan_to_num(((basis @ cov) * basis).sum(-1).clamp_min(0))  # u_i^T Sigma u_i
+        if self._exact_due(ctx, r):
+            return self._exact(ctx, r)
+        u, _, calls = self._eig
+        cov = ctx.stats.cov_all()  # (the CPU kernels' path: cpu_kernels.subspace_step)
+        basis = torch.linalg.qr((u @ cov).transpose(-1, -2)).Q.transpose(-1, -2)  # (L, H, r, d)
+        if not bool(torch.isfinite(basis).all()):  # degenerate statistics: keep the old vectors
+            basis = u
+        lam = torch.nan_to_num(((basis @ cov) * basis).sum(-1).clamp_min(0))  # u_i^T Sigma u_i
         self._eig = (basis, ctx.frame, calls + 1)
         return lam, basis
+
+    def _exact_due(self, ctx, r: int) -> bool:
+        """Whether this call decomposes exactly: every ``eig_every`` calls, and whenever
+        there are no vectors yet, the rank or shape changed or the run restarted."""
+        u, last, calls = self._eig
+        return (u is None or u.shape[2] != r or ctx.frame < last or calls % self.eig_every == 0
+                or u.shape[:2] != (ctx.stats.layers, ctx.stats.heads))
+
+    def _exact(self, ctx, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lam, u = ctx.stats.top_eig(None, r)
+        fitted = bool((ctx.stats.weight > 0).all())  # no data yet: decompose again next time
+        self._eig = (u if fitted else None, ctx.frame, 1)
+        return lam, u
 
     def proxies(self, ctx, d: int) -> tuple[torch.Tensor, int]:
         """The proxy queries (L, 1, H, (1 + r) P, d): R(p) mu for the P positions,
         then sqrt(lambda_i) R(p) u_i for i = 1..r (direction-major), and P."""
+        if kernels.compiled_cpu_enabled():  # the statistics live on the host
+            w, P = self._proxies_compiled(ctx, d)
+            return torch.from_numpy(w).unsqueeze(1), P
         lam, u = self.eigenpairs(ctx, min(self.rank, d))  # (L, H, r), (L, H, r, d)
         mean = ctx.stats.mean_all()
-        if kernels.compiled_cpu(mean, u, lam):
-            L, H, r, _ = u.shape
-            cos, sin = self._proxy_cos_sin(ctx)
-            w = kernels.cpu_kernels.future_proxies(
-                mean.view(L * H, d).numpy(), u.contiguous().view(L * H, r, d).numpy(),
-                lam.contiguous().view(L * H, r).numpy(), cos, sin)
-            return torch.from_numpy(w).view(L, 1, H, -1, d), cos.shape[0]
         pos = future_positions(ctx, self.horizon, self.stride)
         vecs = torch.cat([mean.unsqueeze(2), u * lam.sqrt().unsqueeze(-1)], 2)
         return rotate(vecs, ctx.rope, *pos).flatten(2, 3).unsqueeze(1), pos[0].numel()
 
-    def _proxy_cos_sin(self, ctx) -> tuple[np.ndarray, np.ndarray]:
-        """cos and sin (P, d/2) float32 of the proxy positions. RoPE angles are linear in
-        the position: the spatial angles (fixed for a grid) are kept between calls and
-        the temporal ones, frame x omega, added per call (the same float64 products
-        ``Rope3D.angles`` makes), a few array ops per compression."""
+    def _proxies_compiled(self, ctx, d: int) -> tuple[np.ndarray, int]:
+        """``proxies`` in one kernel call (the subspace-iteration step, when no exact
+        decomposition is due, then the rotations) -> w (L, H, (1 + r) P, d) float32
+        numpy and P; the statistics read from their float64 sums."""
+        r = min(self.rank, d)
+        L, H = ctx.stats.layers, ctx.stats.heads
+        step = not self._exact_due(ctx, r)
+        if step:
+            u, _, calls = self._eig
+            lam = np.zeros((L * H, r), np.float32)  # not read: the step makes its own
+        else:
+            lam, u = self._exact(ctx, r)
+            lam = lam.reshape(L * H, r).contiguous().numpy()
+        weight, mean, m2 = ctx.stats.moments()
+        spatial, ahead, per_frame = self._proxy_angles(ctx)
+        w, basis, _ = kernels.cpu_kernels.future_proxies(
+            mean.view(L * H, d).numpy(), u.reshape(L * H, r, d).contiguous().numpy(), lam,
+            m2.view(L * H, d, d).numpy(), weight.view(L * H).numpy(), step,
+            spatial, ahead, per_frame, ctx.frame)
+        if step:
+            self._eig = (torch.from_numpy(basis).view(L, H, r, d), ctx.frame, calls + 1)
+        return w.reshape(L, H, -1, d), spatial.shape[0]
+
+    def _proxy_angles(self, ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The proxy positions' RoPE angles as ``future_proxies`` takes them. Angles are
+        linear in the position: the spatial angles (P, d/2) (fixed for a grid) are kept
+        between calls, with each position's frame offset from the next frame (P,) and the
+        angles of one frame (d/2,) (float64, the products ``Rope3D.angles`` makes); the
+        kernel adds the current frame."""
         key = (ctx.grid, self.horizon, self.stride, ctx.rope)
         if self._angles[0] != key:
             f, y, x = future_positions(ctx, self.horizon, self.stride)
             spatial = ctx.rope.angles(0, y, x).numpy()  # (P, d/2), temporal planes 0
             per_frame = ctx.rope.angles(1, 0, 0).numpy()  # (d/2,), spatial planes 0
-            self._angles = (key, (spatial, (f - ctx.frame - 1).numpy(), per_frame))
-        spatial, ahead, per_frame = self._angles[1]
-        a = spatial + (ahead + (ctx.frame + 1.0))[:, None] * per_frame
-        return np.cos(a).astype(np.float32), np.sin(a).astype(np.float32)
+            self._angles = (key, (spatial, (f - ctx.frame - 1).double().numpy(), per_frame))
+        return self._angles[1]
 
     def score(self, k, mass, w, P: int):
         """k (L, B, H, N, d); mass (L, B, H, N); proxies w (L, 1, H, (1 + r) P, d)
@@ -140,7 +163,7 @@ class FutureForcing(Policy):
         if cache.size <= budget_tokens:
             return None
         need(ctx, self.name, "stats", "rope")
-        if kernels.compiled_cpu(*(t for l in cache.layers for t in (l.k, l.mass))):
+        if kernels.compiled_cpu(*(t for l in cache.layers for t in (l.k, l.v, l.mass))):
             return self._compress_compiled(cache, budget_tokens, ctx)
         k, mass, frame = (torch.stack([getattr(l, f) for l in cache.layers])
                           for f in ("k", "mass", "frame"))  # (L, B, H, N, ...)
@@ -164,29 +187,35 @@ class FutureForcing(Policy):
                                        distance=dist[i]) for i in range(L)])
 
     def _compress_compiled(self, cache, budget_tokens, ctx):
-        """``compress`` as numba kernels (CPU, float32): the proxies, then score, order
-        and merge in one call over the layers' own arrays (no stacking); the same
+        """``compress`` as numba kernels (CPU, float32): the proxies, then score, order,
+        merge targets and the cache they leave in one call over the layers' own arrays
+        (no stacking; the decision carries that cache for ``KVCache.apply``); the same
         math and rules as the PyTorch path (the tests compare the two)."""
         check_fits("n_sink + n_recent", self.n_sink + self.n_recent, budget_tokens,
                    ctx.tokens_per_frame)
         layers = cache.layers
         L, (B, H, N, d) = len(layers), layers[0].k.shape
         K = min(budget_tokens, N)
-        w, P = self.proxies(ctx, d)  # (L, 1, H, R, d)
+        w, P = self._proxies_compiled(ctx, d)  # (L, H, R, d)
         scale = (torch.stack([l.v.norm(dim=-1) for l in layers]).numpy() if self.value_norm
                  else np.zeros((0, 0, 0, 0), np.float32))
-        arrays = lambda name: kernels.cpu_kernels.layer_arrays(layers, name)
-        score, keep, into, dist, most, bad = kernels.cpu_kernels.future_compress(
-            arrays("k"), arrays("mass"), arrays("frame"), scale,
-            np.ascontiguousarray(w[:, 0].numpy(), np.float32), P, K,
+        arrays = (kernels.cpu_kernels.layer_arrays(layers, name) for name in cache.FIELDS)
+        (score, keep, into, dist, most, bad, *after) = kernels.cpu_kernels.future_compress(
+            *arrays, scale, w, P, K,
             float(self.tau), ctx.frame - self.n_recent + 1, self.n_sink)
         if most > K:
             raise PolicyError(f"n_sink + n_recent: {most} protected tokens in one head exceed "
                               f"the budget of {K}")
         if bad:
             warnings.warn("policy score had non-finite values; they rank last", RuntimeWarning)
+        k, v, mass, meta, ok = after  # the cache this leaves, for ``KVCache.apply``
+        if not ok:  # pragma: no cover - the kernel's own indices
+            raise IndexError("future_compress made indices out of range")
+        prepared = cache.prepared(k, v, mass, meta)
+        keep_t, into_t, score_t, dist_t = (torch.from_numpy(t).unbind(0)
+                                           for t in (keep, into, score, dist))
         if self.tau == 0:
-            return Decision([LayerDecision(keep=torch.from_numpy(keep[i]),
-                                           score=torch.from_numpy(score[i])) for i in range(L)])
-        return Decision([LayerDecision(*(torch.from_numpy(t[i]) for t in (keep, into, score, dist)))
-                         for i in range(L)])
+            return Decision([LayerDecision(keep=keep_t[i], score=score_t[i]) for i in range(L)],
+                            prepared)
+        return Decision([LayerDecision(keep_t[i], into_t[i], score_t[i], dist_t[i])
+                         for i in range(L)], prepared)
