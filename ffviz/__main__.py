@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--policies", default=None, metavar="A,B,...",
-                   help="instead: each policy's compression time as a share of a generation step")
+                   help="instead: each policy's compression time as a share of a generation "
+                        "step; a policy may carry parameters, e.g. future_forcing:rank=2")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="cache budget in frames (--policies)")
     p.add_argument("--kernels", action="store_true",
                    help="time the Triton kernels against their PyTorch references instead "

@@ -67,22 +67,28 @@ def bench_policies(model, policies: list[str], budget: int, frames: int = 64,
                    repeats: int = 3) -> dict:
     """Each policy's cost as a share of a generation step: per policy, frames/s, the
     mean step time and the mean time of one compression (steps that compressed), over
-    the run's steps after the first chunk; the run with the lowest total of ``repeats``."""
-    from ffviz.policies import make_policy
-    for name in policies:
-        make_policy(name)  # an unknown name fails before any timing
+    the run's steps after the first chunk; the run with the lowest total of ``repeats``.
+    A policy is a name with optional parameters, ``"future_forcing:rank=2"`` (so one
+    run can time a policy at two settings); results are keyed by these strings."""
+    from ffviz.policies import make_policy, parse_policy_args
+    specs = {}
+    for spec in policies:  # an unknown name or a bad parameter fails before any timing
+        name, *pairs = spec.split(":")
+        specs[spec] = (name, parse_policy_args(name, pairs))
+        make_policy(name, **specs[spec][1])
+    fresh = lambda spec: make_policy(specs[spec][0], **specs[spec][1])  # a policy keeps state
     settings = RunSettings(BENCH_PROMPT, frames=frames, seed=0, record=False)
-    for name in policies:  # warm-up: first calls (kernels, allocator, an eigh) are not timed
+    for spec in specs:  # warm-up: first calls (kernels, allocator, an eigh) are not timed
         for _ in generate(model, RunSettings(BENCH_PROMPT, frames=min(frames, 8), seed=0),
-                          Controls(name, min(budget, 7))):
+                          Controls(fresh(spec), min(budget, 7))):
             pass
     out = {"frames": frames, "budget_frames": budget, "repeats": repeats,
            "torch_threads": torch.get_num_threads(), "device": _device_name(model), "policies": {}}
-    for name in policies:
+    for spec in specs:
         best = None
         for _ in range(repeats):
             t0, steps, compress = time.perf_counter(), [], []
-            for i, step in enumerate(generate(model, settings, Controls(name, budget))):
+            for i, step in enumerate(generate(model, settings, Controls(fresh(spec), budget))):
                 if i:  # the first chunk has no cache to compress; only numbers are kept
                     steps.append(step.seconds["total"])
                     if step.decision is not None:
@@ -93,7 +99,7 @@ def bench_policies(model, policies: list[str], budget: int, frames: int = 64,
         total, steps, compress = best
         step_ms = 1000 * sum(steps) / max(1, len(steps))
         policy_ms = 1000 * sum(compress) / len(compress) if compress else 0.0
-        out["policies"][name] = {
+        out["policies"][spec] = {
             "fps": round(frames / total, 2), "step_ms": round(step_ms, 2),
             "policy_ms_per_compression": round(policy_ms, 3), "compressions": len(compress),
             "policy_share_of_step": round(policy_ms / step_ms, 4) if step_ms else None}

@@ -59,11 +59,11 @@ def test_bench_writes_json(tmp_path):
 
 def test_bench_policies_reports_each_policys_share_of_a_step(tmp_path):
     out = tmp_path / "policies.json"
-    r = ffviz("bench", "--policies", "window,future_forcing", "--budget", "2", "--frames", "8",
-              "--repeats", "1", "--out", str(out))
+    r = ffviz("bench", "--policies", "window,future_forcing,future_forcing:rank=2:tau=0",
+              "--budget", "2", "--frames", "8", "--repeats", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())["policies"]
-    for name in ("window", "future_forcing"):
+    for name in ("window", "future_forcing", "future_forcing:rank=2:tau=0"):
         row = result[name]
         assert row["compressions"] == 8 - 2  # every generated frame (the 2 given ones fill the budget)
         assert 0 < row["policy_ms_per_compression"] < row["step_ms"]
@@ -71,6 +71,8 @@ def test_bench_policies_reports_each_policys_share_of_a_step(tmp_path):
             row["policy_ms_per_compression"] / row["step_ms"], abs=1e-3)
     r = ffviz("bench", "--policies", "window,lru", "--frames", "8")
     assert r.returncode == 2 and "unknown policy" in r.stderr
+    r = ffviz("bench", "--policies", "future_forcing:rank=-1", "--frames", "8")
+    assert r.returncode == 2 and "rank" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message without a GPU")

@@ -34,7 +34,7 @@ def test_compiled_only_for_float32_cpu_in_auto_mode(monkeypatch):
     assert not kernels.compiled_cpu(x) and not kernels.compiled_cpu_enabled()
 
 
-FF_PARAMS = [{}, {"tau": 0.0}, {"value_norm": True}, {"rank": 0, "n_sink": 0},
+FF_PARAMS = [{}, {"rank": 2}, {"tau": 0.0}, {"value_norm": True}, {"rank": 0, "n_sink": 0},
              {"horizon": 2, "stride": 1, "rank": 3, "tau": 1.0},
              {"n_sink": 0, "n_recent": 2, "tau": 100.0}]
 
