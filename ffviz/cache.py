@@ -71,15 +71,16 @@ class Decision:
 
 @dataclasses.dataclass
 class PreparedApply:
-    """A cache's new arrays for a decision, and the arrays they were made from
-    (``KVCache.prepared``): valid while the cache still holds exactly those."""
+    """A cache's new arrays for a decision, and the arrays they were made from with
+    their version counters (``KVCache.prepared``): valid while the cache still holds
+    exactly those, unedited. Until applied it keeps both caches alive."""
     source: list[tuple]
     result: list[tuple]
 
     def made_from(self, cache: "KVCache") -> bool:
         return len(self.source) == len(cache.layers) and all(
-            a is b for layer, arrays in zip(cache.layers, self.source)
-            for a, b in zip((getattr(layer, name) for name in cache.FIELDS), arrays))
+            a is b and a._version == version for layer, arrays in zip(cache.layers, self.source)
+            for a, (b, version) in zip((getattr(layer, name) for name in cache.FIELDS), arrays))
 
 
 class LayerCache:
@@ -234,7 +235,8 @@ class KVCache:
         k, v, mass = (torch.from_numpy(t).unbind(0) for t in (k, v, mass))  # views per layer
         meta = [m.unbind(0) for m in torch.from_numpy(meta).unbind(0)]
         result = [(k[i], v[i], mass[i], *meta[i]) for i in range(len(self.layers))]
-        source = [tuple(getattr(l, name) for name in self.FIELDS) for l in self.layers]
+        source = [tuple((t, t._version) for t in (getattr(l, name) for name in self.FIELDS))
+                  for l in self.layers]
         return PreparedApply(source=source, result=result)
 
     def _apply_compiled(self, decision: Decision) -> None:

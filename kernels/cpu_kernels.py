@@ -15,6 +15,8 @@ calls it before its first step, so that no timed compression pays for compilatio
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 try:
@@ -28,17 +30,27 @@ CHUNK_ELEMENTS = 1 << 22  # the merge search's distance block (16 MB of float32)
 
 
 def _one_blas_thread() -> None:
-    """BLAS (OpenBLAS, which numba's ``np.dot`` calls) on one thread, as torch runs the
-    model: the kernels' products are small, and OpenBLAS's second thread spins while it
-    waits, so with another process on the other core a compression took ~16x longer
-    (18 ms against 1.1 ms); on a free CPU one thread was faster too (1.10 against 1.35 ms,
-    median in-loop, the tiny model)."""
+    """scipy's BLAS (OpenBLAS in its wheels; numba's ``np.dot`` calls it) on one
+    thread, as torch runs the model: the kernels' products are small, and OpenBLAS's
+    second thread spins while it waits, so with another process on the other core a
+    compression took ~16x longer (18 ms against 1.1 ms); on a free CPU one thread was
+    faster too (1.10 against 1.35 ms, median in-loop, the tiny model). Only the
+    library inside scipy's own install is limited (numpy's and torch's keep their
+    threads); where scipy shares a system BLAS, nothing is changed."""
     try:
-        import scipy.linalg.cython_blas  # noqa: F401  (numba's BLAS: loaded, so limited)
-        from threadpoolctl import threadpool_limits
+        import scipy
+        import scipy.linalg.cython_blas  # noqa: F401  (numba's BLAS: loaded, so visible)
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - both come with scikit-learn (umap-learn)
         return
-    threadpool_limits(1, user_api="blas")
+    home = os.path.dirname(os.path.abspath(scipy.__file__))  # .../site-packages/scipy
+    controller = ThreadpoolController()
+    inside = (home + os.sep, home + ".libs" + os.sep)  # the package, or its wheel's libs
+    paths = [lib.filepath for lib in controller.lib_controllers
+             if lib.user_api == "blas" and os.path.abspath(lib.filepath).startswith(inside)]
+    if paths:
+        controller.select(filepath=paths).limit(limits=1)
+
 
 # reordered sums and fused multiply-adds (vector loops); NaN and inf stay honoured
 _FAST = {"reassoc", "contract", "arcp"}

@@ -383,3 +383,29 @@ def test_model_choice_runs_a_model_without_scenes():
     assert ["scene metrics", "not computed (this model has no scenes)"] in out["rows"]
     assert out["api"]["frames"] == 6 and out["api"]["metrics"]["computed"] is False
     assert out["cached"] == ["tiny", "wan:tiny-random"]
+
+
+@pytest.mark.parametrize("kernels_mode", ["auto", "reference"])
+def test_steering_dry_run_works_for_every_online_policy(monkeypatch, kernels_mode):
+    """``try_policy`` (the app's check before a live switch) runs each policy on a copy
+    of the live cache; every policy that needs no look-ahead must pass it on both
+    kernel paths (the copy once lacked the keys' temporal positions, which Future
+    Forcing's CPU kernels and Deep Forcing's re-rotation read)."""
+    from ffviz.generate import RunSettings
+    from ffviz.policies import POLICIES
+    from ffviz.viz.session import RunSession
+    from tests.conftest import random_model
+
+    monkeypatch.setenv("FFVIZ_KERNELS", kernels_mode)
+    s = RunSession(random_model(), RunSettings("a red circle on a blue background", frames=8, seed=0),
+                   make_policy("window"), 3)
+    steps = s.run()
+    for _ in range(4):
+        next(steps)
+    for name in POLICIES:
+        if name != "oracle":  # offline: it needs the look-ahead run
+            s.try_policy(make_policy(name), 2)
+    s.stop()
+    for _ in steps:
+        pass
+    s.close()

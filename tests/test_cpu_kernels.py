@@ -293,3 +293,104 @@ def test_nearest_kept_in_bounded_blocks():
     d = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
     assert np.array_equal(at, d.argmin(1))
     np.testing.assert_allclose(dmin, 0.5 * d.min(1), rtol=1e-5)
+
+
+def test_kernels_blas_runs_on_one_thread_and_numpys_keeps_its_own():
+    """``warm`` ends with this: scipy's OpenBLAS (numba's ``np.dot``) on one thread (a
+    spinning second one made compressions 16x slower on a busy machine); numpy's BLAS
+    is not touched."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy
+    home = os.path.dirname(os.path.abspath(scipy.__file__))
+    mine = lambda info: os.path.abspath(info["filepath"]).startswith((home + os.sep, home + ".libs" + os.sep))
+    before = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+              if i["user_api"] == "blas"}
+    cpu_kernels._one_blas_thread()
+    after = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    ours = [i for i in after if mine(i)]
+    if not ours:
+        pytest.skip("scipy shares a system BLAS here; nothing is limited")
+    assert all(i["num_threads"] == 1 for i in ours)
+    assert all(i["num_threads"] == before[i["filepath"]] for i in after
+               if not mine(i) and i["filepath"] in before)
+
+
+FIELDS = KVCache.FIELDS
+
+
+@pytest.mark.parametrize("params", [{}, {"rank": 2, "tau": 1.0}, {"tau": 0.0}])
+@pytest.mark.parametrize("B", [1, 2])
+def test_future_forcing_compiled_leaves_the_pytorch_cache(monkeypatch, params, B):
+    """The cache the compression kernel hands over with its decision
+    (``Decision.prepared``) is the cache the PyTorch path's ``apply`` makes: kept and
+    merged keys, values and masses, and the provenance (frame, row, col, time)."""
+    def run():
+        cache, ctx, _ = toy(frames=6, L=2, H=3, seed=4, merged_mass=True)
+        for layer in cache.layers:  # a batch of B rows, each its own keys
+            for name in FIELDS:
+                t = getattr(layer, name)
+                setattr(layer, name, torch.cat([t] + [t.flip(2) if name in ("k", "v") else t
+                                                      for _ in range(B - 1)]))
+        decision = make_policy("future_forcing", **params).compress(cache, 3 * N_TOK, ctx)
+        assert (decision.prepared is not None) == (os.environ["FFVIZ_KERNELS"] == "auto")
+        cache.apply(decision)
+        assert decision.prepared is None  # used once, not kept with the decision
+        return cache
+
+    ref, got = both(monkeypatch, run)
+    for r, g in zip(ref.layers, got.layers):
+        for name in ("frame", "row", "col", "time"):
+            assert torch.equal(getattr(r, name), getattr(g, name)), name
+        for name in ("k", "v", "mass"):
+            torch.testing.assert_close(getattr(g, name), getattr(r, name), rtol=1e-5, atol=1e-6)
+
+
+def test_prepared_cache_is_taken_only_by_the_cache_it_was_made_from(monkeypatch):
+    """``apply`` takes the kernel's cache only while the cache holds the very tensors it
+    was made from, unedited; otherwise (another cache, a replaced or an edited tensor)
+    it carries the decision out itself, and the results agree. A cache with ``aux``
+    quantities (left by H2O after a switch) gets none: the kernel does not carry them."""
+    monkeypatch.setenv("FFVIZ_KERNELS", "auto")
+
+    def fresh():
+        cache, ctx, _ = toy(frames=6, L=2, H=3, seed=5)
+        return cache, ctx
+
+    cache, ctx = fresh()
+    decision = make_policy("future_forcing").compress(cache, 3 * N_TOK, ctx)
+    assert decision.prepared is not None
+    prepared = decision.prepared
+    twin = fresh()[0]  # equal values, other tensors
+    assert not prepared.made_from(twin)
+    cache[1].v = cache[1].v.clone()  # replaced
+    assert not prepared.made_from(cache)
+    cache, ctx = fresh()
+    decision = make_policy("future_forcing").compress(cache, 3 * N_TOK, ctx)
+    cache[0].v[0, 0, 0] += 1.0  # edited in place
+    assert not decision.prepared.made_from(cache)
+    want = fresh()[0]
+    want[0].v[0, 0, 0] += 1.0
+    want.apply(Decision(decision.layers))  # the same decision, carried out by apply
+    cache.apply(decision)  # falls back: the edit is in the result
+    for w, g in zip(want.layers, cache.layers):
+        for name in FIELDS:
+            torch.testing.assert_close(getattr(g, name), getattr(w, name))
+    cache, ctx = fresh()
+    for layer in cache.layers:
+        layer.aux["acc"] = torch.rand(layer.mass.shape)
+    decision = make_policy("future_forcing").compress(cache, 3 * N_TOK, ctx)
+    assert decision.prepared is None
+    cache.apply(decision)
+    assert cache.size == 3 * N_TOK and cache[0].aux["acc"].shape == cache[0].mass.shape
+
+
+def test_nearest_kept_takes_the_first_of_equal_candidates():
+    """Duplicate kept tokens (a static background): the search names the first in keep
+    order, as the PyTorch path's argmin does."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((5, 4)).astype(np.float32)
+    y = np.concatenate([base, base, base + 0.01, base[:, :2]], axis=1)  # (5, 14)
+    keep = np.arange(12)  # tokens 0-3 equal 4-7; 8-11 are near them
+    gone = np.array([12, 13])  # equal to tokens 0 and 1 (and 4 and 5)
+    dmin, at = cpu_kernels._nearest_kept(y, keep, gone, 1.0)
+    assert at.tolist() == [0, 1] and dmin.tolist() == [0.0, 0.0]

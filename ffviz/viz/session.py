@@ -120,7 +120,8 @@ class _Tap(Observer):
 
     def after_write(self, cache, frames, ctx):
         self.cache_refs = (cache.tokens_per_frame, cache.grid,
-                           [(l.k, l.v, l.mass, l.frame, l.row, l.col, dict(l.aux)) for l in cache.layers])
+                           [(l.k, l.v, l.mass, l.frame, l.row, l.col, l.time, dict(l.aux))
+                            for l in cache.layers])
         self.ctx = ctx
         self.before = [{"frame": l.frame[0], "row": l.row[0], "col": l.col[0], "mass": l.mass[0]}
                        for l in cache.layers]
@@ -145,9 +146,9 @@ def trial_cache(refs) -> KVCache:
     the run goes on in another thread)."""
     tpf, grid, layers = refs
     cache = KVCache(len(layers), tpf, grid)
-    for lc, (k, v, mass, frame, row, col, aux) in zip(cache.layers, layers):
+    for lc, (k, v, mass, frame, row, col, time, aux) in zip(cache.layers, layers):
         lc.k, lc.v, lc.mass = k.clone(), v.clone(), mass.clone()
-        lc.frame, lc.row, lc.col = frame.clone(), row.clone(), col.clone()
+        lc.frame, lc.row, lc.col, lc.time = frame.clone(), row.clone(), col.clone(), time.clone()
         lc.aux = {n: t.clone() for n, t in aux.items()}
     return cache
 
