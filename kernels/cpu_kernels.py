@@ -4,9 +4,12 @@ On a small model a compression is not arithmetic but op count: the PyTorch path 
 ~100 small tensor ops (score, rank, merge search, bookkeeping) at several
 microseconds each, ~12% of a generation step of the tiny model. Here each is one
 compiled loop over the (layer, head) rows, with the two products (proxies x keys,
-the merge metric) through BLAS (``np.dot``), and the same math, order and tie rules
-as the PyTorch path (``ffviz.policies.base.rank`` / ``merge_to_nearest``,
-``kernels.reference``, ``ffviz.cache.LayerCache``), which the tests compare them to.
+the merge metric) through BLAS (``np.dot``, on one thread: ``_one_blas_thread``), and
+the same math, order and tie rules as the PyTorch path (``ffviz.policies.base.rank`` /
+``merge_to_nearest``, ``kernels.reference``, ``ffviz.cache.LayerCache``), which the
+tests compare them to. ``future_compress`` also builds the cache its decision leaves,
+head by head while the keys are in the CPU's caches (``KVCache.prepared``);
+``merge_apply`` carries out any other decision.
 
 numba comes with umap-learn (the app's UMAP); without it (``AVAILABLE`` False) the
 callers stay on PyTorch. ``warm(layers)`` compiles the kernels on tiny inputs (a few
