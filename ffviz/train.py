@@ -14,6 +14,9 @@ Recipe (model.md explains why plain teacher forcing fails when free-running):
   model's own free-running output (no gradients), mixed with the true ones;
   targets stay the true frames, so the model learns to recover from its own
   errors.
+* Or, with ``--dmd``, distribution matching on the model's own rollouts instead of
+  regression (``ffviz.dmd``: a frozen teacher, the starting weights, and a fake score
+  trained alongside; experimental, meant for a GPU).
 * AdamW, warm-up then constant learning rate, an EMA of the weights (what
   ships). Deterministic: batch ``s`` is drawn from ``seed`` and ``s`` alone.
 
@@ -34,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ffviz import dmd
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.policies.base import keep_newest
 from ffviz.sampling import denoise_chunk, fill_cache
@@ -64,6 +68,8 @@ class TrainConfig:
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
     object_weight: float = 1.0  # loss weight of patches showing an object or the pillar
+    dmd: bool = False  # distribution matching on own rollouts instead of regression (ffviz.dmd)
+    dmd_fake_steps: int = 2  # fake-score updates per generator update
     save_every_s: float = 300.0
 
 
@@ -186,9 +192,10 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
     torch.manual_seed(cfg.seed)
     model = TinyVideoModel(model_cfg)
     step, clips_seen, seconds, history = 0, 0, 0.0, []
-    opt_state = ema_state = None
+    opt_state = ema_state = dmd_state = None
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
+        dmd_state = st.get("dmd")
         model = TinyVideoModel(TinyConfig(**st["model_cfg"]))
         model.load_state_dict(st["model"])
         ema_state, opt_state = st["ema"], st["opt"]
@@ -212,16 +219,30 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     if opt_state:
         opt.load_state_dict(opt_state)
+    teacher = fake = opt_fake = None
+    if cfg.dmd:  # the teacher: the weights the distribution matching started from
+        teacher, fake = copy.deepcopy(model).eval(), copy.deepcopy(model).train()
+        if dmd_state:
+            teacher.load_state_dict(dmd_state["teacher"])
+            fake.load_state_dict(dmd_state["fake"])
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        opt_fake = torch.optim.AdamW(fake.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+        if dmd_state:
+            opt_fake.load_state_dict(dmd_state["opt_fake"])
     warm_from = step if opt_state is None else 0  # a fresh optimizer warms up again
     n, T, g = model_cfg.tokens_per_frame, cfg.clip_frames, model_cfg.given_frames
     frames = torch.arange(T, device=device)
     mask = model.block_causal_mask(frames.cpu()).to(device)
-    started, last_save, losses = time.time(), time.time(), []
+    started, last_save, losses, fake_losses = time.time(), time.time(), [], []
 
     def save():
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "step": step, "clips_seen": clips_seen, "seconds": seconds, "history": history,
                  "model_cfg": dataclasses.asdict(model_cfg), "train_cfg": dataclasses.asdict(cfg)}
+        if cfg.dmd:
+            state["dmd"] = {"teacher": teacher.state_dict(), "fake": fake.state_dict(),
+                            "opt_fake": opt_fake.state_dict()}
         state_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
@@ -245,31 +266,15 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
         x0 = model.patchify(clip.to(device).float() / 127.5 - 1)
         cond_ids = cond_ids.to(device)
         levels, target = levels.to(device), target.to(device)
-        context = x0
-        if step >= cfg.rollout_after and rng.random() < cfg.rollout_prob:
-            model.eval()
-            with torch.no_grad():
-                gen_tokens = rollout(model, x0.cpu() if device == "cpu" else x0,
-                                     model.embed_condition(cond_ids), T, cfg.rollout_steps,
-                                     int(rng.integers(2, T)), gen, cfg.rollout_horizon)
-            model.train()
-            use_gen = torch.from_numpy(rng.random((cfg.batch, T)) < cfg.gen_context).to(device)
-            use_gen[:, :g] = False
-            context = torch.where(use_gen.repeat_interleave(n, 1)[..., None], gen_tokens.to(device), x0)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        lv = levels.repeat_interleave(n, 1)[..., None]
-        # targets are noised true frames; context frames may be the model's own
-        x_t = (1 - lv) * torch.where(target.repeat_interleave(n, 1)[..., None], x0, context) + lv * noise
-        cond = model.embed_condition(cond_ids)
-        v = model(x_t, levels, frames, cond, mask=mask)
-        w = torch.where(target, 1.0, 0.2).repeat_interleave(n, 1)
-        if cfg.object_weight != 1.0:  # objects are few pixels: without this they are cheap to lose
-            fg = model.patchify(foreground[..., None].float()).amax(-1).to(device)  # (B, T * n)
-            w = w * (1 + (cfg.object_weight - 1) * fg)
-        loss = (((v - (noise - x0)) ** 2).mean(-1) * w).sum() / w.sum()
         lr = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
-        for group in opt.param_groups:
+        for group in opt.param_groups + (opt_fake.param_groups if cfg.dmd else []):
             group["lr"] = lr
+        if cfg.dmd:
+            loss, fake_loss = _dmd_step(cfg, model, teacher, fake, opt_fake, x0[:, :g * n],
+                                        cond_ids, T, frames, mask, gen)
+        else:
+            loss, fake_loss = _regression_loss(cfg, model, x0, cond_ids, levels, target,
+                                               foreground, frames, mask, rng, gen, step), None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -281,12 +286,17 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
         clips_seen += cfg.batch
         seconds += time.time() - t0
         losses.append(loss.item())
+        if fake_loss is not None:
+            fake_losses.append(fake_loss)
         if step % 50 == 0:
-            history.append({"step": step, "loss": round(float(np.mean(losses)), 5),
-                            "seconds": round(seconds, 1)})
+            entry = {"step": step, "loss": round(float(np.mean(losses)), 5),
+                     "seconds": round(seconds, 1)}
+            if fake_losses:
+                entry["fake_loss"] = round(float(np.mean(fake_losses)), 5)
+            history.append(entry)
             log(f"step {step} loss {np.mean(losses):.4f} {seconds / max(step, 1):.2f}s/step(avg) "
                 f"last {time.time() - t0:.2f}s clips {clips_seen}")
-            losses = []
+            losses, fake_losses = [], []
         out_of_time = cfg.minutes and time.time() - started > cfg.minutes * 60
         if time.time() - last_save > cfg.save_every_s or out_of_time or step == cfg.steps:
             card = save()
@@ -297,6 +307,53 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
         card = save()
     log(f"saved {out} at step {step} ({clips_seen} clips, {seconds / 60:.1f} min of training)")
     return card
+
+
+def _dmd_step(cfg, model, teacher, fake, opt_fake, given, cond_ids, T, frames, mask, gen):
+    """One distribution-matching step (``ffviz.dmd``) up to the generator's loss: a
+    rollout with gradients, ``dmd_fake_steps`` updates of the fake score on it, then
+    the generator's loss (its backward and step are the caller's)."""
+    clip = dmd.generate_with_grad(model, given, model.embed_condition(cond_ids), T,
+                                  model.cfg.sample_steps, gen)
+    fake_loss = 0.0
+    for _ in range(cfg.dmd_fake_steps):
+        loss_f = dmd.fake_score_loss(clip, fake, frames, cond_ids, mask, gen)
+        opt_fake.zero_grad(set_to_none=True)
+        loss_f.backward()
+        torch.nn.utils.clip_grad_norm_(fake.parameters(), 1.0)
+        opt_fake.step()
+        fake_loss += loss_f.item() / cfg.dmd_fake_steps
+    return dmd.dmd_generator_loss(clip, teacher, fake, frames, cond_ids, mask, gen), fake_loss
+
+
+def _regression_loss(cfg, model, x0, cond_ids, levels, target, foreground, frames, mask, rng,
+                     gen, step):
+    """The flow-matching regression loss of one batch: noised true targets, context
+    frames true or (after ``rollout_after``, for a share of batches) the model's own."""
+    n, T, g = model.cfg.tokens_per_frame, cfg.clip_frames, model.cfg.given_frames
+    device = x0.device
+    context = x0
+    if step >= cfg.rollout_after and rng.random() < cfg.rollout_prob:
+        model.eval()
+        with torch.no_grad():
+            gen_tokens = rollout(model, x0.cpu() if device.type == "cpu" else x0,
+                                 model.embed_condition(cond_ids), T, cfg.rollout_steps,
+                                 int(rng.integers(2, T)), gen, cfg.rollout_horizon)
+        model.train()
+        use_gen = torch.from_numpy(rng.random((cfg.batch, T)) < cfg.gen_context).to(device)
+        use_gen[:, :g] = False
+        context = torch.where(use_gen.repeat_interleave(n, 1)[..., None], gen_tokens.to(device), x0)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    lv = levels.repeat_interleave(n, 1)[..., None]
+    # targets are noised true frames; context frames may be the model's own
+    x_t = (1 - lv) * torch.where(target.repeat_interleave(n, 1)[..., None], x0, context) + lv * noise
+    cond = model.embed_condition(cond_ids)
+    v = model(x_t, levels, frames, cond, mask=mask)
+    w = torch.where(target, 1.0, 0.2).repeat_interleave(n, 1)
+    if cfg.object_weight != 1.0:  # objects are few pixels: without this they are cheap to lose
+        fg = model.patchify(foreground[..., None].float()).amax(-1).to(device)  # (B, T * n)
+        w = w * (1 + (cfg.object_weight - 1) * fg)
+    return (((v - (noise - x0)) ** 2).mean(-1) * w).sum() / w.sum()
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -322,6 +379,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--object-weight", type=float, default=1.0,
                    help="loss weight of patches that show an object (1 = plain)")
+    p.add_argument("--dmd", action="store_true",
+                   help="distribution matching on the model's own rollouts instead of regression "
+                        "(ffviz/dmd.py; a frozen teacher, the starting weights, and a fake score; "
+                        "experimental, meant for a GPU; use a small --lr, e.g. 1e-4)")
+    p.add_argument("--dmd-fake-steps", type=int, default=d.dmd_fake_steps,
+                   help="fake-score updates per generator update (--dmd)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes that draw batches ahead (use several with a GPU)")
     p.add_argument("--save-every", type=float, default=d.save_every_s, help="seconds between checkpoints")
@@ -348,12 +411,15 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--rollout-steps must be >= 1, got {args.rollout_steps}")
     if args.rollout_horizon < 0:
         raise SystemExit(f"--rollout-horizon must be >= 0, got {args.rollout_horizon}")
+    if args.dmd_fake_steps < 1:
+        raise SystemExit(f"--dmd-fake-steps must be >= 1, got {args.dmd_fake_steps}")
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch,
                       clip_frames=args.clip_frames, lr=args.lr, rollout_after=args.rollout_after,
                       rollout_prob=args.rollout_prob, rollout_steps=args.rollout_steps,
                       gen_context=args.gen_context, rollout_horizon=args.rollout_horizon,
                       seed=args.seed, threads=args.threads, workers=args.workers,
-                      object_weight=args.object_weight, save_every_s=args.save_every)
+                      object_weight=args.object_weight, dmd=args.dmd,
+                      dmd_fake_steps=args.dmd_fake_steps, save_every_s=args.save_every)
     for name in ("rope_theta", "rope_theta_time"):
         value = getattr(args, name)
         if value is not None and not value > 1:
