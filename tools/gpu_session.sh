@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 TRAIN_MIN=${TRAIN_MIN:-4.5}
 BATCH=${BATCH:-128}
 WORKERS=${WORKERS:-14}
-TRAIN_ARGS=${TRAIN_ARGS:-}  # e.g. "--dmd --lr 1e-4" (distribution matching, ffviz/dmd.py)
+TRAIN_ARGS=${TRAIN_ARGS:-}  # e.g. "--dmd --lr 1e-5 --dmd-fake-steps 5" (ffviz/dmd.py)
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
