@@ -382,7 +382,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dmd", action="store_true",
                    help="distribution matching on the model's own rollouts instead of regression "
                         "(ffviz/dmd.py; a frozen teacher, the starting weights, and a fake score; "
-                        "experimental, meant for a GPU; use a small --lr, e.g. 1e-4)")
+                        "experimental, meant for a GPU; use a small --lr, e.g. 1e-5)")
     p.add_argument("--dmd-fake-steps", type=int, default=d.dmd_fake_steps,
                    help="fake-score updates per generator update (--dmd)")
     p.add_argument("--workers", type=int, default=0,
