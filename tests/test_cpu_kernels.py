@@ -26,6 +26,16 @@ def both(monkeypatch, run):
     return out
 
 
+def assert_same_cache(ref, got, rtol):
+    """Provenance equal, keys, values and masses close (and of the same shape and dtype)."""
+    for r, g in zip(ref.layers, got.layers):
+        for name in ("frame", "row", "col", "time"):
+            assert torch.equal(getattr(r, name), getattr(g, name)), name
+        for name in ("k", "v", "mass"):
+            torch.testing.assert_close(getattr(g, name), getattr(r, name), rtol=rtol, atol=1e-6)
+        assert g.k.shape == r.k.shape and g.k.dtype == r.k.dtype
+
+
 def test_compiled_only_for_float32_cpu_in_auto_mode(monkeypatch):
     x = torch.zeros(2)
     assert kernels.compiled_cpu(x) and not kernels.compiled_cpu(x.double())
@@ -193,12 +203,7 @@ def test_merge_apply_makes_the_pytorch_cache(monkeypatch, seed):
         return cache
 
     ref, got = both(monkeypatch, run)
-    for r, g in zip(ref.layers, got.layers):
-        for name in ("frame", "row", "col", "time"):
-            assert torch.equal(getattr(r, name), getattr(g, name)), name
-        for name in ("k", "v", "mass"):
-            torch.testing.assert_close(getattr(g, name), getattr(r, name), rtol=1e-6, atol=1e-6)
-        assert g.k.shape == r.k.shape and g.k.dtype == r.k.dtype
+    assert_same_cache(ref, got, rtol=1e-6)
 
 
 def test_merge_apply_rejects_indices_out_of_range():
@@ -338,11 +343,7 @@ def test_future_forcing_compiled_leaves_the_pytorch_cache(monkeypatch, params, B
         return cache
 
     ref, got = both(monkeypatch, run)
-    for r, g in zip(ref.layers, got.layers):
-        for name in ("frame", "row", "col", "time"):
-            assert torch.equal(getattr(r, name), getattr(g, name)), name
-        for name in ("k", "v", "mass"):
-            torch.testing.assert_close(getattr(g, name), getattr(r, name), rtol=1e-5, atol=1e-6)
+    assert_same_cache(ref, got, rtol=1e-5)
 
 
 def test_prepared_cache_is_taken_only_by_the_cache_it_was_made_from(monkeypatch):
