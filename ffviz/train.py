@@ -64,6 +64,7 @@ class TrainConfig:
     rollout_steps: int = 2  # denoising steps of the rollouts (generation uses the card's, 4)
     gen_context: float = 0.5  # share of a rolled-out clip's context frames taken from the rollout
     rollout_horizon: int = 0  # the rollout caches the TRUE frame every this many frames (0 = never)
+    recycle: float = 0.0  # > 0: context = true + U(0, recycle) x (rollout - true) per frame
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
@@ -326,6 +327,16 @@ def _dmd_step(cfg, model, teacher, fake, opt_fake, given, cond_ids, T, frames, m
     return dmd.dmd_generator_loss(clip, teacher, fake, frames, cond_ids, mask, gen), fake_loss
 
 
+def recycled_context(true, rolled, scale, tokens_per_frame: int) -> torch.Tensor:
+    """Context tokens: the true frames plus the rollout's errors times ``scale`` (B, T) per
+    frame, in pixel range. Scale 0 keeps a true frame, 1 takes the rollout's, above 1
+    amplifies its errors (as they compound when free-running) while the true next frame
+    still follows from the context: error recycling, not a drifted context."""
+    s = scale.repeat_interleave(tokens_per_frame, 1)[..., None]
+    mixed = (true + s * (rolled - true)).clamp(-1, 1)
+    return torch.where(s == 1, rolled, mixed)  # scale 1: the rollout's frame exactly
+
+
 def _regression_loss(cfg, model, x0, cond_ids, levels, target, foreground, frames, mask, rng,
                      gen, step):
     """The flow-matching regression loss of one batch: noised true targets, context
@@ -342,7 +353,10 @@ def _regression_loss(cfg, model, x0, cond_ids, levels, target, foreground, frame
         model.train()
         use_gen = torch.from_numpy(rng.random((cfg.batch, T)) < cfg.gen_context).to(device)
         use_gen[:, :g] = False
-        context = torch.where(use_gen.repeat_interleave(n, 1)[..., None], gen_tokens.to(device), x0)
+        scale = use_gen.float()
+        if cfg.recycle:  # the rollout's errors, rescaled per frame, on the true frames
+            scale = scale * torch.from_numpy(rng.uniform(0, cfg.recycle, (cfg.batch, T))).float().to(device)
+        context = recycled_context(x0, gen_tokens.to(device), scale, n)
     noise = torch.randn(x0.shape, generator=gen).to(device)
     lv = levels.repeat_interleave(n, 1)[..., None]
     # targets are noised true frames; context frames may be the model's own
@@ -375,6 +389,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="the rollout caches the TRUE frame every this many frames, so its "
                         "frames are at most this many steps of the model's errors from the "
                         "truth (0 = free-running rollouts)")
+    p.add_argument("--recycle", type=float, default=d.recycle,
+                   help="error recycling: a rolled-out clip's context is the true frames plus the "
+                        "rollout's errors scaled per frame by U(0, this), so the target still "
+                        "follows from the context (with --rollout-horizon 1: the model's own "
+                        "one-step errors, amplified as they compound; 0 = the rollout's frames as they are)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--object-weight", type=float, default=1.0,
@@ -409,6 +428,8 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.rollout_steps < 1:
         raise SystemExit(f"--rollout-steps must be >= 1, got {args.rollout_steps}")
+    if not 0 <= args.recycle <= 10:
+        raise SystemExit(f"--recycle must be in [0, 10], got {args.recycle}")
     if args.rollout_horizon < 0:
         raise SystemExit(f"--rollout-horizon must be >= 0, got {args.rollout_horizon}")
     if args.dmd_fake_steps < 1:
@@ -417,6 +438,7 @@ def main(args: argparse.Namespace) -> int:
                       clip_frames=args.clip_frames, lr=args.lr, rollout_after=args.rollout_after,
                       rollout_prob=args.rollout_prob, rollout_steps=args.rollout_steps,
                       gen_context=args.gen_context, rollout_horizon=args.rollout_horizon,
+                      recycle=args.recycle,
                       seed=args.seed, threads=args.threads, workers=args.workers,
                       object_weight=args.object_weight, dmd=args.dmd,
                       dmd_fake_steps=args.dmd_fake_steps, save_every_s=args.save_every)

@@ -179,3 +179,33 @@ def test_dmd_training_is_deterministic_and_resumes(tmp_path):
     assert c["sha256"] == a["sha256"]
     with pytest.raises(SystemExit, match="--dmd-fake-steps must be >= 1"):
         main(["train", "--dmd", "--dmd-fake-steps", "0", "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_recycled_context_scales_the_rollouts_errors_per_frame():
+    from ffviz.train import recycled_context
+    true = torch.zeros(1, 3 * 2, 4)
+    rolled = torch.full((1, 3 * 2, 4), 0.2)
+    rolled[:, 4:] = -0.5  # frame 2
+    out = recycled_context(true, rolled, torch.tensor([[0.0, 1.0, 3.0]]), 2)
+    assert torch.equal(out[:, :2], true[:, :2])  # scale 0: the true frame
+    assert torch.equal(out[:, 2:4], rolled[:, 2:4])  # scale 1: the rollout's frame
+    assert torch.allclose(out[:, 4:], torch.full((1, 2, 4), -1.0))  # 3 x -0.5, clamped to the pixel range
+    out = recycled_context(true, rolled, torch.tensor([[0.5, 2.0, 0.0]]), 2)
+    assert torch.allclose(out[:, :2], torch.full((1, 2, 4), 0.1))
+    assert torch.allclose(out[:, 2:4], torch.full((1, 2, 4), 0.4))
+
+
+def test_recycle_changes_training_and_stays_deterministic(tmp_path):
+    import pytest
+
+    from ffviz.__main__ import main
+    quiet = lambda s: None
+    cfg = _cfg(2)
+    cfg.rollout_horizon = 1
+    a = train(cfg, SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
+    cfg.recycle = 3.0
+    b = train(cfg, SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
+    c = train(cfg, SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
+    assert a["sha256"] != b["sha256"] and b["sha256"] == c["sha256"]
+    with pytest.raises(SystemExit, match="--recycle must be in"):
+        main(["train", "--recycle", "-1", "--out", str(tmp_path / "x.safetensors")])
