@@ -113,11 +113,13 @@ def cmd_showcase(args) -> int:
 
     from ffviz.showcase import parse_setting, showcase
     also = [parse_setting(spec) for spec in args.also]  # a bad setting fails before loading
+    if args.steps is not None and not 1 <= args.steps <= 50:
+        raise SystemExit(f"--steps must be in [1, 50], got {args.steps}")
     model = _load_model(args)
     seeds = _seeds(args.seeds)
     with tqdm(total=(3 + len(also)) * len(seeds), unit="run", desc="showcase", file=sys.stderr) as bar:
         summary = showcase(model, seeds, args.frames, Path(args.out), budget=args.budget,
-                           progress=bar, also=also)
+                           progress=bar, also=also, steps=args.steps)
     print((Path(args.out) / "showcase.md").read_text())
     if args.card:  # the weights' card reports the free-running quality it was measured at
         card_file = Path(args.weights).with_suffix(".json")
@@ -206,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--also", action="append", default=[], metavar="POLICY:BUDGET[:KEY=VALUE...]",
                    help="one more setting to compare, e.g. sink:2:n_sink=2 (repeatable); "
                         "teacher-forced:4 generates every frame from the 4 TRUE previous frames")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps per frame for every setting (default: the card's)")
     p.add_argument("--card", action="store_true",
                    help="also write the summary into the weights' card (the .json next to them)")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)

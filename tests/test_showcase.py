@@ -65,3 +65,23 @@ def test_teacher_forced_setting_runs_on_true_frames(tmp_path):
     assert label[1:] == ("teacher-forced", {}, 4)
     with pytest.raises(PolicyError, match="budget only"):
         parse_setting("teacher-forced:4:x=1")
+
+
+def test_showcase_steps_reach_every_setting(tmp_path):
+    """``--steps`` changes the sampler of free-running and teacher-forced runs alike; the
+    default (None) is the card's step count; a bad count is refused before any run."""
+    from ffviz.__main__ import main
+    from ffviz.showcase import run_frames, teacher_forced_frames
+    model = random_model()
+    prompt = showcase_prompt(0)
+    card = model.cfg.sample_steps
+    assert np.array_equal(run_frames(model, prompt, 0, 4, "window", 2),
+                          run_frames(model, prompt, 0, 4, "window", 2, steps=card))
+    assert not np.array_equal(run_frames(model, prompt, 0, 4, "window", 2),
+                              run_frames(model, prompt, 0, 4, "window", 2, steps=card + 2))
+    assert np.array_equal(teacher_forced_frames(model, prompt, 0, 4, 2),
+                          teacher_forced_frames(model, prompt, 0, 4, 2, steps=card))
+    assert not np.array_equal(teacher_forced_frames(model, prompt, 0, 4, 2),
+                              teacher_forced_frames(model, prompt, 0, 4, 2, steps=1))
+    with pytest.raises(SystemExit, match="--steps must be in"):
+        main(["showcase", "--steps", "0", "--out", str(tmp_path)])
