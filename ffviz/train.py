@@ -13,7 +13,9 @@ Recipe (model.md explains why plain teacher forcing fails when free-running):
   ``rollout_after`` steps, a share of batches replaces context frames by the
   model's own free-running output (no gradients), mixed with the true ones;
   targets stay the true frames, so the model learns to recover from its own
-  errors.
+  errors. With ``--recycle R`` a context frame is instead the true frame plus the
+  rollout's error scaled by U(0, R) (error recycling; with ``--rollout-horizon 1``
+  the model's own one-step errors), so the true target still follows from it.
 * Or, with ``--dmd``, distribution matching on the model's own rollouts instead of
   regression (``ffviz.dmd``: a frozen teacher, the starting weights, and a fake score
   trained alongside; experimental, meant for a GPU).
