@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ffviz.models.tiny import TinyVideoModel, sigma_schedule
+from ffviz.models.tiny import TinyVideoModel, shifted, sigma_schedule
 from ffviz.sampling import fill_cache
 
 
@@ -66,7 +66,7 @@ def _noised(x: torch.Tensor, given: int, n: int, shift: float, generator: torch.
     uniform level in [0.02, 0.98], as training draws its targets), the noise and x_t."""
     B, T = x.shape[0], x.shape[1] // n
     u = torch.rand((B, T), generator=generator)
-    levels = (shift * u / (1 + (shift - 1) * u)).clamp(0.02, 0.98).to(x.device)
+    levels = shifted(u, shift).clamp(0.02, 0.98).to(x.device)
     levels[:, :given] = 0.0
     noise = torch.randn(x.shape, generator=generator).to(x.device)
     lv = levels.repeat_interleave(n, 1)[..., None]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ffviz import dmd
-from ffviz.models.tiny import TinyConfig, TinyVideoModel
+from ffviz.models.tiny import TinyConfig, TinyVideoModel, shifted
 from ffviz.policies.base import keep_newest
 from ffviz.sampling import denoise_chunk, fill_cache
 from ffviz.scenes import COLORS, Scene, random_spec
@@ -101,7 +101,7 @@ def noise_levels(rng: np.random.Generator, batch: int, frames: int, given: int, 
     none = ~target.any(1)
     target[none, rng.integers(given, frames, size=none.sum())] = True
     u = rng.random((batch, frames))
-    t = shift * u / (1 + (shift - 1) * u)
+    t = shifted(u, shift)
     levels = np.where(target, t, ctx)
     return torch.from_numpy(levels).float(), torch.from_numpy(target)
 

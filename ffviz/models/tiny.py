@@ -242,8 +242,12 @@ class TinyVideoModel(nn.Module):
         return KVCache(self.cfg.layers, self.cfg.tokens_per_frame, (self.cfg.grid, self.cfg.grid))
 
 
+def shifted(u, shift: float):
+    """Noise levels u in [0, 1] shifted towards high noise as in Wan/SD3:
+    s u / (1 + (s - 1) u); numpy arrays or tensors (sampling and training share it)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def sigma_schedule(steps: int, shift: float) -> list[float]:
-    """Noise levels from 1 to 0 for ``steps`` Euler steps, shifted towards high
-    noise as in Wan/SD3: t' = s t / (1 + (s - 1) t)."""
-    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return (shift * u / (1 + (shift - 1) * u)).tolist()
+    """Noise levels from 1 to 0 for ``steps`` Euler steps, shifted (``shifted``)."""
+    return shifted(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).tolist()

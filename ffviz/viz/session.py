@@ -119,8 +119,8 @@ class _Tap(Observer):
         self.ctx = None
 
     def after_write(self, cache, frames, ctx):
-        self.cache_refs = (cache.tokens_per_frame, cache.grid,
-                           [(l.k, l.v, l.mass, l.frame, l.row, l.col, l.time, dict(l.aux))
+        self.cache_refs = (cache.tokens_per_frame, cache.grid,  # every field, as the cache lists them
+                           [({n: getattr(l, n) for n in cache.FIELDS}, dict(l.aux))
                             for l in cache.layers])
         self.ctx = ctx
         self.before = [{"frame": l.frame[0], "row": l.row[0], "col": l.col[0], "mass": l.mass[0]}
@@ -146,9 +146,9 @@ def trial_cache(refs) -> KVCache:
     the run goes on in another thread)."""
     tpf, grid, layers = refs
     cache = KVCache(len(layers), tpf, grid)
-    for lc, (k, v, mass, frame, row, col, time, aux) in zip(cache.layers, layers):
-        lc.k, lc.v, lc.mass = k.clone(), v.clone(), mass.clone()
-        lc.frame, lc.row, lc.col, lc.time = frame.clone(), row.clone(), col.clone(), time.clone()
+    for lc, (fields, aux) in zip(cache.layers, layers):
+        for name, t in fields.items():
+            setattr(lc, name, t.clone())
         lc.aux = {n: t.clone() for n, t in aux.items()}
     return cache
 
