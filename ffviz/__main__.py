@@ -82,7 +82,7 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.kernels:
-        from kernels.bench import bench_kernels
+        from ffviz.kernels.bench import bench_kernels
         result = bench_kernels(repeats=args.repeats)
     elif args.policies:
         from ffviz.bench import bench_policies

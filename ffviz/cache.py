@@ -29,7 +29,7 @@ import math
 
 import torch
 
-import kernels
+from ffviz import kernels
 
 
 def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-import kernels
+from ffviz import kernels
 from ffviz.cache import Decision, KVCache
 from ffviz.hooks import Hooks
 from ffviz.policies import Policy, PolicyContext, PolicyError, make_policy

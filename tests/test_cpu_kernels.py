@@ -1,4 +1,4 @@
-"""The numba CPU kernels (kernels/cpu_kernels.py) against the PyTorch path they
+"""The numba CPU kernels (ffviz/kernels/cpu_kernels.py) against the PyTorch path they
 replace: the same decisions, the same cache, the same errors."""
 import math
 import os
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+from ffviz import kernels
 from ffviz.cache import Decision, KVCache, LayerDecision
 from ffviz.policies import PolicyError, make_policy
 from ffviz.policies.base import rank
-from kernels import cpu_kernels
+from ffviz.kernels import cpu_kernels
 from tests.test_policies import N_TOK, toy
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not importable")

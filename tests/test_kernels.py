@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from kernels import dispatch, reference, triton_kernels
+from ffviz.kernels import dispatch, reference, triton_kernels
 
 SLACK = 4.0  # a different summation order (tiles, tensor-core dot) than the reference
 FLOOR = 1e-6  # relative to the output's scale: ~8 float32 ulps
@@ -299,7 +299,7 @@ def test_bench_kernels_cli_on_cpu(monkeypatch, tmp_path, capsys):
     import json
 
     from ffviz.__main__ import main
-    from kernels import bench
+    from ffviz.kernels import bench
     monkeypatch.setattr(bench, "REDUCED", TINY)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "k.json"
@@ -315,7 +315,7 @@ def test_bench_kernels_cli_on_cpu(monkeypatch, tmp_path, capsys):
 @triton_only
 def test_bench_kernels_triton_rows():
     """The rows a GPU run fills, computed here with the interpreter."""
-    from kernels import bench
+    from ffviz.kernels import bench
     if not triton_kernels.interpreting():
         pytest.skip("computes the GPU rows with the interpreter (TRITON_INTERPRET=1)")
     result = bench.bench_kernels("cpu", size=TINY, repeats=1, interpreted=True)
@@ -330,8 +330,8 @@ def test_package_imports_without_triton():
     import sys
     from pathlib import Path
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, kernels\n"
-            "from kernels import triton_kernels\n"
+            "import torch\nfrom ffviz import kernels\n"
+            "from ffviz.kernels import triton_kernels\n"
             "assert not triton_kernels.AVAILABLE and 'triton' in triton_kernels.IMPORT_ERROR\n"
             "k = torch.randn(2, 5, 8)\n"
             "s = kernels.future_score(k, torch.zeros(2, 5), k[:, :2], k[:, :2, None], torch.ones(2, 1))\n"

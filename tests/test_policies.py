@@ -11,7 +11,7 @@ from ffviz.policies import POLICIES, PolicyContext, PolicyError, make_policy, pa
 from ffviz.policies.base import future_positions, merge_to_nearest, select
 from ffviz.policies.deep_forcing import contiguous_times
 from ffviz.stats import QueryStats, spearman, topb_recall
-from kernels import cpu_kernels
+from ffviz.kernels import cpu_kernels
 from tests.conftest import random_model
 
 D, GRID = 12, (2, 3)  # toy head dim (Wan split 4/4/4) and token grid

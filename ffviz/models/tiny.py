@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from ffviz import kernels
 from ffviz.cache import KVCache
 from ffviz.hooks import HookContext, HookPoint
 from ffviz.models.rope import Rope3D, apply_rotation

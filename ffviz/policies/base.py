@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-import kernels
+from ffviz import kernels
 from ffviz.cache import Decision, KVCache, LayerCache, LayerDecision, take_rows
 from ffviz.models.rope import apply_rotation
 

@@ -2,7 +2,7 @@
 
 kvpress's ExpectedAttentionPress (NVIDIA, 2025, "Expected Attention: KV Cache
 Compression by Estimating Attention from Future Queries Distribution"), as read in
-shared/design/policies.md: fit pre-RoPE queries with N(mu, Sigma), average the
+docs/policies.md: fit pre-RoPE queries with N(mu, Sigma), average the
 rotation over the future positions, Rbar = mean_p R(p), and take ONE softmax:
 
     z_j = (Rbar mu).k'_j / sqrt(d) + k'_j^T Rbar Sigma Rbar^T k'_j / (2d) + log m_j

@@ -1,6 +1,6 @@
 """Future Forcing: evict by the expected share of FUTURE attention, merge redundant keys.
 
-The seed paper's idea as read in shared/design/policies.md: pre-RoPE query
+The seed paper's idea as read in docs/policies.md: pre-RoPE query
 statistics are stationary over a run, so the queries of the next ``horizon``
 frames are predicted per layer and head by N(R(p) mu, R(p) Sigma_r R(p)^T) at
 every future position p (Sigma_r: top-``rank`` eigenpairs of the historical
@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 import torch
 
-import kernels
+from ffviz import kernels
 from ffviz.cache import Decision, LayerDecision
 from ffviz.policies.base import (Policy, PolicyError, check_bool, check_fits, check_range,
                                  future_positions, merge_to_nearest, need, protected_mask, rank,

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from kernels import reference, triton_kernels
+from ffviz.kernels import reference, triton_kernels
 
 REAL = dict(heads=12, tokens=32760, head_dim=128, positions=64, rank=4, queries=4680,
             dtype=torch.bfloat16)

@@ -9,7 +9,7 @@ than about ``CHUNK_ELEMENTS`` float32 logits or distances at once.
 (float64 inputs stay float64 and give float64 results: the tests' ground truth);
 the tests call ``upcast=False`` to get a same-precision PyTorch implementation,
 the error baseline a kernel must not be worse than (flash-attention's test style).
-Math: shared/design/policies.md ("Future Forcing score", "Future Forcing merge").
+Math: docs/policies.md ("Future Forcing score", "Future Forcing merge").
 """
 from __future__ import annotations
 

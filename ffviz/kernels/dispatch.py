@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from kernels import cpu_kernels, reference, triton_kernels
+from ffviz.kernels import cpu_kernels, reference, triton_kernels
 
 ENV = "FFVIZ_KERNELS"
 MODES = ("auto", "triton", "reference")
