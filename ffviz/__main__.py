@@ -29,6 +29,7 @@ def _load_model(args):
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
+    from ffviz.export import check_output_dir
     from ffviz.generate import Controls, RunSettings
     from ffviz.policies import make_policy, parse_policy_args
     from ffviz.run import run
@@ -37,11 +38,13 @@ def cmd_generate(args) -> int:
     settings = RunSettings(args.prompt, frames=args.frames, seed=args.seed, steps=args.steps,
                            context_noise=args.context_noise, record=not args.no_record)
     settings.validate(scenes=args.model == "tiny")  # bad prompt or settings fail before the model loads
+    check_output_dir(args.out)
     model = _load_model(args)
     with tqdm(total=args.frames, unit="frame", desc="generating", file=sys.stderr) as bar:
         summary = run(model, settings, controls, Path(args.out), progress=bar)
-    if summary["unknown_words"]:
-        print(f"not understood in the prompt: {', '.join(summary['unknown_words'])}", file=sys.stderr)
+    if summary["prompt_notes"]:
+        print(f"prompt: not understood or assumed: {'; '.join(summary['prompt_notes'])}",
+              file=sys.stderr)
     m = summary["metrics"]
     quality = (f", consistency {m['consistency']:.3f}" if "consistency" in m
                else " (no scene metrics for this model)")
@@ -64,6 +67,8 @@ def cmd_eval(args) -> int:
                         horizon=args.horizon, query_steps=args.query_steps,
                         policy_args=parse_policy_arg_list(args.policy_arg))
     config.validate()  # bad settings fail before the model loads
+    from ffviz.export import check_output_dir
+    check_output_dir(args.out)
     if args.threads < 0:
         raise EvalError(f"threads must be >= 0, got {args.threads}")
     if args.threads:
@@ -81,6 +86,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.out:
+        from ffviz.export import check_output_dir
+        check_output_dir(Path(args.out).parent)
     if args.kernels:
         from ffviz.kernels.bench import bench_kernels
         result = bench_kernels(repeats=args.repeats)
@@ -115,6 +123,8 @@ def cmd_showcase(args) -> int:
     also = [parse_setting(spec) for spec in args.also]  # a bad setting fails before loading
     if args.steps is not None and not 1 <= args.steps <= 50:
         raise SystemExit(f"--steps must be in [1, 50], got {args.steps}")
+    from ffviz.export import check_output_dir
+    check_output_dir(args.out)
     model = _load_model(args)
     seeds = _seeds(args.seeds)
     with tqdm(total=(3 + len(also)) * len(seeds), unit="run", desc="showcase", file=sys.stderr) as bar:
@@ -217,11 +227,12 @@ def main(argv=None) -> int:
     p.set_defaults(run=cmd_showcase)
 
     args = parser.parse_args(argv)
+    from ffviz.export import OutputError
     from ffviz.generate import GenerationError
     from ffviz.policies import PolicyError
     from ffviz.scenes import PromptError
     from ffviz.weights import WeightsError
-    errors = (GenerationError, PolicyError, PromptError, WeightsError)
+    errors = (GenerationError, PolicyError, PromptError, WeightsError, OutputError)
     if getattr(args, "model", "tiny") != "tiny":
         from ffviz.models.wan import WanLoadError
         errors += (WanLoadError,)

@@ -354,7 +354,7 @@ def _one_run(model, prompt: str, seed: int, frames: int, policy, budget: int, pr
     seconds = time.perf_counter() - started
     video = np.concatenate(video)
     g = model.cfg.given_frames
-    m = consistency(video[g:], Scene(parse_prompt(prompt)[0], seed), start=g)
+    m = consistency(video[g:], Scene(parse_prompt(prompt, seed)[0], seed), start=g)
     overhead = probe.seconds_in_step + (extra_overhead() if extra_overhead else 0.0)
     step_ms = 1000 * (sum(total_s) - overhead) / max(len(total_s), 1)
     policy_ms = 1000 * _mean(policy_s)

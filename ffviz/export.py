@@ -4,6 +4,8 @@ chunk, so a long run does not hold its video in memory twice."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -15,9 +17,55 @@ VIDEO_SIDE = 256  # small frames are upscaled (nearest) to about this side so th
 VIDEO_FPS = 8
 
 
+FILES = ("video.mp4", "decisions.jsonl", "frames.npz", "record.npz", "summary.json")
+
+
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float replaced by None: strict JSON (a bare NaN
+    is not JSON, and JavaScript's JSON.parse rejects it)."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be written (the message says why)."""
+
+
+def check_output_dir(path) -> Path:
+    """Fail before any work when ``path`` cannot become a folder of files: it is a file,
+    lies under one, or its nearest existing folder takes no new file (a read-only
+    filesystem, no permission). Creates nothing."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"output {p} exists and is not a folder")
+    base = p
+    while not base.exists():
+        if base.parent == base:
+            break
+        base = base.parent
+    if not base.is_dir():
+        raise OutputError(f"output {p} cannot be created: {base} is not a folder")
+    try:  # os.access says yes to root everywhere; a real file says what the filesystem allows
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".ffviz-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"output {p} cannot be written: {e.strerror or e} in {base}") from None
+    return p
+
+
 class RunWriter:
     def __init__(self, out_dir: Path, fps: int = VIDEO_FPS):
-        self.dir = Path(out_dir)
+        self.dir = check_output_dir(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._video = imageio.get_writer(self.dir / "video.mp4", fps=fps, codec="libx264",
                                          quality=8, macro_block_size=1,
@@ -48,4 +96,19 @@ class RunWriter:
             recorder.to_npz(self.dir / "record.npz")
         else:
             np.savez_compressed(self.dir / "record.npz", frames=np.zeros(0, np.int64))
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+
+    def abort(self) -> None:
+        """A run that failed: close and remove what was written, so no half-written run
+        is left behind (the folder stays only if it holds other files)."""
+        for closing in (self._video.close, self._decisions.close):
+            try:
+                closing()
+            except Exception:  # a writer broken by the failure itself
+                pass
+        for name in FILES:
+            (self.dir / name).unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass

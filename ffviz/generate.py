@@ -24,7 +24,7 @@ from ffviz import kernels
 from ffviz.cache import Decision, KVCache
 from ffviz.hooks import Hooks
 from ffviz.policies import Policy, PolicyContext, PolicyError, make_policy
-from ffviz.sampling import denoise_chunk, fill_cache
+from ffviz.sampling import denoise_chunk, fill_cache, palette_tensor, previous_tokens, snap_tokens
 from ffviz.scenes import Scene, SceneSpec, parse_prompt
 from ffviz.stats import QueryStats
 
@@ -99,6 +99,7 @@ class RunSettings:
     steps: int | None = None  # None: the model card's default
     context_noise: float | None = None
     record: bool = True
+    snap: bool | None = None  # snap frames to the scene's palette; None: the model card's setting
 
     def validate(self, scenes: bool = True) -> tuple[SceneSpec | None, list[str]]:
         """Check the settings; read the prompt's scene (``scenes=False``, for a
@@ -111,11 +112,16 @@ class RunSettings:
             raise GenerationError(f"steps must be in [1, 50], got {self.steps}")
         if self.context_noise is not None and not 0 <= self.context_noise < 1:
             raise GenerationError(f"context noise must be in [0, 1), got {self.context_noise}")
+        if self.snap is not None and not isinstance(self.snap, (bool, np.bool_)):
+            raise GenerationError(f"snap must be true or false, got {self.snap!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
+                or not 0 <= self.seed < 2 ** 32:
+            raise GenerationError(f"seed must be a whole number in [0, 2^32), got {self.seed!r}")
         if not scenes:
             if not isinstance(self.prompt, str) or not self.prompt.strip():
                 raise GenerationError("empty prompt: describe the video")
             return None, []
-        return parse_prompt(self.prompt)
+        return parse_prompt(self.prompt, self.seed)
 
 
 def _to_uint8(model, tokens: torch.Tensor, frames: torch.Tensor | None = None) -> np.ndarray:
@@ -268,6 +274,8 @@ def generate(model, settings: RunSettings, controls: Controls,
     steps = settings.steps or cfg.sample_steps
     level = cfg.context_noise if settings.context_noise is None else settings.context_noise
     scene = Scene(spec, settings.seed) if scenes else None
+    snap = scenes and (getattr(cfg, "snap", False) if settings.snap is None else settings.snap)
+    palette = palette_tensor([spec], next(model.parameters()).device) if snap else None
     gen = torch.Generator().manual_seed(settings.seed)
     cache = model.new_cache()
     if kernels.compiled_cpu(next(model.parameters())):  # the CPU kernels' first compile
@@ -281,7 +289,7 @@ def generate(model, settings: RunSettings, controls: Controls,
         with torch.no_grad():
             cond = (model.embed_condition(torch.from_numpy(spec.condition_ids())[None]) if scenes
                     else model.encode_prompt(settings.prompt))
-        f, index = 0, 0
+        f, index, last = 0, 0, None  # last: the newest frame's tokens (the previous-frame input)
         while f < settings.frames and not controls.stop_requested:
             t0 = clock()
             policy, budget, version = controls.snapshot()
@@ -293,11 +301,14 @@ def generate(model, settings: RunSettings, controls: Controls,
             else:
                 frames = torch.arange(f, min(f + cfg.chunk_frames, settings.frames))
                 noise = torch.randn(1, frames.numel() * n, cfg.patch_dim, generator=gen)
-                x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift)
+                x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift, prev=last)
                 if getattr(model, "clamp_tokens", True):  # pixels in [-1, 1]; not Wan's latents
                     x0 = x0.clamp(-1, 1)
+                if palette is not None:  # errors snap back instead of compounding
+                    x0 = snap_tokens(model, x0, palette)
             t1 = clock()
-            fill_cache(model, cache, x0, frames, cond, level, gen)
+            fill_cache(model, cache, x0, frames, cond, level, gen, prev=previous_tokens(last, x0, n))
+            last = x0[:, -n:]
             t2 = clock()
             peak, newest = cache.size, int(frames[-1])
             ctx = PolicyContext(

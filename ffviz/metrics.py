@@ -35,7 +35,7 @@ import functools
 import numpy as np
 from scipy import ndimage
 
-from ffviz.scenes import COLORS, SHAPES, ObjectSpec, Scene, SceneSpec
+from ffviz.scenes import COLORS, SHAPES, VIEW, ObjectSpec, Scene, SceneSpec
 
 COLOR_TOL = 60.0  # RGB distance within which a pixel "has" a colour
 TRACK_TOL = 6.0  # pixels between blob centroids (of 32) that still count as "in place"
@@ -76,7 +76,7 @@ def _reference_features(size: str) -> dict:
     refs = {}
     for shape in SHAPES:
         scene = Scene(SceneSpec("black", (ObjectSpec(shape, "white", size),)), 0)
-        scene.pos0[:] = 16.3
+        scene.pos0[:] = (VIEW - scene.side[0]) // 2
         scene.vel[:] = 0
         refs[shape] = shape_features(_near(scene.render([0])[0], COLORS["white"]))
     return refs

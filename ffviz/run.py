@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffviz.export import VIDEO_FPS, RunWriter
+from ffviz.export import VIDEO_FPS, RunWriter, json_safe
 from ffviz.generate import Controls, RunSettings, generate
 from ffviz.hooks import QueryRecorder
 from ffviz.metrics import consistency
@@ -32,8 +32,8 @@ def summarize(settings: RunSettings, model, video: np.ndarray, seconds: float, p
                    "model's scene renderer; this model has no scenes"}
     else:
         metrics = consistency(video[g:], Scene(spec, settings.seed), start=g) if len(video) > g else {}
-    return {
-        "prompt": settings.prompt, "scene": spec.describe() if spec else None, "unknown_words": unknown,
+    return json_safe({
+        "prompt": settings.prompt, "scene": spec.describe() if spec else None, "prompt_notes": unknown,
         "model": model_name or getattr(model, "name", "tiny"),
         "seed": settings.seed, "frames": int(len(video)), "given_frames": g,
         "seconds": round(seconds, 3), "fps": round(len(video) / max(seconds, 1e-9), 2),
@@ -44,7 +44,7 @@ def summarize(settings: RunSettings, model, video: np.ndarray, seconds: float, p
         "recorder_bytes": recorder_bytes,
         "switches": switches, "stopped_early": len(video) < settings.frames,
         "metrics": metrics,
-    }
+    })
 
 
 def run(model, settings: RunSettings, controls: Controls, out_dir: Path | None = None,
@@ -73,6 +73,10 @@ def run(model, settings: RunSettings, controls: Controls, out_dir: Path | None =
                 progress.update(len(step.frame_indices))
             if on_step is not None:
                 on_step(step)
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
     finally:
         if recorder is not None:
             recorder.detach()

@@ -1,16 +1,28 @@
 """Procedural scenes and the prompt grammar of the embedded model.
 
-A scene is a plain background, one to three coloured shapes moving at constant
-velocity inside a *world box* larger than the 32x32 view (so they leave the
-view and come back after bouncing off its walls), and optionally a vertical
-pillar drawn in front of them (so they pass behind it and reappear). The
-scene's parameters are the ground truth of the consistency metric
-(``ffviz.metrics``); its trajectories are closed-form, so frame 1000 costs
-what frame 0 costs.
+The world is built to be learnable by a small model on a CPU:
+
+* a plain background and one to three shapes with **hard edges** (no
+  anti-aliasing), drawn at **integer positions**, of 8, 10 or 12 pixels (at
+  least four 4x4 patches), in colours far apart (``COLORS``);
+* **integer velocities**: |vx| in {1, 2} and vy in {-1, 0, 1} pixels per frame,
+  so the next frame follows exactly from the last two;
+* objects **bounce inside the view** (their edge touches the view's edge), or,
+  in scenes whose prompt says they leave the view, bounce off walls
+  ``EXIT_GAP`` pixels beyond it and come back after 8-17 frames out of sight;
+* optionally a vertical pillar drawn in front of them (``wide``: 16 px, which
+  hides an 8-px object for up to 9 frames; else 8 px, which never hides one
+  whole).
+
+A scene's trajectories are closed-form (a triangle wave between its walls), so
+frame 1000 costs what frame 0 costs, and they are the ground truth of the
+consistency metrics (``ffviz.metrics``) and of training (``ffviz.train``).
 
 Prompts are short English: ``"a red circle and two small blue squares on a
-green background with a gray pillar, fast"``. ``parse_prompt`` returns the
-spec and the words it did not understand; it raises ``PromptError`` when no
+green background with a gray pillar, fast"``. ``parse_prompt`` returns the spec
+and notes on what it did not understand or had to assume (an unknown word, a
+colour the palette does not have mapped to its nearest, a shape without a
+colour drawn in a seeded palette colour); it raises ``PromptError`` when no
 scene can be read at all.
 """
 from __future__ import annotations
@@ -21,35 +33,41 @@ import re
 import numpy as np
 
 VIEW = 32  # frame side in pixels
-MARGIN_X, MARGIN_Y = 14.0, 8.0  # world box extends this far beyond the view
 MAX_OBJECTS = 3
-SUPERSAMPLE = 2  # anti-aliased edges: render at 2x then average
+EXIT_GAP = 8  # walls this far beyond the view's edge in scenes whose objects leave it
+MAX_PROMPT_CHARS = 2000
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 225),
-    "yellow": (235, 210, 40), "purple": (140, 60, 190), "orange": (240, 130, 30),
-    "cyan": (40, 200, 210), "pink": (240, 120, 180), "white": (240, 240, 240),
-    "black": (15, 15, 15), "gray": (128, 128, 128), "brown": (130, 80, 40),
+    "black": (15, 15, 15), "white": (240, 240, 240), "gray": (128, 128, 128),
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 225),
+    "yellow": (235, 210, 40), "cyan": (40, 200, 210), "purple": (180, 40, 210),
 }
 COLOR_NAMES = list(COLORS)
+# colours of earlier palettes: read as the nearest colour of this one (and said so)
+_OLD_COLORS = {"orange": (240, 130, 30), "pink": (240, 120, 180), "brown": (130, 80, 40)}
 SHAPES = ["circle", "square", "triangle"]
-SIZES = {"small": 3.0, "medium": 4.5, "big": 6.0}  # half-extent in pixels
-SPEEDS = {"slow": (0.35, 0.6), "normal": (0.6, 1.0), "fast": (1.0, 1.5)}  # px/frame
+SIZES = {"small": 8, "medium": 10, "big": 12}  # side in pixels
+SPEEDS = {"slow": (1,), "normal": (1, 2), "fast": (2,)}  # |vx| in px/frame
+PILLARS = {"narrow": (12, 20), "wide": (8, 24)}  # x extent [a, b) in pixels
 
 _SYNONYMS = {
-    "grey": "gray", "violet": "purple", "magenta": "pink", "teal": "cyan",
+    "grey": "gray", "violet": "purple", "magenta": "purple", "teal": "cyan",
     "circles": "circle", "balls": "circle", "ball": "circle", "disc": "circle",
-    "disk": "circle", "dot": "circle", "squares": "square", "box": "square",
-    "boxes": "square", "cube": "square", "triangles": "triangle",
+    "disk": "circle", "dot": "circle", "dots": "circle", "squares": "square", "box": "square",
+    "boxes": "square", "cube": "square", "cubes": "square", "triangles": "triangle",
     "large": "big", "tiny": "small", "little": "small", "huge": "big",
     "slowly": "slow", "quickly": "fast", "quick": "fast", "rapidly": "fast",
     "wall": "pillar", "column": "pillar", "post": "pillar", "occluder": "pillar",
-    "pillars": "pillar", "walls": "pillar",
+    "pillars": "pillar", "walls": "pillar", "broad": "wide", "thick": "wide",
+    "leaving": "leave", "leaves": "leave", "exit": "leave", "exits": "leave",
+    "exiting": "leave", "left": "leave",
 }
 _COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 _FILLER = {"and", "on", "with", "the", "of", "in", "front", "behind", "moving",
            "background", "scene", "that", "is", "are", "which", "move", "bouncing",
-           "bounce", "around", "over", "across", "plain", "colored", "coloured"}
+           "bounce", "around", "over", "across", "plain", "colored", "coloured", "view",
+           "frame", "picture", "different", "colors", "colours", "color", "colour", "they",
+           "it", "some", "come", "back", "returning", "then", "and", "to", "from", "each"}
 
 
 class PromptError(ValueError):
@@ -69,23 +87,34 @@ class SceneSpec:
     objects: tuple[ObjectSpec, ...]
     pillar: str | None = None  # colour of the occluding pillar, if any
     speed: str = "normal"
+    wide_pillar: bool = False
+    exits: bool = False  # objects leave the view and come back
 
     def describe(self) -> str:
         parts = [f"a {o.size} {o.color} {o.shape}" for o in self.objects]
         text = " and ".join(parts) + f" on a {self.background} background"
         if self.pillar:
-            text += f" with a {self.pillar} pillar"
+            text += f" with a {'wide ' if self.wide_pillar else ''}{self.pillar} pillar"
+        if self.exits:
+            text += ", leaving the view"
         return text + ("" if self.speed == "normal" else f", {self.speed}")
 
-    def condition_ids(self) -> np.ndarray:
-        """Integer ids the model embeds as its prompt: (3 + 3 * MAX_OBJECTS,).
+    def palette(self) -> list[str]:
+        """The scene's colour names: background first, then objects and pillar."""
+        names = [self.background] + [o.color for o in self.objects]
+        if self.pillar:
+            names.append(self.pillar)
+        return list(dict.fromkeys(names))
 
-        [background, pillar(0=none), speed, then per slot shape, colour, size
-        (0 = empty slot)]; colours are 1-based so 0 can mean "none".
+    def condition_ids(self) -> np.ndarray:
+        """Integer ids the model embeds as its prompt: (5 + 3 * MAX_OBJECTS,).
+
+        [background, pillar (0 = none), speed, pillar width, exits, then per slot
+        shape, colour, size (0 = empty slot)]; colours are 1-based so 0 can mean "none".
         """
         ids = [COLOR_NAMES.index(self.background) + 1,
                COLOR_NAMES.index(self.pillar) + 1 if self.pillar else 0,
-               list(SPEEDS).index(self.speed)]
+               list(SPEEDS).index(self.speed), int(self.wide_pillar), int(self.exits)]
         for i in range(MAX_OBJECTS):
             if i < len(self.objects):
                 o = self.objects[i]
@@ -96,33 +125,50 @@ class SceneSpec:
         return np.asarray(ids, dtype=np.int64)
 
 
-CONDITION_VOCAB = [len(COLORS) + 1, len(COLORS) + 1, len(SPEEDS)] + \
+CONDITION_VOCAB = [len(COLORS) + 1, len(COLORS) + 1, len(SPEEDS), 2, 2] + \
     [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1] * MAX_OBJECTS
 
 
-def parse_prompt(prompt: str) -> tuple[SceneSpec, list[str]]:
-    """Read a scene from ``prompt``; return it and the words not understood."""
+def _nearest_color(rgb) -> str:
+    return min(COLORS, key=lambda c: float(np.sum((np.subtract(COLORS[c], rgb)) ** 2)))
+
+
+def parse_prompt(prompt: str, seed: int = 0) -> tuple[SceneSpec, list[str]]:
+    """Read a scene from ``prompt``; return it and notes: the words not understood,
+    and what was assumed (``"orange -> yellow"``, ``"circle: no colour, drawn red"``).
+    A shape without a colour gets a palette colour drawn from ``seed``."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise PromptError("empty prompt: describe shapes and a background, e.g. "
                           "'a red circle and a blue square on a green background'")
-    words = [_SYNONYMS.get(w, w) for w in re.findall(r"[a-z]+", prompt.lower())]
-    unknown: list[str] = []
-    objects: list[ObjectSpec] = []
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PromptError(f"prompt of {len(prompt)} characters: at most {MAX_PROMPT_CHARS}")
+    notes: list[str] = []
+    words = []
+    for w in re.findall(r"[a-z]+", prompt.lower()):
+        w = _SYNONYMS.get(w, w)
+        if w in _OLD_COLORS:
+            new = _nearest_color(_OLD_COLORS[w])
+            notes.append(f"{w} -> {new}")
+            w = new
+        words.append(w)
+    objects: list[tuple[str, str | None, str]] = []  # (shape, colour or None, size)
     background = pillar = None
-    speed = "normal"
+    speed, wide, exits = "normal", False, False
     count, size, color = 1, None, None
     for i, w in enumerate(words):
         nxt = words[i + 1] if i + 1 < len(words) else ""
         if w in _COUNTS:
             if color is not None:  # a colour that never met its shape
-                unknown.append(color)
+                notes.append(color)
             count, size, color = _COUNTS[w], None, None
         elif w in SIZES:
             size = w
+        elif w == "wide":
+            wide = True
         elif w in COLORS:
             if nxt == "background":
                 background = w
-            elif nxt == "pillar":
+            elif nxt == "pillar" or (nxt == "wide" and i + 2 < len(words) and words[i + 2] == "pillar"):
                 pillar = w
             else:
                 color = w
@@ -131,149 +177,178 @@ def parse_prompt(prompt: str) -> tuple[SceneSpec, list[str]]:
                 pillar = color or "gray"
             color = None
         elif w in SHAPES:
-            if color is None:
-                raise PromptError(f"'{w}' has no colour: say e.g. 'a red {w}'")
-            objects += [ObjectSpec(w, color, size or "medium")] * count
+            objects += [(w, color, size or "medium")] * count
             count, size, color = 1, None, None
         elif w in SPEEDS:
             speed = w
+        elif w == "leave":
+            exits = True
         elif w not in _FILLER:
-            unknown.append(w)
+            notes.append(w)
     if color is not None:
-        unknown.append(color)
+        notes.append(color)
     if not objects:
         raise PromptError("no object found in the prompt: name at least one shape "
-                          f"({', '.join(SHAPES)}) with a colour ({', '.join(COLOR_NAMES)})"
-                          + (f"; not understood: {', '.join(unknown)}" if unknown else ""))
+                          f"({', '.join(SHAPES)}), e.g. 'a red circle'"
+                          + (f"; not understood: {', '.join(notes)}" if notes else ""))
     if len(objects) > MAX_OBJECTS:
         raise PromptError(f"at most {MAX_OBJECTS} objects, the prompt names {len(objects)}")
     background = background or "black"
-    clash = [o.color for o in objects if o.color == background]
+    clash = [c for _, c, _ in objects if c == background]
     if clash:
         raise PromptError(f"a {clash[0]} object on a {background} background would be invisible")
     if pillar == background:
         raise PromptError(f"a {pillar} pillar on a {background} background would be invisible")
-    return SceneSpec(background, tuple(objects), pillar, speed), unknown
+    if wide and pillar is None:
+        notes.append("wide")
+        wide = False
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 11])
+    taken = {background, pillar} | {c for _, c, _ in objects if c}
+    objs = []
+    for shape, c, s in objects:
+        if c is None:  # a seeded colour the scene does not use yet (else any but the background's)
+            free = [n for n in COLOR_NAMES if n not in taken] or \
+                   [n for n in COLOR_NAMES if n not in (background, pillar)]
+            c = free[int(rng.integers(len(free)))]
+            taken.add(c)
+            notes.append(f"{shape}: no colour, drawn {c}")
+        objs.append(ObjectSpec(shape, c, s))
+    return SceneSpec(background, tuple(objs), pillar, speed, wide, exits), notes
 
 
-def random_spec(rng: np.random.Generator) -> SceneSpec:
-    """A random scene of the grammar (training and evaluation suites)."""
-    bg = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
+def random_spec(rng: np.random.Generator, exits_share: float = 0.3,
+                pillar_share: float = 0.35) -> SceneSpec:
+    """A random scene of the grammar (training and evaluation suites): distinct
+    colours within a scene."""
+    names = list(COLOR_NAMES)
+    order = rng.permutation(len(names))
+    bg = names[order[0]]
     n = int(rng.integers(1, MAX_OBJECTS + 1))
-    colors = [c for c in COLOR_NAMES if c != bg]
-    picked = rng.choice(len(colors), size=n, replace=False)
-    objs = tuple(ObjectSpec(SHAPES[rng.integers(len(SHAPES))], colors[j],
-                            list(SIZES)[rng.integers(len(SIZES))]) for j in picked)
-    pillar = None
-    if rng.random() < 0.35:
-        pillar = [c for c in COLOR_NAMES if c != bg][rng.integers(len(COLOR_NAMES) - 1)]
+    objs = tuple(ObjectSpec(SHAPES[rng.integers(len(SHAPES))], names[order[1 + j]],
+                            list(SIZES)[rng.integers(len(SIZES))]) for j in range(n))
+    pillar, wide = None, False
+    if rng.random() < pillar_share:
+        pillar = names[order[1 + n]]
+        wide = bool(rng.random() < 1 / 3)
     speed = list(SPEEDS)[rng.integers(len(SPEEDS))]
-    return SceneSpec(bg, objs, pillar, speed)
+    exits = bool(rng.random() < exits_share)
+    return SceneSpec(bg, objs, pillar, speed, wide, exits)
 
 
-def _reflect(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Position after bouncing between walls lo and hi (triangle wave)."""
+def _bitmap(shape: str, side: int) -> np.ndarray:
+    """The object's pixels (side, side) bool: pixel centres inside the shape."""
+    c = (np.arange(side) + 0.5)
+    y, x = c[:, None], c[None, :]
+    if shape == "circle":
+        return (x - side / 2) ** 2 + (y - side / 2) ** 2 <= (side / 2) ** 2
+    if shape == "square":
+        return np.ones((side, side), bool)
+    row = np.arange(side)[:, None]  # upward triangle: width grows by 2 px every 2 rows
+    return np.abs(x - side / 2) <= (row // 2 + 1)
+
+
+def _reflect(p: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Integer position after bouncing between walls lo and hi (triangle wave)."""
     span = hi - lo
-    y = np.mod(x - lo, 2 * span)
+    y = np.mod(p - lo, 2 * span)
     return lo + np.where(y > span, 2 * span - y, y)
 
 
 class Scene:
-    """A spec plus the random initial state drawn from ``seed``."""
-
-    PILLAR = (13.0, 19.0)  # x extent of the pillar in pixels
+    """A spec plus the integer initial state drawn from ``seed``."""
 
     def __init__(self, spec: SceneSpec, seed: int):
         self.spec, self.seed = spec, int(seed)
         rng = np.random.default_rng(self.seed)
-        lo, hi = SPEEDS[spec.speed]
         n = len(spec.objects)
-        half = np.array([SIZES[o.size] for o in spec.objects])
-        self.pos0 = rng.uniform(half[:, None] + 1, VIEW - half[:, None] - 1, size=(n, 2))
-        angle = rng.uniform(0, 2 * np.pi, size=n)
-        # mostly horizontal motion, so objects leave sideways and come back
-        speed = rng.uniform(lo, hi, size=n)
-        self.vel = np.stack([np.cos(angle), 0.45 * np.sin(angle)], -1) * speed[:, None] \
-            / np.sqrt(np.cos(angle) ** 2 + (0.45 * np.sin(angle)) ** 2)[:, None]
-        self.half = half
+        self.side = np.array([SIZES[o.size] for o in spec.objects])
+        self.bitmaps = [_bitmap(o.shape, SIZES[o.size]) for o in spec.objects]
+        gap = EXIT_GAP + self.side if spec.exits else 0 * self.side
+        # walls of each object's top-left corner: (n, 2) for x and y
+        self.lo = np.stack([-gap, np.zeros(n, int)], -1)
+        self.hi = np.stack([VIEW - self.side + gap, VIEW - self.side], -1)
+        self.pos0 = np.stack([rng.integers(0, VIEW - self.side + 1),
+                              rng.integers(0, VIEW - self.side + 1)], -1)  # starts in view
+        speeds = SPEEDS[spec.speed]
+        vx = rng.choice(speeds, size=n) * rng.choice([-1, 1], size=n)
+        vy = rng.integers(-1, 2, size=n)
+        self.vel = np.stack([vx, vy], -1)
+        self.pillar_x = PILLARS["wide" if spec.wide_pillar else "narrow"] if spec.pillar else None
 
     def positions(self, frames) -> np.ndarray:
-        """Object centres (T, n, 2) as (x, y) pixels for frame indices ``frames``."""
-        t = np.asarray(frames, dtype=np.float64)[:, None, None]
-        p = self.pos0[None] + self.vel[None] * t
-        x = _reflect(p[..., 0], -MARGIN_X, VIEW + MARGIN_X)
-        y = _reflect(p[..., 1], -MARGIN_Y, VIEW + MARGIN_Y)
-        return np.stack([x, y], -1)
+        """Top-left corners (T, n, 2) as integer (x, y) pixels for frame indices ``frames``."""
+        t = np.asarray(frames, dtype=np.int64)[:, None, None]
+        return _reflect(self.pos0[None] + self.vel[None] * t, self.lo[None], self.hi[None])
 
-    def _masks(self, frames) -> tuple[np.ndarray, np.ndarray]:
-        """Coverage in [0, 1] of each object (T, n, V, V) and of the pillar (V, V)."""
-        s = SUPERSAMPLE
-        g = (np.arange(VIEW * s) + 0.5) / s
-        gx, gy = g[None, None, None, :], g[None, None, :, None]
-        pos = self.positions(frames)
-        cx, cy = pos[..., 0][..., None, None], pos[..., 1][..., None, None]
-        h = self.half[None, :, None, None]
-        dx, dy = gx - cx, gy - cy
-        masks = []
+    def centres(self, frames) -> np.ndarray:
+        """Object centres (T, n, 2) as (x, y) pixels."""
+        return self.positions(frames) + self.side[None, :, None] / 2
+
+    def object_masks(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Coverage of each object (T, n, V, V) bool for top-left ``positions`` (T, n, 2),
+        and of the pillar (V, V)."""
+        T, n = positions.shape[:2]
+        masks = np.zeros((T, n, VIEW, VIEW), bool)
+        for i, bm in enumerate(self.bitmaps):
+            s = bm.shape[0]
+            for t in range(T):
+                x, y = int(positions[t, i, 0]), int(positions[t, i, 1])
+                x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + s, VIEW), min(y + s, VIEW)
+                if x0 < x1 and y0 < y1:
+                    masks[t, i, y0:y1, x0:x1] = bm[y0 - y:y1 - y, x0 - x:x1 - x]
+        pillar = np.zeros((VIEW, VIEW), bool)
+        if self.pillar_x:
+            pillar[:, self.pillar_x[0]:self.pillar_x[1]] = True
+        return masks, pillar
+
+    def render_positions(self, positions: np.ndarray) -> np.ndarray:
+        """uint8 frames (T, V, V, 3) with the objects at top-left ``positions`` (T, n, 2)."""
+        masks, pillar = self.object_masks(positions)
+        img = np.empty((len(positions), VIEW, VIEW, 3), np.uint8)
+        img[:] = COLORS[self.spec.background]
         for i, o in enumerate(self.spec.objects):
-            hi_, dxi, dyi = h[:, i], dx[:, i], dy[:, i]
-            if o.shape == "circle":
-                m = dxi ** 2 + dyi ** 2 <= hi_ ** 2
-            elif o.shape == "square":
-                m = (np.abs(dxi) <= hi_) & (np.abs(dyi) <= hi_)
-            else:  # upward triangle inscribed in the square
-                m = (dyi <= hi_) & (dyi >= -hi_) & (np.abs(dxi) <= (dyi + hi_) / 2)
-            masks.append(m)
-        m = np.stack(masks, 1).astype(np.float32)
-        m = m.reshape(*m.shape[:2], VIEW, s, VIEW, s).mean((3, 5))
-        pillar = np.zeros((VIEW, VIEW), np.float32)
+            img[masks[:, i]] = COLORS[o.color]
         if self.spec.pillar:
-            a, b = self.PILLAR
-            cols = (np.arange(VIEW * s) + 0.5) / s
-            pillar[:] = ((cols >= a) & (cols <= b)).reshape(VIEW, s).mean(1)[None, :]
-        return m, pillar
+            img[:, pillar] = COLORS[self.spec.pillar]
+        return img
 
     def render(self, frames) -> np.ndarray:
         """uint8 frames (T, V, V, 3) for frame indices ``frames``."""
-        frames = np.atleast_1d(np.asarray(frames))
-        masks, pillar = self._masks(frames)
-        img = np.empty((len(frames), VIEW, VIEW, 3), np.float32)
-        img[:] = COLORS[self.spec.background]
-        for i, o in enumerate(self.spec.objects):
-            a = masks[:, i, :, :, None]
-            img = img * (1 - a) + a * np.asarray(COLORS[o.color], np.float32)
-        if self.spec.pillar:
-            a = pillar[None, :, :, None]
-            img = img * (1 - a) + a * np.asarray(COLORS[self.spec.pillar], np.float32)
-        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        return self.render_positions(self.positions(np.atleast_1d(np.asarray(frames))))
 
-    def visible_area(self, frames) -> np.ndarray:
-        """Visible pixels of each object (T, n): in view, not covered by the pillar
-        or by objects drawn after it."""
-        frames = np.atleast_1d(np.asarray(frames))
-        masks, pillar = self._masks(frames)
-        vis = masks.copy()
+    def visibleobject_masks(self, positions: np.ndarray) -> np.ndarray:
+        """Visible pixels of each object (T, n, V, V) bool: in view, not covered by the
+        pillar or by objects drawn after it."""
+        masks, pillar = self.object_masks(positions)
+        vis = masks & ~pillar
         for i in range(masks.shape[1]):
             for j in range(i + 1, masks.shape[1]):
-                vis[:, i] *= 1 - masks[:, j]
-            vis[:, i] *= 1 - pillar[None]
-        return vis.sum((2, 3))
+                vis[:, i] &= ~masks[:, j]
+        return vis
+
+    def visible_area(self, frames) -> np.ndarray:
+        """Visible pixels of each object (T, n)."""
+        return self.visibleobject_masks(self.positions(np.atleast_1d(np.asarray(frames)))).sum((2, 3))
 
     def full_area(self) -> np.ndarray:
         """Area in pixels of each object when fully visible (n,)."""
-        a = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
-        return np.array([a[o.shape] * h * h for o, h in zip(self.spec.objects, self.half)])
+        return np.array([bm.sum() for bm in self.bitmaps])
+
+
+def palette_rgb(spec: SceneSpec) -> np.ndarray:
+    """(P, 3) uint8 colours of the scene (``SceneSpec.palette``)."""
+    return np.array([COLORS[c] for c in spec.palette()], np.uint8)
 
 
 def scene_from_prompt(prompt: str, seed: int) -> tuple[Scene, list[str]]:
-    spec, unknown = parse_prompt(prompt)
-    return Scene(spec, seed), unknown
+    spec, notes = parse_prompt(prompt, seed)
+    return Scene(spec, seed), notes
 
 
 EXAMPLE_PROMPTS = [
-    "a red circle and a blue square on a green background",
+    "a red circle and a blue square on a black background",
     "a big yellow triangle on a purple background with a gray pillar",
-    "a small white circle, a cyan square and an orange triangle on a black background",
-    "two pink squares on a blue background, fast",
-    "a big green circle on a white background with a brown pillar, slow",
+    "a small white circle, a cyan square and a red triangle on a black background",
+    "a green square and a yellow circle on a blue background, fast",
+    "a big red circle and a small cyan square on a white background, leaving the view",
 ]

@@ -21,6 +21,7 @@ from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings
 from ffviz.metrics import consistency
 from ffviz.policies import PolicyError, make_policy, parse_policy_args
 from ffviz.scenes import Scene, parse_prompt, random_spec
+from ffviz.sampling import palette_tensor
 from ffviz.train import rollout
 
 METRICS = ("consistency", "background", "color_presence", "shape", "returns", "off_palette",
@@ -69,7 +70,7 @@ def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: in
     of the TRUE previous frames (the newest ``budget``), never of its own output: what
     the model can do without its own errors to build on. A diagnostic, not a policy:
     the training rollout with horizon 1 (the true frame cached after every frame)."""
-    spec = parse_prompt(prompt)[0]
+    spec = parse_prompt(prompt, seed)[0]
     cfg = model.cfg
     if cfg.chunk_frames != 1:
         raise ValueError(f"teacher-forced frames are generated one at a time; this model's "
@@ -77,8 +78,9 @@ def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: in
     truth = torch.from_numpy(Scene(spec, seed).render(np.arange(frames)))[None].float()
     with torch.no_grad():
         cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
-    out = rollout(model, model.patchify(truth / 127.5 - 1), cond, frames, steps or cfg.sample_steps,
-                  budget, torch.Generator().manual_seed(seed), horizon=1)
+    palette = palette_tensor([spec]) if cfg.snap else None
+    out = rollout(model, model.patchify(truth / 127.5 - 1), cond, steps or cfg.sample_steps,
+                  budget, torch.Generator().manual_seed(seed), palette=palette, horizon=1)
     return _to_uint8(model, out)
 
 
@@ -92,7 +94,7 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
     rows, strips, copy_mse = {}, [], []
     for i, seed in enumerate(seeds):
         prompt = showcase_prompt(seed)
-        scene = Scene(parse_prompt(prompt)[0], seed)
+        scene = Scene(parse_prompt(prompt, seed)[0], seed)
         truth = scene.render(np.arange(frames))
         first = max(g, 1)
         copy_mse.append(pixel_mse(truth[first - 1:-1], truth[first:]))  # predicting "nothing moves"

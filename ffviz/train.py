@@ -1,29 +1,27 @@
-"""Training the embedded model (``python -m ffviz train``).
+"""Training the embedded model (``python -m ffviz train``); docs/model.md tells why.
 
-Recipe (model.md explains why plain teacher forcing fails when free-running):
+The recipe:
 
-* Clips of procedural scenes (``ffviz.scenes``), prompt-conditioned, the first
-  ``given_frames`` frames kept nearly clean as at generation (image-to-video).
-* Per-frame noise levels told to the model (diffusion-forcing style): every
-  frame carries a *context* level c ~ U(0, ctx_noise_max) (sometimes 0), and a
-  random subset of frames are *targets* at a flow-matching level t. A target
-  in the middle of a clip is bad context for the frames after it, which pushes
-  them to look further back in their cache rather than only at the last frame.
-* Self-rollout (Self-Forcing's idea, in a cheap form): after
-  ``rollout_after`` steps, a share of batches replaces context frames by the
-  model's own free-running output (no gradients), mixed with the true ones;
-  targets stay the true frames, so the model learns to recover from its own
-  errors. With ``--recycle R`` a context frame is instead the true frame plus the
-  rollout's error scaled by U(0, R) (error recycling; with ``--rollout-horizon 1``
-  the model's own one-step errors), so the true target still follows from it.
-* Or, with ``--dmd``, distribution matching on the model's own rollouts instead of
-  regression (``ffviz.dmd``: a frozen teacher, the starting weights, and a fake score
-  trained alongside; experimental, meant for a GPU).
-* AdamW, warm-up then constant learning rate, an EMA of the weights (what
-  ships). Deterministic: batch ``s`` is drawn from ``seed`` and ``s`` alone.
+* **Teacher forcing on every frame at once.** A clip of T frames enters as T
+  clean frames (the cache's view of the past, noise level 0 as at generation)
+  followed by noisy copies of frames ``given..T-1``; a noisy frame sees the clean
+  frames before it and itself, nothing else (``layout``). So every frame is a
+  target in one pass, and each target sees exactly what generation shows it.
+* **Clean-frame (x0) prediction**, loss on the noisy copies only, at levels
+  drawn half from the sampler's own and half shifted-uniform.
+* **A curriculum of clip lengths** (``TrainConfig.curriculum``): short clips
+  first, then clips long enough to hold an exit or an occlusion.
+* **Rollouts with the renderer as teacher.** After ``rollout_after`` steps, the
+  clean frames of some clips are the model's own rollout, made exactly as
+  generation makes frames (same sampler steps, palette snapping), and their
+  targets are what follows from that rollout (``ffviz.teacher``): the model
+  learns to continue from its own frames instead of fading back to the prompt.
+* AdamW, warm-up, then the learning rate decays as 1/sqrt(step) (no horizon, so a
+  mainline can go on across sessions), an EMA of the weights (what ships).
+  Deterministic: batch ``s`` is drawn from ``seed`` and ``s`` alone.
 
-Resumable: a local training state (``--state``) continues exactly; without one
-the run starts from the committed weights (``--out``) and its card's step count.
+Resumable exactly: ``--state`` holds the raw weights and the optimizer; the EMA
+is the weights file itself (``--out``).
 """
 from __future__ import annotations
 
@@ -31,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import shlex
 import sys
 import time
@@ -39,85 +38,108 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffviz import dmd
-from ffviz.models.tiny import TinyConfig, TinyVideoModel, shifted
+from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.policies.base import keep_newest
-from ffviz.sampling import denoise_chunk, fill_cache
+from ffviz.sampling import (denoise_chunk, fill_cache, palette_tensor, previous_tokens, shifted,
+                            sigma_schedule, snap_tokens)
 from ffviz.scenes import COLORS, Scene, random_spec
+from ffviz.teacher import renderer_targets
 from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, load_tiny, save_weights
 
-DATA_VERSION = 1  # bump when scenes.py changes what a clip looks like
+DATA_VERSION = 2  # bump when scenes.py changes what a clip looks like
 TRAIN_SEED_BASE = 1 << 20  # training scene seeds are >= this; user and eval seeds stay below
+STATE_SUFFIX = ".state.pt"
+MAX_GAP = 200  # frames between the given frames and a clip's recent block, at most
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 6000  # total optimizer steps (a resumed run stops here too)
+    steps: int = 100_000  # total optimizer steps (a resumed run stops here too)
     minutes: float = 0.0  # wall-clock budget of this invocation; 0 = none
     batch: int = 8
-    clip_frames: int = 20
+    curriculum: tuple = ((0, 6), (1500, 12), (4000, 20))  # (from step, clip frames)
     lr: float = 1e-3
     warmup: int = 200
+    decay_from: int = 2000  # lr x sqrt(decay_from / step) from here on
+    lr_floor: float = 0.05  # ... but never below this share of lr
     ema: float = 0.999
-    ctx_noise_max: float = 0.6
-    target_share: tuple = (0.15, 0.6)
     rollout_after: int = 1500
-    rollout_prob: float = 0.3
-    rollout_steps: int = 2  # denoising steps of the rollouts (generation uses the card's, 4)
-    gen_context: float = 0.5  # share of a rolled-out clip's context frames taken from the rollout
-    rollout_horizon: int = 0  # the rollout caches the TRUE frame every this many frames (0 = never)
-    recycle: float = 0.0  # > 0: context = true + U(0, recycle) x (rollout - true) per frame
+    rollout_clips: int = 4  # clips per batch whose context is the model's own rollout
+    targets: int = 6  # noisy target frames per clip (drawn from the clip's frames after the given)
+    object_weight: float = 2.0  # loss weight of patches showing an object or the pillar
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
-    object_weight: float = 1.0  # loss weight of patches showing an object or the pillar
-    dmd: bool = False  # distribution matching on own rollouts instead of regression (ffviz.dmd)
-    dmd_fake_steps: int = 2  # fake-score updates per generator update
     save_every_s: float = 300.0
 
+    def clip_frames(self, step: int) -> int:
+        return [frames for start, frames in self.curriculum if step >= start][-1]
 
-def make_batch(rng: np.random.Generator, batch: int, frames: int):
-    """Clips (B, T, 32, 32, 3) uint8, condition ids (B, C) and background colours (B, 3)."""
-    clips, conds, backgrounds = [], [], []
-    for _ in range(batch):
-        spec = random_spec(rng)
-        scene = Scene(spec, int(rng.integers(TRAIN_SEED_BASE, 1 << 31)))
-        start = 0 if rng.random() < 0.5 else int(rng.integers(0, 96))
-        clips.append(scene.render(np.arange(start, start + frames)))
-        conds.append(spec.condition_ids())
-        backgrounds.append(COLORS[spec.background])
-    return (torch.from_numpy(np.stack(clips)), torch.from_numpy(np.stack(conds)),
-            torch.tensor(backgrounds, dtype=torch.uint8))
+    def learning_rate(self, step: int, warm_from: int = 0) -> float:
+        warm = min(1.0, (step - warm_from + 1) / self.warmup)
+        decay = math.sqrt(self.decay_from / step) if step > self.decay_from else 1.0
+        return self.lr * warm * max(decay, self.lr_floor)
 
 
-def noise_levels(rng: np.random.Generator, batch: int, frames: int, given: int, cfg: TrainConfig,
-                 shift: float):
-    """Per-frame levels (B, T) and the target mask (B, T)."""
-    ctx = rng.uniform(0, cfg.ctx_noise_max, size=(batch, frames))
-    ctx[rng.random(batch) < 0.3] = 0.0  # clean context as at default generation
-    share = rng.uniform(*cfg.target_share, size=(batch, 1))
-    target = rng.random((batch, frames)) < share
-    target[:, :given] = False
-    none = ~target.any(1)
-    target[none, rng.integers(given, frames, size=none.sum())] = True
-    u = rng.random((batch, frames))
-    t = shifted(u, shift)
-    levels = np.where(target, t, ctx)
-    return torch.from_numpy(levels).float(), torch.from_numpy(target)
+def gap_start(rng: np.random.Generator, recent: int) -> int:
+    """First frame of a clip's recent block: right after the given frames half the time,
+    else log-uniform up to ``MAX_GAP`` frames later (the cache of a long run: the given
+    frames, then a gap, then the newest frames)."""
+    if rng.random() < 0.5:
+        return 2
+    return int(np.exp(rng.uniform(np.log(3), np.log(MAX_GAP))))
 
 
-def draw(seed: int, step: int, batch: int, frames: int, given: int, cfg: "TrainConfig",
-         shift: float):
-    """Everything random about batch ``step`` that lives on the host, from ``(seed, step)``
-    alone: (generator seed, clips, condition ids, levels, target mask, rng state to go on
-    with). Picklable both ways, so worker processes can prepare batches ahead."""
+def make_batch(rng: np.random.Generator, batch: int, recent: int, start: int, given: int):
+    """A batch of clips: the given frames 0..given-1 and the recent block
+    start..start+recent-1 of fresh scenes. Returns scenes, frame indices (T,), frames
+    (B, T, 32, 32, 3) uint8, the true frame before the recent block (B, 32, 32, 3)
+    (None when the blocks touch) and condition ids (B, C)."""
+    frame_idx = np.concatenate([np.arange(given), np.arange(start, start + recent)])
+    scenes = [Scene(random_spec(rng), int(rng.integers(TRAIN_SEED_BASE, 1 << 31)))
+              for _ in range(batch)]
+    clips = np.stack([s.render(frame_idx) for s in scenes])
+    before = np.stack([s.render([start - 1])[0] for s in scenes]) if start > given else None
+    conds = np.stack([s.spec.condition_ids() for s in scenes])
+    return scenes, frame_idx, clips, before, conds
+
+
+def noise_levels(rng: np.random.Generator, batch: int, frames: int, steps: int, shift: float):
+    """Levels (B, frames) of the noisy copies: half the sampler's own, half shifted-uniform."""
+    own = np.asarray(sigma_schedule(steps, shift)[:-1])[rng.integers(steps, size=(batch, frames))]
+    uniform = shifted(rng.random((batch, frames)), shift)
+    levels = np.where(rng.random((batch, frames)) < 0.5, own, uniform)
+    return torch.from_numpy(levels).float()
+
+
+@dataclasses.dataclass
+class Batch:
+    """Everything random about one batch that lives on the host (``draw``)."""
+    gen_seed: int
+    scenes: list
+    frame_idx: np.ndarray  # (T,) absolute frame of each clip slot
+    clips: np.ndarray  # (B, T, S, S, 3) uint8
+    before: np.ndarray | None  # (B, S, S, 3) the true frame before the recent block
+    cond_ids: np.ndarray  # (B, C)
+    targets: np.ndarray  # (K,) slots with a noisy copy
+    levels: torch.Tensor  # (B, K)
+
+
+def draw(seed: int, step: int, cfg: TrainConfig, model_cfg: TinyConfig) -> Batch:
+    """Batch ``step``, from ``(seed, step)`` alone. Picklable both ways, so worker
+    processes can prepare batches ahead."""
     rng = np.random.default_rng([seed, step])
+    T, g = cfg.clip_frames(step), model_cfg.given_frames
+    recent = T - g
     gen_seed = int(rng.integers(1 << 62))
-    clip, cond_ids, background = make_batch(rng, batch, frames)
-    levels, target = noise_levels(rng, batch, frames, given, cfg, shift)
-    # patches showing anything but the background (objects, pillar): (B, T, S, S) -> per pixel
-    foreground = (clip != background[:, None, None, None]).any(-1)
-    return gen_seed, clip, cond_ids, levels, target, foreground, rng.bit_generator.state
+    start = gap_start(rng, recent)
+    scenes, frame_idx, clips, before, conds = make_batch(rng, cfg.batch, recent, start, g)
+    # targets: recent slots whose previous frame is in the clip (the newest cached frame)
+    candidates = np.arange(g + 1, T)
+    K = min(cfg.targets, len(candidates))
+    targets = np.sort(rng.choice(candidates, size=K, replace=False))
+    levels = noise_levels(rng, cfg.batch, K, model_cfg.sample_steps, model_cfg.shift)
+    return Batch(gen_seed, scenes, frame_idx, clips, before, conds, targets, levels)
 
 
 def prefetch(pool, jobs, depth: int):
@@ -136,29 +158,95 @@ def prefetch(pool, jobs, depth: int):
         yield pending.popleft().get()
 
 
-@torch.no_grad()
-def rollout(model: TinyVideoModel, clip_tokens, cond, frames: int, steps: int, window: int,
-            generator: torch.Generator, horizon: int = 0) -> torch.Tensor:
-    """Run the model from the given frames; returns tokens like ``clip_tokens``.
+def layout(frame_idx: torch.Tensor, given: int, tokens_per_frame: int, targets: torch.Tensor):
+    """The teacher-forcing sequence: the clip's clean frames (absolute indices
+    ``frame_idx`` (T,)), then noisy copies of the slots ``targets`` (K,). Returns (frame
+    index of each slot (T + K,), attention mask over tokens (N, N), True = may attend).
 
-    ``horizon`` 0: free-running, every frame built on the model's own output. ``horizon``
-    h > 0: every h-th frame the TRUE frame goes into the cache instead of the generated
-    one, so a generated frame is at most h frames of the model's errors away from the
-    truth (h = 1: each is a one-step prediction from true frames). Short horizons give
-    contexts that are off the data the way generation is, while the true next frame
-    still follows from them."""
+    A clean frame sees the clean frames of its own chunk and before (the given frames
+    are one chunk, as generation caches them together); a noisy copy of frame f sees
+    the clean frames before f and its own tokens: exactly what generation shows it."""
+    frame = torch.cat([frame_idx, frame_idx[targets]])
+    T = len(frame_idx)
+    is_noisy = torch.arange(len(frame)) >= T
+    chunk = frame.clamp_min(given - 1)
+    q_f, k_f = chunk[:, None], chunk[None, :]
+    q_n, k_n = is_noisy[:, None], is_noisy[None, :]
+    slot = torch.arange(len(frame))
+    allowed = (~q_n & ~k_n & (k_f <= q_f)) | (q_n & ~k_n & (k_f < q_f)) | (slot[:, None] == slot[None, :])
+    n = tokens_per_frame
+    return frame, allowed.repeat_interleave(n, 0).repeat_interleave(n, 1)
+
+
+def previous_of_slots(context, before, given: int, n: int):
+    """Each slot's previous frame (tokens like ``context``): the slot before it, or
+    ``before`` (B, n, d) for the first recent slot when the blocks do not touch."""
+    prev = previous_tokens(None, context, n)
+    if before is not None:
+        prev = prev.clone()
+        prev[:, given * n:(given + 1) * n] = before
+    return prev
+
+
+def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight, gen, mask,
+                         frames, targets):
+    """x0 loss of the noisy copies. context/prev/target: tokens (B, T*n, d) (the clean
+    frames, each one's previous frame, and what each frame should be); valid (B, T) bool;
+    levels (B, K) of the target slots ``targets`` (K,); weight (B, T*n); frames, mask
+    from ``layout``."""
+    n = model.cfg.tokens_per_frame
+    B, T = valid.shape
+    pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
+    tgt = pick(target)
+    noise = torch.randn(tgt.shape, generator=gen).to(tgt.device)
+    lv = levels.repeat_interleave(n, 1)[..., None]
+    noisy = (1 - lv) * tgt + lv * noise
+    x = torch.cat([context, noisy], 1)
+    t = torch.cat([torch.zeros(B, T, device=levels.device), levels], 1)
+    out = model(x, t, frames, cond, prev=torch.cat([prev, pick(prev)], 1), mask=mask)
+    err = (out[:, T * n:] - tgt).pow(2).mean(-1)  # (B, K * n)
+    w = pick(weight[..., None])[..., 0] * valid[:, targets].repeat_interleave(n, 1)
+    return (err * w).sum() / w.sum().clamp_min(1e-6)
+
+
+@torch.no_grad()
+def rollout(model: TinyVideoModel, clip_tokens, cond, steps: int, window: int,
+            generator: torch.Generator, palette: torch.Tensor | None = None, horizon: int = 0,
+            frame_idx: torch.Tensor | None = None, before: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the model on a clip as generation does (previous-frame input, snapping to
+    ``palette`` (B, P, 3) when given, a window cache of ``window`` frames); returns
+    tokens like ``clip_tokens`` (B, T*n, d).
+
+    The clip's frames are ``frame_idx`` (default 0..T-1). Its given frames are true and
+    cached as one chunk; with ``before`` (the true frame before slot ``given``, tokens
+    (B, n, d)) slot ``given`` is true too (a recent block after a gap). ``horizon`` 0:
+    free-running from there. ``horizon`` h > 0: every h-th frame the TRUE frame goes
+    into the cache (and the previous-frame input) instead of the generated one (h = 1:
+    each frame a one-step prediction from true frames: the teacher-forced diagnostic)."""
     cfg, n = model.cfg, model.cfg.tokens_per_frame
+    T = clip_tokens.shape[1] // n
+    frame_idx = torch.arange(T) if frame_idx is None else frame_idx
     cache = model.new_cache()
     out = clip_tokens.clone()
     g = cfg.given_frames
-    fill_cache(model, cache, clip_tokens[:, : g * n], torch.arange(g), cond, 0.0)
-    for f in range(g, frames, cfg.chunk_frames):
-        fr = torch.arange(f, min(f + cfg.chunk_frames, frames))
-        sl = slice(f * n, (f + fr.numel()) * n)
-        noise = torch.randn(out[:, sl].shape, generator=generator).to(out.device)
-        out[:, sl] = denoise_chunk(model, cache, fr, cond, noise, steps, cfg.shift).clamp(-1, 1)
-        anchor = horizon > 0 and (f - g) % horizon == horizon - 1
-        fill_cache(model, cache, (clip_tokens if anchor else out)[:, sl], fr, cond, 0.0)
+    tok = lambda x, i: x[:, i * n:(i + 1) * n]
+    fill_cache(model, cache, clip_tokens[:, :g * n], frame_idx[:g], cond, 0.0,
+               prev=previous_tokens(None, clip_tokens[:, :g * n], n))
+    last, first = tok(clip_tokens, g - 1), g
+    if before is not None:
+        fill_cache(model, cache, tok(clip_tokens, g), frame_idx[g:g + 1], cond, 0.0, prev=before)
+        last, first = tok(clip_tokens, g), g + 1
+    for i in range(first, T):
+        fr = frame_idx[i:i + 1]
+        noise = torch.randn(tok(out, i).shape, generator=generator).to(out.device)
+        x = denoise_chunk(model, cache, fr, cond, noise, steps, cfg.shift, prev=last).clamp(-1, 1)
+        if palette is not None:
+            x = snap_tokens(model, x, palette)
+        out[:, i * n:(i + 1) * n] = x
+        anchor = horizon > 0 and (i - first) % horizon == horizon - 1
+        written = tok(clip_tokens, i) if anchor else x
+        fill_cache(model, cache, written, fr, cond, 0.0, prev=last)
+        last = written
         if cache.size > window * n:  # a window cache: the window policy's own decision
             cache.apply(keep_newest(cache, window * n))
     return out
@@ -168,8 +256,11 @@ def _worker_init():
     torch.set_num_threads(1)  # a worker only renders clips; many workers x many threads thrash
 
 
-def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
-          log=print) -> dict:
+def state_path_for(weights: Path) -> Path:
+    return Path(weights).with_suffix(STATE_SUFFIX)
+
+
+def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log=print, fresh: bool = False) -> dict:
     """Train and save; returns the weights' card. Worker processes and the TF32
     switch are undone however the run ends (an error or Ctrl-C included)."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -178,14 +269,43 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
         if cfg.workers > 0:
             import multiprocessing as mp
             pool = mp.get_context("spawn").Pool(cfg.workers, initializer=_worker_init)
-        return _train(cfg, model_cfg, out, state_path, log, pool)
+        return _train(cfg, model_cfg, Path(out), log, pool, fresh)
     finally:
         if pool is not None:
             pool.terminate()
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path, log, pool) -> dict:
+def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool):
+    """(model, ema, optimizer state, progress) from ``out`` and its state file, or new."""
+    state_path = state_path_for(out)
+    if fresh or not out.exists():
+        model = TinyVideoModel(model_cfg)
+        return model, copy.deepcopy(model), None, (0, 0, 0.0, [])
+    try:
+        ema, card = load_tiny(out)
+    except WeightsError as e:
+        raise SystemExit(f"cannot resume from {out}: {e} (or start anew with --fresh)")
+    if card.get("data_version") != DATA_VERSION:
+        raise SystemExit(f"{out} was trained on data version {card.get('data_version')}, this "
+                         f"world is version {DATA_VERSION}: start anew with --fresh")
+    progress = (card.get("steps", 0), card.get("clips_seen", 0), card.get("train_seconds", 0.0),
+                card.get("history", []))
+    model, opt_state = copy.deepcopy(ema), None
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        if st.get("step") != progress[0]:
+            raise SystemExit(f"{state_path} is at step {st.get('step')} but {out} at step "
+                             f"{progress[0]}: they are not one checkpoint")
+        model.load_state_dict(st["model"])
+        opt_state = st["opt"]
+        log(f"resumed exactly from {out} + {state_path.name} at step {progress[0]}")
+    else:
+        log(f"starting from {out} (step {progress[0]}) without optimizer state")
+    return model, ema, opt_state, progress
+
+
+def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,91 +313,64 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ample for this model
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
-    model = TinyVideoModel(model_cfg)
-    step, clips_seen, seconds, history = 0, 0, 0.0, []
-    opt_state = ema_state = dmd_state = None
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        dmd_state = st.get("dmd")
-        model = TinyVideoModel(TinyConfig(**st["model_cfg"]))
-        model.load_state_dict(st["model"])
-        ema_state, opt_state = st["ema"], st["opt"]
-        step, clips_seen, seconds, history = st["step"], st["clips_seen"], st["seconds"], st["history"]
-        log(f"resumed from {state_path} at step {step}")
-    elif out.exists():
-        try:
-            model, card = load_tiny(out)
-        except WeightsError as e:
-            raise SystemExit(f"cannot resume: {e}")
-        step, clips_seen = card.get("steps", 0), card.get("clips_seen", 0)
-        seconds, history = card.get("train_seconds", 0.0), card.get("history", [])
-        log(f"starting from committed weights {out} (step {step}); optimizer state is fresh")
+    model, ema, opt_state, (step, clips_seen, seconds, history) = _resume(out, model_cfg, log, fresh)
     model_cfg = model.cfg
     model.to(device).train()
-    ema = copy.deepcopy(model).eval()
-    if ema_state:
-        ema.load_state_dict(ema_state)
+    ema.to(device).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     if opt_state:
         opt.load_state_dict(opt_state)
-    teacher = fake = opt_fake = None
-    if cfg.dmd:  # the teacher: the weights the distribution matching started from
-        teacher, fake = copy.deepcopy(model).eval(), copy.deepcopy(model).train()
-        if dmd_state:
-            teacher.load_state_dict(dmd_state["teacher"])
-            fake.load_state_dict(dmd_state["fake"])
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        opt_fake = torch.optim.AdamW(fake.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
-        if dmd_state:
-            opt_fake.load_state_dict(dmd_state["opt_fake"])
-    warm_from = step if opt_state is None else 0  # a fresh optimizer warms up again
-    n, T, g = model_cfg.tokens_per_frame, cfg.clip_frames, model_cfg.given_frames
-    frames = torch.arange(T, device=device)
-    mask = model.block_causal_mask(frames.cpu()).to(device)
-    started, last_save, losses, fake_losses = time.time(), time.time(), [], []
+    warm_from = step if opt_state is None and step else 0  # a fresh optimizer warms up again
+    n, g = model_cfg.tokens_per_frame, model_cfg.given_frames
+    started, last_save, losses, valid_share = time.time(), time.time(), [], []
 
     def save():
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "step": step, "clips_seen": clips_seen, "seconds": seconds, "history": history,
-                 "model_cfg": dataclasses.asdict(model_cfg), "train_cfg": dataclasses.asdict(cfg)}
-        if cfg.dmd:
-            state["dmd"] = {"teacher": teacher.state_dict(), "fake": fake.state_dict(),
-                            "opt_fake": opt_fake.state_dict()}
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, state_path.with_suffix(".tmp"))
-        state_path.with_suffix(".tmp").replace(state_path)
-        cpu_ema = copy.deepcopy(ema).cpu()
-        return save_weights(cpu_ema, out, {
+        state_path = state_path_for(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+        tmp.replace(state_path)
+        return save_weights(copy.deepcopy(ema).cpu(), out, {
             "steps": step, "clips_seen": clips_seen, "train_seconds": round(seconds, 1),
             "data_version": DATA_VERSION, "train_config": dataclasses.asdict(cfg),
-            "device": device, "history": history[-200:],
+            "device": device, "history": history,
             "command": "python -m ffviz train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         })
 
     # batches are drawn ahead by worker processes when asked (a GPU outruns one core)
-    batches = prefetch(pool, ((cfg.seed, s, cfg.batch, T, g, cfg, model_cfg.shift)
-                              for s in range(step, cfg.steps)), depth=2 * cfg.workers)
+    batches = prefetch(pool, ((cfg.seed, s, cfg, model_cfg) for s in range(step, cfg.steps)),
+                       depth=2 * cfg.workers)
+    card = None
     while step < cfg.steps:
         t0 = time.time()
-        gen_seed, clip, cond_ids, levels, target, foreground, rng_state = next(batches)
-        rng = np.random.default_rng()
-        rng.bit_generator.state = rng_state
-        gen = torch.Generator().manual_seed(gen_seed)
-        x0 = model.patchify(clip.to(device).float() / 127.5 - 1)
-        cond_ids = cond_ids.to(device)
-        levels, target = levels.to(device), target.to(device)
-        lr = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
-        for group in opt.param_groups + (opt_fake.param_groups if cfg.dmd else []):
+        batch = next(batches)
+        gen = torch.Generator().manual_seed(batch.gen_seed)
+        T = len(batch.frame_idx)
+        frame_idx, targets = torch.from_numpy(batch.frame_idx), torch.from_numpy(batch.targets)
+        frames, mask = layout(frame_idx, g, n, targets)
+        mask = mask.to(device)
+        tokens = lambda pixels: model.patchify(torch.from_numpy(pixels).to(device).float() / 127.5 - 1)
+        truth = tokens(batch.clips)
+        before = None if batch.before is None else tokens(batch.before[:, None])
+        cond_ids, levels = torch.from_numpy(batch.cond_ids).to(device), batch.levels.to(device)
+        context, target = truth, truth
+        valid = torch.ones(cfg.batch, T, dtype=torch.bool, device=device)
+        if step >= cfg.rollout_after and cfg.rollout_clips:
+            context, target, valid = _rollout_context(model, batch, truth, before, cond_ids,
+                                                      frame_idx, gen, cfg.rollout_clips)
+            valid_share.append(valid[:cfg.rollout_clips, g + 1:].float().mean().item())
+        prev = previous_of_slots(context, before, g, n)
+        fg = np.stack([_foreground(s, c) for s, c in zip(batch.scenes, batch.clips)])
+        fg = model.patchify(torch.from_numpy(fg)[..., None].float()).amax(-1).to(device)
+        weight = 1 + (cfg.object_weight - 1) * fg
+        lr = cfg.learning_rate(step, warm_from)
+        for group in opt.param_groups:
             group["lr"] = lr
-        if cfg.dmd:
-            loss, fake_loss = _dmd_step(cfg, model, teacher, fake, opt_fake, x0[:, :g * n],
-                                        cond_ids, T, frames, mask, gen)
-        else:
-            loss, fake_loss = _regression_loss(cfg, model, x0, cond_ids, levels, target,
-                                               foreground, frames, mask, rng, gen, step), None
+        cond = model.embed_condition(cond_ids)
+        loss = teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight, gen,
+                                    mask, frames, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -289,87 +382,54 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, state_path: Path,
         clips_seen += cfg.batch
         seconds += time.time() - t0
         losses.append(loss.item())
-        if fake_loss is not None:
-            fake_losses.append(fake_loss)
         if step % 50 == 0:
-            entry = {"step": step, "loss": round(float(np.mean(losses)), 5),
-                     "seconds": round(seconds, 1)}
-            if fake_losses:
-                entry["fake_loss"] = round(float(np.mean(fake_losses)), 5)
+            entry = {"step": step, "loss": round(float(np.mean(losses)), 5), "clip_frames": T,
+                     "lr": round(lr, 6), "seconds": round(seconds, 1)}
+            if valid_share:
+                entry["rollout_valid"] = round(float(np.mean(valid_share)), 3)
             history.append(entry)
-            log(f"step {step} loss {np.mean(losses):.4f} {seconds / max(step, 1):.2f}s/step(avg) "
-                f"last {time.time() - t0:.2f}s clips {clips_seen}")
-            losses, fake_losses = [], []
+            log(" ".join(f"{k} {v}" for k, v in entry.items()) + f" last {time.time() - t0:.2f}s")
+            losses, valid_share = [], []
         out_of_time = cfg.minutes and time.time() - started > cfg.minutes * 60
         if time.time() - last_save > cfg.save_every_s or out_of_time or step == cfg.steps:
             card = save()
             last_save = time.time()
             if out_of_time:
                 break
-    else:
+    if card is None:
         card = save()
     log(f"saved {out} at step {step} ({clips_seen} clips, {seconds / 60:.1f} min of training)")
     return card
 
 
-def _dmd_step(cfg, model, teacher, fake, opt_fake, given, cond_ids, T, frames, mask, gen):
-    """One distribution-matching step (``ffviz.dmd``) up to the generator's loss: a
-    rollout with gradients, ``dmd_fake_steps`` updates of the fake score on it, then
-    the generator's loss (its backward and step are the caller's)."""
-    clip = dmd.generate_with_grad(model, given, model.embed_condition(cond_ids), T,
-                                  model.cfg.sample_steps, gen)
-    fake_loss = 0.0
-    for _ in range(cfg.dmd_fake_steps):
-        loss_f = dmd.fake_score_loss(clip, fake, frames, cond_ids, mask, gen)
-        opt_fake.zero_grad(set_to_none=True)
-        loss_f.backward()
-        torch.nn.utils.clip_grad_norm_(fake.parameters(), 1.0)
-        opt_fake.step()
-        fake_loss += loss_f.item() / cfg.dmd_fake_steps
-    return dmd.dmd_generator_loss(clip, teacher, fake, frames, cond_ids, mask, gen), fake_loss
+def _foreground(scene: Scene, clip: np.ndarray) -> np.ndarray:
+    """Pixels (T, S, S) that show anything but the background."""
+    return (clip != np.asarray(COLORS[scene.spec.background], np.uint8)).any(-1)
 
 
-def recycled_context(true, rolled, scale, tokens_per_frame: int) -> torch.Tensor:
-    """Context tokens: the true frames plus the rollout's errors times ``scale`` (B, T) per
-    frame, in pixel range. Scale 0 keeps a true frame, 1 takes the rollout's, above 1
-    amplifies its errors (as they compound when free-running) while the true next frame
-    still follows from the context: error recycling, not a drifted context."""
-    s = scale.repeat_interleave(tokens_per_frame, 1)[..., None]
-    mixed = (true + s * (rolled - true)).clamp(-1, 1)
-    return torch.where(s == 1, rolled, mixed)  # scale 1: the rollout's frame exactly
-
-
-def _regression_loss(cfg, model, x0, cond_ids, levels, target, foreground, frames, mask, rng,
-                     gen, step):
-    """The flow-matching regression loss of one batch: noised true targets, context
-    frames true or (after ``rollout_after``, for a share of batches) the model's own."""
-    n, T, g = model.cfg.tokens_per_frame, cfg.clip_frames, model.cfg.given_frames
-    device = x0.device
-    context = x0
-    if step >= cfg.rollout_after and rng.random() < cfg.rollout_prob:
-        model.eval()
-        with torch.no_grad():
-            gen_tokens = rollout(model, x0.cpu() if device.type == "cpu" else x0,
-                                 model.embed_condition(cond_ids), T, cfg.rollout_steps,
-                                 int(rng.integers(2, T)), gen, cfg.rollout_horizon)
-        model.train()
-        use_gen = torch.from_numpy(rng.random((cfg.batch, T)) < cfg.gen_context).to(device)
-        use_gen[:, :g] = False
-        scale = use_gen.float()
-        if cfg.recycle:  # the rollout's errors, rescaled per frame, on the true frames
-            scale = scale * torch.from_numpy(rng.uniform(0, cfg.recycle, (cfg.batch, T))).float().to(device)
-        context = recycled_context(x0, gen_tokens.to(device), scale, n)
-    noise = torch.randn(x0.shape, generator=gen).to(device)
-    lv = levels.repeat_interleave(n, 1)[..., None]
-    # targets are noised true frames; context frames may be the model's own
-    x_t = (1 - lv) * torch.where(target.repeat_interleave(n, 1)[..., None], x0, context) + lv * noise
-    cond = model.embed_condition(cond_ids)
-    v = model(x_t, levels, frames, cond, mask=mask)
-    w = torch.where(target, 1.0, 0.2).repeat_interleave(n, 1)
-    if cfg.object_weight != 1.0:  # objects are few pixels: without this they are cheap to lose
-        fg = model.patchify(foreground[..., None].float()).amax(-1).to(device)  # (B, T * n)
-        w = w * (1 + (cfg.object_weight - 1) * fg)
-    return (((v - (noise - x0)) ** 2).mean(-1) * w).sum() / w.sum()
+def _rollout_context(model, batch: Batch, truth, before, cond_ids, frame_idx, gen, clips: int):
+    """Contexts, targets and valid masks with the first ``clips`` clips replaced by the
+    model's own rollout and the renderer's targets for it (``ffviz.teacher``)."""
+    n, g, device = model.cfg.tokens_per_frame, model.cfg.given_frames, truth.device
+    model.eval()
+    with torch.no_grad():
+        pal = palette_tensor([s.spec for s in batch.scenes[:clips]], device)
+        rolled = rollout(model, truth[:clips], model.embed_condition(cond_ids[:clips]),
+                         model.cfg.sample_steps, len(frame_idx), gen, palette=pal,
+                         frame_idx=frame_idx, before=None if before is None else before[:clips])
+    model.train()
+    pixels = ((model.unpatchify(rolled) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+    # the renderer reads the rollout on from its last true slot (the first recent frame
+    # after a gap, else the last given frame)
+    k = g if before is not None else g - 1
+    reads = [renderer_targets(s, p[k:], 1, int(frame_idx[k])) for s, p in zip(batch.scenes, pixels)]
+    target, context = truth.clone(), truth.clone()
+    context[:clips] = rolled
+    target[:clips, (k + 1) * n:] = model.patchify(
+        torch.from_numpy(np.stack([r[0][1:] for r in reads])).to(device).float() / 127.5 - 1)
+    ok = torch.ones(truth.shape[0], len(frame_idx), dtype=torch.bool, device=device)
+    ok[:clips, k + 1:] = torch.from_numpy(np.stack([r[1][1:] for r in reads])).to(device)
+    return context, target, ok
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -377,79 +437,49 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps to reach")
     p.add_argument("--minutes", type=float, default=0.0, help="stop (and save) after this many minutes")
     p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--clip-frames", type=int, default=d.clip_frames)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--rollout-after", type=int, default=d.rollout_after)
-    p.add_argument("--rollout-prob", type=float, default=d.rollout_prob,
-                   help="share of batches whose context comes partly from the model's own rollout")
-    p.add_argument("--rollout-steps", type=int, default=d.rollout_steps,
-                   help="denoising steps of those rollouts")
-    p.add_argument("--gen-context", type=float, default=d.gen_context,
-                   help="share of a rolled-out clip's context frames taken from the rollout (the "
-                        "rest stay true frames; 1 = all, as at generation)")
-    p.add_argument("--rollout-horizon", type=int, default=d.rollout_horizon,
-                   help="the rollout caches the TRUE frame every this many frames, so its "
-                        "frames are at most this many steps of the model's errors from the "
-                        "truth (0 = free-running rollouts)")
-    p.add_argument("--recycle", type=float, default=d.recycle,
-                   help="error recycling: a rolled-out clip's context is the true frames plus the "
-                        "rollout's errors scaled per frame by U(0, this), so the target still "
-                        "follows from the context (with --rollout-horizon 1: the model's own "
-                        "one-step errors, amplified as they compound; 0 = the rollout's frames as they are)")
+    p.add_argument("--rollout-after", type=int, default=d.rollout_after,
+                   help="step from which some clips' context is the model's own rollout")
+    p.add_argument("--rollout-clips", type=int, default=None,
+                   help="clips per batch rolled out, their targets from the renderer "
+                        "(default: half the batch)")
+    p.add_argument("--object-weight", type=float, default=d.object_weight,
+                   help="loss weight of patches that show an object or the pillar (1 = plain)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--object-weight", type=float, default=1.0,
-                   help="loss weight of patches that show an object (1 = plain)")
-    p.add_argument("--dmd", action="store_true",
-                   help="distribution matching on the model's own rollouts instead of regression "
-                        "(ffviz/dmd.py; a frozen teacher, the starting weights, and a fake score; "
-                        "experimental, meant for a GPU; use a small --lr, e.g. 1e-5)")
-    p.add_argument("--dmd-fake-steps", type=int, default=d.dmd_fake_steps,
-                   help="fake-score updates per generator update (--dmd)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes that draw batches ahead (use several with a GPU)")
     p.add_argument("--save-every", type=float, default=d.save_every_s, help="seconds between checkpoints")
-    p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="weights file (safetensors + .json card)")
-    p.add_argument("--state", type=Path, default=Path("runs/train/state.pt"),
-                   help="local optimizer state for exact resumption (not committed)")
-    p.add_argument("--width", type=int, default=TinyConfig.width)
-    p.add_argument("--layers", type=int, default=TinyConfig.layers)
+    p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS,
+                   help="weights file (safetensors + .json card + .state.pt to resume exactly)")
+    p.add_argument("--fresh", action="store_true", help="a new model, even if --out exists")
+    p.add_argument("--width", type=int, default=TinyConfig.width, help="width of a NEW model")
+    p.add_argument("--layers", type=int, default=TinyConfig.layers, help="layers of a NEW model")
     p.add_argument("--rope-theta", type=float, default=TinyConfig.rope_theta,
-                   help="RoPE base of a NEW model (a resumed one keeps its own): with 5 planes per "
-                        "spatial axis and an 8x8 grid, 10000 leaves one plane that tells "
-                        "neighbouring positions apart")
-    p.add_argument("--rope-theta-time", type=float, default=None,
-                   help="RoPE base of the temporal axis of a NEW model (default: --rope-theta); "
-                        "e.g. --rope-theta 10 --rope-theta-time 10000: fine positions on the "
-                        "grid, no temporal wrap-around within a long run")
+                   help="spatial RoPE base of a NEW model: 10 gives every plane of the 8x8 grid a "
+                        "turn that tells neighbouring patches apart (10000 leaves one)")
+    p.add_argument("--rope-theta-time", type=float, default=TinyConfig.rope_theta_time,
+                   help="temporal RoPE base of a NEW model (long runs: no wrap-around)")
 
 
 def main(args: argparse.Namespace) -> int:
-    for name in ("rollout_prob", "gen_context"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if args.rollout_steps < 1:
-        raise SystemExit(f"--rollout-steps must be >= 1, got {args.rollout_steps}")
-    if not 0 <= args.recycle <= 10:
-        raise SystemExit(f"--recycle must be in [0, 10], got {args.recycle}")
-    if args.rollout_horizon < 0:
-        raise SystemExit(f"--rollout-horizon must be >= 0, got {args.rollout_horizon}")
-    if args.dmd_fake_steps < 1:
-        raise SystemExit(f"--dmd-fake-steps must be >= 1, got {args.dmd_fake_steps}")
-    cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch,
-                      clip_frames=args.clip_frames, lr=args.lr, rollout_after=args.rollout_after,
-                      rollout_prob=args.rollout_prob, rollout_steps=args.rollout_steps,
-                      gen_context=args.gen_context, rollout_horizon=args.rollout_horizon,
-                      recycle=args.recycle,
-                      seed=args.seed, threads=args.threads, workers=args.workers,
-                      object_weight=args.object_weight, dmd=args.dmd,
-                      dmd_fake_steps=args.dmd_fake_steps, save_every_s=args.save_every)
+    if args.batch < 1 or args.steps < 1:
+        raise SystemExit("--batch and --steps must be >= 1")
+    if args.rollout_clips is None:
+        args.rollout_clips = args.batch // 2
+    if not 0 <= args.rollout_clips <= args.batch:
+        raise SystemExit(f"--rollout-clips must be in [0, --batch], got {args.rollout_clips}")
+    if not args.object_weight > 0:
+        raise SystemExit(f"--object-weight must be > 0, got {args.object_weight}")
+    cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
+                      rollout_after=args.rollout_after, rollout_clips=args.rollout_clips,
+                      object_weight=args.object_weight, seed=args.seed, threads=args.threads,
+                      workers=args.workers, save_every_s=args.save_every)
     for name in ("rope_theta", "rope_theta_time"):
-        value = getattr(args, name)
-        if value is not None and not value > 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be > 1, got {value}")
+        if not getattr(args, name) > 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be > 1, got {getattr(args, name)}")
     model_cfg = TinyConfig(width=args.width, layers=args.layers, rope_theta=args.rope_theta,
                            rope_theta_time=args.rope_theta_time)
-    card = train(cfg, model_cfg, args.out, args.state, log=lambda s: print(s, flush=True))
+    card = train(cfg, model_cfg, args.out, log=lambda s: print(s, flush=True), fresh=args.fresh)
     print(json.dumps({k: card[k] for k in ("steps", "clips_seen", "train_seconds", "sha256")}))
     return 0

@@ -1,4 +1,5 @@
 import os
+import socket
 
 # Triton kernels (when present) run in the interpreter on CPU; must be set
 # before any kernel module is imported.
@@ -27,3 +28,27 @@ def random_model(**cfg) -> TinyVideoModel:
 @pytest.fixture
 def tiny_random():
     return random_model()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_module():
+    threads = torch.get_num_threads()
+    import app  # sets torch to one thread (see app.py); the rest of the suite gets its own back
+    yield app
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def server(app_module):
+    """One app server for the whole run (a second launch in one process is not supported)."""
+    port = free_port()
+    app_module.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+                      quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    app_module.demo.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import socket
 import threading
 import time
 
@@ -21,29 +20,6 @@ from ffviz.scenes import PromptError  # noqa: E402
 from ffviz.generate import GenerationError  # noqa: E402
 
 PROMPT = "a red circle and a blue square on a green background"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app_module():
-    threads = torch.get_num_threads()
-    import app  # sets torch to one thread (see app.py); the rest of the suite gets its own back
-    yield app
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def server(app_module):
-    port = free_port()
-    app_module.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
-                      quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    app_module.demo.close()
 
 
 def client(url) -> Client:

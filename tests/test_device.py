@@ -235,10 +235,11 @@ def test_oracle_with_host_future_queries():
 
 
 def test_tiny_model_training_and_rollout_stay_on_the_device():
-    """What ``python -m ffviz train`` runs on CUDA: the whole-clip forward with its mask,
-    and the free-running rollout (sampler, cache, window policy)."""
+    """What ``python -m ffviz train`` runs on CUDA: the teacher-forcing forward with its
+    mask and previous-frame input, and the rollout (sampler, snapping, cache, window)."""
     from ffviz.models.tiny import TinyConfig, TinyVideoModel
-    from ffviz.train import rollout
+    from ffviz.sampling import previous_tokens
+    from ffviz.train import layout, rollout
 
     torch.manual_seed(0)
     model = TinyVideoModel(TinyConfig(width=32, layers=2, heads=2)).eval()
@@ -247,14 +248,17 @@ def test_tiny_model_training_and_rollout_stay_on_the_device():
         audit.tag(p)
     n, T = model.cfg.tokens_per_frame, 5
     x0 = audit.tag(torch.rand(2, T * n, model.cfg.patch_dim) * 2 - 1)
-    cond_ids = audit.tag(torch.zeros(2, 12, dtype=torch.long))
+    cond_ids = audit.tag(torch.zeros(2, len(model.cond_embed), dtype=torch.long))
+    palette = audit.tag(torch.tensor([[[-1.0, -1, -1], [1, 0, 0]]] * 2))
     with audit:
-        frames = torch.arange(T, device=FAKE)
-        mask = model.block_causal_mask(frames.cpu()).to(FAKE)
-        levels = torch.rand(2, T, device=FAKE)
-        v = model(x0, levels, frames, model.embed_condition(cond_ids), mask=mask)
-        out = rollout(model, x0, model.embed_condition(cond_ids), T, 2, 2,
-                      torch.Generator().manual_seed(0))
+        frames, mask = layout(torch.arange(T), 2, n, torch.tensor([3, 4]))
+        mask = mask.to(FAKE)
+        x = torch.cat([x0, x0[:, 3 * n:]], 1)
+        prev = previous_tokens(None, x, n)
+        levels = torch.rand(2, T + 2, device=FAKE)
+        v = model(x, levels, frames, model.embed_condition(cond_ids), prev=prev, mask=mask)
+        out = rollout(model, x0, model.embed_condition(cond_ids), 2, 2,
+                      torch.Generator().manual_seed(0), palette=palette)
     assert not audit.violations, "\n".join(audit.violations)
     assert _tagged(v) and _tagged(out) and out.shape == x0.shape
 

@@ -25,7 +25,7 @@ def test_every_hook_point_fires_with_head_shapes(tiny_random):
 def test_hook_can_replace_a_tensor(tiny_random):
     model = tiny_random
     hooks = Hooks(model)
-    s = RunSettings("a red circle", frames=3, record=False)
+    s = RunSettings("a red circle", frames=3, record=False, snap=False)  # raw outputs
     base = np.concatenate([st.frames for st in generate(model, s, Controls("full", 3))])
     hooks.add("blocks.0.attn.hook_q_post", lambda x, hook: torch.zeros_like(x))
     changed = np.concatenate([st.frames for st in generate(model, s, Controls("full", 3))])

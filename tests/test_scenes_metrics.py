@@ -2,45 +2,86 @@ import numpy as np
 import pytest
 
 from ffviz.metrics import consistency
-from ffviz.scenes import (EXAMPLE_PROMPTS, VIEW, PromptError, Scene, parse_prompt, random_spec,
-                          scene_from_prompt)
+from ffviz.scenes import (EXAMPLE_PROMPTS, VIEW, PromptError, Scene, palette_rgb, parse_prompt,
+                          random_spec, scene_from_prompt)
 
 
 def test_prompt_grammar_reads_objects_background_pillar_speed():
-    spec, unknown = parse_prompt("two small pink squares and a big cyan ball on a blue "
-                                 "background with a grey wall, quickly")
+    spec, notes = parse_prompt("two small purple squares and a big cyan ball on a blue "
+                               "background with a wide grey wall, quickly leaving the view")
     assert [(o.shape, o.color, o.size) for o in spec.objects] == [
-        ("square", "pink", "small"), ("square", "pink", "small"), ("circle", "cyan", "big")]
-    assert (spec.background, spec.pillar, spec.speed, unknown) == ("blue", "gray", "fast", [])
+        ("square", "purple", "small"), ("square", "purple", "small"), ("circle", "cyan", "big")]
+    assert (spec.background, spec.pillar, spec.speed, spec.wide_pillar, spec.exits, notes) == \
+        ("blue", "gray", "fast", True, True, [])
 
 
 def test_grammar_reports_what_it_did_not_understand():
-    spec, unknown = parse_prompt("a red cirle and a blue square dancing on green background")
+    spec, notes = parse_prompt("a red cirle and a blue square dancing on green background")
     assert [o.color for o in spec.objects] == ["blue"]
-    assert {"cirle", "dancing", "red"} <= set(unknown)
+    assert {"cirle", "dancing", "red"} <= set(notes)
+
+
+def test_dropped_colours_map_to_the_nearest_and_say_so():
+    spec, notes = parse_prompt("an orange circle and a pink square on a brown background")
+    assert [o.color for o in spec.objects] == ["yellow", "purple"] and spec.background == "red"
+    assert notes == ["orange -> yellow", "pink -> purple", "brown -> red"]
+
+
+def test_a_shape_without_a_colour_gets_a_seeded_palette_colour():
+    spec, notes = parse_prompt("three circles of different colors on a white background", seed=4)
+    colors = [o.color for o in spec.objects]
+    assert len(set(colors)) == 3 and "white" not in colors
+    assert notes == [f"circle: no colour, drawn {c}" for c in colors]
+    assert parse_prompt("three circles of different colors on a white background", seed=4)[0] == spec
+    drawn = {parse_prompt("a circle", seed=s)[0].objects[0].color for s in range(20)}
+    assert len(drawn) > 2 and "black" not in drawn  # the default background
 
 
 @pytest.mark.parametrize("prompt,msg", [
-    ("", "empty"), ("hello world", "no object"), ("a circle", "no colour"),
+    ("", "empty"), ("hello world", "no object"),
     ("a red circle on a red background", "invisible"),
-    ("a red circle, a blue square, a pink circle and a white square", "at most 3"),
+    ("a red circle, a blue square, a cyan circle and a white square", "at most 3"),
+    ("a red circle " * 300, "at most 2000"),
 ])
 def test_unparsable_prompts_are_clear_errors(prompt, msg):
     with pytest.raises(PromptError, match=msg):
         parse_prompt(prompt)
 
 
-def test_objects_leave_the_view_and_come_back():
+def test_the_world_is_integer_hard_edged_and_in_the_palette():
     rng = np.random.default_rng(0)
-    left_and_returned = 0
-    for i in range(20):
-        scene = Scene(random_spec(rng), i)
-        vis = scene.visible_area(np.arange(256)) > 1
-        for j in range(vis.shape[1]):
-            gone = np.nonzero(~vis[:, j])[0]
-            if gone.size and vis[gone[-1] + 1:, j].any() if gone.size and gone[-1] + 1 < 256 else False:
-                left_and_returned += 1
-    assert left_and_returned >= 10
+    for i in range(30):
+        spec = random_spec(rng)
+        scene = Scene(spec, i)
+        pos = scene.positions(np.arange(300))
+        assert pos.dtype.kind == "i"
+        step = np.abs(np.diff(pos, axis=0))
+        assert set(np.unique(step[..., 0])) <= {0, 1, 2} and step[..., 1].max() <= 1
+        frames = scene.render(np.arange(0, 300, 7))
+        palette = palette_rgb(spec)
+        in_palette = (frames[..., None, :] == palette).all(-1).any(-1)
+        assert in_palette.all()  # hard edges: no blended pixel anywhere
+        assert len({o.color for o in spec.objects} | {spec.background}) == len(spec.objects) + 1
+
+
+def test_objects_bounce_inside_the_view_unless_they_leave_it():
+    rng = np.random.default_rng(1)
+    returned = 0
+    for i in range(40):
+        spec = random_spec(rng, pillar_share=0)
+        scene = Scene(spec, i)
+        in_view = scene.object_masks(scene.positions(np.arange(200)))[0].sum((2, 3))
+        if not spec.exits:
+            assert (in_view == scene.full_area()).all()  # always whole, never out of view
+            continue
+        for j in range(in_view.shape[1]):
+            gone = in_view[:, j] == 0
+            starts = np.nonzero(gone[1:] & ~gone[:-1])[0] + 1
+            ends = np.nonzero(~gone[1:] & gone[:-1])[0] + 1
+            for a, b in zip(starts, ends[ends > starts[0]] if len(starts) else []):
+                assert 8 <= b - a <= 17  # out of sight for 8-17 frames, then back
+                returned += 1
+    assert returned >= 10
 
 
 def test_render_is_deterministic_and_in_range():

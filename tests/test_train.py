@@ -1,211 +1,164 @@
-"""Training is deterministic and resumable (tiny settings)."""
+"""Training: the teacher-forcing layout is generation's computation, and a run is
+deterministic and resumes exactly (tiny settings)."""
+import json
+
+import numpy as np
+import pytest
 import torch
 
-from ffviz.models.tiny import TinyConfig
-from ffviz.train import TrainConfig, train
+from ffviz.models.tiny import TinyConfig, TinyVideoModel
+from ffviz.sampling import fill_cache
+from ffviz.train import (TrainConfig, _rollout_context, draw, layout, previous_of_slots, rollout,
+                         state_path_for, train)
 from ffviz.weights import load_tiny
 
 SMALL = TinyConfig(width=32, layers=1, heads=2)
+quiet = lambda s: None
 
 
-def _cfg(steps):
-    return TrainConfig(steps=steps, batch=2, clip_frames=4, warmup=2, rollout_after=1,
-                       rollout_prob=1.0, save_every_s=1e9)
+def _cfg(steps, **kw):
+    return TrainConfig(steps=steps, batch=2, curriculum=((0, 5), (2, 6)), warmup=2, rollout_after=1,
+                       rollout_clips=1, save_every_s=1e9, **kw)
 
 
-def test_training_is_deterministic_and_resumes(tmp_path):
-    quiet = lambda s: None
-    a = train(_cfg(3), SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
-    b = train(_cfg(3), SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
-    assert a["sha256"] == b["sha256"] and a["steps"] == 3
-    # resuming from the saved state continues the same trajectory
-    train(_cfg(2), SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
-    c = train(_cfg(3), SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
+def test_teacher_forcing_is_what_generation_computes():
+    """Each noisy copy's output equals the cached path: the clean frames before it
+    written to a cache one chunk at a time (the given frames together), then the
+    noisy frame denoised over that cache; with and without a gap before the recent block."""
+    torch.manual_seed(0)
+    model = TinyVideoModel(TinyConfig(width=64, layers=2, heads=2)).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    n, g = model.cfg.tokens_per_frame, model.cfg.given_frames
+    seen_gap = seen_touching = False
+    for seed in range(6):
+        b = draw(seed, 0, TrainConfig(batch=2, curriculum=((0, 7),)), model.cfg)
+        seen_gap |= b.before is not None
+        seen_touching |= b.before is None
+        idx, targets = torch.from_numpy(b.frame_idx), torch.from_numpy(b.targets)
+        frames, mask = layout(idx, g, n, targets)
+        tok = lambda px: model.patchify(torch.from_numpy(px).float() / 127.5 - 1)
+        ctx = tok(b.clips)
+        prev = previous_of_slots(ctx, None if b.before is None else tok(b.before[:, None]), g, n)
+        cond = model.embed_condition(torch.from_numpy(b.cond_ids))
+        T, K = len(idx), len(targets)
+        noisy = torch.randn(2, K * n, model.cfg.patch_dim)
+        slot = lambda x, i: x[:, i * n:(i + 1) * n]
+        with torch.no_grad():
+            pick = torch.cat([slot(prev, int(i)) for i in targets], 1)
+            out = model(torch.cat([ctx, noisy], 1), torch.cat([torch.zeros(2, T), b.levels], 1),
+                        frames, cond, prev=torch.cat([prev, pick], 1), mask=mask)
+            for j, i in enumerate(targets.tolist()):
+                cache = model.new_cache()
+                fill_cache(model, cache, ctx[:, :g * n], idx[:g], cond, 0.0, prev=prev[:, :g * n])
+                for c in range(g, i):
+                    fill_cache(model, cache, slot(ctx, c), idx[c:c + 1], cond, 0.0, prev=slot(prev, c))
+                cached = model(slot(noisy, j), b.levels[:, j:j + 1], idx[i:i + 1], cond,
+                               prev=slot(prev, i), cache=cache)
+                torch.testing.assert_close(cached, slot(out[:, T * n:], j), atol=2e-5, rtol=0)
+    assert seen_gap and seen_touching
+
+
+def test_training_is_deterministic_and_resumes_exactly(tmp_path):
+    a = train(_cfg(4), SMALL, tmp_path / "a.safetensors", log=quiet)
+    b = train(_cfg(4), SMALL, tmp_path / "b.safetensors", log=quiet)
+    assert a["sha256"] == b["sha256"] and a["steps"] == 4
+    train(_cfg(2), SMALL, tmp_path / "c.safetensors", log=quiet)  # stops, saves, resumes
+    assert state_path_for(tmp_path / "c.safetensors").exists()
+    c = train(_cfg(4), SMALL, tmp_path / "c.safetensors", log=quiet)
     assert c["sha256"] == a["sha256"]
     model, card = load_tiny(tmp_path / "a.safetensors")
-    assert card["clips_seen"] == 6 and model.cfg.width == 32
-    # without a state file it starts from the weights file and its step count
-    d = train(_cfg(4), SMALL, tmp_path / "a.safetensors", tmp_path / "none.pt", log=quiet)
-    assert d["steps"] == 4
+    assert card["clips_seen"] == 8 and model.cfg.width == 32
+    assert [h["clip_frames"] for h in card["history"]] == [] or card["history"][0]["clip_frames"] in (5, 6)
+    with pytest.raises(SystemExit, match="not one checkpoint"):  # weights and state of two steps
+        state = torch.load(state_path_for(tmp_path / "b.safetensors"), weights_only=False)
+        state["step"] = 3
+        torch.save(state, state_path_for(tmp_path / "b.safetensors"))
+        train(_cfg(5), SMALL, tmp_path / "b.safetensors", log=quiet)
 
 
 def test_worker_processes_draw_the_same_batches(tmp_path):
-    quiet = lambda s: None
-    a = train(_cfg(3), SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
-    cfg = _cfg(3)
-    cfg.workers = 2
-    b = train(cfg, SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
+    a = train(_cfg(3), SMALL, tmp_path / "a.safetensors", log=quiet)
+    b = train(_cfg(3, workers=2), SMALL, tmp_path / "b.safetensors", log=quiet)
     assert a["sha256"] == b["sha256"]
 
 
-def test_object_weight_marks_foreground_patches_and_changes_the_loss(tmp_path):
-    from ffviz.train import draw
-    *_, foreground, _ = draw(0, 0, 4, 3, 2, TrainConfig(), 3.0)
-    share = foreground.float().mean()
-    assert 0 < share < 0.5  # objects (and pillars) are a minority of pixels
-    quiet = lambda s: None
-    a = train(_cfg(2), SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
-    cfg = _cfg(2)
-    cfg.object_weight = 4.0
-    b = train(cfg, SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
-    c = train(cfg, SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
-    assert a["sha256"] != b["sha256"] and b["sha256"] == c["sha256"]
+def test_a_weights_file_of_another_world_is_refused(tmp_path):
+    train(_cfg(1), SMALL, tmp_path / "a.safetensors", log=quiet)
+    card_file = (tmp_path / "a.json")
+    card = json.loads(card_file.read_text())
+    card["data_version"] = 1
+    card_file.write_text(json.dumps(card))
+    with pytest.raises(SystemExit, match="data version 1"):
+        train(_cfg(2), SMALL, tmp_path / "a.safetensors", log=quiet)
+    assert train(_cfg(1), SMALL, tmp_path / "a.safetensors", log=quiet, fresh=True)["steps"] == 1
 
 
-def test_gen_context_sets_how_much_context_comes_from_the_rollout(tmp_path):
-    import pytest
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    cfg = TrainConfig(lr=1e-3, warmup=10, decay_from=100, lr_floor=0.1)
+    lrs = [cfg.learning_rate(s) for s in (0, 9, 50, 100, 400, 10 ** 6)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[1] == lrs[2] == lrs[3] == pytest.approx(1e-3)
+    assert lrs[4] == pytest.approx(5e-4) and lrs[5] == pytest.approx(1e-4)
+    assert cfg.clip_frames(0) == 6 and cfg.clip_frames(10 ** 6) == cfg.curriculum[-1][1]
 
-    from ffviz.__main__ import main
-    quiet = lambda s: None
-    a = train(_cfg(2), SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
-    cfg = _cfg(2)
-    cfg.gen_context = 1.0
-    b = train(cfg, SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
-    cfg.gen_context, cfg.rollout_prob = 0.0, 0.0  # no rollout context at all: plain training
-    c = train(cfg, SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
-    assert len({a["sha256"], b["sha256"], c["sha256"]}) == 3
-    with pytest.raises(SystemExit, match="--gen-context must be in"):
-        main(["train", "--gen-context", "1.5", "--out", str(tmp_path / "x.safetensors")])
+
+def test_rollout_context_replaces_the_first_clips_with_the_models_own():
+    torch.manual_seed(0)
+    model = TinyVideoModel(SMALL).eval()
+    n, g = SMALL.tokens_per_frame, SMALL.given_frames
+    for seed in range(4):
+        b = draw(seed, 0, TrainConfig(batch=3, curriculum=((0, 6),)), SMALL)
+        idx = torch.from_numpy(b.frame_idx)
+        truth = model.patchify(torch.from_numpy(b.clips).float() / 127.5 - 1)
+        before = None if b.before is None else \
+            model.patchify(torch.from_numpy(b.before[:, None]).float() / 127.5 - 1)
+        context, target, valid = _rollout_context(model, b, truth, before, torch.from_numpy(b.cond_ids),
+                                                  idx, torch.Generator().manual_seed(0), 2)
+        first = (g + 1 if before is not None else g) * n
+        assert torch.equal(context[:, :first], truth[:, :first])  # the true frames stay
+        assert torch.equal(context[2:], truth[2:]) and torch.equal(target[2:], truth[2:])
+        assert not torch.equal(context[:2, first:], truth[:2, first:])  # the rollout's own
+        pixels = (model.unpatchify(target[:2, first:]) + 1) * 127.5
+        assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # rendered targets
+        assert valid.shape == (3, len(idx)) and valid[2:].all()
 
 
 def test_rollout_horizon_puts_true_frames_into_the_rollout_cache():
     """horizon 0 free-runs (true frames after the given ones are never read); horizon 1
     caches every true frame, so changing true frame f changes the rollout's frame f + 1."""
-    from ffviz.train import rollout
     from tests.conftest import random_model
     model = random_model(width=32, layers=1)
     n, T, g = model.cfg.tokens_per_frame, 5, model.cfg.given_frames
     x0 = torch.rand(1, T * n, model.cfg.patch_dim) * 2 - 1
     other = x0.clone()
     other[:, g * n:(g + 1) * n] = -x0[:, g * n:(g + 1) * n]  # true frame g differs
-    cond = model.embed_condition(torch.zeros(1, 12, dtype=torch.long))
-    run = lambda x, h: rollout(model, x, cond, T, 2, 3, torch.Generator().manual_seed(0), horizon=h)
+    cond = model.embed_condition(torch.zeros(1, len(model.cond_embed), dtype=torch.long))
+    run = lambda x, h: rollout(model, x, cond, 2, 3, torch.Generator().manual_seed(0), horizon=h)
     after = slice((g + 1) * n, None)
     assert torch.equal(run(x0, 0)[:, after], run(other, 0)[:, after])
     assert not torch.allclose(run(x0, 1)[:, after], run(other, 1)[:, after])
     assert torch.equal(run(x0, 2)[:, (g + 1) * n:(g + 2) * n], run(other, 2)[:, (g + 1) * n:(g + 2) * n])
 
 
-def test_rope_theta_sets_a_new_models_base(tmp_path):
-    import json
-
-    import pytest
-
+def test_cli_checks_its_arguments(tmp_path):
     from ffviz.__main__ import main
     out = tmp_path / "t.safetensors"
-    args = ["train", "--steps", "1", "--batch", "1", "--clip-frames", "3", "--width", "32",
-            "--layers", "1", "--out", str(out), "--state", str(tmp_path / "t.pt")]
-    assert main([*args, "--rope-theta", "10", "--rope-theta-time", "10000"]) == 0
+    args = ["train", "--steps", "1", "--batch", "1", "--width", "32", "--layers", "1",
+            "--out", str(out)]
+    assert main([*args, "--rope-theta", "10", "--rope-theta-time", "5000"]) == 0
     cfg = json.loads(out.with_suffix(".json").read_text())["config"]
-    assert cfg["rope_theta"] == 10 and cfg["rope_theta_time"] == 10000
-    model, _ = load_tiny(out)
-    from ffviz.models.rope import Rope3D
-    assert torch.equal(model.rope.omega, Rope3D(model.cfg.head_dim, 10.0, 10000.0).omega)
-    assert not torch.equal(model.rope.omega, Rope3D(model.cfg.head_dim, 10.0).omega)
-    with pytest.raises(SystemExit, match="--rope-theta must be > 1"):
-        main([*args, "--rope-theta", "1"])
-    with pytest.raises(SystemExit, match="--rope-theta-time must be > 1"):
-        main([*args, "--rope-theta-time", "0.5"])
+    assert cfg["rope_theta"] == 10 and cfg["rope_theta_time"] == 5000
+    for bad, msg in ((["--rope-theta", "1"], "--rope-theta must be > 1"),
+                     (["--rollout-clips", "2"], "--rollout-clips must be in \\[0, --batch\\], got 2"),
+                     (["--object-weight", "0"], "--object-weight must be > 0"),
+                     (["--batch", "0"], "--batch and --steps")):
+        with pytest.raises(SystemExit, match=msg):
+            main([*args, *bad])
 
 
-def _dmd_cfg(steps):
-    cfg = _cfg(steps)
-    cfg.dmd, cfg.lr = True, 1e-4
-    return cfg
-
-
-def test_generate_with_grad_is_generation_with_gradients():
-    """The DMD generator's rollout makes the frames ``rollout`` makes (same noise draws,
-    full cache, clean context) and its generated frames carry gradients to the weights."""
-    from ffviz.dmd import generate_with_grad
-    from ffviz.train import rollout
-    from tests.conftest import random_model
-    model = random_model(width=32, layers=1)
-    n, T, g = model.cfg.tokens_per_frame, 5, model.cfg.given_frames
-    x0 = torch.rand(2, T * n, model.cfg.patch_dim) * 2 - 1
-    cond = model.embed_condition(torch.zeros(2, 12, dtype=torch.long))
-    want = rollout(model, x0, cond.detach(), T, 3, T, torch.Generator().manual_seed(0))
-    got = generate_with_grad(model, x0[:, :g * n], cond, T, 3, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(got.detach().clamp(-1, 1), want, rtol=0, atol=1e-6)
-    assert got.requires_grad
-    got[:, g * n:].square().sum().backward()
-    assert all(p.grad is not None for p in model.blocks.parameters())
-    assert model.head.weight.grad.abs().sum() > 0
-
-
-def test_dmd_moves_nothing_when_the_fake_score_is_the_teacher():
-    """The generator's distribution-matching gradient is (fake - teacher) predictions:
-    exactly zero while the fake score equals the teacher, non-zero once it differs."""
-    import copy
-
-    from ffviz.dmd import dmd_generator_loss, generate_with_grad
-    from tests.conftest import random_model
-    model = random_model(width=32, layers=1)
-    teacher, fake = copy.deepcopy(model), copy.deepcopy(model)
-    n, T, g = model.cfg.tokens_per_frame, 4, model.cfg.given_frames
-    frames = torch.arange(T)
-    mask = model.block_causal_mask(frames)
-    ids = torch.zeros(1, 12, dtype=torch.long)
-    given = torch.rand(1, g * n, model.cfg.patch_dim) * 2 - 1
-
-    def grads():
-        model.zero_grad()
-        clip = generate_with_grad(model, given, model.embed_condition(ids), T, 2,
-                                  torch.Generator().manual_seed(1))
-        dmd_generator_loss(clip, teacher, fake, frames, ids, mask,
-                           torch.Generator().manual_seed(2)).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    assert torch.count_nonzero(grads()) == 0
-    with torch.no_grad():
-        fake.head.bias.add_(0.1)
-    assert grads().abs().sum() > 0
-
-
-def test_dmd_training_is_deterministic_and_resumes(tmp_path):
-    """``train --dmd``: the teacher, the fake score and its optimizer are part of the
-    resumable state; a resumed run continues the same trajectory."""
-    import pytest
-
-    from ffviz.__main__ import main
-    quiet = lambda s: None
-    a = train(_dmd_cfg(3), SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
-    plain = train(_cfg(3), SMALL, tmp_path / "p.safetensors", tmp_path / "p.pt", log=quiet)
-    assert a["sha256"] != plain["sha256"]
-    state = torch.load(tmp_path / "a.pt", weights_only=False)
-    assert set(state["dmd"]) == {"teacher", "fake", "opt_fake"}
-    train(_dmd_cfg(2), SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
-    c = train(_dmd_cfg(3), SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
-    assert c["sha256"] == a["sha256"]
-    with pytest.raises(SystemExit, match="--dmd-fake-steps must be >= 1"):
-        main(["train", "--dmd", "--dmd-fake-steps", "0", "--out", str(tmp_path / "x.safetensors")])
-
-
-def test_recycled_context_scales_the_rollouts_errors_per_frame():
-    from ffviz.train import recycled_context
-    true = torch.zeros(1, 3 * 2, 4)
-    rolled = torch.full((1, 3 * 2, 4), 0.2)
-    rolled[:, 4:] = -0.5  # frame 2
-    out = recycled_context(true, rolled, torch.tensor([[0.0, 1.0, 3.0]]), 2)
-    assert torch.equal(out[:, :2], true[:, :2])  # scale 0: the true frame
-    assert torch.equal(out[:, 2:4], rolled[:, 2:4])  # scale 1: the rollout's frame
-    assert torch.allclose(out[:, 4:], torch.full((1, 2, 4), -1.0))  # 3 x -0.5, clamped to the pixel range
-    out = recycled_context(true, rolled, torch.tensor([[0.5, 2.0, 0.0]]), 2)
-    assert torch.allclose(out[:, :2], torch.full((1, 2, 4), 0.1))
-    assert torch.allclose(out[:, 2:4], torch.full((1, 2, 4), 0.4))
-
-
-def test_recycle_changes_training_and_stays_deterministic(tmp_path):
-    import pytest
-
-    from ffviz.__main__ import main
-    quiet = lambda s: None
-    cfg = _cfg(2)
-    cfg.rollout_horizon = 1
-    a = train(cfg, SMALL, tmp_path / "a.safetensors", tmp_path / "a.pt", log=quiet)
-    cfg.recycle = 3.0
-    b = train(cfg, SMALL, tmp_path / "b.safetensors", tmp_path / "b.pt", log=quiet)
-    c = train(cfg, SMALL, tmp_path / "c.safetensors", tmp_path / "c.pt", log=quiet)
-    assert a["sha256"] != b["sha256"] and b["sha256"] == c["sha256"]
-    with pytest.raises(SystemExit, match="--recycle must be in"):
-        main(["train", "--recycle", "-1", "--out", str(tmp_path / "x.safetensors")])
+def test_draw_keeps_targets_after_their_previous_frame():
+    for step in range(20):
+        b = draw(0, step, TrainConfig(curriculum=((0, 9),)), TinyConfig())
+        assert b.targets.min() >= 3 and len(set(b.targets)) == len(b.targets)
+        assert (np.diff(b.frame_idx[2:]) == 1).all() and b.frame_idx[:2].tolist() == [0, 1]
+        assert (b.before is None) == (b.frame_idx[2] == 2)

@@ -7,8 +7,13 @@ A stack of DiT blocks with
   * self-attention with q/k RMSNorm over the full width before the head split
     (as Wan), 3D RoPE with Wan's temporal/height/width split of the head dim,
   * block-causal attention: a token sees every token of its own chunk of
-    ``chunk_frames`` frames and of all earlier chunks.
-predicts the flow-matching velocity ``v = noise - clean`` of each frame.
+    ``chunk_frames`` frames and of all earlier chunks,
+  * the previous frame as a second input: its patches, through their own linear
+    layer, are added to each token's embedding (a CPU-sized model does not learn
+    copy-and-shift through attention alone; docs/model.md). Everything older than
+    the newest frame reaches the model only through the KV cache,
+predicts the clean frame x0 of each frame (``prediction="x0"``); the sampler
+turns it into the flow-matching velocity v = (x_t - x0) / t.
 
 Generation (``ffviz.generate``) runs one chunk at a time over a ``KVCache`` of
 post-RoPE keys: a few Euler steps read the cache, then the finished chunk is
@@ -47,12 +52,15 @@ class TinyConfig:
     mlp_ratio: int = 4
     chunk_frames: int = 1  # frames denoised together (block-causal unit)
     given_frames: int = 2  # frames rendered from the prompt's scene (image-to-video)
-    rope_theta: float = 10000.0
-    rope_theta_time: float | None = None  # the temporal axis's own base; None = rope_theta
+    rope_theta: float = 10.0  # spatial base: every plane tells neighbouring patches apart
+    rope_theta_time: float = 10000.0  # temporal base: no wrap-around within a long run
+    previous_frame_input: bool = True  # the newest frame as a direct input (see above)
+    prediction: str = "x0"  # what the head predicts: "x0" (clean frame) or "v" (velocity)
     # sampling defaults, stored with the weights
     sample_steps: int = 4
     shift: float = 3.0
     context_noise: float = 0.0  # noise level of the cache-filling pass
+    snap: bool = True  # snap each generated frame to the scene's palette before it is cached
 
     @property
     def grid(self) -> int:
@@ -146,10 +154,12 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, w) / w ** 0.5)
 
     def forward(self, x, mod, cos, sin, **attn_kw):
-        """mod: (B, N, 6, width) per-token modulation (each token gets its frame's)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation).unbind(2)
+        """x: (B, F, n, width) tokens by frame; mod: (B, F, 6, width) each frame's
+        modulation (broadcast over its n tokens, never copied per token)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation)[:, :, :, None].unbind(2)
+        B, F, n, w = x.shape
         h = self.norm1(x) * (1 + scale1) + shift1
-        x = x + gate1 * self.attn(h, cos, sin, **attn_kw)
+        x = x + gate1 * self.attn(h.view(B, F * n, w), cos, sin, **attn_kw).view(B, F, n, w)
         h = self.norm2(x) * (1 + scale2) + shift2
         return x + gate2 * self.mlp(h)
 
@@ -161,6 +171,9 @@ class TinyVideoModel(nn.Module):
         w = cfg.width
         self.hook_ctx = HookContext()
         self.patch_embed = nn.Linear(cfg.patch_dim, w)
+        if cfg.previous_frame_input:
+            self.prev_embed = nn.Linear(cfg.patch_dim, w)
+            self.no_prev = nn.Parameter(torch.zeros(w))  # frame 0 has no previous frame
         self.time_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.cond_embed = nn.ModuleList(nn.Embedding(n, w) for n in CONDITION_VOCAB)
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))
@@ -209,14 +222,17 @@ class TinyVideoModel(nn.Module):
         return tok_chunk[:, None] >= tok_chunk[None, :]
 
     # -- the network --------------------------------------------------------
-    def forward(self, x, t, frames, cond, cache: KVCache | None = None, write: bool = False,
+    def forward(self, x, t, frames, cond, prev: torch.Tensor | None = None,
+                cache: KVCache | None = None, write: bool = False,
                 mask: torch.Tensor | None = None, phase: str = "train", step: int = -1):
-        """Velocity prediction.
+        """Clean-frame (or velocity, ``cfg.prediction``) prediction.
 
         x: (B, T * tokens_per_frame, patch_dim) noisy tokens of frames ``frames``
         t: (B, T) noise level of each frame, 1 = pure noise, 0 = clean
         frames: (T,) long absolute frame indices (they set the temporal RoPE)
         cond: (B, width) from ``embed_condition``
+        prev: tokens like ``x`` of each frame's previous frame (ignored for frame 0,
+        which has none); None = no previous frame for any token
         cache: read before this call's own keys; extended with them when ``write``
         mask: (N, N) bool block-causal mask for whole-clip training (no cache)
         """
@@ -230,24 +246,20 @@ class TinyVideoModel(nn.Module):
         t = t.to(dev)
         cos, sin = (c.to(dev) for c in self.rope.cos_sin(*meta))  # float64 angles on the host
         e = self.time_embed(timestep_embedding(t, self.cfg.width)) + cond[:, None]  # (B, T, w)
-        mod = self.time_proj(e).view(B, -1, 6, self.cfg.width).repeat_interleave(n_tok, 1)
+        mod = self.time_proj(e).view(B, -1, 6, self.cfg.width)
         h = self.patch_embed(x)
+        if self.cfg.previous_frame_input:
+            if prev is None:
+                h = h + self.no_prev
+            else:
+                first = (meta[0] == 0).to(dev)[None, :, None]
+                h = h + torch.where(first, self.no_prev, self.prev_embed(prev))
+        h = h.view(B, -1, n_tok, self.cfg.width)  # by frame, for the per-frame modulation
         for i, block in enumerate(self.blocks):
             h = block(h, mod, cos, sin, mask=mask, write=write, meta=meta,
                       cache_layer=cache[i] if cache is not None else None)
-        shift, scale = (e.repeat_interleave(n_tok, 1)[:, :, None] + self.head_mod).unbind(2)
-        return self.head(self.head_norm(h) * (1 + scale) + shift)
+        shift, scale = (e[:, :, None] + self.head_mod)[:, :, :, None].unbind(2)
+        return self.head(self.head_norm(h) * (1 + scale) + shift).view(B, N, -1)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.layers, self.cfg.tokens_per_frame, (self.cfg.grid, self.cfg.grid))
-
-
-def shifted(u, shift: float):
-    """Noise levels u in [0, 1] shifted towards high noise as in Wan/SD3:
-    s u / (1 + (s - 1) u); numpy arrays or tensors (sampling and training share it)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
-def sigma_schedule(steps: int, shift: float) -> list[float]:
-    """Noise levels from 1 to 0 for ``steps`` Euler steps, shifted (``shifted``)."""
-    return shifted(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).tolist()

@@ -307,12 +307,14 @@ class WanCausalModel(nn.Module):
 
     # -- the network ------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, x, t, frames, cond, cache: KVCache | None = None, write: bool = False,
-                mask: torch.Tensor | None = None, phase: str = "train", step: int = -1):
+    def forward(self, x, t, frames, cond, prev=None, cache: KVCache | None = None,
+                write: bool = False, mask: torch.Tensor | None = None, phase: str = "train",
+                step: int = -1):
         """Velocity prediction, as ``TinyVideoModel.forward``.
 
         x: (B, T * n, patch_dim) noisy latent tokens of latent frames ``frames`` (T,)
         t: (B, T) noise level per frame in [0, 1]; cond: (B, text_len, text_dim)
+        prev: ignored (Wan has no previous-frame input: its past lives in the cache alone)
         Returns (B, T * n, patch_dim) float32 on x's device.
         """
         tr, cfg = self.transformer, self.cfg

@@ -61,7 +61,7 @@ def summary_table(summary: dict) -> list[list]:
             ["peak cache tokens", summary["peak_cache_tokens"]],
             ["policy ms / chunk", summary["policy_ms_per_step"]]]
     for k in ("consistency", "background", "color_presence", "shape", "returns"):
-        if k in m and m[k] == m[k]:  # skip NaN
+        if m.get(k) is not None and m[k] == m[k]:  # skip undefined (None, NaN)
             rows.append([k, round(float(m[k]), 4)])
     if m.get("computed") is False:  # a model without scenes (Wan): no scene metrics
         rows.append(["scene metrics", "not computed (this model has no scenes)"])

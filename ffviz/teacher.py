@@ -1,0 +1,98 @@
+"""The renderer as teacher: the frame that follows from what the model drew.
+
+Training on the model's own rollouts with the TRUE frames as targets teaches it
+to paint what the truth shows whatever its context shows (a blurred object
+fades, a shifted one jumps back). Here the target follows from the rollout
+instead: every object is read from the model's frame (its integer position,
+by matching its shape near where it should be), moved one step by the world's
+rule (velocity, bounces), and rendered with hard edges. So the model learns to
+continue from its own frames, and to redraw each object whole and in its
+colour. Where the reading fails (an object that should be visible is not found
+near its place), the next frame gets no loss.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ffviz.scenes import COLORS, VIEW, Scene
+
+SEARCH = 3  # pixels around the expected position where an object is looked for
+MIN_IOU = 0.5  # a reading below this fails
+MIN_VISIBLE = 4  # pixels: an object expected to show fewer is not read (hidden)
+
+
+def true_velocity(scene: Scene, frame: int) -> np.ndarray:
+    """(n, 2) velocities at ``frame``: the signs that lead to the next frame's positions."""
+    p, nxt = scene.positions([frame, frame + 1])
+    speed = np.abs(scene.vel)
+    return np.where(step(scene, p, speed)[0] == nxt, speed, -speed)
+
+
+def step(scene: Scene, pos: np.ndarray, vel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One frame of motion of top-left corners ``pos`` (n, 2) at ``vel``, bouncing off
+    the scene's walls; returns the new positions and velocities."""
+    p = pos + vel
+    over, under = p > scene.hi, p < scene.lo
+    p = np.where(over, 2 * scene.hi - p, np.where(under, 2 * scene.lo - p, p))
+    return p, np.where(over | under, -vel, vel)
+
+
+def read_positions(scene: Scene, frame: np.ndarray, guess: np.ndarray):
+    """Read each object's top-left corner from ``frame`` (V, V, 3) uint8 near ``guess``
+    (n, 2). Returns (positions (n, 2), status (n,) with 1 = found, 0 = hidden (too
+    little of it should show to read), -1 = failed)."""
+    n = len(scene.spec.objects)
+    pos, status = guess.copy(), np.zeros(n, int)
+    pad = SEARCH + int(scene.side.max())
+    masks, pillar = scene.object_masks(guess[None])
+    for i, o in enumerate(scene.spec.objects):
+        bm = scene.bitmaps[i].astype(np.int32)
+        s = bm.shape[0]
+        occluded = pillar | masks[0, i + 1:].any(0)  # the pillar and objects drawn after it
+        seen = np.all(frame == np.asarray(COLORS[o.color], np.uint8), -1)  # frames are snapped
+        visible_map = np.pad(~occluded, pad).astype(np.int32)  # 0 outside the view
+        seen_map = np.pad(seen & ~occluded, pad).astype(np.int32)
+        x, y = int(guess[i, 0]) + pad - SEARCH, int(guess[i, 1]) + pad - SEARCH
+        if not (0 <= x and 0 <= y and x + s + 2 * SEARCH <= VIEW + 2 * pad
+                and y + s + 2 * SEARCH <= VIEW + 2 * pad):
+            continue  # far outside the view: hidden
+        win = (slice(y, y + s + 2 * SEARCH), slice(x, x + s + 2 * SEARCH))
+        vis = np.einsum("abij,ij->ab", sliding_window_view(visible_map[win], (s, s)), bm)
+        inter = np.einsum("abij,ij->ab", sliding_window_view(seen_map[win], (s, s)), bm)
+        if vis[SEARCH, SEARCH] < MIN_VISIBLE:
+            continue
+        iou = inter / np.maximum(vis + seen.sum() - inter, 1)
+        near = np.abs(np.arange(-SEARCH, SEARCH + 1))
+        # ties (a half-hidden object reads the same at several places) go to the nearest
+        dy, dx = np.unravel_index(int(np.argmax(iou - 1e-3 * (near[:, None] + near))), iou.shape)
+        if iou[dy, dx] >= MIN_IOU:
+            pos[i] = guess[i] + np.array([dx - SEARCH, dy - SEARCH])
+            status[i] = 1
+        else:
+            status[i] = -1
+    return pos, status
+
+
+def renderer_targets(scene: Scene, frames: np.ndarray, given: int, start: int = 0):
+    """Targets for a rollout ``frames`` (T, V, V, 3) uint8 of scene frames
+    ``start .. start + T - 1`` whose first ``given`` frames are true.
+
+    Returns (targets (T, V, V, 3) uint8, valid (T,) bool): target f is what follows
+    from the rollout's frames before f (objects read from frame f - 1, moved one
+    step); the given frames are their own targets. valid[f] is False where a reading
+    of frame f - 1 failed."""
+    T = len(frames)
+    pos = scene.positions([start + given - 1])[0]
+    vel = true_velocity(scene, start + given - 1)
+    out = np.empty((T, pos.shape[0], 2), np.int64)
+    out[:given] = scene.positions(np.arange(start, start + given))
+    valid = np.ones(T, bool)
+    for f in range(given, T):
+        pos, vel = step(scene, pos, vel)  # what frame f should show, given frame f - 1
+        out[f] = pos
+        if f + 1 < T:  # read frame f to continue from what the model drew
+            read, status = read_positions(scene, frames[f], pos)
+            valid[f + 1] = not (status < 0).any()
+            pos = np.where((status == 1)[:, None], read, pos)
+    return scene.render_positions(out), valid
