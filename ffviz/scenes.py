@@ -255,10 +255,10 @@ def _reflect(p: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 class Scene:
-    """A spec plus the integer initial state drawn from ``seed``."""
+    """A spec plus the integer initial state drawn from ``seed`` (at frame ``t0``)."""
 
     def __init__(self, spec: SceneSpec, seed: int):
-        self.spec, self.seed = spec, int(seed)
+        self.spec, self.seed, self.t0 = spec, int(seed), 0
         rng = np.random.default_rng(self.seed)
         n = len(spec.objects)
         self.side = np.array([SIZES[o.size] for o in spec.objects])
@@ -277,8 +277,36 @@ class Scene:
 
     def positions(self, frames) -> np.ndarray:
         """Top-left corners (T, n, 2) as integer (x, y) pixels for frame indices ``frames``."""
-        t = np.asarray(frames, dtype=np.int64)[:, None, None]
+        t = np.asarray(frames, dtype=np.int64)[:, None, None] - self.t0
         return _reflect(self.pos0[None] + self.vel[None] * t, self.lo[None], self.hi[None])
+
+    def continued(self, spec: SceneSpec, frame: int) -> "Scene":
+        """The scene from ``frame`` on under another prompt: object i keeps object i's
+        position and motion (its top-left corner, kept inside its new walls), while the
+        looks and background follow ``spec``; an object the old scene lacks starts where
+        the seed puts it."""
+        new = Scene(spec, self.seed)
+        new.t0 = int(frame)
+        pos, vel = self.positions([frame])[0], self.velocities(frame)
+        k = min(len(pos), len(new.pos0))
+        new.pos0[:k] = np.clip(pos[:k], new.lo[:k], new.hi[:k])
+        new.vel[:k] = vel[:k]
+        return new
+
+    def velocities(self, frame: int) -> np.ndarray:
+        """(n, 2) velocities at ``frame``: signed, pointing where the next frame goes
+        (a bounce flips a sign)."""
+        p, nxt = self.positions([frame, frame + 1])
+        speed = np.abs(self.vel)
+        return np.where(self.step(p, speed)[0] == nxt, speed, -speed)
+
+    def step(self, pos: np.ndarray, vel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One frame of motion of top-left corners ``pos`` (n, 2) at ``vel``, bouncing off
+        the walls: the new positions and velocities (the closed form, one step at a time)."""
+        p = pos + vel
+        over, under = p > self.hi, p < self.lo
+        p = np.where(over, 2 * self.hi - p, np.where(under, 2 * self.lo - p, p))
+        return p, np.where(over | under, -vel, vel)
 
     def centres(self, frames) -> np.ndarray:
         """Object centres (T, n, 2) as (x, y) pixels."""

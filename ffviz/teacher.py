@@ -22,22 +22,6 @@ MIN_IOU = 0.5  # a reading below this fails
 MIN_VISIBLE = 4  # pixels: an object expected to show fewer is not read (hidden)
 
 
-def true_velocity(scene: Scene, frame: int) -> np.ndarray:
-    """(n, 2) velocities at ``frame``: the signs that lead to the next frame's positions."""
-    p, nxt = scene.positions([frame, frame + 1])
-    speed = np.abs(scene.vel)
-    return np.where(step(scene, p, speed)[0] == nxt, speed, -speed)
-
-
-def step(scene: Scene, pos: np.ndarray, vel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One frame of motion of top-left corners ``pos`` (n, 2) at ``vel``, bouncing off
-    the scene's walls; returns the new positions and velocities."""
-    p = pos + vel
-    over, under = p > scene.hi, p < scene.lo
-    p = np.where(over, 2 * scene.hi - p, np.where(under, 2 * scene.lo - p, p))
-    return p, np.where(over | under, -vel, vel)
-
-
 def read_positions(scene: Scene, frame: np.ndarray, guess: np.ndarray):
     """Read each object's top-left corner from ``frame`` (V, V, 3) uint8 near ``guess``
     (n, 2). Returns (positions (n, 2), status (n,) with 1 = found, 0 = hidden (too
@@ -84,12 +68,12 @@ def renderer_targets(scene: Scene, frames: np.ndarray, given: int, start: int = 
     of frame f - 1 failed."""
     T = len(frames)
     pos = scene.positions([start + given - 1])[0]
-    vel = true_velocity(scene, start + given - 1)
+    vel = scene.velocities(start + given - 1)
     out = np.empty((T, pos.shape[0], 2), np.int64)
     out[:given] = scene.positions(np.arange(start, start + given))
     valid = np.ones(T, bool)
     for f in range(given, T):
-        pos, vel = step(scene, pos, vel)  # what frame f should show, given frame f - 1
+        pos, vel = scene.step(pos, vel)  # what frame f should show, given frame f - 1
         out[f] = pos
         if f + 1 < T:  # read frame f to continue from what the model drew
             read, status = read_positions(scene, frames[f], pos)

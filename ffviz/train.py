@@ -57,7 +57,7 @@ class TrainConfig:
     steps: int = 100_000  # total optimizer steps (a resumed run stops here too)
     minutes: float = 0.0  # wall-clock budget of this invocation; 0 = none
     batch: int = 8
-    curriculum: tuple = ((0, 6), (1500, 12), (4000, 20))  # (from step, clip frames)
+    curriculum: tuple = ((0, 6), (1500, 12), (5000, 16))  # (from step, clip frames)
     lr: float = 1e-3
     warmup: int = 200
     decay_from: int = 2000  # lr x sqrt(decay_from / step) from here on
@@ -71,6 +71,13 @@ class TrainConfig:
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
     save_every_s: float = 300.0
+    bf16: bool = True  # the training pass in bfloat16 autocast where the hardware has it
+
+    def autocast(self, device: str):
+        """bfloat16 autocast for the training pass on CUDA or a CPU with bf16 instructions
+        (about 30% faster on an AVX512-BF16 CPU); a no-op elsewhere or when off."""
+        on = self.bf16 and (device == "cuda" or torch.cpu._is_avx512_bf16_supported())
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=on)
 
     def clip_frames(self, step: int) -> int:
         return [frames for start, frames in self.curriculum if step >= start][-1]
@@ -204,7 +211,7 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
     x = torch.cat([context, noisy], 1)
     t = torch.cat([torch.zeros(B, T, device=levels.device), levels], 1)
     out = model(x, t, frames, cond, prev=torch.cat([prev, pick(prev)], 1), mask=mask)
-    err = (out[:, T * n:] - tgt).pow(2).mean(-1)  # (B, K * n)
+    err = (out[:, T * n:].float() - tgt).pow(2).mean(-1)  # (B, K * n), float32 under autocast too
     w = pick(weight[..., None])[..., 0] * valid[:, targets].repeat_interleave(n, 1)
     return (err * w).sum() / w.sum().clamp_min(1e-6)
 
@@ -368,9 +375,10 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         lr = cfg.learning_rate(step, warm_from)
         for group in opt.param_groups:
             group["lr"] = lr
-        cond = model.embed_condition(cond_ids)
-        loss = teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight, gen,
-                                    mask, frames, targets)
+        with cfg.autocast(device):
+            cond = model.embed_condition(cond_ids)
+            loss = teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight,
+                                        gen, mask, frames, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -453,6 +461,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS,
                    help="weights file (safetensors + .json card + .state.pt to resume exactly)")
     p.add_argument("--fresh", action="store_true", help="a new model, even if --out exists")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="train in float32 (default: bfloat16 autocast where the hardware has it)")
     p.add_argument("--width", type=int, default=TinyConfig.width, help="width of a NEW model")
     p.add_argument("--layers", type=int, default=TinyConfig.layers, help="layers of a NEW model")
     p.add_argument("--rope-theta", type=float, default=TinyConfig.rope_theta,
@@ -474,7 +484,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
                       rollout_after=args.rollout_after, rollout_clips=args.rollout_clips,
                       object_weight=args.object_weight, seed=args.seed, threads=args.threads,
-                      workers=args.workers, save_every_s=args.save_every)
+                      workers=args.workers, save_every_s=args.save_every, bf16=not args.no_bf16)
     for name in ("rope_theta", "rope_theta_time"):
         if not getattr(args, name) > 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be > 1, got {getattr(args, name)}")

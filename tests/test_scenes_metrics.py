@@ -117,3 +117,15 @@ def test_tracking_tells_a_moving_object_from_a_frozen_copy():
     assert m["tracking"] < 0.5
     shifted = np.roll(truth, 3, axis=2)  # 3 px off: still tracked (TRACK_TOL = 6)
     assert consistency(shifted, scene, start=2)["tracking"] > 0.8
+
+
+def test_a_continued_scene_keeps_motion_and_takes_the_new_looks():
+    scene, _ = scene_from_prompt("a red circle and a blue square on a black background", 2)
+    spec, _ = parse_prompt("a yellow circle and a cyan square on a white background")
+    after = scene.continued(spec, 16)
+    assert (after.positions(np.arange(16, 60)) == scene.positions(np.arange(16, 60))).all()
+    frame = after.render([16])[0]
+    assert (frame == (240, 240, 240)).all(-1).mean() > 0.5  # the new background
+    assert set(map(tuple, frame.reshape(-1, 3))) <= set(map(tuple, palette_rgb(spec)))
+    bigger = scene.continued(parse_prompt("a big red circle on a black background")[0], 30)
+    assert (bigger.positions(np.arange(30, 90)) >= bigger.lo).all()  # kept inside its walls

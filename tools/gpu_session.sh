@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# One GPU session, in the order that gains the most (see the developers' brief):
-#   1. train the embedded model (resumes from assets/tiny.safetensors, or RESUME=DIR,
-#      or RESUME=scratch for a new model),
+# One GPU run, in the order that gains the most:
+#   1. train the embedded model: resume the mainline (assets/tiny.safetensors with its
+#      .state.pt) for TRAIN_MIN minutes,
 #   2. the Triton kernels compiled (tests, then `bench --kernels`),
-#   3. the full-size Wan2.1-1.3B architecture with random weights: frames/s and
-#      each policy's cost as a share of a step.
-# Results go to $OUT (the device tool's folder) or ./gpu_out. Each part has its own
-# time limit, so one that hangs or fails leaves the others their time.
+#   3. the full-size Wan2.1-1.3B architecture with random weights: frames/s and each
+#      policy's cost as a share of a step.
+# Results go to $OUT (or ./gpu_out): bring back tiny.safetensors, tiny.json and
+# tiny.state.pt to continue the mainline here. Each part has its own time limit, so
+# one that hangs or fails leaves the others their time.
 # Usage: TRAIN_MIN=4.5 bash tools/gpu_session.sh
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 TRAIN_MIN=${TRAIN_MIN:-4.5}
-BATCH=${BATCH:-128}
+BATCH=${BATCH:-64}
 WORKERS=${WORKERS:-14}
-TRAIN_ARGS=${TRAIN_ARGS:-}  # e.g. "--dmd --lr 1e-5 --dmd-fake-steps 5" (ffviz/dmd.py)
+TRAIN_ARGS=${TRAIN_ARGS:-}
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
@@ -29,15 +30,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # packages the device image lacks (diffu
 fi
 
 log "train ${TRAIN_MIN} min, batch $BATCH, $WORKERS workers"
-FROM=${RESUME:-assets}  # a folder with tiny.safetensors + tiny.json (+ state.pt to resume exactly);
-if [ "$FROM" != scratch ]; then  # RESUME=scratch: a new model (TRAIN_ARGS="--rope-theta 10 --rope-theta-time 10000")
-    cp "$FROM"/tiny.safetensors "$FROM"/tiny.json "$OUT/"
-    [ -f "$FROM/state.pt" ] && cp "$FROM/state.pt" "$OUT/"
-fi
+cp assets/tiny.safetensors assets/tiny.json "$OUT/"
+[ -f assets/tiny.state.pt ] && cp assets/tiny.state.pt "$OUT/"
 # the reference attention in the rollouts: training must not depend on the kernels' first run
 FFVIZ_KERNELS=reference timeout "$(awk "BEGIN{print int($TRAIN_MIN*60+120)}")" \
     $PY -m ffviz train --minutes "$TRAIN_MIN" --batch "$BATCH" --workers "$WORKERS" --save-every 60 \
-    --steps 1000000 --out "$OUT/tiny.safetensors" --state "$OUT/state.pt" $TRAIN_ARGS > "$OUT/train.log" 2>&1
+    --out "$OUT/tiny.safetensors" $TRAIN_ARGS > "$OUT/train.log" 2>&1
 log "train exit $?"
 grep -E "^step [0-9]*(000|500) |resumed|starting|saved|Error|error" "$OUT/train.log" | tail -25
 
