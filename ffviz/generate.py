@@ -7,7 +7,8 @@ carries the ``given_frames`` frames rendered from the prompt's scene (the model
 is image-to-video); they enter the cache like generated ones.
 
 Memory is bounded by the budget (plus one chunk) and by the recorder's own
-bound; frames are handed to the caller step by step, never kept here.
+bound; frames are handed to the caller step by step, never kept here
+(``ffviz.run.Run`` drives this loop for every user and keeps what they need).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from ffviz import kernels
 from ffviz.cache import Decision, KVCache
 from ffviz.hooks import QueryTap
+from ffviz.models import VideoModel
 from ffviz.policies import Policy, PolicyContext, PolicyError, make_policy
 from ffviz.sampling import denoise_chunk, fill_cache, palette_tensor, previous_tokens, snap_tokens
 from ffviz.scenes import Scene, SceneSpec, parse_prompt
@@ -221,7 +223,8 @@ class PolicyInputs:
 
 
 class Observer:
-    """Optional callbacks into a run (evaluation uses them); all default to no-ops."""
+    """Optional callbacks into a run (``ffviz.run.Run`` passes its observers: the app's
+    cache snapshots, eval's probes); all default to no-ops."""
 
     def after_write(self, cache: KVCache, frames: torch.Tensor, ctx: PolicyContext) -> None:
         """The chunk's keys are in the cache; the policy has not acted yet."""
@@ -245,7 +248,7 @@ def _clock(model):
     return time.perf_counter
 
 
-def generate(model, settings: RunSettings, controls: Controls,
+def generate(model: VideoModel, settings: RunSettings, controls: Controls,
              observer: Observer | None = None, future_queries=None) -> Iterator[Step]:
     """Run ``model`` on ``settings``; yield one ``Step`` per chunk.
 

@@ -29,6 +29,7 @@ from ffviz.export import FrameSpool, OutputError, RunWriter, json_safe
 from ffviz.generate import Controls, Observer, RunSettings, Step, generate
 from ffviz.hooks import QueryRecorder
 from ffviz.metrics import consistency
+from ffviz.models import VideoModel
 from ffviz.scenes import Scene
 
 
@@ -76,8 +77,9 @@ class Run:
     docstring). Raises ``GenerationError``/``PromptError``/``OutputError`` here,
     before any work, when the settings or the folder cannot work. Runs once."""
 
-    def __init__(self, model, settings: RunSettings, controls: Controls, out_dir: Path | None = None,
-                 observers: Sequence[Observer] = (), future_queries=None):
+    def __init__(self, model: VideoModel, settings: RunSettings, controls: Controls,
+                 out_dir: Path | None = None, observers: Sequence[Observer] = (),
+                 future_queries=None):
         self.spec, self.prompt_notes = settings.validate(model.has_scenes)
         self.model, self.settings, self.controls = model, settings, controls
         self.cfg, self.model_name, self.has_scenes = model.cfg, model.name, model.has_scenes
@@ -180,7 +182,7 @@ class Run:
         })
 
 
-def run(model, settings: RunSettings, controls: Controls, out_dir: Path | None = None,
+def run(model: VideoModel, settings: RunSettings, controls: Controls, out_dir: Path | None = None,
         progress=None) -> dict:
     """A whole run (files in ``out_dir`` when given); ``progress``: a tqdm-like
     ``update(frames)``. Returns the summary."""
