@@ -1,4 +1,4 @@
-"""Named hook points and the query recorder.
+"""Named hook points, the query tap and the query recorder.
 
 Every attention layer of a model calls four hook points, named by path as in
 TransformerLens: ``blocks.{i}.attn.hook_q_pre`` / ``hook_q_post`` (queries before
@@ -6,6 +6,9 @@ and after RoPE) and ``hook_k_pre`` / ``hook_k_post``. Tensors are
 (batch, heads, tokens, head_dim). A hook function gets ``(tensor, hook)`` and
 may return a replacement tensor; ``hook.ctx`` tells which frames the tokens
 belong to, the noise level and the phase ("denoise" or "cache").
+
+``QueryTap`` is how everything reads queries while the model denoises (the
+policies' inputs in ``generate``, the recorder, the reference run of ``reference``).
 
 The recorder keeps, per layer, head and frame, the mean and variance of pre-
 and post-RoPE queries, plus a bounded reservoir of query vectors for
