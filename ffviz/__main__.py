@@ -11,19 +11,22 @@ from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, MAX_FRAMES
 DEFAULT_PROMPT = "a red circle and a blue square on a green background"
 
 
-MODEL_HELP = ("tiny (the embedded model, default) | wan:PATH (a Self-Forcing-family Wan2.1 "
+MODEL_HELP = ("tiny (the embedded model, default; its weights: --weights) | tiny:PATH (the embedded "
+              "model with the weights at PATH) | wan:PATH (a Self-Forcing-family Wan2.1 "
               "checkpoint; needs a CUDA GPU, see README, 'Real checkpoints') | wan:BASE+LORA (a base "
               "checkpoint and a LoRA merged into it, e.g. LongLive) | wan:tiny-random (CPU demo) | "
               "wan:full-random (the 1.3B architecture with random weights, for speed on a GPU)")
 
 
+def _model_name(args) -> str:
+    """--model, with --weights for the embedded model (eval and showcase take only that)."""
+    name = getattr(args, "model", "tiny")
+    return f"tiny:{args.weights}" if name == "tiny" else name
+
+
 def _load_model(args):
-    if getattr(args, "model", "tiny") != "tiny":
-        from ffviz.models.wan import load_model
-        return load_model(args.model)
-    from ffviz.weights import load_tiny
-    model, _ = load_tiny(args.weights)
-    return model
+    from ffviz.models import load_model
+    return load_model(_model_name(args))
 
 
 def cmd_generate(args) -> int:
@@ -31,13 +34,14 @@ def cmd_generate(args) -> int:
 
     from ffviz.export import check_output_dir
     from ffviz.generate import Controls, RunSettings
+    from ffviz.models import has_scenes
     from ffviz.policies import make_policy, parse_policy_args
     from ffviz.run import run
     policy = make_policy(args.policy, **parse_policy_args(args.policy, args.policy_arg))
     controls = Controls(policy, args.budget)
     settings = RunSettings(args.prompt, frames=args.frames, seed=args.seed, steps=args.steps,
                            context_noise=args.context_noise, record=not args.no_record)
-    settings.validate(scenes=args.model == "tiny")  # bad prompt or settings fail before the model loads
+    settings.validate(scenes=has_scenes(args.model))  # bad prompt or settings fail before the model loads
     check_output_dir(args.out)
     model = _load_model(args)
     with tqdm(total=args.frames, unit="frame", desc="generating", file=sys.stderr) as bar:
@@ -229,13 +233,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from ffviz.export import OutputError
     from ffviz.generate import GenerationError
+    from ffviz.models import ModelError
     from ffviz.policies import PolicyError
     from ffviz.scenes import PromptError
-    from ffviz.weights import WeightsError
-    errors = (GenerationError, PolicyError, PromptError, WeightsError, OutputError)
-    if getattr(args, "model", "tiny") != "tiny":
-        from ffviz.models.wan import WanLoadError
-        errors += (WanLoadError,)
+    errors = (GenerationError, PolicyError, PromptError, ModelError, OutputError)
     if args.command in ("generate", "bench", "showcase"):
         if args.threads < 1:
             print(f"error: threads must be >= 1, got {args.threads}", file=sys.stderr)

@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from ffviz.generate import Controls, RunSettings, cuda_device, generate
-from ffviz.run import make_recorder
+from ffviz.generate import Controls, RunSettings, cuda_device
+from ffviz.run import Run
 
 BENCH_PROMPT = "a red circle and a blue square on a green background"
 
@@ -22,10 +22,9 @@ def _paired_run(model, twin, frames: int, policy: str, budget: int) -> tuple[flo
     ``twin`` (a copy the recorder listens to), alternating which goes first. A machine
     that slows down for a while slows both alike, so their ratio holds where separate
     timed runs drift apart."""
-    runs = [generate(m, RunSettings(BENCH_PROMPT, frames=frames, seed=0, record=False),
-                     Controls(policy, budget)) for m in (model, twin)]
+    runs = [iter(Run(m, RunSettings(BENCH_PROMPT, frames=frames, seed=0, record=record),
+                     Controls(policy, budget))) for m, record in ((model, False), (twin, True))]
     seconds = [0.0, 0.0]
-    recorder = make_recorder(twin)
     try:
         for step in itertools.count():
             done = False
@@ -38,7 +37,6 @@ def _paired_run(model, twin, frames: int, policy: str, budget: int) -> tuple[flo
     finally:
         for run in runs:
             run.close()
-        recorder.detach()
     return seconds[0], seconds[1]
 
 
@@ -79,16 +77,15 @@ def bench_policies(model, policies: list[str], budget: int, frames: int = 64,
     fresh = lambda spec: make_policy(specs[spec][0], **specs[spec][1])  # a policy keeps state
     settings = RunSettings(BENCH_PROMPT, frames=frames, seed=0, record=False)
     for spec in specs:  # warm-up: first calls (kernels, allocator, an eigh) are not timed
-        for _ in generate(model, RunSettings(BENCH_PROMPT, frames=min(frames, 8), seed=0),
-                          Controls(fresh(spec), min(budget, 7))):
-            pass
+        Run(model, RunSettings(BENCH_PROMPT, frames=min(frames, 8), seed=0, record=False),
+            Controls(fresh(spec), min(budget, 7))).finish()
     out = {"frames": frames, "budget_frames": budget, "repeats": repeats,
            "torch_threads": torch.get_num_threads(), "device": _device_name(model), "policies": {}}
     for spec in specs:
         best = None
         for _ in range(repeats):
             t0, steps, compress = time.perf_counter(), [], []
-            for i, step in enumerate(generate(model, settings, Controls(fresh(spec), budget))):
+            for i, step in enumerate(Run(model, settings, Controls(fresh(spec), budget))):
                 if i:  # the first chunk has no cache to compress; only numbers are kept
                     steps.append(step.seconds["total"])
                     if step.decision is not None:

@@ -3,7 +3,7 @@
 For every prompt of the suite and every seed:
 
 1. One **reference run** with the full cache. Its frames are kept (for
-   ``rollout_psnr_vs_full``) and ``ReferenceQueries`` records, at the hook
+   ``rollout_psnr_vs_full``) and ``reference.ReferenceQueries`` records, at the hook
    ``blocks.{i}.attn.hook_q_post`` during the "denoise" phase, the post-RoPE
    queries of every generated frame, of **every denoising step** (each step
    reads the cache, so each is a query the cache must serve; ``query_steps=
@@ -34,9 +34,10 @@ Metrics of one run (``RUN_COLUMNS``):
   exists in the run, the truth is the mean over the next ``horizon`` frames'
   recorded queries (clipped at the run's end) of the softmax over the tokens
   cached just before compression, with the ``log(mass)`` bias
-  (``policies.base.attention_share``); the policy's ``decision.layers[i].score``
-  is compared with it per layer and head (Spearman; recall of the true top-B,
-  B = the budget in tokens), averaged over layers, heads and compressions.
+  (``reference.true_share``); the policy's ``decision.layers[i].score``
+  is compared with it per layer and head (``reference.agreement``: Spearman; recall
+  of the true top-B, B = the budget in tokens), averaged over layers, heads and
+  compressions.
   Empty for policies that do not score tokens (full, window, sink).
 * ``policy_ms_per_compression``: ``Step.seconds["policy"]`` averaged over the
   steps where the policy returned a decision (empty when none did);
@@ -63,22 +64,18 @@ import dataclasses
 import json
 import math
 import time
-import types
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ffviz.generate import Controls, GenerationError, Observer, RunSettings, generate
-from ffviz.hooks import Hooks
-from ffviz.metrics import consistency
+from ffviz.generate import Controls, GenerationError, Observer, RunSettings
 from ffviz.policies import POLICIES, PolicyError, make_policy, parse_policy_args
-from ffviz.policies.base import attention_share
-from ffviz.scenes import Scene, parse_prompt
-from ffviz.stats import spearman, topb_recall
-from ffviz.train import TRAIN_SEED_BASE
+from ffviz.reference import ReferenceQueries, agreement, true_share
+from ffviz.run import Run
+from ffviz.sampling import TRAIN_SEED_BASE
+from ffviz.scenes import parse_prompt
 
 MAX_EVAL_FRAMES = 256  # the reference queries of one run are held in memory
 OFFLINE_POLICIES = ("oracle",)  # the only policies handed the reference run's future queries
@@ -195,70 +192,6 @@ def parse_policy_arg_list(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
-# -- the reference run's queries ---------------------------------------------------
-
-class ReferenceQueries:
-    """Post-RoPE queries of every generated frame of a full-cache run, float16.
-
-    ``q``: (frames, S, layers, heads, tokens_per_frame, d), S = denoising steps
-    recorded (all of them, or 1 for the last). Attach to the model for the run,
-    then detach; ``future(frame, layer)`` is the oracle's ``future_queries``.
-    """
-
-    def __init__(self, model, frames: int, steps: int, horizon: int, query_steps: str = "all"):
-        cfg = model.cfg
-        self.steps, self.horizon, self.frames = steps, horizon, frames
-        self.last_only = query_steps == "last"
-        S = 1 if self.last_only else steps
-        self.q = torch.zeros(frames, S, cfg.layers, cfg.heads, cfg.tokens_per_frame, cfg.head_dim,
-                             dtype=torch.float16)
-        self.filled = torch.zeros(frames, dtype=torch.bool)
-        self.seconds = 0.0  # time spent in the hooks (not the model's)
-        self._model, self._hooks = model, None
-
-    def attach(self) -> "ReferenceQueries":
-        self._hooks = Hooks(self._model)
-        for i in range(self._model.cfg.layers):
-            self._hooks.add(f"blocks.{i}.attn.hook_q_post", self._fn(i))
-        return self
-
-    def detach(self) -> None:
-        if self._hooks:
-            self._hooks.remove()
-            self._hooks = None
-
-    def _fn(self, layer: int):
-        def fn(q, hook):
-            ctx = hook.ctx
-            if ctx.phase != "denoise" or (self.last_only and ctx.step != self.steps - 1):
-                return
-            t0 = time.perf_counter()
-            s = 0 if self.last_only else ctx.step
-            tf = ctx.token_frame
-            for f in torch.unique(tf).tolist():
-                if f < self.frames:
-                    self.q[f, s, layer] = q[0, :, tf == f].to(torch.float16)
-                    self.filled[f] = True
-            self.seconds += time.perf_counter() - t0
-        return fn
-
-    def future(self, frame: int, layer: int) -> torch.Tensor | None:
-        """True queries of frames frame+1 .. frame+horizon (clipped at the run's
-        end) as (1, heads, m, d) float32, m = frames x S x tokens_per_frame;
-        None when no frame follows."""
-        lo, hi = frame + 1, min(frame + self.horizon, self.frames - 1) + 1
-        if lo >= hi:
-            return None
-        if not bool(self.filled[lo:hi].all()):
-            raise RuntimeError(f"reference queries of frames {lo}..{hi - 1} were not recorded")
-        q = self.q[lo:hi, :, layer]  # (F, S, H, n, d)
-        H, d = q.shape[2], q.shape[4]
-        return q.permute(2, 0, 1, 3, 4).reshape(1, H, -1, d).float()
-
-    def nbytes(self) -> int:
-        return self.q.numel() * self.q.element_size()
-
-
 # -- what one run is measured by -----------------------------------------------------
 
 class RunProbe(Observer):
@@ -297,8 +230,7 @@ class RunProbe(Observer):
         if self.reference is not None and cache.size > self.budget_tokens \
                 and ctx.frame + 1 < self.reference.frames:
             # the cache as the policy sees it; cloned, so a policy may edit it in place
-            self._before = (ctx.frame, [types.SimpleNamespace(k=l.k.clone(), mass=l.mass.clone())
-                                        for l in cache.layers])
+            self._before = (ctx.frame, [(l.k[0].clone(), l.mass[0].clone()) for l in cache.layers])
         self.seconds_in_step += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -308,17 +240,13 @@ class RunProbe(Observer):
             return
         frame, layers = before
         sp, rc = [], []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # constant scores read as 0
-            for i, (d, layer) in enumerate(zip(decision.layers, layers)):
-                if d.score is None:
-                    continue
-                q = self.reference.future(frame, i)
-                truth = attention_share(q, layer) / q.shape[2]  # (B, H, N)
-                score = d.score[0].detach().double().numpy()
-                truth = truth[0].double().numpy()
-                sp.append(np.mean(spearman(score, truth)))
-                rc.append(np.mean(topb_recall(score, truth, self.budget_tokens)))
+        for i, (d, (keys, mass)) in enumerate(zip(decision.layers, layers)):
+            if d.score is None:
+                continue
+            truth = true_share(self.reference.future(frame, i)[0], keys, mass).double().numpy()
+            rho, recall = agreement(d.score[0].detach().double().numpy(), truth, self.budget_tokens)
+            sp.append(np.mean(rho))
+            rc.append(np.mean(recall))
         if sp:
             self.spearman.append(float(np.mean(sp)))
             self.recall.append(float(np.mean(rc)))
@@ -339,34 +267,24 @@ def _mean(xs) -> float:
 def _one_run(model, prompt: str, seed: int, frames: int, policy, budget: int, probe: RunProbe,
              future=None, progress=None, extra_overhead=None) -> tuple[dict, np.ndarray]:
     settings = RunSettings(prompt, frames=frames, seed=seed, record=False)
-    video, peak, policy_s, total_s, decisions = [], 0, [], [], 0
-    started = time.perf_counter()
-    for step in generate(model, settings, Controls(policy, budget), observer=probe,
-                         future_queries=future):
-        video.append(step.frames)
-        peak = max(peak, step.cache_tokens_peak)
-        total_s.append(step.seconds["total"])
-        if step.decision is not None:
-            decisions += 1
-            policy_s.append(step.seconds["policy"])
+    run = Run(model, settings, Controls(policy, budget), observers=[probe], future_queries=future)
+    for step in run:
         if progress is not None:
             progress.update(len(step.frame_indices))
-    seconds = time.perf_counter() - started
-    video = np.concatenate(video)
-    g = model.cfg.given_frames
-    m = consistency(video[g:], Scene(parse_prompt(prompt, seed)[0], seed), start=g)
+    s, m = run.stats, run.metrics
     overhead = probe.seconds_in_step + (extra_overhead() if extra_overhead else 0.0)
-    step_ms = 1000 * (sum(total_s) - overhead) / max(len(total_s), 1)
-    policy_ms = 1000 * _mean(policy_s)
+    step_ms = 1000 * (s.seconds - overhead) / max(s.chunks, 1)
+    policy_ms = 1000 * s.compress_seconds / s.compressions if s.compressions else math.nan
     row = {"prompt": prompt, "policy": policy.name, "budget": budget, "seed": seed,
            "consistency": m["consistency"], "returns": m["returns"],
            "attn_rel_err": _mean(probe.attn_err), "rollout_psnr_vs_full": math.nan,
            "proxy_spearman": _mean(probe.spearman), "proxy_topb_recall": _mean(probe.recall),
            "policy_ms_per_compression": policy_ms, "step_ms": step_ms,
            "policy_share_of_step": policy_ms / step_ms if step_ms > 0 else math.nan,
-           "peak_cache_tokens": peak, "compressions": decisions, "seconds": seconds,
-           "policy_params": json.dumps(policy.params(), sort_keys=True), "error": ""}
-    return row, video
+           "peak_cache_tokens": s.peak_tokens, "compressions": s.compressions,
+           "seconds": run.seconds, "policy_params": json.dumps(policy.params(), sort_keys=True),
+           "error": ""}
+    return row, np.array(run.frames.all())
 
 
 def total_frames(config: EvalConfig) -> int:

@@ -1,8 +1,10 @@
-"""Writing a run's files: video.mp4, frames.npz, record.npz, decisions.jsonl,
-summary.json. Used by the CLI and the app; frames stream to disk chunk by
-chunk, so a long run does not hold its video in memory twice."""
+"""A run's frames and files: ``FrameSpool`` keeps every frame once, on disk;
+``RunWriter`` writes video.mp4, frames.npz, record.npz, decisions.jsonl and
+summary.json. Frames stream to disk chunk by chunk, so however long a run is, its
+video is never held in memory (a full-length Wan run decodes to gigabytes)."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tempfile
@@ -14,7 +16,7 @@ import numpy as np
 from ffviz.generate import Step
 
 VIDEO_SIDE = 256  # small frames are upscaled (nearest) to about this side so they are watchable
-VIDEO_FPS = 8
+RING = 12  # newest frames kept in memory for live views (the app's filmstrip shows 12)
 
 
 FILES = ("video.mp4", "decisions.jsonl", "frames.npz", "record.npz", "summary.json")
@@ -63,21 +65,63 @@ def check_output_dir(path) -> Path:
     return p
 
 
+class FrameSpool:
+    """Every frame of a run, once, in an unnamed file (``dir``: where; default the
+    system's temporary folder), and the newest ``ring`` frames in memory.
+
+    The file has no name, so it is gone when the spool is (also after a crash),
+    and memory stays flat however long the run: ``all()`` maps the file instead of
+    reading it. Appended by the run's thread, read by others (the app's views):
+    ``count`` grows only after a chunk's bytes are written.
+    """
+
+    def __init__(self, dir: Path | None = None, ring: int = RING):
+        self._file = tempfile.TemporaryFile(dir=dir, buffering=0)  # unbuffered: readers see it
+        self._ring: collections.deque = collections.deque(maxlen=ring)
+        self.count = 0
+        self.shape: tuple | None = None  # (H, W, 3) of every frame
+
+    def add(self, frames: np.ndarray) -> None:
+        """Append uint8 frames (T, H, W, 3)."""
+        if self.shape is not None and frames.shape[1:] != self.shape:
+            raise ValueError(f"frames of shape {frames.shape[1:]} after {self.shape}")
+        self._file.write(np.ascontiguousarray(frames, np.uint8).tobytes())
+        self.shape = frames.shape[1:]
+        self._ring.extend(frames)
+        self.count += len(frames)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def newest(self) -> np.ndarray:
+        """The newest frames (at most ``ring``), oldest first."""
+        frames = list(self._ring)
+        return np.stack(frames) if frames else np.zeros((0, 32, 32, 3), np.uint8)
+
+    def all(self) -> np.ndarray:
+        """Every frame so far (T, H, W, 3), read-only, paged in from disk as it is read."""
+        count = self.count
+        if not count:
+            return np.zeros((0, 32, 32, 3), np.uint8)
+        return np.memmap(self._file, np.uint8, "r", shape=(count, *self.shape))
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class RunWriter:
-    def __init__(self, out_dir: Path, fps: int = VIDEO_FPS):
+    def __init__(self, out_dir: Path, fps: int):
         self.dir = check_output_dir(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._video = imageio.get_writer(self.dir / "video.mp4", fps=fps, codec="libx264",
                                          quality=8, macro_block_size=1,
                                          ffmpeg_log_level="error")
         self._decisions = open(self.dir / "decisions.jsonl", "w")
-        self._frames: list[np.ndarray] = []
 
     def add(self, step: Step) -> None:
         for frame in step.frames:
             scale = max(1, VIDEO_SIDE // max(frame.shape[:2]))  # 32x32 -> 8x; Wan's 480x832 -> 1x
             self._video.append_data(frame.repeat(scale, 0).repeat(scale, 1))
-        self._frames.append(step.frames)
         if step.decision_log is not None:
             entry = {"step": step.index, "frames": step.frame_indices, "policy": step.policy,
                      "params": step.policy_params, "budget_frames": step.budget_frames,
@@ -85,13 +129,12 @@ class RunWriter:
                      **step.decision_log}
             self._decisions.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
-    def frames(self) -> np.ndarray:
-        return np.concatenate(self._frames) if self._frames else np.zeros((0, 32, 32, 3), np.uint8)
-
-    def close(self, summary: dict, recorder=None) -> None:
+    def close(self, summary: dict, frames: np.ndarray, recorder=None) -> None:
+        """Finish the files; ``frames``: the whole video (numpy writes a mapped one to
+        frames.npz piece by piece)."""
         self._video.close()
         self._decisions.close()
-        np.savez_compressed(self.dir / "frames.npz", frames=self.frames())
+        np.savez_compressed(self.dir / "frames.npz", frames=frames)
         if recorder is not None:
             recorder.to_npz(self.dir / "record.npz")
         else:

@@ -7,7 +7,8 @@ carries the ``given_frames`` frames rendered from the prompt's scene (the model
 is image-to-video); they enter the cache like generated ones.
 
 Memory is bounded by the budget (plus one chunk) and by the recorder's own
-bound; frames are handed to the caller step by step, never kept here.
+bound; frames are handed to the caller step by step, never kept here
+(``ffviz.run.Run`` drives this loop for every user and keeps what they need).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 
 from ffviz import kernels
 from ffviz.cache import Decision, KVCache
-from ffviz.hooks import Hooks
+from ffviz.hooks import QueryTap
+from ffviz.models import VideoModel
 from ffviz.policies import Policy, PolicyContext, PolicyError, make_policy
 from ffviz.sampling import denoise_chunk, fill_cache, palette_tensor, previous_tokens, snap_tokens
 from ffviz.scenes import Scene, SceneSpec, parse_prompt
@@ -124,13 +126,6 @@ class RunSettings:
         return parse_prompt(self.prompt, self.seed)
 
 
-def _to_uint8(model, tokens: torch.Tensor, frames: torch.Tensor | None = None) -> np.ndarray:
-    if hasattr(model, "decode"):  # a latent model (Wan) decodes its own tokens
-        return model.decode(tokens, frames)
-    img = model.unpatchify(tokens)[0].clamp(-1, 1)
-    return ((img + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
 LOG_MAX_TOKENS = 4096  # evicted tokens per head beyond which a head's entry is a summary
 
 
@@ -204,34 +199,32 @@ def _summary_entries(kept: torch.Tensor, into: torch.Tensor, d) -> list[dict]:
     return [{name: num(v[h]) for name, v in rows.items()} for h in range(kept.shape[0])]
 
 
-class QueryTap:
-    """Feeds the policies' inputs from the hook points: the streaming pre-RoPE
-    statistics (every denoising step) and the post-RoPE queries of the last
-    denoising step of the current chunk."""
+class PolicyInputs:
+    """What the policies read of the queries, fed from the query hook points: the
+    streaming pre-RoPE statistics (every denoising step) and the post-RoPE queries
+    of the last denoising step of the current chunk."""
 
-    def __init__(self, model, stats: QueryStats, steps: int):
-        self.stats, self.steps = stats, steps
-        self.chunk_queries: list = [None] * model.cfg.layers
-        self.hooks = Hooks(model)
-        for i in range(model.cfg.layers):
-            self.hooks.add(f"blocks.{i}.attn.hook_q_pre", self._pre(i))
-            self.hooks.add(f"blocks.{i}.attn.hook_q_post", self._post(i))
+    def __init__(self, model):
+        cfg = model.cfg
+        self.stats = QueryStats(cfg.layers, cfg.heads, cfg.head_dim)
+        self.chunk_queries: list = [None] * cfg.layers
+        self.pre = QueryTap(model, self._on_pre, pre="all")
+        self.post = QueryTap(model, self._on_post, post="last")
 
-    def _pre(self, layer):
-        def fn(q, hook):
-            if hook.ctx.phase == "denoise":
-                self.stats.update(layer, q[:1], int(hook.ctx.token_frame[-1]))
-        return fn
+    def _on_pre(self, layer, kind, q, ctx):
+        self.stats.update(layer, q[:1], int(ctx.token_frame[-1]))
 
-    def _post(self, layer):
-        def fn(q, hook):
-            if hook.ctx.phase == "denoise" and hook.ctx.step == self.steps - 1:
-                self.chunk_queries[layer] = q.detach()
-        return fn
+    def _on_post(self, layer, kind, q, ctx):
+        self.chunk_queries[layer] = q.detach()
+
+    def remove(self) -> None:
+        self.pre.remove()
+        self.post.remove()
 
 
 class Observer:
-    """Optional callbacks into a run (evaluation uses them); all default to no-ops."""
+    """Optional callbacks into a run (``ffviz.run.Run`` passes its observers: the app's
+    cache snapshots, eval's probes); all default to no-ops."""
 
     def after_write(self, cache: KVCache, frames: torch.Tensor, ctx: PolicyContext) -> None:
         """The chunk's keys are in the cache; the policy has not acted yet."""
@@ -255,7 +248,7 @@ def _clock(model):
     return time.perf_counter
 
 
-def generate(model, settings: RunSettings, controls: Controls,
+def generate(model: VideoModel, settings: RunSettings, controls: Controls,
              observer: Observer | None = None, future_queries=None) -> Iterator[Step]:
     """Run ``model`` on ``settings``; yield one ``Step`` per chunk.
 
@@ -264,7 +257,7 @@ def generate(model, settings: RunSettings, controls: Controls,
     current chunk. ``future_queries(frame, layer)`` feeds the offline oracle.
     A recorder, if any, listens on the model's hook points on its own.
     """
-    scenes = getattr(model, "has_scenes", True)  # False: free-text prompt, no given frames
+    scenes = model.has_scenes  # False: free-text prompt, no given frames
     spec, _ = settings.validate(scenes)
     cfg, n = model.cfg, model.cfg.tokens_per_frame
     policy, budget, seen_version = controls.snapshot()
@@ -274,14 +267,14 @@ def generate(model, settings: RunSettings, controls: Controls,
     steps = settings.steps or cfg.sample_steps
     level = cfg.context_noise if settings.context_noise is None else settings.context_noise
     scene = Scene(spec, settings.seed) if scenes else None
-    snap = scenes and (getattr(cfg, "snap", False) if settings.snap is None else settings.snap)
+    snap = scenes and (cfg.snap if settings.snap is None else settings.snap)
     palette = palette_tensor([spec], next(model.parameters()).device) if snap else None
     gen = torch.Generator().manual_seed(settings.seed)
     cache = model.new_cache()
     if kernels.compiled_cpu(next(model.parameters())):  # the CPU kernels' first compile
         kernels.cpu_kernels.warm(len(cache.layers))  # (once per machine) is not a timed step
     g = min(cfg.given_frames, settings.frames)
-    tap = QueryTap(model, QueryStats(cfg.layers, cfg.heads, cfg.head_dim), steps)
+    inputs = PolicyInputs(model)
     clock = _clock(model)
     try:
         # no torch.no_grad() around the loop: a generator suspended inside it would leave
@@ -302,7 +295,7 @@ def generate(model, settings: RunSettings, controls: Controls,
                 frames = torch.arange(f, min(f + cfg.chunk_frames, settings.frames))
                 noise = torch.randn(1, frames.numel() * n, cfg.patch_dim, generator=gen)
                 x0 = denoise_chunk(model, cache, frames, cond, noise, steps, cfg.shift, prev=last)
-                if getattr(model, "clamp_tokens", True):  # pixels in [-1, 1]; not Wan's latents
+                if model.clamp_tokens:  # pixels in [-1, 1]; not Wan's latents
                     x0 = x0.clamp(-1, 1)
                 if palette is not None:  # errors snap back instead of compounding
                     x0 = snap_tokens(model, x0, palette)
@@ -313,8 +306,8 @@ def generate(model, settings: RunSettings, controls: Controls,
             peak, newest = cache.size, int(frames[-1])
             ctx = PolicyContext(
                 frame=newest, tokens_per_frame=n, chunk_frames=cfg.chunk_frames,
-                grid=cache.grid, rope=model.rope, stats=tap.stats,
-                chunk_queries=list(tap.chunk_queries) if f > 0 else None,
+                grid=cache.grid, rope=model.rope, stats=inputs.stats,
+                chunk_queries=list(inputs.chunk_queries) if f > 0 else None,
                 future_queries=None if future_queries is None else
                 (lambda layer, _f=newest: future_queries(_f, layer)))
             if observer:
@@ -333,7 +326,7 @@ def generate(model, settings: RunSettings, controls: Controls,
             t3 = clock()
             if observer:
                 observer.after_compress(cache, decision, ctx)
-            yield Step(index=index, frame_indices=frames.tolist(), frames=_to_uint8(model, x0, frames),
+            yield Step(index=index, frame_indices=frames.tolist(), frames=model.decode(x0, frames),
                        seconds={"denoise": t1 - t0, "cache": t2 - t1,
                                 "policy": t3 - t_policy - log_s, "log": log_s,
                                 "total": t3 - t0},
@@ -344,4 +337,4 @@ def generate(model, settings: RunSettings, controls: Controls,
             f += frames.numel()
             index += 1
     finally:
-        tap.hooks.remove()
+        inputs.remove()

@@ -1,4 +1,4 @@
-"""Named hook points and the query recorder.
+"""Named hook points, the query tap and the query recorder.
 
 Every attention layer of a model calls four hook points, named by path as in
 TransformerLens: ``blocks.{i}.attn.hook_q_pre`` / ``hook_q_post`` (queries before
@@ -6,6 +6,9 @@ and after RoPE) and ``hook_k_pre`` / ``hook_k_post``. Tensors are
 (batch, heads, tokens, head_dim). A hook function gets ``(tensor, hook)`` and
 may return a replacement tensor; ``hook.ctx`` tells which frames the tokens
 belong to, the noise level and the phase ("denoise" or "cache").
+
+``QueryTap`` is how everything reads queries while the model denoises (the
+policies' inputs in ``generate``, the recorder, the reference run of ``reference``).
 
 The recorder keeps, per layer, head and frame, the mean and variance of pre-
 and post-RoPE queries, plus a bounded reservoir of query vectors for
@@ -91,6 +94,37 @@ class Hooks:
         self._attached.clear()
 
 
+class QueryTap:
+    """The queries of every attention layer while the model denoises, handed to
+    ``fn(layer, kind, q, ctx)`` (``kind`` "pre" or "post" RoPE, ``q`` (B, H, N, d)).
+
+    ``pre``/``post``: at which denoising steps of each chunk, "all" or "last", or
+    None for not at all. The one reader of the query hook points: generation's
+    policy inputs, the recorder and the reference run all listen through it.
+    """
+
+    def __init__(self, model: nn.Module, fn: Callable, pre: str | None = None,
+                 post: str | None = None):
+        self.hooks = Hooks(model)
+        for kind, steps in (("pre", pre), ("post", post)):
+            if steps not in (None, "all", "last"):
+                raise ValueError(f"steps must be 'all', 'last' or None, got {steps!r}")
+            for layer in range(model.cfg.layers) if steps else ():
+                self.hooks.add(f"blocks.{layer}.attn.hook_q_{kind}",
+                               self._listener(fn, layer, kind, last_only=steps == "last"))
+
+    @staticmethod
+    def _listener(fn: Callable, layer: int, kind: str, last_only: bool) -> Callable:
+        def hook(q: torch.Tensor, point: HookPoint):
+            ctx = point.ctx
+            if ctx.phase == "denoise" and (not last_only or ctx.step == ctx.steps - 1):
+                fn(layer, kind, q, ctx)
+        return hook
+
+    def remove(self) -> None:
+        self.hooks.remove()
+
+
 class QueryRecorder:
     """Per layer, head and frame statistics of pre- and post-RoPE queries.
 
@@ -128,26 +162,17 @@ class QueryRecorder:
         self._w = np.zeros(layers)
         self._rng = np.random.default_rng(seed)
         self._pending_idx: dict[int, np.ndarray] = {}
-        self._hooks: Hooks | None = None
+        self._tap: QueryTap | None = None
 
     # -- wiring -----------------------------------------------------------
     def attach(self, model: nn.Module) -> "QueryRecorder":
-        self._hooks = Hooks(model)
-        for i in range(self.L):
-            self._hooks.add(f"blocks.{i}.attn.hook_q_pre", self._make_fn(i, "pre"))
-            self._hooks.add(f"blocks.{i}.attn.hook_q_post", self._make_fn(i, "post"))
+        on_query = lambda layer, kind, q, ctx: self.observe(layer, kind, q[0], ctx.token_frame)
+        self._tap = QueryTap(model, on_query, pre=self.steps, post=self.steps)
         return self
 
     def detach(self) -> None:
-        if self._hooks:
-            self._hooks.remove()
-
-    def _make_fn(self, layer: int, kind: str):
-        def fn(x: torch.Tensor, hook: HookPoint):
-            ctx = hook.ctx
-            if ctx.phase == "denoise" and (self.steps == "all" or ctx.step == ctx.steps - 1):
-                self.observe(layer, kind, x[0], ctx.token_frame)
-        return fn
+        if self._tap:
+            self._tap.remove()
 
     # -- recording --------------------------------------------------------
     def _slot(self, frame: int) -> int | None:

@@ -1,4 +1,6 @@
-"""The few-step flow-matching sampler shared by generation and training rollouts.
+"""The few-step flow-matching sampler shared by generation and training rollouts,
+and the rollout itself (a clip run as generation runs it, used by training and
+the showcase's teacher-forced diagnostic).
 
 Flow matching: x_t = (1 - t) x_0 + t noise and v = noise - x_0, so an Euler step
 from t to t' is x += (t' - t) v and the last step lands on x_0. A model that
@@ -14,6 +16,9 @@ import numpy as np
 import torch
 
 from ffviz.cache import KVCache
+from ffviz.policies.base import keep_newest
+
+TRAIN_SEED_BASE = 1 << 20  # training scene seeds are >= this; user and eval seeds stay below
 
 
 def shifted(u, shift: float):
@@ -29,7 +34,7 @@ def sigma_schedule(steps: int, shift: float) -> list[float]:
 
 def velocity(model, out: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
     """The flow velocity from a model output at level ``t``."""
-    if getattr(model.cfg, "prediction", "v") == "x0":
+    if model.cfg.prediction == "x0":
         return (x - out) / max(t, 1e-6)
     return out
 
@@ -43,8 +48,7 @@ def denoise_chunk(model, cache: KVCache, frames: torch.Tensor, cond: torch.Tenso
     model with a previous-frame input. Returns clean tokens, same shape."""
     x = noise
     ts = sigma_schedule(steps, shift)
-    if getattr(model, "hook_ctx", None) is not None:
-        model.hook_ctx.steps = steps  # lets hooks tell the last denoising step
+    model.hook_ctx.steps = steps  # lets hooks tell the last denoising step
     B, T = noise.shape[0], frames.numel()
     if prev is not None and prev.shape[1] != noise.shape[1]:
         # a chunk of several frames: each sees the newest frame before the chunk
@@ -52,7 +56,7 @@ def denoise_chunk(model, cache: KVCache, frames: torch.Tensor, cond: torch.Tenso
     for i in range(steps):
         t = torch.full((B, T), ts[i], device=noise.device)
         out = model(x, t, frames, cond, prev=prev, cache=cache, phase="denoise", step=i)
-        if ts[i + 1] == 0 and getattr(model.cfg, "prediction", "v") == "x0":
+        if ts[i + 1] == 0 and model.cfg.prediction == "x0":
             x = out  # the last step lands on the prediction itself
         else:
             x = x + (ts[i + 1] - ts[i]) * velocity(model, out, x, ts[i])
@@ -104,3 +108,46 @@ def palette_tensor(specs, device=None) -> torch.Tensor:
     P = max(len(p) for p in pals)
     out = np.stack([np.concatenate([p, np.repeat(p[:1], P - len(p), 0)]) for p in pals])
     return torch.from_numpy(out).float().div(127.5).sub(1).to(device)
+
+
+@torch.no_grad()
+def rollout(model, clip_tokens, cond, steps: int, window: int,
+            generator: torch.Generator, palette: torch.Tensor | None = None, horizon: int = 0,
+            frame_idx: torch.Tensor | None = None, before: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the model on a clip as generation does (previous-frame input, snapping to
+    ``palette`` (B, P, 3) when given, a window cache of ``window`` frames); returns
+    tokens like ``clip_tokens`` (B, T*n, d).
+
+    The clip's frames are ``frame_idx`` (default 0..T-1). Its given frames are true and
+    cached as one chunk; with ``before`` (the true frame before slot ``given``, tokens
+    (B, n, d)) slot ``given`` is true too (a recent block after a gap). ``horizon`` 0:
+    free-running from there. ``horizon`` h > 0: every h-th frame the TRUE frame goes
+    into the cache (and the previous-frame input) instead of the generated one (h = 1:
+    each frame a one-step prediction from true frames: the teacher-forced diagnostic)."""
+    cfg, n = model.cfg, model.cfg.tokens_per_frame
+    T = clip_tokens.shape[1] // n
+    frame_idx = torch.arange(T) if frame_idx is None else frame_idx
+    cache = model.new_cache()
+    out = clip_tokens.clone()
+    g = cfg.given_frames
+    tok = lambda x, i: x[:, i * n:(i + 1) * n]
+    fill_cache(model, cache, clip_tokens[:, :g * n], frame_idx[:g], cond, 0.0,
+               prev=previous_tokens(None, clip_tokens[:, :g * n], n))
+    last, first = tok(clip_tokens, g - 1), g
+    if before is not None:
+        fill_cache(model, cache, tok(clip_tokens, g), frame_idx[g:g + 1], cond, 0.0, prev=before)
+        last, first = tok(clip_tokens, g), g + 1
+    for i in range(first, T):
+        fr = frame_idx[i:i + 1]
+        noise = torch.randn(tok(out, i).shape, generator=generator).to(out.device)
+        x = denoise_chunk(model, cache, fr, cond, noise, steps, cfg.shift, prev=last).clamp(-1, 1)
+        if palette is not None:
+            x = snap_tokens(model, x, palette)
+        out[:, i * n:(i + 1) * n] = x
+        anchor = horizon > 0 and (i - first) % horizon == horizon - 1
+        written = tok(clip_tokens, i) if anchor else x
+        fill_cache(model, cache, written, fr, cond, 0.0, prev=last)
+        last = written
+        if cache.size > window * n:  # a window cache: the window policy's own decision
+            cache.apply(keep_newest(cache, window * n))
+    return out

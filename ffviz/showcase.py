@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings, _to_uint8, generate
+from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings
 from ffviz.metrics import consistency
 from ffviz.policies import PolicyError, make_policy, parse_policy_args
+from ffviz.run import Run
+from ffviz.sampling import palette_tensor, rollout
 from ffviz.scenes import Scene, parse_prompt, random_spec
-from ffviz.sampling import palette_tensor
-from ffviz.train import rollout
 
 METRICS = ("consistency", "background", "color_presence", "shape", "returns", "off_palette",
            "tracking", "mse")
@@ -61,7 +61,7 @@ def run_frames(model, prompt: str, seed: int, frames: int, policy: str, budget: 
                params: dict | None = None, steps: int | None = None) -> np.ndarray:
     settings = RunSettings(prompt, frames=frames, seed=seed, record=False, steps=steps)
     controls = Controls(make_policy(policy, **(params or {})), budget)  # a fresh policy per run
-    return np.concatenate([s.frames for s in generate(model, settings, controls)])
+    return np.array(Run(model, settings, controls).finish().frames.all())
 
 
 def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: int,
@@ -81,7 +81,7 @@ def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: in
     palette = palette_tensor([spec]) if cfg.snap else None
     out = rollout(model, model.patchify(truth / 127.5 - 1), cond, steps or cfg.sample_steps,
                   budget, torch.Generator().manual_seed(seed), palette=palette, horizon=1)
-    return _to_uint8(model, out)
+    return model.decode(out)
 
 
 def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds: int = 2,

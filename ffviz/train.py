@@ -39,15 +39,13 @@ import numpy as np
 import torch
 
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
-from ffviz.policies.base import keep_newest
-from ffviz.sampling import (denoise_chunk, fill_cache, palette_tensor, previous_tokens, shifted,
-                            sigma_schedule, snap_tokens)
+from ffviz.sampling import (TRAIN_SEED_BASE, palette_tensor, previous_tokens, rollout, shifted,
+                            sigma_schedule)
 from ffviz.scenes import COLORS, Scene, random_spec
 from ffviz.teacher import renderer_targets
 from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, load_tiny, save_weights
 
 DATA_VERSION = 2  # bump when scenes.py changes what a clip looks like
-TRAIN_SEED_BASE = 1 << 20  # training scene seeds are >= this; user and eval seeds stay below
 STATE_SUFFIX = ".state.pt"
 MAX_GAP = 200  # frames between the given frames and a clip's recent block, at most
 
@@ -214,49 +212,6 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
     err = (out[:, T * n:].float() - tgt).pow(2).mean(-1)  # (B, K * n), float32 under autocast too
     w = pick(weight[..., None])[..., 0] * valid[:, targets].repeat_interleave(n, 1)
     return (err * w).sum() / w.sum().clamp_min(1e-6)
-
-
-@torch.no_grad()
-def rollout(model: TinyVideoModel, clip_tokens, cond, steps: int, window: int,
-            generator: torch.Generator, palette: torch.Tensor | None = None, horizon: int = 0,
-            frame_idx: torch.Tensor | None = None, before: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the model on a clip as generation does (previous-frame input, snapping to
-    ``palette`` (B, P, 3) when given, a window cache of ``window`` frames); returns
-    tokens like ``clip_tokens`` (B, T*n, d).
-
-    The clip's frames are ``frame_idx`` (default 0..T-1). Its given frames are true and
-    cached as one chunk; with ``before`` (the true frame before slot ``given``, tokens
-    (B, n, d)) slot ``given`` is true too (a recent block after a gap). ``horizon`` 0:
-    free-running from there. ``horizon`` h > 0: every h-th frame the TRUE frame goes
-    into the cache (and the previous-frame input) instead of the generated one (h = 1:
-    each frame a one-step prediction from true frames: the teacher-forced diagnostic)."""
-    cfg, n = model.cfg, model.cfg.tokens_per_frame
-    T = clip_tokens.shape[1] // n
-    frame_idx = torch.arange(T) if frame_idx is None else frame_idx
-    cache = model.new_cache()
-    out = clip_tokens.clone()
-    g = cfg.given_frames
-    tok = lambda x, i: x[:, i * n:(i + 1) * n]
-    fill_cache(model, cache, clip_tokens[:, :g * n], frame_idx[:g], cond, 0.0,
-               prev=previous_tokens(None, clip_tokens[:, :g * n], n))
-    last, first = tok(clip_tokens, g - 1), g
-    if before is not None:
-        fill_cache(model, cache, tok(clip_tokens, g), frame_idx[g:g + 1], cond, 0.0, prev=before)
-        last, first = tok(clip_tokens, g), g + 1
-    for i in range(first, T):
-        fr = frame_idx[i:i + 1]
-        noise = torch.randn(tok(out, i).shape, generator=generator).to(out.device)
-        x = denoise_chunk(model, cache, fr, cond, noise, steps, cfg.shift, prev=last).clamp(-1, 1)
-        if palette is not None:
-            x = snap_tokens(model, x, palette)
-        out[:, i * n:(i + 1) * n] = x
-        anchor = horizon > 0 and (i - first) % horizon == horizon - 1
-        written = tok(clip_tokens, i) if anchor else x
-        fill_cache(model, cache, written, fr, cond, 0.0, prev=last)
-        last = written
-        if cache.size > window * n:  # a window cache: the window policy's own decision
-            cache.apply(keep_newest(cache, window * n))
-    return out
 
 
 def _worker_init():

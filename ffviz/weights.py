@@ -14,13 +14,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from ffviz.models import ModelError
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_WEIGHTS = ASSETS / "tiny.safetensors"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ModelError):
     """Weights that are missing, corrupt, or do not fit the model."""
 
 

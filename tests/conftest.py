@@ -38,9 +38,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def app_module():
+    """The built app (``app.App``: its widgets and handlers), as ``python app.py`` builds it."""
     threads = torch.get_num_threads()
-    import app  # sets torch to one thread (see app.py); the rest of the suite gets its own back
-    yield app
+    import app
+    yield app.build()  # sets torch to one thread (see app.py); the rest of the suite gets its own back
     torch.set_num_threads(threads)
 
 

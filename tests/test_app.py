@@ -145,7 +145,7 @@ def test_concurrent_users_are_isolated(server, app_module):
 
 
 def test_cancelled_run_frees_its_session(server):
-    from ffviz.viz.session import RunSession
+    from ffviz.app.session import RunSession
 
     c = client(server)
     job = c.submit(*run_args(frames=200, budget=2), api_name="/run")
@@ -167,7 +167,7 @@ def test_cancelled_run_frees_its_session(server):
 # -- plain functions (no server) ----------------------------------------------
 
 def test_check_inputs_messages():
-    from ffviz.viz.session import check_inputs
+    from ffviz.app.session import check_inputs
 
     with pytest.raises(PromptError, match="empty"):
         check_inputs("  ", 8, 2, 0)
@@ -186,7 +186,7 @@ def test_check_inputs_messages():
 
 def test_params_come_from_the_registry():
     from ffviz.policies import POLICIES
-    from ffviz.viz.params import build_policy, collect, param_specs
+    from ffviz.app.params import build_policy, collect, param_specs
 
     specs = param_specs()
     names = {s.policy for s in specs}
@@ -204,10 +204,10 @@ def test_params_come_from_the_registry():
 
 def test_session_views_and_figures(app_module):
     from ffviz.viz import figures as F
-    from ffviz.viz.oracle import fidelity, reference_queries, true_share
+    from ffviz.reference import fidelity, reference_run, true_share
     from ffviz.viz.projections import pca_common, projection_figure
-    from ffviz.viz.session import RunSession, check_inputs
-    from ffviz.viz.views import live_views, plot_views
+    from ffviz.app.session import RunSession, check_inputs
+    from ffviz.app.views import live_views, plot_views
 
     s = RunSession(app_module.MODEL, check_inputs(PROMPT, 7, 2, 0), make_policy("window"), 2)
     for step in s.run():
@@ -226,7 +226,7 @@ def test_session_views_and_figures(app_module):
     assert isinstance(projection_figure(s.recorder, 3, 0), go.Figure)
     share = true_share(torch.randn(2, 5, 8), torch.randn(2, 7, 8), torch.ones(2, 7))
     assert np.allclose(share.sum(-1).numpy(), 1, atol=1e-5)
-    ref = reference_queries(app_module.MODEL, s.settings)
+    ref = reference_run(app_module.MODEL, s.settings, horizon=2)
     res = fidelity(s.oracle_steps, ref, horizon=2)
     assert res["steps"] >= 1 and res["spearman"].shape[1:] == (4, 4)
     assert isinstance(F.oracle_figure(res, 3, 0), go.Figure)
@@ -265,7 +265,7 @@ def test_ab_oracle_umap_handlers(app_module):
 def test_closed_session_frees_its_run(app_module):
     """Gradio calls the State's delete_callback when a user's session ends: the
     run stops at its next chunk and its files go."""
-    from ffviz.viz.session import RunSession, check_inputs
+    from ffviz.app.session import RunSession, check_inputs
 
     s = RunSession(app_module.MODEL, check_inputs(PROMPT, 50, 2, 0), make_policy("window"), 2)
     steps = s.run()
@@ -299,7 +299,7 @@ def test_model_choice_hidden_by_default(app_module):
 
 
 def test_check_inputs_without_scenes():
-    from ffviz.viz.session import check_inputs
+    from ffviz.app.session import check_inputs
 
     assert check_inputs("the quick fox", 8, 2, 0, scenes=False).prompt == "the quick fox"
     with pytest.raises(PromptError, match="empty"):
@@ -312,7 +312,8 @@ MODEL_CHOICE_SCRIPT = r"""
 import json
 import ffviz.viz.projections as P
 P._warm_started = True  # no background UMAP warm-up (numba) competing for the CPU: no UMAP here
-import app
+import app as entry
+app = entry.build()
 assert app.MULTI_MODEL and app.model_choice.visible is not False
 params = [None] * len(app.SPECS)
 outs = list(app.start_run("a cat surfing a wave at dusk", 0, 6, "window", 2, "L3", "H0",
@@ -323,7 +324,7 @@ assert final[app.frame_img].shape == (256, 256, 3) and final[app.cache_img].ndim
 assert final[app.video].endswith(".mp4")
 views = app.set_view(s, "L3", "H1", "kl", "running")  # beyond wan's 2 layers/heads: clamped
 assert s.view == {"layer": 1, "head": 1} and len(views) >= 6
-rows = app.summary_table(s.summary)
+rows = entry.summary_table(s.summary)
 assert "32 tokens" in app.budget_info(2, "wan:tiny-random")
 assert "128 tokens" in app.budget_info(2, "tiny")
 # the endpoints take the model as their last input
@@ -332,7 +333,7 @@ for name in ("run", "generate"):
     assert fns[name].inputs[-1] is app.model_choice, name
 _, api_summary = app.api_generate("a dog", "sink", 2, 6, 1, "wan:tiny-random")
 print("RESULT " + json.dumps({"summary": s.summary, "rows": rows, "chunks": len(outs),
-                              "api": api_summary, "cached": sorted(app._MODELS)}))
+                              "api": api_summary, "cached": sorted(app.models)}))
 s.close()
 """
 
@@ -340,7 +341,7 @@ s.close()
 def test_model_choice_runs_a_model_without_scenes():
     """FFVIZ_MODELS lists two models: the dropdown shows, and a run on
     wan:tiny-random (free-text prompt, other grid) gives frames and a summary
-    without scene metrics. A subprocess: the app reads FFVIZ_MODELS at import."""
+    without scene metrics. A subprocess: the app reads FFVIZ_MODELS when it is built."""
     import os
     import subprocess
     import sys
@@ -369,7 +370,7 @@ def test_steering_dry_run_works_for_every_online_policy(monkeypatch, kernels_mod
     Forcing's CPU kernels and Deep Forcing's re-rotation read)."""
     from ffviz.generate import RunSettings
     from ffviz.policies import POLICIES
-    from ffviz.viz.session import RunSession
+    from ffviz.app.session import RunSession
     from tests.conftest import random_model
 
     monkeypatch.setenv("FFVIZ_KERNELS", kernels_mode)

@@ -84,15 +84,16 @@ def test_full_size_wan_needs_a_gpu(tmp_path):
 def test_bench_pairs_plain_and_recording_steps_on_separate_models(monkeypatch):
     """The lockstep pair: the recorder listens to the twin only, sees every frame of its
     run, and every hook (the recorder's, each run's query tap) is gone afterwards."""
-    from ffviz import bench
+    from ffviz import bench, run
     from ffviz.hooks import hook_points
     from tests.conftest import random_model
     model, twin = random_model(), random_model()
     seen = []
-    real = bench.make_recorder
-    monkeypatch.setattr(bench, "make_recorder", lambda m: seen.append(real(m)) or seen[-1])
+    real = run.QueryRecorder
+    monkeypatch.setattr(run, "QueryRecorder", lambda *a: seen.append(real(*a)) or seen[-1])
     plain, rec = bench._paired_run(model, twin, 5, "window", 2)
     assert plain > 0 and rec > 0
+    assert len(seen) == 1  # the twin's run records, the plain one does not
     assert list(seen[0].frames) == [2, 3, 4]  # each generated frame of the twin's run, once
     for m in (model, twin):
         assert all(not p.fns for p in hook_points(m).values())

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ffviz.evaluate import (MAX_EVAL_FRAMES, RESULT_COLUMNS, EvalConfig, EvalError,
-                            ReferenceQueries, aggregate, evaluate, parse_policy_arg_list,
-                            parse_prompts, psnr, run_eval)
+from ffviz.evaluate import (MAX_EVAL_FRAMES, RESULT_COLUMNS, EvalConfig, EvalError, aggregate,
+                            evaluate, parse_policy_arg_list, parse_prompts, psnr, run_eval)
 from ffviz.generate import Controls, RunSettings, generate
 from ffviz.policies import POLICIES, PolicyError
+from ffviz.reference import ReferenceQueries
 from ffviz.scenes import PromptError
 from ffviz.train import TRAIN_SEED_BASE
 from tests.conftest import random_model

@@ -14,8 +14,9 @@ from ffviz.cache import Decision, LayerDecision  # noqa: E402
 from ffviz.generate import Controls, RunSettings, generate  # noqa: E402
 from ffviz.hooks import Hooks  # noqa: E402
 from ffviz.models.rope import Rope3D  # noqa: E402
+from ffviz.models import ModelError, load_model  # noqa: E402
 from ffviz.models.wan import (WanLoadError, build_tiny_random, load_generator_weights,  # noqa: E402
-                              load_model, load_wan)
+                              load_wan)
 from ffviz.models.wan_convert import convert_key, convert_state_dict, strip_prefix  # noqa: E402
 from ffviz.policies import POLICIES, make_policy  # noqa: E402
 
@@ -288,7 +289,7 @@ def test_load_wan_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(WanLoadError, match="no GPU"):
         load_wan(str(ckpt))
-    with pytest.raises(WanLoadError, match="unknown model"):
+    with pytest.raises(ModelError, match="unknown model"):
         load_model("wan:")
 
 

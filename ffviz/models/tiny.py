@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,12 +64,17 @@ class TinyConfig:
     snap: bool = True  # snap each generated frame to the scene's palette before it is cached
 
     @property
-    def grid(self) -> int:
+    def side(self) -> int:
+        """Patches along each side of a (square) frame."""
         return self.frame_size // self.patch
 
     @property
+    def grid(self) -> tuple[int, int]:
+        return self.side, self.side
+
+    @property
     def tokens_per_frame(self) -> int:
-        return self.grid ** 2
+        return self.side ** 2
 
     @property
     def head_dim(self) -> int:
@@ -165,6 +171,13 @@ class Block(nn.Module):
 
 
 class TinyVideoModel(nn.Module):
+    """The ``VideoModel`` of ``ffviz.models``: pixels in [-1, 1], scene-conditioned."""
+
+    name = "tiny"
+    fps = 8  # the video writer's frame rate for its frames
+    has_scenes = True  # prompts are the scene grammar: given frames, scene metrics
+    clamp_tokens = True  # tokens are pixels: generated ones are clamped to [-1, 1]
+
     def __init__(self, cfg: TinyConfig = TinyConfig()):
         super().__init__()
         self.cfg = cfg
@@ -191,24 +204,32 @@ class TinyVideoModel(nn.Module):
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, S, S, 3) in [-1, 1] -> (B, T * tokens_per_frame, patch_dim)."""
         B, T, S, _, C = frames.shape
-        g, p = self.cfg.grid, self.cfg.patch
+        g, p = self.cfg.side, self.cfg.patch
         x = frames.reshape(B, T, g, p, g, p, C).permute(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(B, T * g * g, p * p * C)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
-        g, p, C = self.cfg.grid, self.cfg.patch, self.cfg.channels
+        g, p, C = self.cfg.side, self.cfg.patch, self.cfg.channels
         x = x.reshape(B, -1, g, g, p, p, C).permute(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(B, -1, g * p, g * p, C)
+
+    def decode(self, tokens: torch.Tensor, frames: torch.Tensor | None = None) -> np.ndarray:
+        """uint8 video frames (T, 32, 32, 3) of batch element 0 of ``tokens``."""
+        img = self.unpatchify(tokens)[0].clamp(-1, 1)
+        return ((img + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
     # -- conditioning ------------------------------------------------------
     def embed_condition(self, cond_ids: torch.Tensor) -> torch.Tensor:
         """(B, len(CONDITION_VOCAB)) ids from ``SceneSpec.condition_ids`` -> (B, width)."""
         return sum(emb(cond_ids[:, i]) for i, emb in enumerate(self.cond_embed))
 
+    def encode_prompt(self, prompt: str):
+        raise TypeError("the tiny model is conditioned on a scene: use embed_condition(ids)")
+
     def token_positions(self, frames: torch.Tensor):
         """frame, row, col (T * tokens_per_frame,) of every token of ``frames`` (T,)."""
-        g = self.cfg.grid
+        g = self.cfg.side
         n = frames.numel()
         frame = frames.view(-1, 1).expand(n, g * g).reshape(-1)
         row = torch.arange(g).repeat_interleave(g).repeat(n)
@@ -262,4 +283,4 @@ class TinyVideoModel(nn.Module):
         return self.head(self.head_norm(h) * (1 + scale) + shift).view(B, N, -1)
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.cfg.layers, self.cfg.tokens_per_frame, (self.cfg.grid, self.cfg.grid))
+        return KVCache(self.cfg.layers, self.cfg.tokens_per_frame, self.cfg.grid)

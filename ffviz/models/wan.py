@@ -1,10 +1,9 @@
 """Wan2.1 checkpoints of the Self-Forcing family, driven block-causally over ffviz's cache.
 
-``WanCausalModel`` wraps diffusers' ``WanTransformer3DModel`` and exposes the
-interface of ``TinyVideoModel`` (``cfg``, ``patchify``/``unpatchify``,
-``new_cache``, ``token_positions``, ``block_causal_mask``, ``rope``,
-``forward(x, t, frames, cond, cache, write, mask, phase, step)`` and the hook
-points ``blocks.{i}.attn.hook_{q,k}_{pre,post}``), so ``ffviz.generate``, the
+``WanCausalModel`` wraps diffusers' ``WanTransformer3DModel`` as a ``VideoModel``
+(``ffviz.models``: ``cfg``, ``patchify``/``unpatchify``, ``decode``, ``new_cache``,
+``rope``, ``forward(x, t, frames, cond, cache, write, mask, phase, step)`` and the
+hook points ``blocks.{i}.attn.hook_{q,k}_{pre,post}``), so ``ffviz.generate``, the
 cache, the policies, the recorder and the UI run it unchanged.
 
 How the pieces map:
@@ -58,6 +57,7 @@ from torch import nn
 from ffviz import kernels
 from ffviz.cache import KVCache
 from ffviz.hooks import HookContext, HookPoint
+from ffviz.models import ModelError
 from ffviz.models.rope import Rope3D, apply_rotation, wan_split
 from ffviz.models.wan_convert import convert_state_dict, pick_generator
 from ffviz.models.wan_lora import LoraError, merge_lora, pick_lora, split_peft_model
@@ -68,7 +68,7 @@ BASE_ENV = "FFVIZ_WAN_BASE"  # local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (t
 MIN_GPU_GIB = 22  # transformer 2.8 GB + umT5-XXL 11 GB + VAE + a few-frame cache (README, "Real checkpoints")
 
 
-class WanLoadError(RuntimeError):
+class WanLoadError(ModelError):
     """A Wan model that cannot be built or loaded (the message says why and what to do)."""
 
 
@@ -105,6 +105,8 @@ class WanConfig:
     rope_theta: float = 10000.0
     eps: float = 1e-6
     cache_dtype: str = "float32"  # keys/values in the cache (policies compute in float32)
+    prediction: str = "v"  # the transformer predicts the flow velocity
+    snap: bool = False  # no scene, no palette to snap to
 
     def __post_init__(self):
         wan_split(self.head_dim)  # even and >= 6
@@ -229,6 +231,7 @@ class WanCausalModel(nn.Module):
 
     has_scenes = False  # free-text prompts, text-to-video, no scene metrics
     clamp_tokens = False  # tokens are normalised latents, not pixels in [-1, 1]
+    name: str  # "wan:..." as loaded (``load_wan``)
 
     def __init__(self, cfg: WanConfig, transformer=None, text_encoder=None, vae=None, name="wan"):
         super().__init__()
@@ -252,6 +255,10 @@ class WanCausalModel(nn.Module):
                                                              cache_dtype))
         self.text_encoder = text_encoder
         self.vae = None if vae is None else StreamingVAEDecoder(vae)
+
+    @property
+    def fps(self) -> int:
+        return self.cfg.fps
 
     @property
     def device(self) -> torch.device:
@@ -601,12 +608,3 @@ def load_wan(spec: str, base: str | None = None, device: str | None = None,
         raise WanLoadError(f"cannot load the Wan text encoder / VAE from {base_dir}: {e}") from None
     return model.eval()
 
-
-def load_model(name: str, weights=None, **kw):
-    """``tiny`` (the embedded model, weights from ``weights``) or ``wan:SPEC``."""
-    if name == "tiny":
-        from ffviz.weights import DEFAULT_WEIGHTS, load_tiny
-        return load_tiny(weights or DEFAULT_WEIGHTS)[0]
-    if name.startswith("wan:") and len(name) > 4:
-        return load_wan(name[4:], **kw)
-    raise WanLoadError(f"unknown model {name!r}: use 'tiny' or 'wan:PATH' (or wan:tiny-random)")

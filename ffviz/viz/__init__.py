@@ -1,3 +1,4 @@
-"""What the app shows, as plain functions: figures from data, the cache-view
-image, projections, the RoPE explainer, and the per-user run session. Nothing
-here imports gradio, so all of it is tested without a browser."""
+"""Drawing only: figures from plain data (``figures``), the cache-view image
+(``cacheview``), query projections (``projections``) and the RoPE explainer.
+Nothing here runs a model, reads a cache or imports gradio; the app's state and
+view assembly live in ``ffviz.app``."""

@@ -1,23 +1,29 @@
 """What the app shows for a session, as plain data: images, figures, a status
-line. app.py maps these onto widgets; tests call them directly."""
+line, drawn by ``ffviz.viz``. app.py maps these onto widgets; tests call them directly."""
 from __future__ import annotations
 
+from ffviz.app.session import RunSession, query_arrays
 from ffviz.viz import figures as F
 from ffviz.viz.cacheview import filmstrip, render_cache_view, upscale
 from ffviz.viz.projections import projection_figure
-from ffviz.viz.session import RunSession, query_arrays
 
 PLOT_NAMES = ("drift", "projections", "scores", "timeline", "metrics")
 
 
+def current_frame(session: RunSession):
+    """The newest frame, shown big; None before the first chunk."""
+    newest = session.frames.newest()
+    return upscale(newest[-1]) if len(newest) else None
+
+
 def live_views(session: RunSession) -> dict:
-    """The big frame, the filmstrip and the cache view (cheap: every chunk)."""
-    video = session.video()
+    """The big frame, the filmstrip and the cache view (cheap: every chunk; the
+    cache view reads only the source frames it shows)."""
     v = session.view
-    grid = session.model.new_cache().grid if session.model is not None else (8, 8)
-    return {"frame": upscale(video[-1]) if len(video) else None,
-            "strip": filmstrip(video),
-            "cache": render_cache_view(session.snapshot, video, v["layer"], v["head"], grid)}
+    return {"frame": current_frame(session),
+            "strip": filmstrip(session.frames.newest()),
+            "cache": render_cache_view(session.snapshot, session.frames.all(), v["layer"], v["head"],
+                                       session.cfg.grid)}
 
 
 def plot_views(session: RunSession | None, metric: str = "frechet", reference: str = "first",
@@ -45,9 +51,9 @@ def status_line(session: RunSession) -> str:
     if s is None:
         return "starting..."
     n = session.cfg.tokens_per_frame
-    fps = session.frame_count / max(s.elapsed, 1e-9)
-    state = "running" if session.running else ("stopped" if session.summary and
-                                               session.summary["stopped_early"] else "done")
+    fps = len(session.frames) / max(s.elapsed, 1e-9)
+    state = ("running" if session.running else "failed" if session.error else
+             "stopped" if session.summary and session.summary["stopped_early"] else "done")
     return (f"**{state}** - frame {s.frame + 1}/{session.settings.frames} - policy `{s.policy}` "
             f"- budget {s.budget_frames} frames ({s.budget_frames * n} tokens) - cache "
             f"{s.tokens} tokens - {fps:.1f} frames/s - {len(session.switches)} switch(es)")

@@ -1,15 +1,15 @@
-"""A user's run in the app: one model copy, one controls object, one recorder.
+"""A user's run in the app: one model copy, one ``Run``, what the views need of it.
 
 ``RunSession`` is the only mutable object the app keeps per user (in a
-``gr.State``). It owns a deep copy of the loaded model because hooks are
-attached to the model object (the recorder and generate's query tap): two
-users sharing one model would record each other's queries. The copy is ~4 MB
-and takes milliseconds.
+``gr.State``). It owns a copy of the loaded model because hooks are attached to
+the model object (the recorder and generate's query taps): two users sharing one
+model would record each other's queries. The copy shares the weights and takes
+milliseconds (``hooks.run_copy``).
 
-``RunSession.run()`` is a generator over ``ffviz.generate.generate``: the app
-pulls one chunk at a time, so a cancelled or abandoned generator stops the
-work at once, and ``finally`` always detaches hooks and closes the files.
-Live steering goes through ``Controls`` (read by generate before every chunk).
+``RunSession.run()`` is a generator over its ``ffviz.run.Run``: the app pulls one
+chunk at a time, so a cancelled or abandoned generator stops the work at once,
+and the run's end always detaches hooks and closes (or, on failure, removes) the
+files. Live steering goes through ``Controls`` (read before every chunk).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import dataclasses
 import shutil
 import tempfile
 import time
-import types
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -26,11 +25,11 @@ import numpy as np
 import torch
 
 from ffviz.cache import KVCache
-from ffviz.export import VIDEO_FPS, RunWriter
-from ffviz.generate import Controls, GenerationError, Observer, RunSettings, Step, generate
-from ffviz.hooks import run_copy
+from ffviz.export import FrameSpool, OutputError
+from ffviz.generate import Controls, GenerationError, Observer, RunSettings, Step
+from ffviz.hooks import QueryRecorder, run_copy
 from ffviz.policies import Policy, PolicyError
-from ffviz.run import make_recorder, summarize
+from ffviz.run import Run
 from ffviz.scenes import PromptError
 
 APP_MAX_FRAMES = 256  # a CPU Space's cap on one interactive run
@@ -166,7 +165,7 @@ def preflight(model, policy: Policy, budget_frames: int, seed: int = 0) -> None:
     n, H, d = cfg.tokens_per_frame, cfg.heads, cfg.head_dim
     frames = budget_frames + 1
     g = torch.Generator().manual_seed(seed)
-    cache = KVCache(1, n, model.new_cache().grid)  # one layer is enough to check parameters
+    cache = KVCache(1, n, cfg.grid)  # one layer is enough to check parameters
     fr = torch.arange(frames).repeat_interleave(n)
     rows = torch.arange(n).repeat(frames) // cache.grid[1]
     cols = torch.arange(n).repeat(frames) % cache.grid[1]
@@ -194,13 +193,8 @@ def warm_up(model, policy: Policy) -> None:
     the first user's first frame should not pay for it."""
     m = run_copy(model)
     preflight(m, policy, 2)
-    settings = RunSettings("a red circle on a blue background", frames=4, seed=0, record=True)
-    recorder = make_recorder(m)
-    try:
-        for _ in generate(m, settings, Controls(policy, 2)):
-            pass
-    finally:
-        recorder.detach()
+    Run(m, RunSettings("a red circle on a blue background", frames=4, seed=0, record=True),
+        Controls(policy, 2)).finish()
 
 
 class RunSession:
@@ -209,27 +203,40 @@ class RunSession:
     def __init__(self, template, settings: RunSettings, policy: Policy, budget_frames: int,
                  keep_oracle_keys: bool = True):
         self.settings = settings
+        self.template = template  # the shared model (the oracle's reference run copies it)
         self.model = run_copy(template)  # hooks attach here, never to the shared model
         self.cfg = self.model.cfg
-        self.has_scenes = getattr(template, "has_scenes", True)  # Wan: free text, no scene metrics
-        self.model_name = getattr(template, "name", "tiny")
         self.controls = Controls(policy, budget_frames)
         self.dir = self.new_dir()
+        self._tap = _Tap(keep_oracle_keys)
+        self.job = Run(self.model, settings, self.controls, self.dir, observers=[self._tap])
         self.view = {"layer": self.cfg.layers - 1, "head": 0}  # the user's layer/head choice
         self.steps: list[StepRecord] = []
-        self.frames: list[np.ndarray] = []
         self.timeline: list[tuple[int, dict]] = []  # (newest frame, share kept per source frame)
-        self.switches: list[dict] = []
         self.snapshot: CacheSnapshot | None = None
         self.oracle_steps: list[dict] = []  # per step: keys, mass, provenance, score, budget
-        self.recorder = None
-        self.summary: dict | None = None
         self.oracle_result: dict | None = None  # set by the Oracle view after the run
         self.running = False
         self.done = False
         self.error: str | None = None
         self.started = 0.0
-        self._tap = _Tap(keep_oracle_keys)
+
+    # -- what the run keeps ----------------------------------------------------------
+    @property
+    def frames(self) -> FrameSpool:
+        return self.job.frames
+
+    @property
+    def recorder(self) -> QueryRecorder | None:
+        return self.job.recorder
+
+    @property
+    def switches(self) -> list[dict]:
+        return self.job.switches
+
+    @property
+    def summary(self) -> dict | None:
+        return self.job.summary
 
     # -- steering (called from other events while run() is being pulled) ----
     def steer(self, policy: Policy | None = None, budget_frames: int | None = None) -> bool:
@@ -262,44 +269,33 @@ class RunSession:
     def new_dir() -> Path:
         return Path(tempfile.mkdtemp(prefix="ffviz-run-"))
 
-    @property
-    def frame_count(self) -> int:
-        return sum(len(f) for f in self.frames)
-
-    def video(self) -> np.ndarray:
-        return np.concatenate(self.frames) if self.frames else np.zeros((0, 32, 32, 3), np.uint8)
-
     # -- the run ---------------------------------------------------------
     def run(self) -> Iterator[Step]:
         """Yield each chunk's ``Step`` after recording what the views need. Files
         (video.mp4, record.npz, decisions.jsonl, summary.json) are written when
-        the run ends, also when it is stopped or abandoned."""
+        the run ends, also when it is stopped or abandoned; a run that fails
+        leaves none."""
         self.running, self.started = True, time.perf_counter()
-        self.recorder = make_recorder(self.model)
-        writer = RunWriter(self.dir, fps=getattr(self.cfg, "fps", VIDEO_FPS))
-        policy_s = 0.0
+        steps = iter(self.job)
         try:
-            for step in generate(self.model, self.settings, self.controls, observer=self._tap):
-                writer.add(step)
-                policy_s += step.seconds["policy"]
-                self._record(step)
-                yield step
-        finally:
-            self.recorder.detach()  # the model copy is ours, but keep it clean anyway
-            self.running, self.done = False, True
-            self.summary = self._summary(policy_s)
             try:
-                writer.close(self.summary, self.recorder)
-            except Exception as e:  # a full disk must not hide the run's own outcome
-                self.error = f"could not write the run's files: {e}"
+                for step in steps:
+                    self._record(step)
+                    yield step
+            finally:
+                steps.close()  # abandoned: the run ends now (files written, hooks off)
+        except OutputError as e:  # a full disk must not hide the run's own outcome
+            self.error = str(e)
+        except Exception as e:  # the app tells why; the run removed its files
+            self.error = f"the run failed: {e}"
+            raise
+        finally:
+            self.running, self.done = False, True
+            self.model = None  # the run let go of it too
 
     def _record(self, step: Step) -> None:
         n = self.cfg.tokens_per_frame
-        self.frames.append(step.frames)
         now = time.perf_counter() - self.started
-        if step.switched:
-            self.switches.append({"frame": step.frame_indices[0], "policy": step.policy,
-                                  "params": step.policy_params, "budget_frames": step.budget_frames})
         kv = step.cache_tokens * self.cfg.layers * self.cfg.heads * self.cfg.head_dim * 2 * 4
         self.steps.append(StepRecord(
             index=step.index, frame=step.frame_indices[-1], n_frames=len(step.frame_indices),
@@ -317,16 +313,6 @@ class RunSession:
                 "provenance": self._tap.before, "budget_tokens": step.budget_frames * n,
                 "score": [None if d.score is None else d.score[0].float() for d in step.decision.layers]})
 
-    def _summary(self, policy_s: float) -> dict:
-        """``ffviz.run.summarize`` for a run driven chunk by chunk (same keys as the CLI's)."""
-        policy, budget, _ = self.controls.snapshot()
-        # the model copy may be gone (session closed mid-run): pass what was noted of it
-        model = types.SimpleNamespace(cfg=self.cfg, has_scenes=self.has_scenes)
-        return summarize(self.settings, model, self.video(), time.perf_counter() - self.started,
-                         policy, budget, max((s.tokens_peak for s in self.steps), default=0),
-                         policy_s, len(self.steps), self.recorder.nbytes() if self.recorder else 0,
-                         self.switches, model_name=self.model_name)
-
     def files(self) -> list[str]:
         names = ("video.mp4", "record.npz", "decisions.jsonl", "summary.json", "plots.html")
         return [str(self.dir / n) for n in names if (self.dir / n).exists()]
@@ -336,7 +322,7 @@ class RunSession:
         self.stop()
         self.model = None
         self.oracle_steps.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)  # the frame spool has no name: it goes with us
 
 
 def query_arrays(session: RunSession | None):
