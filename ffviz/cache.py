@@ -224,16 +224,16 @@ class KVCache:
                 and kernels.compiled_cpu(*(t for l in self.layers for t in (l.k, l.v, l.mass))))
 
     def prepared(self, k, v, mass, meta) -> PreparedApply | None:
-        """The cache after a decision as the CPU kernels made it (``merge_apply``'s
-        outputs, per layer first: k, v (L, B, H, K, d), mass (L, B, H, K), provenance
+        """The cache after a decision as the CPU kernels made it (``kernels.merge_apply``'s
+        tensors, per layer first: k, v (L, B, H, K, d), mass (L, B, H, K), provenance
         (L, 4, B, H, K)) for the arrays the cache holds now, for ``apply`` to take as it
         is: a policy that scores and merges in one kernel call hands it over with its
         decision. None where ``apply`` must do the work itself (``aux`` quantities,
         which the kernels do not carry)."""
         if any(l.aux for l in self.layers):
             return None
-        k, v, mass = (torch.from_numpy(t).unbind(0) for t in (k, v, mass))  # views per layer
-        meta = [m.unbind(0) for m in torch.from_numpy(meta).unbind(0)]
+        k, v, mass = (t.unbind(0) for t in (k, v, mass))  # views per layer
+        meta = [m.unbind(0) for m in meta.unbind(0)]
         result = [(k[i], v[i], mass[i], *meta[i]) for i in range(len(self.layers))]
         source = [tuple((t, t._version) for t in (getattr(l, name) for name in self.FIELDS))
                   for l in self.layers]
@@ -241,21 +241,20 @@ class KVCache:
 
     def _apply_compiled(self, decision: Decision) -> None:
         """Every layer's gather and merge in one numba call over the layers' own arrays
-        (``kernels.cpu_kernels.merge_apply``: a merge's sums in the same order as
+        (``kernels.merge_apply``: a merge's sums in the same order as
         ``_merge_into_kept``)."""
         B, H, N, _ = self.layers[0].k.shape
-        arrays = lambda name: kernels.cpu_kernels.layer_arrays(self.layers, name)
         none = torch.full((B, H, N), -1, dtype=torch.long)
-        keep = torch.stack([d.keep for d in decision.layers]).to(torch.long)
-        into = torch.stack([none if d.merge_into is None else d.merge_into
-                            for d in decision.layers]).to(torch.long)
-        k, v, mass, meta, ok = kernels.cpu_kernels.merge_apply(
-            *(arrays(name) for name in self.FIELDS), keep.numpy(), into.numpy())
-        if not ok:  # the cache is untouched
-            raise IndexError(f"decision indices out of range for a cache of {N} tokens")
+        keep = torch.stack([d.keep for d in decision.layers])
+        into = torch.stack([none if d.merge_into is None else d.merge_into for d in decision.layers])
+        k, v, mass, meta = kernels.merge_apply(self.fields(), keep, into)  # IndexError: untouched
         for i, layer in enumerate(self.layers):
-            layer.k, layer.v, layer.mass = (torch.from_numpy(t[i]) for t in (k, v, mass))
-            layer.frame, layer.row, layer.col, layer.time = map(torch.from_numpy, meta[i])
+            layer.k, layer.v, layer.mass = k[i], v[i], mass[i]
+            layer.frame, layer.row, layer.col, layer.time = meta[i]
+
+    def fields(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per field of ``FIELDS``, the tensors of every layer (the CPU kernels' input)."""
+        return [tuple(getattr(layer, name) for layer in self.layers) for name in self.FIELDS]
 
     def _apply_batched(self, decision: Decision) -> None:
         """Every layer at once: the layers are stacked along the batch axis, one

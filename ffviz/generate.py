@@ -272,7 +272,7 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
     gen = torch.Generator().manual_seed(settings.seed)
     cache = model.new_cache()
     if kernels.compiled_cpu(next(model.parameters())):  # the CPU kernels' first compile
-        kernels.cpu_kernels.warm(len(cache.layers))  # (once per machine) is not a timed step
+        kernels.warm(len(cache.layers))  # (once per machine) is not a timed step
     g = min(cfg.given_frames, settings.frames)
     inputs = PolicyInputs(model)
     clock = _clock(model)

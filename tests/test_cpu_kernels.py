@@ -10,8 +10,8 @@ import torch
 from ffviz import kernels
 from ffviz.cache import Decision, KVCache, LayerDecision
 from ffviz.policies import PolicyError, make_policy
-from ffviz.policies.base import rank
-from ffviz.kernels import cpu_kernels
+from ffviz.policies.scored import rank
+from ffviz.kernels import cpu_kernels, reference
 from tests.test_policies import N_TOK, toy
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not importable")
@@ -102,19 +102,20 @@ def test_subspace_step_spans_what_qr_spans():
     a = torch.randn(X, d, 2 * d, generator=g)
     cov = a @ a.transpose(1, 2) / (2 * d)
     u = torch.linalg.qr(torch.randn(X, d, r, generator=g)).Q.transpose(1, 2).contiguous()
-    basis, lam = (torch.from_numpy(t) for t in step(u, cov))
-    want = torch.linalg.qr((u @ cov).transpose(1, 2)).Q.transpose(1, 2)
+    basis, lam, residual = (torch.from_numpy(t) for t in step(u, cov))
+    want, _, want_residual = reference.subspace_step(u, torch.ones(X, dtype=torch.float64), cov.double())
     proj = lambda b: b.transpose(1, 2) @ b  # the projector onto the span
     torch.testing.assert_close(proj(basis), proj(want), atol=1e-5, rtol=0)
     torch.testing.assert_close(basis @ basis.transpose(1, 2), torch.eye(r).expand(X, r, r), atol=1e-5, rtol=0)
     torch.testing.assert_close(lam, ((basis @ cov) * basis).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(residual, want_residual, rtol=1e-4, atol=1e-6)
     # degenerate statistics (a zero covariance): the old vectors stay, eigenvalues 0
-    basis0, lam0 = step(u, np.zeros((X, d, d)))
-    assert np.array_equal(basis0, u.numpy()) and not lam0.any()
+    basis0, lam0, residual0 = step(u, np.zeros((X, d, d)))
+    assert np.array_equal(basis0, u.numpy()) and not lam0.any() and not residual0.any()
     # one degenerate head: every head keeps its vectors, as the PyTorch path does
     some = cov.clone()
     some[2] = 0
-    basis1, lam1 = step(u, some)
+    basis1, lam1, _ = step(u, some)
     assert np.array_equal(basis1, u.numpy())
     torch.testing.assert_close(torch.from_numpy(lam1), ((u @ some) * u).sum(-1), rtol=1e-5, atol=1e-6)
 

@@ -201,7 +201,9 @@ def test_append_moves_host_positions_to_the_cache_device():
 
 
 def test_shared_helpers_on_the_device():
-    from ffviz.policies.base import merge_to_nearest, plane_matrix, select
+    from ffviz.policies.base import plane_matrix
+    from ffviz.policies.merge import merge_to_nearest
+    from ffviz.policies.scored import select
     g = torch.Generator().manual_seed(1)
     k = torch.randn(2, 2, 10, 12, generator=g)
     frame = torch.tensor([3, 0, 1, 1, 2, 0, 4, 2, 3, 4]).expand(2, 2, 10)  # not in frame order

@@ -8,10 +8,13 @@ from ffviz.cache import KVCache, LayerDecision
 from ffviz.generate import Controls, Observer, RunSettings, generate
 from ffviz.models.rope import Rope3D, apply_rotation
 from ffviz.policies import POLICIES, PolicyContext, PolicyError, make_policy, parse_policy_args
-from ffviz.policies.base import future_positions, merge_to_nearest, select
+from ffviz.policies.base import future_positions
+from ffviz.policies.merge import merge_to_nearest
+from ffviz.policies.scored import rank, select
 from ffviz.policies.deep_forcing import contiguous_times
 from ffviz.stats import QueryStats, spearman, topb_recall
-from ffviz.kernels import cpu_kernels
+from ffviz.kernels import cpu_kernels, reference
+from ffviz.policies.eigen_tracking import RESIDUAL, EigenTracker
 from tests.conftest import random_model
 
 D, GRID = 12, (2, 3)  # toy head dim (Wan split 4/4/4) and token grid
@@ -488,7 +491,6 @@ def test_degenerate_statistics_give_finite_scores(stats, name, params):
 def test_merge_search_on_projections_equals_the_metric(R, d):
     """M = F^T F: the factor gives the same neighbours and distances as the d x d metric,
     searched on F k when R < d (what future_forcing does with few proxies), else via F^T F."""
-    from ffviz.policies.base import merge_to_nearest
     g = torch.Generator().manual_seed(R)
     L, B, H, N, K = 2, 1, 3, 20, 12
     k = torch.randn(L, B, H, N, d, generator=g, dtype=torch.float64)
@@ -506,7 +508,6 @@ def test_merge_search_on_projections_equals_the_metric(R, d):
 def test_rank_gives_select_and_the_evicted_for_merge():
     """``rank``'s first K are ``select``'s tokens, the rest are the evicted ones, and
     merge_to_nearest given them returns what it finds on its own."""
-    from ffviz.policies.base import rank
     g = torch.Generator().manual_seed(0)
     score = torch.rand(2, 1, 3, 10, generator=g)
     frame = (torch.arange(10) // 2).expand(2, 1, 3, 10)
@@ -524,7 +525,8 @@ def test_rank_gives_select_and_the_evicted_for_merge():
 def test_future_forcing_eigenpairs_follow_moving_statistics_between_decompositions():
     """Between exact decompositions (eig_every), one subspace-iteration step per call
     moves the previous vectors toward the current covariance's top eigenspace, and the
-    eigenvalues are its Rayleigh quotients."""
+    eigenvalues are its Rayleigh quotients; a step that leaves a large residual is
+    replaced by an exact decomposition."""
     g = torch.Generator().manual_seed(0)
     L, H, r = 1, 2, 2
     spectrum = torch.tensor([9.0, 4.0] + [0.1] * (D - 2))
@@ -535,25 +537,117 @@ def test_future_forcing_eigenpairs_follow_moving_statistics_between_decompositio
         qs.update(0, z @ basis.T, 0)
         return qs
 
-    pol = make_policy("future_forcing", rank=r, eig_every=1000)
+    tracker = EigenTracker(every=1000)
     first = torch.linalg.qr(torch.randn(D, D, generator=g)).Q
-    ctx = PolicyContext(frame=3, tokens_per_frame=N_TOK, chunk_frames=1, grid=GRID,
-                        stats=stats_along(first))
-    _, u0 = pol.eigenpairs(ctx, r)  # exact (first call)
+    _, u0 = tracker.eigenpairs(stats_along(first), 3, r)  # exact (first call)
     turn = torch.linalg.matrix_exp(0.15 * (lambda a: a - a.T)(torch.randn(D, D, generator=g)))
-    ctx.stats, ctx.frame = stats_along(turn @ first), 4
-    exact_lam, exact_u = ctx.stats.top_eig(None, r)
-    lam, u = pol.eigenpairs(ctx, r)  # one iteration step from u0
+    stats = stats_along(turn @ first)
+    exact_lam, exact_u = stats.top_eig(None, r)
+    weight, _, m2 = stats.moments()
+    u, lam, residual = reference.subspace_step(u0, weight, m2)  # one iteration step from u0
     overlap = lambda a, b: ((a @ b.transpose(-1, -2)) ** 2).sum((-1, -2)) / r  # 1 = same subspace
     assert bool((overlap(u, exact_u) > overlap(u0, exact_u)).all())
     assert bool((overlap(u, exact_u) > 0.95).all())
     assert torch.allclose(u @ u.transpose(-1, -2), torch.eye(r).expand(L, H, r, r), atol=1e-5)
-    cov = ctx.stats.cov_all()
+    cov = stats.cov_all()
     assert torch.allclose(lam, ((u @ cov) * u).sum(-1), rtol=1e-5)
     assert torch.allclose(lam.sum(-1), exact_lam.sum(-1), rtol=0.05)
+    want = ((u @ cov) - lam.unsqueeze(-1) * u).norm(dim=-1).amax(-1) / lam.amax(-1)
+    assert torch.allclose(residual, want, rtol=1e-4)
     # the CPU kernels' step, from the statistics' float64 sums, takes the same step
-    weight, _, m2 = ctx.stats.moments()
-    basis, lam_c = cpu_kernels.subspace_step(u0.reshape(L * H, r, D).contiguous().numpy(),
-                                             m2.view(L * H, D, D).numpy(), weight.view(-1).numpy())
+    basis, lam_c, residual_c = cpu_kernels.subspace_step(
+        u0.reshape(L * H, r, D).contiguous().numpy(), m2.view(L * H, D, D).numpy(),
+        weight.view(-1).numpy())
     assert bool((overlap(torch.from_numpy(basis).view(L, H, r, D), u) > 1 - 1e-5).all())
     assert torch.allclose(torch.from_numpy(lam_c).view(L, H, r), lam, rtol=1e-4)
+    assert torch.allclose(torch.from_numpy(residual_c).view(L, H), residual, rtol=1e-3)
+    # a turn this large leaves a residual past the tolerance: the tracker decomposes exactly
+    assert bool((residual > RESIDUAL).any())
+    lam_t, u_t = tracker.eigenpairs(stats, 4, r)
+    assert bool((overlap(u_t, exact_u) > 1 - 1e-6).all()) and torch.equal(lam_t, exact_lam)
+
+
+def tracking_errors(ratio, drift, r=2, H=4, frames=120, seed=0):
+    """Eigenpairs tracked along a stream of queries (``EigenTracker``, eig_every 64)
+    against a full decomposition at every frame: the largest principal angle between
+    the tracked and the exact top-r subspaces (degrees), and the largest score error,
+    |a_tracked - a_exact| / max a_exact of the Future Forcing share at one proxy
+    position over random keys. The covariance has lambda_1 / lambda_2 = ``ratio`` and
+    turns by ``drift`` (radians, roughly) a frame."""
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.tensor([10.0, 10.0 / ratio, 3.0, 1.5] + [0.3] * (D - 4))
+    basis = torch.linalg.qr(torch.randn(H, D, D, generator=g)).Q
+    turn = torch.linalg.matrix_exp(drift * (lambda a: a - a.transpose(-1, -2))(
+        torch.randn(H, D, D, generator=g) / D ** 0.5))
+    mu, keys = torch.randn(H, D, generator=g), 2 * torch.randn(H, 200, D, generator=g)
+    stats, tracker = QueryStats(1, H, D), EigenTracker(every=64)
+    share = lambda lam, u: reference.future_score(keys, torch.zeros(H, 200), stats.mean_all()[0, :, None],
+                                                  u[0, :, None], lam[0])
+    angle = error = 0.0
+    for f in range(frames):
+        basis = turn @ basis
+        stats.update(0, mu[:, None] + (torch.randn(H, 64, D, generator=g) * spectrum.sqrt())
+                     @ basis.transpose(-1, -2), f)
+        lam, u = tracker.eigenpairs(stats, f, r)
+        lam_e, u_e = stats.top_eig(None, r)
+        cos = torch.linalg.svdvals(u @ u_e.transpose(-1, -2)).min().clamp(max=1)
+        angle = max(angle, math.degrees(math.acos(cos)))
+        a, want = share(lam, u), share(lam_e, u_e)
+        error = max(error, ((a - want).abs() / want.amax(-1, keepdim=True)).max().item())
+    return angle, error
+
+
+@pytest.mark.parametrize("mode", ["reference", "auto"])  # the PyTorch and the numba step
+@pytest.mark.parametrize("ratio,drift,max_angle,max_error", [
+    (1.18, 0.0, 0.1, 1e-4), (1.18, 0.01, 0.1, 1e-4),  # close: decomposed exactly every frame
+    (2.0, 0.0, 1.0, 0.05), (2.0, 0.01, 1.0, 0.05)])   # apart: tracked, within the residual bound
+def test_tracked_eigenpairs_stay_close_to_a_full_decomposition(monkeypatch, mode, ratio, drift,
+                                                               max_angle, max_error):
+    """Rank 2 with lambda_1 / lambda_2 = 1.18 left eigenvectors 85 degrees off and
+    scores 11% off between exact decompositions; now close eigenvalues are decomposed
+    exactly and a step that leaves a large residual is replaced by a decomposition."""
+    monkeypatch.setenv("FFVIZ_KERNELS", mode)
+    angle, error = tracking_errors(ratio, drift)
+    assert angle < max_angle and error < max_error, (angle, error)
+
+
+def duplicate_cache():
+    """A toy cache whose frames 0-3 copy the keys of frame 4 token for token: every
+    evicted token has an exact duplicate among the kept ones (frame 4 is protected)."""
+    cache, ctx, _ = toy(frames=5, L=2, H=3, merged_mass=True)
+    for layer in cache.layers:
+        newest = layer.k[:, :, 4 * N_TOK:]
+        layer.k = torch.cat([newest] * 5, 2).contiguous()
+    return cache, ctx
+
+
+@pytest.mark.parametrize("mode", ["reference", "auto"])  # the PyTorch and the numba path
+def test_exact_duplicates_merge_even_when_the_median_distance_is_0(monkeypatch, mode):
+    """Half or more of the evicted tokens duplicating kept ones made the median
+    distance 0, and then nothing merged: every duplicate was dropped. A duplicate
+    merges exactly (the log-mass bias keeps its attention), so each one merges."""
+    monkeypatch.setenv("FFVIZ_KERNELS", mode)
+    cache, ctx = duplicate_cache()
+    mass = [l.mass.sum(-1) for l in cache.layers]
+    dec = make_policy("future_forcing", n_sink=0, n_recent=1).compress(cache, 3 * N_TOK, ctx)
+    for layer, d in zip(cache.layers, dec.layers):
+        gone = torch.ones_like(d.merge_into, dtype=torch.bool).scatter_(-1, d.keep, False)
+        assert (d.merge_into[gone] >= 0).all()  # every evicted token merges ...
+        into = d.merge_into.clamp_min(0).unsqueeze(-1).expand_as(layer.k)
+        assert torch.equal(layer.k.gather(2, into)[gone], layer.k[gone])  # ... into its duplicate
+        assert (d.distance[gone] < 1e-6).all()  # 0 up to the search's rounding
+    cache.apply(dec)
+    for layer, before in zip(cache.layers, mass):
+        torch.testing.assert_close(layer.mass.sum(-1), before)  # no mass is dropped
+
+
+def test_a_zero_metric_still_merges_only_duplicates():
+    """Without statistics the metric is 0 and every distance too: that says nothing
+    about nearness, so only exact duplicate keys merge (the rule of merge_to_nearest)."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 1, 8, 4, generator=g)
+    k[..., 5, :] = k[..., 0, :]  # token 5 duplicates kept token 0 (the first of the tied)
+    keep = torch.tensor([[[0, 1, 2, 3]]])
+    into, dist = merge_to_nearest(k, keep, torch.zeros(1, 1, 4, 4), 4.0)
+    assert not dist.any()
+    assert into[0, 0].tolist() == [-1, -1, -1, -1, -1, 0, -1, -1]

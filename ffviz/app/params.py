@@ -9,9 +9,8 @@ and lets the policy's own validation name the bad range.
 from __future__ import annotations
 
 import dataclasses
-import math
 
-from ffviz.policies import POLICIES, PolicyError, make_policy
+from ffviz.policies import POLICIES, PolicyError, make_policy, parse_policy_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,45 +53,10 @@ def param_specs(policies: dict | None = None) -> list[ParamSpec]:
 
 
 def _coerce(spec: ParamSpec, value):
-    label = f"{spec.policy}.{spec.name}"
+    """A widget's value typed as its field (the policies' parser); blank = the default."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return spec.default
-    try:
-        if spec.kind == "bool":
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if spec.kind == "int":
-            v = float(value)
-            if not math.isfinite(v) or v != int(v):
-                raise ValueError
-            return int(v)
-        if spec.kind == "float":
-            v = float(value)
-            if not math.isfinite(v):
-                raise ValueError
-            return v
-        if spec.default is None and isinstance(value, str):
-            return _literal(value)
-        return value
-    except (TypeError, ValueError):
-        raise PolicyError(f"{label} must be {'an integer' if spec.kind == 'int' else 'a number'}, "
-                          f"got {value!r}") from None
-
-
-def _literal(text: str):
-    """A parameter whose default is None: read numbers and none/true/false from text."""
-    t = text.strip()
-    if t.lower() in ("none", "null"):
-        return None
-    if t.lower() in ("true", "false"):
-        return t.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(t)
-        except ValueError:
-            pass
-    return t
+    return parse_policy_value(spec.policy, spec.name, value, spec.default)
 
 
 def collect(policy: str, specs: list[ParamSpec], values: list) -> dict:

@@ -5,11 +5,12 @@ On a small model a compression is not arithmetic but op count: the PyTorch path 
 microseconds each, ~12% of a generation step of the tiny model. Here each is one
 compiled loop over the (layer, head) rows, with the two products (proxies x keys,
 the merge metric) through BLAS (``np.dot``, on one thread: ``_one_blas_thread``), and
-the same math, order and tie rules as the PyTorch path (``ffviz.policies.base.rank`` /
-``merge_to_nearest``, ``kernels.reference``, ``ffviz.cache.LayerCache``), which the
+the same math, order and tie rules as the PyTorch path (``ffviz.policies.scored.rank``,
+``ffviz.policies.merge``, ``kernels.reference``, ``ffviz.cache.LayerCache``), which the
 tests compare them to. ``future_compress`` also builds the cache its decision leaves,
 head by head while the keys are in the CPU's caches (``KVCache.prepared``);
-``merge_apply`` carries out any other decision.
+``merge_apply`` carries out any other decision. Callers reach them through
+``kernels.dispatch``, which converts tensors to the arrays compiled for.
 
 numba comes with umap-learn (the app's UMAP); without it (``AVAILABLE`` False) the
 callers stay on PyTorch. ``warm(layers)`` compiles the kernels on tiny inputs (a few
@@ -280,6 +281,15 @@ def _nearest_kept(y, keep, gone, scale):
 
 
 @_jit
+def _same_row(x, i, j):
+    """Whether rows i and j of x are equal (an exact duplicate key; NaN never is)."""
+    for t in range(x.shape[1]):
+        if x[i, t] != x[j, t]:
+            return False
+    return True
+
+
+@_jit
 def future_compress(ks, vs, masses, frames, rows, cols, times, scale, w, P, K, tau,
                     first_recent, n_sink):
     """One Future Forcing compression of every layer, batch row and head, and the cache
@@ -291,8 +301,9 @@ def future_compress(ks, vs, masses, frames, rows, cols, times, scale, w, P, K, t
     multiplies the score (||v|| for value_norm; shape (0, 0, 0, 0) for none); w (L, H,
     (1 + r) P, d) float32 proxies (P rows R(p) mu, then sqrt(lambda_i) R(p) u_i,
     direction-major), which are also the merge metric's factor (M = w^T w / P); K kept
-    tokens per head; tau the merge threshold (0 = no merging); protected: frame <
-    n_sink or frame >= first_recent.
+    tokens per head; tau the merge threshold (0 = no merging; the rule of
+    ``ffviz.policies.merge``: D <= tau x the median D when the median is > 0, and exact
+    duplicate keys always); protected: frame < n_sink or frame >= first_recent.
 
     Returns (L, B, H, .) arrays: score float32, keep (K,) int64 ascending, merge_into
     int64 (-1 = none), distance float32; the most protected tokens of a head and the
@@ -351,7 +362,8 @@ def future_compress(ks, vs, masses, frames, rows, cols, times, scale, w, P, K, t
                     med = _kth_smallest(dmin, (N - K - 1) // 2)  # the lower median, as torch.median
                     for i in range(N - K):
                         dist[l, b, h, gone[i]] = 0.0 if np.isinf(dmin[i]) else dmin[i]
-                        if med > 0 and dmin[i] <= tau * med and np.isfinite(dmin[i]):
+                        near = med > 0 and dmin[i] <= tau * med and np.isfinite(dmin[i])
+                        if near or _same_row(ks[l][b, h], gone[i], kept[at[i]]):
                             into[l, b, h, gone[i]] = kept[at[i]]
                 if n_prot <= K:
                     meta_in = (frame, rows[l][b, h], cols[l][b, h], times[l][b, h])
@@ -380,14 +392,17 @@ def subspace_step(u, m2, weight):
     """One step of subspace iteration per row: u (X, r, d) orthonormal rows, and the
     covariance cov (X, d, d) from QueryStats' sums (``covariances``) -> an orthonormal
     basis of the rows of u cov (Gram-Schmidt: the span of a QR's Q, up to signs, which
-    nothing downstream sees) and the Rayleigh quotients u_i^T cov u_i (X, r), clamped at
-    0 with NaN -> 0 and inf -> the largest float32 (the PyTorch path's nan_to_num). If
-    any row's new basis is not finite (degenerate statistics), every row keeps u, as in
-    the PyTorch path."""
+    nothing downstream sees), the Rayleigh quotients u_i^T cov u_i (X, r), clamped at
+    0 with NaN -> 0 and inf -> the largest float32 (the PyTorch path's nan_to_num), and
+    each row's residual max_i |cov u_i - lam_i u_i| / max_i lam_i (X,) (0 where every
+    lam_i is 0): how far the pairs are from eigenpairs. If any row's new basis is not
+    finite (degenerate statistics), every row keeps u, as in the PyTorch path
+    (``kernels.reference.subspace_step``)."""
     cov = covariances(m2, weight)
     X, r, d = u.shape
     basis = np.empty((X, r, d), u.dtype)
     lam = np.zeros((X, r), u.dtype)
+    residual = np.zeros(X, u.dtype)
     finite = True
     for x in range(X):
         v = np.dot(u[x], cov[x])  # (r, d)
@@ -411,26 +426,29 @@ def subspace_step(u, m2, weight):
     fmax = np.float32(3.4028234663852886e38)
     for x in range(X):
         sv = np.dot(basis[x], cov[x])
+        top, worst = np.float32(0.0), np.float32(0.0)
         for i in range(r):
             q = np.float32(0.0)
             for t in range(d):
                 q += sv[i, t] * basis[x, i, t]
             lam[x, i] = 0.0 if np.isnan(q) else min(max(q, np.float32(0.0)), fmax)
-    return basis, lam
+            off = np.float32(0.0)
+            for t in range(d):
+                e = sv[i, t] - lam[x, i] * basis[x, i, t]
+                off += e * e
+            top, worst = max(top, lam[x, i]), max(worst, np.sqrt(off))
+        residual[x] = worst / top if top > 0 else 0.0
+    return basis, lam, residual
 
 
 @_jit
-def future_proxies(mean, u, lam, m2, weight, step, spatial, ahead, per_frame, frame):
+def future_proxies(mean, u, lam, spatial, ahead, per_frame, frame):
     """The proxy queries per row: mean (X, d) (QueryStats' float64 mean), eigenpairs u
-    (X, r, d), lam (X, r) >= 0 (with ``step``: instead one ``subspace_step`` from u on
-    the covariance of the sums m2, weight; lam is then not read), and the P future
-    positions' RoPE angles (float64, as ``Rope3D.angles`` forms them: linear in the
-    position): the spatial part ``spatial`` (P, d/2) plus frame ``ahead`` (P,) +
-    ``frame`` + 1 times ``per_frame`` (d/2,) -> w (X, (1 + r) P, d) float32: R(p) mu for
-    the P positions, then sqrt(lambda_i) R(p) u_i, direction-major (interleaved RoPE
-    planes); and the eigenpairs used (u, lam)."""
-    if step:
-        u, lam = subspace_step(u, m2, weight)
+    (X, r, d), lam (X, r) >= 0, and the P future positions' RoPE angles (float64, as
+    ``Rope3D.angles`` forms them: linear in the position): the spatial part ``spatial``
+    (P, d/2) plus frame ``ahead`` (P,) + ``frame`` + 1 times ``per_frame`` (d/2,) -> w
+    (X, (1 + r) P, d) float32: R(p) mu for the P positions, then sqrt(lambda_i) R(p) u_i,
+    direction-major (interleaved RoPE planes)."""
     X, r, d = u.shape
     P = spatial.shape[0]
     cos = np.empty((P, d // 2), np.float32)
@@ -452,7 +470,7 @@ def future_proxies(mean, u, lam, m2, weight, step, spatial, ahead, per_frame, fr
                     a, b, c, s = vec[2 * m], vec[2 * m + 1], cos[p, m], sin[p, m]
                     w[x, row, 2 * m] = a * c - b * s
                     w[x, row, 2 * m + 1] = a * s + b * c
-    return w, u, lam
+    return w
 
 
 @_jit
@@ -535,13 +553,6 @@ def merge_apply(ks, vs, masses, frames, rows, cols, times, keep, into):
     return k2, v2, m2, meta, True
 
 
-def layer_arrays(layers, name: str) -> tuple:
-    """Field ``name`` of every cache layer as C-ordered numpy arrays (views of the
-    tensors when they are contiguous): the per-layer tuples the kernels take, always
-    in the layout they were compiled for."""
-    return tuple(np.ascontiguousarray(getattr(l, name).numpy()) for l in layers)
-
-
 _warm: set[int] = set()
 
 
@@ -557,10 +568,8 @@ def warm(layers: int) -> None:
     mass = np.ones((1, 2, 6), np.float32)
     frame = np.repeat(np.arange(3), 2)[None, None].repeat(2, 1).astype(np.int64)
     u = np.eye(4, dtype=np.float32)[None, :1].repeat(2, 0)
-    for step in (False, True):  # (H=2, 4, 4): P = 2, r = 1
-        w, _, _ = future_proxies(np.ones((2, 4)), u, np.ones((2, 1), np.float32),
-                                 np.eye(4)[None].repeat(2, 0), np.ones(2), step,
-                                 np.ones((2, 2)), np.zeros(2), np.ones(2), 3)
+    u, lam, _ = subspace_step(u, np.eye(4)[None].repeat(2, 0), np.ones(2))  # (H=2, 4, 4): r = 1
+    w = future_proxies(np.ones((2, 4)), u, lam, np.ones((2, 2)), np.zeros(2), np.ones(2), 3)  # P = 2
     per_layer = lambda t: (t,) * layers
     w = np.stack([w] * layers)
     for scale in (np.zeros((0, 0, 0, 0), np.float32), np.ones((layers, 1, 2, 6), np.float32)):

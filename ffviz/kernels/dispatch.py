@@ -1,8 +1,9 @@
 """One entry point per kernel: Triton on CUDA, the PyTorch reference elsewhere
 (attention: PyTorch's SDPA in ``auto`` mode everywhere, measured faster on an H200).
-On the CPU, whole steps that are many small ops (a Future Forcing compression, the
-cache's merge) run as numba kernels (``kernels.cpu_kernels``) where ``compiled_cpu``
-says so.
+On the CPU, whole steps that are many small ops (a Future Forcing compression, its
+proxies and eigenvector step, the cache's merge) run as numba kernels
+(``kernels.cpu_kernels``) where ``compiled_cpu`` says so; their entry points are here
+too and take and return tensors.
 
 ``FFVIZ_KERNELS`` picks the backend: ``auto`` (default: Triton when every tensor
 is on CUDA and triton imports, else the reference; numba for those whole steps on
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from ffviz.kernels import cpu_kernels, reference, triton_kernels
@@ -128,3 +130,79 @@ def attention(q, k, v, log_mass=None) -> torch.Tensor:
     if mode() == "triton" and backend(*tensors) == "triton":
         return triton_kernels.attention(q, k, v, log_mass)
     return reference.attention(q, k, v, log_mass)
+
+
+# -- whole steps on the CPU (numba) -----------------------------------------------------
+# For ``compiled_cpu`` inputs (float32 CPU tensors; the query statistics, always on the
+# host, where ``compiled_cpu_enabled``). Per-layer fields come as tuples over the layers,
+# in the order of ``KVCache.FIELDS``: k, v (B, H, N, d); mass; frame, row, col, time
+# (B, H, N), the provenance int64.
+
+def _arrays(tensors) -> tuple[np.ndarray, ...]:
+    """C-ordered numpy arrays (views of contiguous tensors): the layout compiled for."""
+    return tuple(np.ascontiguousarray(t.numpy()) for t in tensors)
+
+
+def _after(k, v, mass, meta) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(t) for t in (k, v, mass, meta))
+
+
+def merge_apply(fields, keep, into) -> tuple[torch.Tensor, ...]:
+    """Every layer's cache after a decision: keep (L, B, H, K) stay, each other token
+    with into (L, B, H, N) >= 0 adds to its kept target (``cpu_kernels.merge_apply``).
+    Returns k, v (L, B, H, K, d), mass (L, B, H, K), the provenance (L, 4, B, H, K);
+    IndexError for an index out of range (nothing changed)."""
+    *out, ok = cpu_kernels.merge_apply(*(_arrays(f) for f in fields), keep.long().numpy(),
+                                       into.long().numpy())
+    if not ok:
+        raise IndexError(f"decision indices out of range for a cache of {fields[0][0].shape[2]} tokens")
+    return _after(*out)
+
+
+def future_compress(fields, scale, proxies, P, K, tau, first_recent, n_sink):
+    """One Future Forcing compression of every layer (``cpu_kernels.future_compress``):
+    scale (L, B, H, N) multiplies the score (None: nothing); proxies (L, H, (1 + r) P, d);
+    K kept per head; tau the merge threshold; protected: frame < n_sink or frame >=
+    first_recent. Returns score, keep, merge_into, distance (L, B, H, .), the most
+    protected tokens of a head, the count of non-finite scores, and the cache it leaves
+    (k, v, mass, provenance, as ``merge_apply``; garbage when the most protected
+    tokens exceed K: the caller raises)."""
+    none = np.zeros((0, 0, 0, 0), np.float32)
+    score, keep, into, dist, most, bad, *after, ok = cpu_kernels.future_compress(
+        *(_arrays(f) for f in fields), none if scale is None else _arrays([scale])[0],
+        _arrays([proxies])[0], P, K, float(tau), first_recent, n_sink)
+    if most <= K and not ok:  # pragma: no cover - the kernel's own indices
+        raise IndexError("future_compress made indices out of range")
+    decision = tuple(torch.from_numpy(t) for t in (score, keep, into, dist))
+    return (*decision, most, bad, _after(*after))
+
+
+def future_proxies(mean, u, lam, spatial, ahead, per_frame, frame) -> torch.Tensor:
+    """Future Forcing's proxy queries (``cpu_kernels.future_proxies``): mean (..., d)
+    float64, u (..., r, d), lam (..., r) float32; the positions' angles spatial (P, d/2),
+    ahead (P,), per_frame (d/2,) float64 -> w (..., (1 + r) P, d) float32."""
+    *lead, r, d = u.shape
+    X = int(np.prod(lead))
+    w = cpu_kernels.future_proxies(*_arrays([mean.reshape(X, d), u.reshape(X, r, d),
+                                            lam.reshape(X, r), spatial, ahead, per_frame]), frame)
+    return torch.from_numpy(w).view(*lead, -1, d)
+
+
+def subspace_step(u, weight, m2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of subspace iteration on covariances given by their sums
+    (``reference.subspace_step``: basis, Rayleigh quotients, residual): numba (a
+    Gram-Schmidt basis, the same span) where ``compiled_cpu_enabled``, else PyTorch."""
+    if not compiled_cpu_enabled():
+        return reference.subspace_step(u, weight, m2)
+    *lead, r, d = u.shape
+    X = int(np.prod(lead))
+    out = cpu_kernels.subspace_step(*_arrays([u.reshape(X, r, d), m2.reshape(X, d, d),
+                                              weight.reshape(X)]))
+    basis, lam, residual = (torch.from_numpy(t) for t in out)
+    return basis.view(*lead, r, d), lam.view(*lead, r), residual.view(lead)
+
+
+def warm(layers: int) -> None:
+    """Compile the numba kernels for a model of ``layers`` layers, once per process
+    (``cpu_kernels.warm``), so that no timed compression pays for it."""
+    cpu_kernels.warm(layers)

@@ -140,3 +140,27 @@ def attention(q, k, v, log_mass=None, upcast: bool = False):
     for i in range(0, n, step):
         out[:, :, i:i + step] = F.scaled_dot_product_attention(q[:, :, i:i + step], k, v, attn_mask=bias)
     return out
+
+
+def subspace_step(u, weight, m2):
+    """One step of subspace iteration per row, on covariances given by their sums.
+
+    u (..., r, d) orthonormal rows; weight (...), m2 (..., d, d) float64 (cov = m2 /
+    max(weight, 1), symmetrised, in float32: ``QueryStats.cov_all``).
+    Returns basis (..., r, d), an orthonormal basis of the rows of u cov (QR); lam
+    (..., r), the Rayleigh quotients b_i^T cov b_i (>= 0, NaN -> 0); residual (...),
+    max_i |cov b_i - lam_i b_i| / max_i lam_i (0 where every lam_i is 0): how far the
+    pairs are from eigenpairs. If any row's basis is not finite (degenerate
+    statistics), every row keeps u.
+    """
+    c = m2 / weight.clamp_min(1.0)[..., None, None]
+    cov = (0.5 * (c + c.transpose(-1, -2))).float()
+    basis = torch.linalg.qr((u @ cov).transpose(-1, -2)).Q.transpose(-1, -2)
+    if not bool(torch.isfinite(basis).all()):
+        basis = u
+    sb = basis @ cov
+    lam = torch.nan_to_num((sb * basis).sum(-1).clamp_min(0))
+    off = (sb - lam.unsqueeze(-1) * basis).norm(dim=-1).amax(-1)
+    top = lam.amax(-1)
+    residual = torch.where(top > 0, off / torch.where(top > 0, top, 1.0), 0.0)
+    return basis, lam, residual

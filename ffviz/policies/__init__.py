@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ffviz.policies.base import Policy, PolicyContext, PolicyError
 from ffviz.policies.deep_forcing import DeepForcing
@@ -50,21 +51,37 @@ def parse_policy_args(name: str, pairs: list[str]) -> dict:
         if key not in fields:
             raise PolicyError(f"policy {name!r} has no parameter {key!r}; its parameters: "
                               f"{', '.join(fields) or 'none'}")
-        default = fields[key].default
-        try:
-            if isinstance(default, bool):
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                out[key] = raw.lower() in ("true", "1")
-            elif isinstance(default, int):
-                out[key] = int(raw)
-            elif isinstance(default, float):
-                out[key] = float(raw)
-            else:
-                out[key] = raw
-        except ValueError:
-            raise PolicyError(f"policy argument {key}={raw!r}: expected {type(default).__name__}") from None
+        out[key] = parse_policy_value(name, key, raw, fields[key].default)
     return out
 
 
-__all__ = ["POLICIES", "Policy", "PolicyContext", "PolicyError", "make_policy", "parse_policy_args"]
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_policy_value(name: str, key: str, value, default):
+    """One parameter value, typed as its ``default``: from text (the command line, a
+    text box) or a loosely typed widget value (a float from a number box). Whole
+    numbers for an int, finite numbers for a float, true/false (1/0, yes/no, on/off)
+    for a bool; text stays text. The range is the policy's own check."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool) or text in TRUE + FALSE:
+                return value if isinstance(value, bool) else text in TRUE
+            raise ValueError
+        if isinstance(default, (int, float)):
+            if isinstance(value, bool):
+                raise ValueError
+            exact = text is not None and text.lstrip("+-").isdigit()  # no float rounding
+            number = int(text) if exact else float(value)
+            if not math.isfinite(number) or (isinstance(default, int) and number != int(number)):
+                raise ValueError
+            return type(default)(number)
+        return value
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a finite number"}[type(default)]
+        raise PolicyError(f"{name}.{key} must be {kind}, got {value!r}") from None
+
+
+__all__ = ["POLICIES", "Policy", "PolicyContext", "PolicyError", "make_policy", "parse_policy_args",
+           "parse_policy_value"]

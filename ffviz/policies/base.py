@@ -3,25 +3,24 @@
 A policy looks at the cache after a chunk was written and returns a
 ``Decision`` that brings every head down to ``budget_tokens`` tokens (or None
 when the cache already fits). Parameters are dataclass fields, validated in
-``__post_init__`` with a message that names the parameter and its range.
+``__post_init__`` (the ``check_*`` helpers here) with a message that names the
+parameter and its range.
 
-The shared plumbing lives here, once: the protected-frame mask (sink and recent
-frames), top-k under the budget with protected tokens kept first, the merge
-assignment of evicted tokens to their nearest kept token, the future query
-positions and the softmax attention share that several scores use.
+Besides the interface, what several scores share: the softmax attention share
+(``attention_share``), the future query positions and their rotations
+(``future_positions``, ``rotate``, ``plane_matrix``), and ``keep_newest``.
+Selection and protection live in ``scored``, merging in ``merge``.
 Shapes: B batch (1 in generation), H heads, N cached tokens, K = budget, d head dim.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import ClassVar
 
 import torch
 
-from ffviz import kernels
-from ffviz.cache import Decision, KVCache, LayerCache, LayerDecision, take_rows
+from ffviz.cache import Decision, KVCache, LayerCache, LayerDecision
 from ffviz.models.rope import apply_rotation
 
 
@@ -60,10 +59,7 @@ class Policy:
     offline: ClassVar[bool] = False  # True when it needs a reference run (the oracle)
 
     def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``PolicyError`` for a bad parameter value."""
+        """Subclasses check their parameters here (``PolicyError`` naming the range)."""
 
     def compress(self, cache: KVCache, budget_tokens: int, ctx: PolicyContext) -> Decision | None:
         raise NotImplementedError
@@ -73,7 +69,7 @@ class Policy:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
-# -- parameter checks ---------------------------------------------------------
+# -- parameter and context checks ---------------------------------------------
 
 def check_range(name: str, value, lo, hi=None, kind=int) -> None:
     """Raise ``PolicyError`` unless lo <= value (<= hi) and value is a ``kind``."""
@@ -95,116 +91,14 @@ def check_bool(name: str, value) -> None:
         raise PolicyError(f"{name} must be true or false, got {value!r}")
 
 
-def check_fits(what: str, frames: int, budget_tokens: int, tokens_per_frame: int) -> None:
-    """A protected set of ``frames`` frames must fit the budget (``what`` names the parameters)."""
-    if frames * tokens_per_frame > budget_tokens:
-        raise PolicyError(f"{what} = {frames} protected frames do not fit the budget of "
-                          f"{budget_tokens // tokens_per_frame} frames; lower them or raise "
-                          f"the budget")
+def need(ctx: PolicyContext, name: str, *fields: str) -> None:
+    """Raise ``PolicyError`` if the context lacks what policy ``name`` reads."""
+    for f in fields:
+        if getattr(ctx, f) is None:
+            raise PolicyError(f"policy {name!r} needs ctx.{f}, which this run does not provide")
 
 
-# -- selection and merging ----------------------------------------------------
-
-def protected_mask(frame: torch.Tensor, ctx: PolicyContext, n_sink: int, n_recent: int,
-                   budget_tokens: int | None = None, what: str = "n_sink + n_recent") -> torch.Tensor:
-    """frame (..., N) source frames -> (..., N) True for tokens of the first
-    ``n_sink`` frames and of the newest ``n_recent`` (frame > ctx.frame - n_recent).
-    With ``budget_tokens``, first check that the protected frames fit (``check_fits``)."""
-    if budget_tokens is not None:
-        check_fits(what, n_sink + n_recent, budget_tokens, ctx.tokens_per_frame)
-    return (frame < n_sink) | (frame > ctx.frame - n_recent)
-
-
-def select(score: torch.Tensor, budget: int, frame: torch.Tensor,
-           protected: torch.Tensor | None = None, what: str = "n_sink + n_recent") -> torch.Tensor:
-    """Indices (..., K) ascending of the tokens to keep, K = min(budget, N).
-
-    score, frame (source frames), protected: (..., N), e.g. (B, H, N) or stacked
-    layers (L, B, H, N). Order: protected tokens first, then by ``score``, ties
-    to the newer source frame, then the later cache slot. Non-finite scores rank last.
-    """
-    K = min(budget, score.shape[-1])
-    return rank(score, budget, frame, protected, what)[..., :K].sort(-1).values
-
-
-def rank(score: torch.Tensor, budget: int, frame: torch.Tensor,
-         protected: torch.Tensor | None = None, what: str = "n_sink + n_recent") -> torch.Tensor:
-    """Every token's cache index (..., N), best first in ``select``'s order: the first
-    K = min(budget, N) are the kept ones, the rest the evicted ones (a policy that
-    merges gets both from one sort). Raises when protected tokens exceed the budget."""
-    N = score.shape[-1]
-    K = min(budget, N)
-    if protected is not None:
-        most = int(protected.sum(-1).max())
-        if most > K:
-            raise PolicyError(f"{what}: {most} protected tokens in one head exceed the budget "
-                              f"of {K}")
-    s = score.float()
-    if not torch.isfinite(s).all():
-        warnings.warn("policy score had non-finite values; they rank last", RuntimeWarning)
-        s = torch.where(torch.isfinite(s), s, torch.full_like(s, -math.inf))
-    if protected is not None:
-        s = s.masked_fill(protected, math.inf)  # first; among them, the tie-break below
-    stable_desc = lambda t: torch.sort(t, stable=True, dim=-1, descending=True).indices
-    if bool((frame[..., 1:] >= frame[..., :-1]).all()):  # cache order is frame order (as appended)
-        return (N - 1) - stable_desc(s.flip(-1))  # ties: the later slot first
-    order = stable_desc(frame.double() * (N + 1)
-                        + torch.arange(N, dtype=torch.float64, device=frame.device))
-    return order.gather(-1, stable_desc(s.gather(-1, order)))
-
-
-def merge_to_nearest(k: torch.Tensor, keep: torch.Tensor, metric: torch.Tensor | None,
-                     tau: float, factor: torch.Tensor | None = None,
-                     gone: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge assignment of every evicted token to its nearest kept token.
-
-    k: (..., N, d) keys, e.g. (B, H, N, d) or stacked layers (L, B, H, N, d);
-    keep: (..., K); metric: PSD matrices M (..., d, d) broadcasting against k's
-    leading dims (None = identity). D(a, b) = (k_a - k_b)^T M (k_a - k_b) / d. A token merges
-    into its nearest kept token when tau > 0, the head's median nearest-D over
-    evicted tokens is > 0, and D <= tau * median. The search is the
-    ``kernels.merge_neighbour`` dispatch (Triton on CUDA, PyTorch elsewhere).
-    factor: F (..., R, d) with M = F^T F, instead of ``metric``. With R < d the
-    search runs on the projections F k (R coordinates, identity metric): the same
-    D = |F (k_a - k_b)|^2 / d for fewer operations.
-    gone: the evicted indices (..., N - K) in any order, when the caller has them
-    (``rank``); otherwise they are found from ``keep``.
-    Returns merge_into (..., N) long (-1 = none) and distance (..., N): the
-    nearest-D for evicted tokens, 0 for kept ones.
-    """
-    *lead, N, d = k.shape
-    K = keep.shape[-1]
-    dev = k.device
-    keep = keep.to(dev)
-    merge_into = torch.full((*lead, N), -1, dtype=torch.long, device=dev)
-    distance = torch.zeros(*lead, N, dtype=k.dtype, device=dev)
-    if K == N or K == 0:
-        return merge_into, distance
-    if gone is None:
-        kept = torch.zeros(*lead, N, dtype=torch.bool, device=dev).scatter_(-1, keep, True)
-        gone = torch.arange(N, device=dev).expand(*lead, N)[~kept].view(*lead, N - K)  # each head evicts N - K
-    gone = gone.to(dev)
-    if factor is not None and factor.shape[-2] < d:  # search in the R projected coordinates
-        R = factor.shape[-2]
-        y = k.float() @ factor.to(dev, torch.float32).transpose(-1, -2)  # (..., N, R), float32
-        M = torch.eye(R, dtype=torch.float32, device=dev) * (R / d)  # the kernel divides by R
-        M, x, width = M.expand(math.prod(lead), R, R), y, R
-    else:
-        if factor is not None:
-            metric = factor.transpose(-1, -2) @ factor
-        M = torch.eye(d, dtype=k.dtype, device=dev) if metric is None else metric.to(dev)
-        M, x, width = M.expand(*lead, d, d).reshape(-1, d, d), k, d
-    gather = lambda idx: take_rows(x, idx).reshape(-1, idx.shape[-1], width)
-    dmin, j = kernels.merge_neighbour(gather(gone), gather(keep), M)
-    dmin = torch.nan_to_num(dmin.view(*lead, N - K).to(k.dtype), nan=math.inf)
-    nearest = keep.gather(-1, j.view(*lead, N - K))  # kept-list index -> cache index
-    distance.scatter_(-1, gone, torch.nan_to_num(dmin, posinf=0.0))
-    if tau > 0:
-        med = dmin.median(-1, keepdim=True).values
-        ok = (dmin <= tau * med) & (med > 0) & torch.isfinite(dmin)
-        merge_into.scatter_(-1, gone, torch.where(ok, nearest, torch.full_like(nearest, -1)))
-    return merge_into, distance
-
+# -- what several policies share ----------------------------------------------
 
 def keep_newest(cache: KVCache, budget_tokens: int) -> Decision:
     """Keep the newest ``budget_tokens`` tokens of every head (by source frame,
@@ -219,8 +113,6 @@ def keep_newest(cache: KVCache, budget_tokens: int) -> Decision:
         layers.append(LayerDecision(keep=keep))
     return Decision(layers)
 
-
-# -- attention and future positions ---------------------------------------------
 
 def attention_share(q: torch.Tensor, layer: LayerCache, chunk: int = 4096) -> torch.Tensor:
     """Attention every cached token gets from queries q (B, H, m, d), post-RoPE,
@@ -265,10 +157,3 @@ def rotate(v: torch.Tensor, rope, f, y, x) -> torch.Tensor:
     """Pre-RoPE vectors v (..., d) at positions (P,) -> post-RoPE (..., P, d)."""
     cos, sin = rope.cos_sin(f, y, x, dtype=v.dtype)  # on the host (Rope3D)
     return apply_rotation(v.unsqueeze(-2), cos.to(v.device), sin.to(v.device))
-
-
-def need(ctx: PolicyContext, name: str, *fields: str) -> None:
-    """Raise ``PolicyError`` if the context lacks what policy ``name`` reads."""
-    for f in fields:
-        if getattr(ctx, f) is None:
-            raise PolicyError(f"policy {name!r} needs ctx.{f}, which this run does not provide")

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import ClassVar
 
 import torch
 
-from ffviz.cache import Decision, LayerDecision, take_rows
+from ffviz.cache import take_rows
 from ffviz.models.rope import apply_rotation
-from ffviz.policies.base import (Policy, check_bool, check_range, need,
-                                 protected_mask, select)
+from ffviz.policies.base import check_bool, check_range, need
+from ffviz.policies.scored import ScoredPolicy
 
 
 def contiguous_times(t: torch.Tensor, newest: int) -> torch.Tensor:
@@ -38,25 +39,30 @@ def contiguous_times(t: torch.Tensor, newest: int) -> torch.Tensor:
 
 
 @dataclasses.dataclass
-class DeepForcing(Policy):
+class DeepForcing(ScoredPolicy):
     """sink_ratio: share of the budget (frames, floored) given to the deep sink, in
     [0, 1]; query_frames: newest frames whose queries score candidates (1-64);
-    n_recent: protected newest frames (>= 0); rerotate: renumber kept positions."""
+    rerotate: renumber kept positions; n_recent: protected newest frames (>= 0)."""
     name = "deep_forcing"
+    n_sink: int = dataclasses.field(default=0, init=False, repr=False)  # from sink_ratio instead
     sink_ratio: float = 0.5
     query_frames: int = 2
-    n_recent: int = 1
     rerotate: bool = True
+    protected_names: ClassVar[str] = "floor(sink_ratio x budget) + n_recent"
     _buffer: list = dataclasses.field(default_factory=list, init=False, repr=False, compare=False)
     _last_frame: int = dataclasses.field(default=-1, init=False, repr=False, compare=False)
 
-    def validate(self):
+    def __post_init__(self):
+        super().__post_init__()
         check_range("sink_ratio", self.sink_ratio, 0.0, 1.0, kind=float)
         check_range("query_frames", self.query_frames, 1, 64)
-        check_range("n_recent", self.n_recent, 0)
         check_bool("rerotate", self.rerotate)
 
-    def remember(self, ctx) -> None:
+    def sink_frames(self, budget_tokens, ctx):
+        """The deep sink: floor(sink_ratio x the budget in frames)."""
+        return int(self.sink_ratio * (budget_tokens // ctx.tokens_per_frame))
+
+    def observe(self, cache, ctx):
         """Buffer this chunk's queries (a list over layers of (B, H, n, d))."""
         if ctx.frame < self._last_frame:
             self._buffer.clear()
@@ -72,35 +78,29 @@ class DeepForcing(Policy):
             del self._buffer[:-self.query_frames]  # R chunks always cover R frames
         self._last_frame = ctx.frame
 
-    def compress(self, cache, budget_tokens, ctx):
-        self.remember(ctx)
-        if cache.size <= budget_tokens:
-            return None
-        if self.rerotate:
-            need(ctx, self.name, "rope")
-        n = ctx.tokens_per_frame
-        sink = int(self.sink_ratio * (budget_tokens // n))
-        layers = []
-        for i, layer in enumerate(cache.layers):
-            score = layer.mass.new_zeros(layer.mass.shape, dtype=torch.float32)
-            if self._buffer:
-                q = torch.cat([c[i].to(layer.k.device) for c in self._buffer],
-                              2)[:, :, -self.query_frames * n:]
-                score = (q.float() @ layer.k.float().transpose(-1, -2)).sum(-2)
-            what = "floor(sink_ratio x budget) + n_recent"
-            prot = protected_mask(layer.frame, ctx, sink, self.n_recent, budget_tokens, what)
-            keep = select(score, budget_tokens, layer.frame, prot, what)
-            d = LayerDecision(keep=keep, score=score)
-            if self.rerotate:
-                old = layer.time.gather(-1, keep)
-                new = contiguous_times(old, ctx.frame)
-                idx = keep.unsqueeze(-1).expand(*keep.shape, layer.k.shape[-1])
-                x = take_rows(layer.k, keep)
-                # Rope3D.shift_time(x, new - old), with the angles on the host (Rope3D's
-                # frequencies live there) and the rotation on the cache's device
-                c, s = ctx.rope.cos_sin((new - old).cpu(), 0, 0, dtype=x.dtype)
-                shifted = apply_rotation(x, c.to(x.device), s.to(x.device))
-                d.k = layer.k.scatter(2, idx, shifted)
-                d.time = layer.time.scatter(-1, keep, new)
-            layers.append(d)
-        return Decision(layers)
+    def score(self, layer, index, ctx):
+        """(B, H, N): summed q.k' over the buffered queries of the newest query_frames
+        frames (0 before any)."""
+        if not self._buffer:
+            return layer.mass.new_zeros(layer.mass.shape, dtype=torch.float32)
+        q = torch.cat([c[index].to(layer.k.device) for c in self._buffer],
+                      2)[:, :, -self.query_frames * ctx.tokens_per_frame:]
+        return (q.float() @ layer.k.float().transpose(-1, -2)).sum(-2)
+
+    def decide(self, cache, ctx, score, keep, gone):
+        decision = super().decide(cache, ctx, score, keep, gone)
+        if not self.rerotate:
+            return decision
+        need(ctx, self.name, "rope")
+        for layer, d in zip(cache.layers, decision.layers):
+            old = layer.time.gather(-1, d.keep)
+            new = contiguous_times(old, ctx.frame)
+            idx = d.keep.unsqueeze(-1).expand(*d.keep.shape, layer.k.shape[-1])
+            x = take_rows(layer.k, d.keep)
+            # Rope3D.shift_time(x, new - old), with the angles on the host (Rope3D's
+            # frequencies live there) and the rotation on the cache's device
+            c, s = ctx.rope.cos_sin((new - old).cpu(), 0, 0, dtype=x.dtype)
+            shifted = apply_rotation(x, c.to(x.device), s.to(x.device))
+            d.k = layer.k.scatter(2, idx, shifted)
+            d.time = layer.time.scatter(-1, d.keep, new)
+        return decision

@@ -20,36 +20,36 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from typing import ClassVar
 
 import torch
 
-from ffviz.cache import Decision, LayerDecision
 from ffviz.models.rope import apply_rotation
-from ffviz.policies.base import (Policy, check_bool, check_choice, check_range,
-                                 future_positions, need, plane_matrix, protected_mask, select)
+from ffviz.policies.base import (check_bool, check_choice, check_range, future_positions, need,
+                                 plane_matrix)
+from ffviz.policies.scored import ScoredPolicy, stack_layers
 
 
 @dataclasses.dataclass
-class ExpectedAttention(Policy):
+class ExpectedAttention(ScoredPolicy):
     """horizon: future frames averaged over (1-64); stride: positions every
     stride-th row and column (1 = the whole grid, 1-64); statistics: "current" or
     "historical"; value_norm: multiply by ||v||; n_sink, n_recent: protected
-    first / newest frames (>= 0)."""
+    first / newest frames (a frame sink by default)."""
     name = "expected_attention"
+    n_sink: int = 1
     horizon: int = 1
     stride: int = 1
     statistics: str = "current"
     value_norm: bool = False
-    n_sink: int = 1
-    n_recent: int = 1
+    needs: ClassVar[tuple[str, ...]] = ("rope",)
 
-    def validate(self):
+    def __post_init__(self):
+        super().__post_init__()
         check_range("horizon", self.horizon, 1, 64)
         check_range("stride", self.stride, 1, 64)
         check_choice("statistics", self.statistics, ("current", "historical"))
         check_bool("value_norm", self.value_norm)
-        check_range("n_sink", self.n_sink, 0)
-        check_range("n_recent", self.n_recent, 0)
 
     def fit(self, ctx, L: int, H: int, d: int):
         """mu (L, H, d), Sigma (L, H, d, d) of pre-RoPE queries (zeros without data)."""
@@ -76,12 +76,9 @@ class ExpectedAttention(Policy):
         c = q - mu.unsqueeze(2)
         return mu, c.transpose(-1, -2) @ c / q.shape[2]
 
-    def compress(self, cache, budget_tokens, ctx):
-        if cache.size <= budget_tokens:
-            return None
-        need(ctx, self.name, "rope")
-        k, v, mass, frame = (torch.stack([getattr(l, f) for l in cache.layers])
-                             for f in ("k", "v", "mass", "frame"))  # (L, B, H, N, ...)
+    def scores(self, cache, ctx):
+        """(L, B, H, N): a_j for every layer at once."""
+        k, v, mass = stack_layers(cache, "k", "v", "mass")  # (L, B, H, N, ...)
         L, B, H, N, d = k.shape
         mu, sigma = (t.to(k.device) for t in self.fit(ctx, L, H, d))  # stats live on the host
         cos, sin = ctx.rope.cos_sin(*future_positions(ctx, self.horizon, self.stride))
@@ -91,8 +88,4 @@ class ExpectedAttention(Policy):
         z = (k @ qbar).squeeze(-1) / math.sqrt(d) + ((k @ srot) * k).sum(-1) / (2 * d) \
             + mass.clamp_min(1e-30).log()  # (L, B, H, N)
         score = torch.nan_to_num(z.softmax(-1))
-        if self.value_norm:
-            score = score * v.norm(dim=-1)
-        prot = protected_mask(frame, ctx, self.n_sink, self.n_recent, budget_tokens)
-        keep = select(score, budget_tokens, frame, prot)
-        return Decision([LayerDecision(keep=keep[i], score=score[i]) for i in range(L)])
+        return score * v.norm(dim=-1) if self.value_norm else score

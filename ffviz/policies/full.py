@@ -8,6 +8,7 @@ from ffviz.policies.base import Policy
 
 @dataclasses.dataclass
 class Full(Policy):
+    """No parameters: the cache grows without bound."""
     name = "full"
     holds_budget = False
 

@@ -11,33 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 
-from ffviz.cache import Decision, LayerDecision
-from ffviz.policies.base import (Policy, attention_share, check_range, protected_mask,
-                                 select)
+from ffviz.policies.base import attention_share
+from ffviz.policies.scored import ScoredPolicy
 
 
 @dataclasses.dataclass
-class H2O(Policy):
-    """n_sink, n_recent: protected first / newest frames (>= 0)."""
+class H2O(ScoredPolicy):
+    """No parameters of its own; n_sink, n_recent: protected first / newest frames."""
     name = "h2o"
-    n_sink: int = 0
-    n_recent: int = 1
 
-    def validate(self):
-        check_range("n_sink", self.n_sink, 0)
-        check_range("n_recent", self.n_recent, 0)
-
-    def compress(self, cache, budget_tokens, ctx):
-        for i, layer in enumerate(cache.layers):  # accumulate every chunk, even when it fits
+    def observe(self, cache, ctx):
+        """Accumulate this chunk's attention, every chunk, even when the cache fits."""
+        for i, layer in enumerate(cache.layers):
             acc = layer.aux.setdefault("h2o", layer.mass.new_zeros(layer.mass.shape))
             if ctx.chunk_queries is not None and ctx.chunk_queries[i] is not None:
                 layer.aux["h2o"] = acc + attention_share(ctx.chunk_queries[i], layer).to(acc.dtype)
-        if cache.size <= budget_tokens:
-            return None
-        layers = []
-        for layer in cache.layers:
-            score = layer.aux["h2o"]
-            prot = protected_mask(layer.frame, ctx, self.n_sink, self.n_recent, budget_tokens)
-            keep = select(score, budget_tokens, layer.frame, prot)
-            layers.append(LayerDecision(keep=keep, score=score))
-        return Decision(layers)
+
+    def score(self, layer, index, ctx):
+        """(B, H, N): the attention accumulated so far."""
+        return layer.aux["h2o"]

@@ -15,35 +15,24 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ffviz.cache import Decision, LayerDecision
-from ffviz.policies.base import (Policy, PolicyError, attention_share, check_range,
-                                 protected_mask, select)
+from ffviz.policies.base import PolicyError, attention_share
+from ffviz.policies.scored import ScoredPolicy
 
 
 @dataclasses.dataclass
-class Oracle(Policy):
-    """n_sink, n_recent: protected first / newest frames (>= 0; none by default)."""
+class Oracle(ScoredPolicy):
+    """No parameters of its own; n_sink, n_recent: protected first / newest frames
+    (none by default)."""
     name = "oracle"
     offline: ClassVar[bool] = True  # needs a reference run: not offered for live runs
-    n_sink: int = 0
     n_recent: int = 0
 
-    def validate(self):
-        check_range("n_sink", self.n_sink, 0)
-        check_range("n_recent", self.n_recent, 0)
-
-    def compress(self, cache, budget_tokens, ctx):
-        if cache.size <= budget_tokens:
-            return None
+    def score(self, layer, index, ctx):
+        """(B, H, N): the mean share a_j over the true future queries (0 past the end)."""
         if ctx.future_queries is None:
             raise PolicyError("the oracle policy is offline: it needs the future queries of a "
                               "full-cache reference run; run it through `python -m ffviz eval`")
-        layers = []
-        for i, layer in enumerate(cache.layers):
-            q = ctx.future_queries(i)  # None or m = 0 past the end of the run: scores 0
-            score = (layer.mass.new_zeros(layer.mass.shape) if q is None else
-                     attention_share(q, layer) / max(q.shape[2], 1))
-            prot = protected_mask(layer.frame, ctx, self.n_sink, self.n_recent, budget_tokens)
-            keep = select(score, budget_tokens, layer.frame, prot)
-            layers.append(LayerDecision(keep=keep, score=score))
-        return Decision(layers)
+        q = ctx.future_queries(index)  # None or m = 0 past the end of the run: scores 0
+        if q is None:
+            return layer.mass.new_zeros(layer.mass.shape)
+        return attention_share(q, layer) / max(q.shape[2], 1)

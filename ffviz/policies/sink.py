@@ -7,27 +7,26 @@ keeps the first frame chunk as a frame sink for long video generation.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
-from ffviz.cache import Decision, LayerDecision
-from ffviz.policies.base import Policy, check_range, protected_mask, select
+from ffviz.policies.scored import ScoredPolicy
 
 
 @dataclasses.dataclass
-class Sink(Policy):
-    """n_sink: frames at the start of the run that are always kept (>= 0)."""
+class Sink(ScoredPolicy):
+    """n_sink: frames at the start of the run that are always kept (>= 0); the rest of
+    the budget goes to the newest frames."""
     name = "sink"
     n_sink: int = 1
+    n_recent: int = dataclasses.field(default=0, init=False, repr=False)  # recency keeps them
+    protected_names: ClassVar[str] = "n_sink"
 
-    def validate(self):
-        check_range("n_sink", self.n_sink, 0)
+    def score(self, layer, index, ctx):
+        """(B, H, N): the source frame, so that the newest rank first."""
+        return layer.frame.float()
 
-    def compress(self, cache, budget_tokens, ctx):
-        if cache.size <= budget_tokens:
-            return None
-        layers = []
-        for layer in cache.layers:
-            recency = layer.frame.float()  # an order, not a score: the decision carries none
-            sink = protected_mask(layer.frame, ctx, self.n_sink, 0, budget_tokens, "n_sink")
-            keep = select(recency, budget_tokens, layer.frame, sink, "n_sink")
-            layers.append(LayerDecision(keep=keep))
-        return Decision(layers)
+    def decide(self, cache, ctx, score, keep, gone):
+        decision = super().decide(cache, ctx, score, keep, gone)
+        for d in decision.layers:
+            d.score = None  # recency is an order, not a score: the log shows none
+        return decision

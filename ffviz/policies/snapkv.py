@@ -16,28 +16,32 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ffviz.cache import Decision, LayerDecision
-from ffviz.policies.base import (Policy, PolicyError, attention_share, check_choice,
-                                 check_range, protected_mask, select)
+from ffviz.policies.base import PolicyError, attention_share, check_choice, check_range
+from ffviz.policies.scored import ScoredPolicy
 
 
 @dataclasses.dataclass
-class SnapKV(Policy):
+class SnapKV(ScoredPolicy):
     """kernel: odd spatial pooling size in tokens (1 = no pooling, up to 15);
     pooling: "max" or "avg"; n_sink, n_recent: protected first / newest frames."""
     name = "snapkv"
     kernel: int = 3
     pooling: str = "max"
-    n_sink: int = 0
-    n_recent: int = 1
 
-    def validate(self):
+    def __post_init__(self):
+        super().__post_init__()
         check_range("kernel", self.kernel, 1, 15)
         if self.kernel % 2 == 0:
             raise PolicyError(f"kernel must be odd (1, 3, 5, ...), got {self.kernel}")
         check_choice("pooling", self.pooling, ("max", "avg"))
-        check_range("n_sink", self.n_sink, 0)
-        check_range("n_recent", self.n_recent, 0)
+
+    def score(self, layer, index, ctx):
+        """(B, H, N): the attention share from the chunk's queries, pooled (0 without them)."""
+        q = None if ctx.chunk_queries is None else ctx.chunk_queries[index]
+        if q is None:
+            return layer.mass.new_zeros(layer.mass.shape, dtype=torch.float32)
+        score = attention_share(q, layer)
+        return self.pool(score, layer, ctx.grid) if self.kernel > 1 else score
 
     def pool(self, score: torch.Tensor, layer, grid: tuple[int, int]) -> torch.Tensor:
         """score (B, H, N) -> pooled (B, H, N): scattered onto a (frames, rows, cols)
@@ -57,19 +61,3 @@ class SnapKV(Policy):
             pool = lambda t: F.avg_pool2d(t.view(shape), self.kernel, 1, self.kernel // 2)
             out = pool(dense) / pool(present)
         return out.view(B, H, -1).gather(-1, idx)
-
-    def compress(self, cache, budget_tokens, ctx):
-        if cache.size <= budget_tokens:
-            return None
-        layers = []
-        for i, layer in enumerate(cache.layers):
-            q = None if ctx.chunk_queries is None else ctx.chunk_queries[i]
-            score = layer.mass.new_zeros(layer.mass.shape, dtype=torch.float32)
-            if q is not None:
-                score = attention_share(q, layer)
-                if self.kernel > 1:
-                    score = self.pool(score, layer, ctx.grid)
-            prot = protected_mask(layer.frame, ctx, self.n_sink, self.n_recent, budget_tokens)
-            keep = select(score, budget_tokens, layer.frame, prot)
-            layers.append(LayerDecision(keep=keep, score=score))
-        return Decision(layers)
