@@ -171,6 +171,8 @@ class Run:
             "prompt": self.settings.prompt, "scene": self.spec.describe() if self.spec else None,
             "prompt_notes": self.prompt_notes, "model": self.model_name,
             "seed": self.settings.seed, "frames": frames, "given_frames": g,
+            "snap": bool(self.has_scenes and (self.cfg.snap if self.settings.snap
+                                              is None else self.settings.snap)),
             "seconds": round(self.seconds, 3), "fps": round(frames / max(self.seconds, 1e-9), 2),
             "policy": policy.name, "policy_params": policy.params(), "budget_frames": budget,
             "tokens_per_frame": self.cfg.tokens_per_frame,
