@@ -33,15 +33,16 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from ffviz.export import check_output_dir
-    from ffviz.generate import Controls, RunSettings
+    from ffviz.generate import Controls, PromptSwitch, RunSettings
     from ffviz.models import has_scenes
     from ffviz.policies import make_policy, parse_policy_args
     from ffviz.run import run
     policy = make_policy(args.policy, **parse_policy_args(args.policy, args.policy_arg))
     controls = Controls(policy, args.budget)
+    switches = tuple(PromptSwitch.parse(text, args.recache) for text in args.switch_prompt)
     settings = RunSettings(args.prompt, frames=args.frames, seed=args.seed, steps=args.steps,
                            context_noise=args.context_noise, record=not args.no_record,
-                           snap=False if args.no_snap else None)
+                           snap=False if args.no_snap else None, switches=switches)
     settings.validate(scenes=has_scenes(args.model))  # bad prompt or settings fail before the model loads
     check_output_dir(args.out)
     model = _load_model(args)
@@ -153,6 +154,7 @@ THREADS_HELP = ("torch CPU threads (default 1: the tiny model's ops are too smal
 
 
 def main(argv=None) -> int:
+    from ffviz.recache import RECACHE_MODES
     from ffviz.weights import DEFAULT_WEIGHTS
     parser = argparse.ArgumentParser(prog="python -m ffviz", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +172,11 @@ def main(argv=None) -> int:
                    help="noise level of the cache-filling pass (default: the model card's)")
     p.add_argument("--no-record", action="store_true", help="do not record query statistics")
     p.add_argument("--no-snap", action="store_true", help=SNAP_HELP)
+    p.add_argument("--switch-prompt", action="append", default=[], metavar="FRAME:PROMPT",
+                   help="follow PROMPT from frame FRAME on (repeatable)")
+    p.add_argument("--recache", choices=RECACHE_MODES, default="none",
+                   help="at a prompt switch, re-write the cached keys and values under the new "
+                        "prompt: none, recent (all but the given frames) or all")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--model", default="tiny", help=MODEL_HELP)

@@ -122,6 +122,9 @@ class RunWriter:
         for frame in step.frames:
             scale = max(1, VIDEO_SIDE // max(frame.shape[:2]))  # 32x32 -> 8x; Wan's 480x832 -> 1x
             self._video.append_data(frame.repeat(scale, 0).repeat(scale, 1))
+        if step.prompt_switch is not None:  # marks where the prompt changed, before its chunk
+            self._decisions.write(json.dumps({"step": step.index, "prompt_switch": step.prompt_switch},
+                                             separators=(",", ":")) + "\n")
         if step.decision_log is not None:
             entry = {"step": step.index, "frames": step.frame_indices, "policy": step.policy,
                      "params": step.policy_params, "budget_frames": step.budget_frames,

@@ -27,6 +27,7 @@ from ffviz.hooks import QueryTap
 from ffviz.models import VideoModel
 from ffviz.policies import Policy, PolicyContext, PolicyError, make_policy
 from ffviz.sampling import denoise_chunk, fill_cache, palette_tensor, previous_tokens, snap_tokens
+from ffviz.recache import RECACHE_MODES, ChunkMemory, cached_frames, recache
 from ffviz.scenes import Scene, SceneSpec, parse_prompt
 from ffviz.stats import QueryStats
 
@@ -38,15 +39,48 @@ class GenerationError(ValueError):
     """Settings a run cannot start with (the message says which and why)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptSwitch:
+    """From ``frame`` on, the run follows ``prompt``; the cache is re-written under it
+    as ``recache`` says (``ffviz.recache``: none, recent or all)."""
+    frame: int
+    prompt: str
+    recache: str = "none"
+
+    @classmethod
+    def parse(cls, text: str, recache: str = "none") -> "PromptSwitch":
+        """``"16:a red circle on a white background"`` (the CLI's ``--switch-prompt``)."""
+        frame, sep, prompt = str(text).partition(":")
+        if not sep or not frame.strip().isdigit():
+            raise GenerationError(f"a prompt switch must look like FRAME:PROMPT, got {text!r}")
+        return cls(int(frame), prompt.strip(), recache)
+
+    def check(self, scenes: bool, seed: int, first: int, frames: int) -> None:
+        """A clear error for a switch outside ``first..frames-1``, an unreadable prompt
+        or an unknown re-cache mode."""
+        if self.recache not in RECACHE_MODES:
+            raise GenerationError(f"recache must be one of {', '.join(RECACHE_MODES)}, "
+                                  f"got {self.recache!r}")
+        if isinstance(self.frame, bool) or not isinstance(self.frame, (int, np.integer)) \
+                or not first <= self.frame < frames:
+            raise GenerationError(f"a prompt switch at frame {self.frame!r} is outside the run: "
+                                  f"frames {first}..{frames - 1} are generated")
+        if scenes:
+            parse_prompt(self.prompt, seed)  # PromptError with the reason
+        elif not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise GenerationError(f"the prompt switch at frame {self.frame} has an empty prompt")
+
+
 class Controls:
-    """Policy and budget, read before every chunk; safe to change from another
-    thread while a run goes on (the app's live steering)."""
+    """Policy, budget and prompt switches, read before every chunk; safe to change from
+    another thread while a run goes on (the app's live steering)."""
 
     def __init__(self, policy: Policy | str = DEFAULT_POLICY, budget_frames: int = DEFAULT_BUDGET):
         self._lock = threading.Lock()
         self.version = 0
         self._policy = make_policy(policy) if isinstance(policy, str) else policy
         self._budget = self._check_budget(budget_frames)
+        self._prompt_switch: tuple[str, str] | None = None
         self.stop_requested = False
 
     @staticmethod
@@ -66,6 +100,17 @@ class Controls:
             if new_budget is not None:
                 self._budget = new_budget
             self.version += 1
+
+    def switch_prompt(self, prompt: str, recache: str = "none") -> None:
+        """Follow ``prompt`` from the next chunk on (checked when it applies: call
+        ``PromptSwitch.check`` first for an early error)."""
+        with self._lock:
+            self._prompt_switch = (prompt, recache)
+
+    def take_prompt_switch(self) -> tuple[str, str] | None:
+        with self._lock:
+            pending, self._prompt_switch = self._prompt_switch, None
+            return pending
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -91,6 +136,7 @@ class Step:
     switched: bool
     decision: Decision | None = None
     decision_log: dict | None = None
+    prompt_switch: dict | None = None  # {"frame", "prompt", "recache", "rerun_chunks"} at a switch
 
 
 @dataclasses.dataclass
@@ -102,6 +148,7 @@ class RunSettings:
     context_noise: float | None = None
     record: bool = True
     snap: bool | None = None  # snap frames to the scene's palette; None: the model card's setting
+    switches: tuple[PromptSwitch, ...] = ()  # scheduled prompt switches
 
     def validate(self, scenes: bool = True) -> tuple[SceneSpec | None, list[str]]:
         """Check the settings; read the prompt's scene (``scenes=False``, for a
@@ -119,6 +166,11 @@ class RunSettings:
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
                 or not 0 <= self.seed < 2 ** 32:
             raise GenerationError(f"seed must be a whole number in [0, 2^32), got {self.seed!r}")
+        frames_seen = [s.frame for s in self.switches]
+        if len(set(frames_seen)) != len(frames_seen):
+            raise GenerationError(f"two prompt switches at one frame: {sorted(frames_seen)}")
+        for switch in self.switches:
+            switch.check(scenes, self.seed, 1, self.frames)
         if not scenes:
             if not isinstance(self.prompt, str) or not self.prompt.strip():
                 raise GenerationError("empty prompt: describe the video")
@@ -266,15 +318,20 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
                               f"({settings.frames} frames)")
     steps = settings.steps or cfg.sample_steps
     level = cfg.context_noise if settings.context_noise is None else settings.context_noise
+    g = min(cfg.given_frames, settings.frames)
+    for switch in settings.switches:  # the given frames come from the first prompt's scene
+        switch.check(scenes, settings.seed, max(g, 1), settings.frames)
+    scheduled = {s.frame: (s.prompt, s.recache) for s in settings.switches}
     scene = Scene(spec, settings.seed) if scenes else None
     snap = scenes and (cfg.snap if settings.snap is None else settings.snap)
-    palette = palette_tensor([spec], next(model.parameters()).device) if snap else None
+    device = next(model.parameters()).device
+    palette = palette_tensor([spec], device) if snap else None
     gen = torch.Generator().manual_seed(settings.seed)
     cache = model.new_cache()
     if kernels.compiled_cpu(next(model.parameters())):  # the CPU kernels' first compile
         kernels.warm(len(cache.layers))  # (once per machine) is not a timed step
-    g = min(cfg.given_frames, settings.frames)
     inputs = PolicyInputs(model)
+    memory = ChunkMemory()  # what a re-cache at a prompt switch re-runs
     clock = _clock(model)
     try:
         # no torch.no_grad() around the loop: a generator suspended inside it would leave
@@ -287,6 +344,24 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
             t0 = clock()
             policy, budget, version = controls.snapshot()
             switched, seen_version = version != seen_version, version
+            live = controls.take_prompt_switch()
+            pending = scheduled.pop(f, None) or (live if f >= max(g, 1) else None)
+            prompt_switch = None
+            if pending is not None:  # the new prompt conditions this chunk and on
+                new_prompt, mode = pending
+                PromptSwitch(f, new_prompt, mode).check(scenes, settings.seed, max(g, 1), settings.frames)
+                old_cond = cond
+                with torch.no_grad():
+                    if scenes:
+                        spec = parse_prompt(new_prompt, settings.seed)[0]
+                        cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
+                        palette = palette_tensor([spec], device) if snap else None
+                    else:
+                        cond = model.encode_prompt(new_prompt)
+                rerun = recache(model, cache, memory, mode, cond, old_cond, g, level)
+                policy.prompt_switched(inputs.stats)
+                prompt_switch = {"frame": f, "prompt": new_prompt, "recache": mode,
+                                 "rerun_chunks": rerun, "recache_seconds": round(clock() - t0, 4)}
             if f == 0 and g:  # the frames given from the scene
                 frames = torch.arange(g)
                 given = torch.from_numpy(scene.render(np.arange(g)))[None].float()
@@ -300,7 +375,9 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
                 if palette is not None:  # errors snap back instead of compounding
                     x0 = snap_tokens(model, x0, palette)
             t1 = clock()
-            fill_cache(model, cache, x0, frames, cond, level, gen, prev=previous_tokens(last, x0, n))
+            prev = previous_tokens(last, x0, n)
+            fill_cache(model, cache, x0, frames, cond, level, gen, prev=prev)
+            memory.add(frames, x0, prev)
             last = x0[:, -n:]
             t2 = clock()
             peak, newest = cache.size, int(frames[-1])
@@ -323,6 +400,7 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
             if policy.holds_budget and cache.size > budget * n:
                 raise PolicyError(f"policy {policy.name} left {cache.size} tokens, "
                                   f"budget is {budget * n}")
+            memory.prune(cached_frames(cache))
             t3 = clock()
             if observer:
                 observer.after_compress(cache, decision, ctx)
@@ -333,7 +411,8 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
                        cache_tokens_peak=peak, cache_tokens=cache.size,
                        cache_frames=cache.frames(), policy=policy.name,
                        policy_params=policy.params(), budget_frames=budget,
-                       switched=switched, decision=decision, decision_log=log)
+                       switched=switched, decision=decision, decision_log=log,
+                       prompt_switch=prompt_switch)
             f += frames.numel()
             index += 1
     finally:

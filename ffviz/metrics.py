@@ -171,3 +171,28 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
                      "color_presence": [None if np.isnan(x) else round(float(x), 4)
                                         for x in presence_curve]}
     return out
+
+
+def story_consistency(frames: np.ndarray, story: list[Scene], start: int = 0) -> dict:
+    """``consistency`` of a run whose prompt switched: frames from each scene's ``t0``
+    on are graded against that scene (the prompt in force). Scalars are means over the
+    segments weighted by their frames (``returns``: by their events); curves are joined."""
+    if len(story) == 1:
+        return consistency(frames, story[0], start)
+    bounds = [max(sc.t0, start) for sc in story] + [start + len(frames)]
+    parts = [(consistency(frames[a - start:b - start], sc, start=a), b - a)
+             for sc, a, b in zip(story, bounds, bounds[1:]) if b > a]
+    def weighted(pairs):
+        pairs = [(v, w) for v, w in pairs if not np.isnan(v) and w > 0]
+        return float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs])) if pairs \
+            else float("nan")
+
+    out = {key: weighted((m[key], w) for m, w in parts)
+           for key in ("background", "off_palette", "color_presence", "shape", "tracking")}
+    out["returns"] = weighted((m["returns"], m["returns_count"]) for m, _ in parts)
+    out["returns_count"] = int(sum(m["returns_count"] for m, _ in parts))
+    vals = [out[k] for k in ("background", "color_presence", "shape", "returns")]
+    out["consistency"] = float(np.nanmean(vals)) if not all(np.isnan(vals)) else float("nan")
+    out["curves"] = {k: sum((m["curves"][k] for m, _ in parts), []) for k in parts[0][0]["curves"]}
+    out["segments"] = [{"from_frame": sc.t0, "prompt": sc.spec.describe()} for sc in story]
+    return out

@@ -28,9 +28,9 @@ from typing import Iterator, Sequence
 from ffviz.export import FrameSpool, OutputError, RunWriter, json_safe
 from ffviz.generate import Controls, Observer, RunSettings, Step, generate
 from ffviz.hooks import QueryRecorder
-from ffviz.metrics import consistency
+from ffviz.metrics import story_consistency
 from ffviz.models import VideoModel
-from ffviz.scenes import Scene
+from ffviz.scenes import Scene, scene_story
 
 
 @dataclasses.dataclass
@@ -43,6 +43,7 @@ class RunStats:
     policy_seconds: float = 0.0  # Step.seconds["policy"], summed over every chunk
     compress_seconds: float = 0.0  # ... over the chunks with a decision
     switches: list = dataclasses.field(default_factory=list)  # where policy or budget changed
+    prompt_switches: list = dataclasses.field(default_factory=list)  # where the prompt changed
 
     def add(self, step: Step) -> None:
         self.chunks += 1
@@ -55,6 +56,8 @@ class RunStats:
         if step.switched:
             self.switches.append({"frame": step.frame_indices[0], "policy": step.policy,
                                   "params": step.policy_params, "budget_frames": step.budget_frames})
+        if step.prompt_switch is not None:
+            self.prompt_switches.append(step.prompt_switch)
 
 
 class _Fanout(Observer):
@@ -155,7 +158,11 @@ class Run:
             return {"computed": False, "reason": "consistency metrics compare against the tiny "
                     "model's scene renderer; this model has no scenes"}
         g, video = self.cfg.given_frames, self.frames.all()
-        return consistency(video[g:], Scene(self.spec, self.settings.seed), start=g) if len(video) > g else {}
+        if len(video) <= g:
+            return {}
+        story = scene_story(Scene(self.spec, self.settings.seed), self.stats.prompt_switches,
+                            self.settings.seed)
+        return story_consistency(video[g:], story, start=g)
 
     @property
     def summary(self) -> dict | None:
@@ -179,7 +186,8 @@ class Run:
             "peak_cache_tokens": s.peak_tokens,
             "policy_ms_per_step": round(1000 * s.policy_seconds / max(s.chunks, 1), 3),
             "recorder_bytes": self.recorder.nbytes() if self.recorder else 0,
-            "switches": s.switches, "stopped_early": frames < self.settings.frames,
+            "switches": s.switches, "prompt_switches": s.prompt_switches,
+            "stopped_early": frames < self.settings.frames,
             "metrics": self.metrics,
         })
 

@@ -235,6 +235,18 @@ def random_spec(rng: np.random.Generator, exits_share: float = 0.3,
     return SceneSpec(bg, objs, pillar, speed, wide, exits)
 
 
+def restyled_spec(rng: np.random.Generator, spec: SceneSpec, reshape: float = 0.3) -> SceneSpec:
+    """``spec`` under another prompt of the same motion: new background, object and
+    pillar colours (distinct within the scene), each object's shape redrawn with
+    probability ``reshape``; sizes, speed, pillar width and exits stay."""
+    order = rng.permutation(len(COLOR_NAMES))
+    names = [COLOR_NAMES[i] for i in order]
+    objs = tuple(ObjectSpec(SHAPES[rng.integers(len(SHAPES))] if rng.random() < reshape else o.shape,
+                            names[1 + j], o.size) for j, o in enumerate(spec.objects))
+    pillar = names[1 + len(objs)] if spec.pillar else None
+    return dataclasses.replace(spec, background=names[0], objects=objs, pillar=pillar)
+
+
 def _bitmap(shape: str, side: int) -> np.ndarray:
     """The object's pixels (side, side) bool: pixel centres inside the shape."""
     c = (np.arange(side) + 0.5)
@@ -361,6 +373,15 @@ class Scene:
     def full_area(self) -> np.ndarray:
         """Area in pixels of each object when fully visible (n,)."""
         return np.array([bm.sum() for bm in self.bitmaps])
+
+
+def scene_story(scene: Scene, switches, seed: int) -> list[Scene]:
+    """The scenes of a run whose prompt switched: ``scene`` then, per switch
+    (``{"frame", "prompt"}``, in order), the scene continued under its prompt."""
+    story = [scene]
+    for s in switches:
+        story.append(story[-1].continued(parse_prompt(s["prompt"], seed)[0], s["frame"]))
+    return story
 
 
 def palette_rgb(spec: SceneSpec) -> np.ndarray:

@@ -62,6 +62,18 @@ class QueryStats:
         self._m2[layer] += m2b + (delta[:, :, None] * delta[:, None, :]) * (wa * n / tot)[:, :, None]
         self.weight[layer] += n
 
+    def prompt_switched(self, rule: str, half_life: float) -> None:
+        """At a prompt switch: ``carry`` on, ``reset`` (forget every query so far) or
+        ``decay`` (from now on, older frames' weight halves every ``half_life`` frames)."""
+        if rule == "reset":
+            self.weight.zero_()
+            self._mean.zero_()
+            self._m2.zero_()
+        elif rule == "decay":
+            self.half_life = float(half_life)
+        elif rule != "carry":
+            raise ValueError(f"unknown rule {rule!r} for the statistics at a prompt switch")
+
     def mean(self, layer: int) -> torch.Tensor:
         """(heads, dim) float32."""
         return self._mean[layer].float()

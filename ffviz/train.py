@@ -41,7 +41,7 @@ import torch
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.sampling import (TRAIN_SEED_BASE, palette_tensor, previous_tokens, rollout, shifted,
                             sigma_schedule)
-from ffviz.scenes import COLORS, Scene, random_spec
+from ffviz.scenes import COLORS, Scene, random_spec, restyled_spec
 from ffviz.teacher import renderer_targets
 from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, load_tiny, save_weights
 
@@ -64,6 +64,7 @@ class TrainConfig:
     rollout_after: int = 1500
     rollout_clips: int = 4  # clips per batch whose context is the model's own rollout
     targets: int = 6  # noisy target frames per clip (drawn from the clip's frames after the given)
+    switch_share: float = 0.25  # clips (not rolled out) whose prompt switches mid-clip
     object_weight: float = 2.0  # loss weight of patches showing an object or the pillar
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
@@ -95,18 +96,32 @@ def gap_start(rng: np.random.Generator, recent: int) -> int:
     return int(np.exp(rng.uniform(np.log(3), np.log(MAX_GAP))))
 
 
-def make_batch(rng: np.random.Generator, batch: int, recent: int, start: int, given: int):
+def make_batch(rng: np.random.Generator, batch: int, recent: int, start: int, given: int,
+               switch_share: float = 0.0, first_switchable: int = 0):
     """A batch of clips: the given frames 0..given-1 and the recent block
-    start..start+recent-1 of fresh scenes. Returns scenes, frame indices (T,), frames
-    (B, T, 32, 32, 3) uint8, the true frame before the recent block (B, 32, 32, 3)
-    (None when the blocks touch) and condition ids (B, C)."""
+    start..start+recent-1 of fresh scenes. Clips from ``first_switchable`` on switch
+    their prompt at a recent frame with probability ``switch_share`` (the scene goes on
+    under a restyled prompt, ``Scene.continued``). Returns scenes (each clip's first),
+    frame indices (T,), frames (B, T, 32, 32, 3) uint8, the true frame before the
+    recent block (B, 32, 32, 3) (None when the blocks touch), condition ids per frame
+    (B, T, C) and the foreground (B, T, 32, 32): pixels that are not background."""
     frame_idx = np.concatenate([np.arange(given), np.arange(start, start + recent)])
     scenes = [Scene(random_spec(rng), int(rng.integers(TRAIN_SEED_BASE, 1 << 31)))
               for _ in range(batch)]
-    clips = np.stack([s.render(frame_idx) for s in scenes])
+    clips, conds, fg = [], [], []
+    for b, scene in enumerate(scenes):
+        story = [scene]
+        if b >= first_switchable and rng.random() < switch_share:
+            at = int(frame_idx[rng.integers(given + 1, len(frame_idx))])
+            story.append(scene.continued(restyled_spec(rng, scene.spec), at))
+        per_frame = [story[-1] if f >= story[-1].t0 else story[0] for f in frame_idx]
+        clip = np.concatenate([sc.render([f]) for sc, f in zip(per_frame, frame_idx)])
+        clips.append(clip)
+        conds.append(np.stack([sc.spec.condition_ids() for sc in per_frame]))
+        bg = np.stack([COLORS[sc.spec.background] for sc in per_frame]).astype(np.uint8)
+        fg.append((clip != bg[:, None, None]).any(-1))
     before = np.stack([s.render([start - 1])[0] for s in scenes]) if start > given else None
-    conds = np.stack([s.spec.condition_ids() for s in scenes])
-    return scenes, frame_idx, clips, before, conds
+    return scenes, frame_idx, np.stack(clips), before, np.stack(conds), np.stack(fg)
 
 
 def noise_levels(rng: np.random.Generator, batch: int, frames: int, steps: int, shift: float):
@@ -125,7 +140,8 @@ class Batch:
     frame_idx: np.ndarray  # (T,) absolute frame of each clip slot
     clips: np.ndarray  # (B, T, S, S, 3) uint8
     before: np.ndarray | None  # (B, S, S, 3) the true frame before the recent block
-    cond_ids: np.ndarray  # (B, C)
+    cond_ids: np.ndarray  # (B, T, C): each frame's prompt (a clip may switch)
+    foreground: np.ndarray  # (B, T, S, S) bool: pixels that are not background
     targets: np.ndarray  # (K,) slots with a noisy copy
     levels: torch.Tensor  # (B, K)
 
@@ -138,13 +154,14 @@ def draw(seed: int, step: int, cfg: TrainConfig, model_cfg: TinyConfig) -> Batch
     recent = T - g
     gen_seed = int(rng.integers(1 << 62))
     start = gap_start(rng, recent)
-    scenes, frame_idx, clips, before, conds = make_batch(rng, cfg.batch, recent, start, g)
+    scenes, frame_idx, clips, before, conds, fg = make_batch(
+        rng, cfg.batch, recent, start, g, cfg.switch_share, cfg.rollout_clips)
     # targets: recent slots whose previous frame is in the clip (the newest cached frame)
     candidates = np.arange(g + 1, T)
     K = min(cfg.targets, len(candidates))
     targets = np.sort(rng.choice(candidates, size=K, replace=False))
     levels = noise_levels(rng, cfg.batch, K, model_cfg.sample_steps, model_cfg.shift)
-    return Batch(gen_seed, scenes, frame_idx, clips, before, conds, targets, levels)
+    return Batch(gen_seed, scenes, frame_idx, clips, before, conds, fg, targets, levels)
 
 
 def prefetch(pool, jobs, depth: int):
@@ -324,14 +341,14 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
                                                       frame_idx, gen, cfg.rollout_clips)
             valid_share.append(valid[:cfg.rollout_clips, g + 1:].float().mean().item())
         prev = previous_of_slots(context, before, g, n)
-        fg = np.stack([_foreground(s, c) for s, c in zip(batch.scenes, batch.clips)])
-        fg = model.patchify(torch.from_numpy(fg)[..., None].float()).amax(-1).to(device)
+        fg = model.patchify(torch.from_numpy(batch.foreground)[..., None].float()).amax(-1).to(device)
         weight = 1 + (cfg.object_weight - 1) * fg
         lr = cfg.learning_rate(step, warm_from)
         for group in opt.param_groups:
             group["lr"] = lr
         with cfg.autocast(device):
-            cond = model.embed_condition(cond_ids)
+            cond = model.embed_condition(cond_ids)  # (B, T, w): each frame's prompt
+            cond = torch.cat([cond, cond[:, targets]], 1)  # the noisy copies' too
             loss = teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight,
                                         gen, mask, frames, targets)
         opt.zero_grad(set_to_none=True)
@@ -365,11 +382,6 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
     return card
 
 
-def _foreground(scene: Scene, clip: np.ndarray) -> np.ndarray:
-    """Pixels (T, S, S) that show anything but the background."""
-    return (clip != np.asarray(COLORS[scene.spec.background], np.uint8)).any(-1)
-
-
 def _rollout_context(model, batch: Batch, truth, before, cond_ids, frame_idx, gen, clips: int):
     """Contexts, targets and valid masks with the first ``clips`` clips replaced by the
     model's own rollout and the renderer's targets for it (``ffviz.teacher``)."""
@@ -377,7 +389,7 @@ def _rollout_context(model, batch: Batch, truth, before, cond_ids, frame_idx, ge
     model.eval()
     with torch.no_grad():
         pal = palette_tensor([s.spec for s in batch.scenes[:clips]], device)
-        rolled = rollout(model, truth[:clips], model.embed_condition(cond_ids[:clips]),
+        rolled = rollout(model, truth[:clips], model.embed_condition(cond_ids[:clips, 0]),
                          model.cfg.sample_steps, len(frame_idx), gen, palette=pal,
                          frame_idx=frame_idx, before=None if before is None else before[:clips])
     model.train()

@@ -31,8 +31,11 @@ def test_teacher_forcing_is_what_generation_computes():
         p.data.normal_(0, 0.05)
     n, g = model.cfg.tokens_per_frame, model.cfg.given_frames
     seen_gap = seen_touching = False
+    switched = 0
     for seed in range(6):
-        b = draw(seed, 0, TrainConfig(batch=2, curriculum=((0, 7),)), model.cfg)
+        b = draw(seed, 0, TrainConfig(batch=2, curriculum=((0, 7),), rollout_clips=0,
+                                      switch_share=0.5), model.cfg)
+        switched += int((b.cond_ids[:, 1:] != b.cond_ids[:, :-1]).any(-1).any(-1).sum())
         seen_gap |= b.before is not None
         seen_touching |= b.before is None
         idx, targets = torch.from_numpy(b.frame_idx), torch.from_numpy(b.targets)
@@ -40,23 +43,25 @@ def test_teacher_forcing_is_what_generation_computes():
         tok = lambda px: model.patchify(torch.from_numpy(px).float() / 127.5 - 1)
         ctx = tok(b.clips)
         prev = previous_of_slots(ctx, None if b.before is None else tok(b.before[:, None]), g, n)
-        cond = model.embed_condition(torch.from_numpy(b.cond_ids))
+        cond = model.embed_condition(torch.from_numpy(b.cond_ids))  # (B, T, w): a prompt per frame
         T, K = len(idx), len(targets)
         noisy = torch.randn(2, K * n, model.cfg.patch_dim)
         slot = lambda x, i: x[:, i * n:(i + 1) * n]
         with torch.no_grad():
             pick = torch.cat([slot(prev, int(i)) for i in targets], 1)
             out = model(torch.cat([ctx, noisy], 1), torch.cat([torch.zeros(2, T), b.levels], 1),
-                        frames, cond, prev=torch.cat([prev, pick], 1), mask=mask)
+                        frames, torch.cat([cond, cond[:, targets]], 1), prev=torch.cat([prev, pick], 1),
+                        mask=mask)
             for j, i in enumerate(targets.tolist()):
                 cache = model.new_cache()
-                fill_cache(model, cache, ctx[:, :g * n], idx[:g], cond, 0.0, prev=prev[:, :g * n])
+                fill_cache(model, cache, ctx[:, :g * n], idx[:g], cond[:, :g], 0.0, prev=prev[:, :g * n])
                 for c in range(g, i):
-                    fill_cache(model, cache, slot(ctx, c), idx[c:c + 1], cond, 0.0, prev=slot(prev, c))
-                cached = model(slot(noisy, j), b.levels[:, j:j + 1], idx[i:i + 1], cond,
+                    fill_cache(model, cache, slot(ctx, c), idx[c:c + 1], cond[:, c], 0.0,
+                               prev=slot(prev, c))
+                cached = model(slot(noisy, j), b.levels[:, j:j + 1], idx[i:i + 1], cond[:, i],
                                prev=slot(prev, i), cache=cache)
                 torch.testing.assert_close(cached, slot(out[:, T * n:], j), atol=2e-5, rtol=0)
-    assert seen_gap and seen_touching
+    assert seen_gap and seen_touching and switched  # prompt switches inside a clip too
 
 
 def test_training_is_deterministic_and_resumes_exactly(tmp_path):
@@ -162,3 +167,22 @@ def test_draw_keeps_targets_after_their_previous_frame():
         assert b.targets.min() >= 3 and len(set(b.targets)) == len(b.targets)
         assert (np.diff(b.frame_idx[2:]) == 1).all() and b.frame_idx[:2].tolist() == [0, 1]
         assert (b.before is None) == (b.frame_idx[2] == 2)
+
+
+def test_switch_clips_follow_the_new_prompt_from_their_switch_on():
+    """A clip whose prompt switches: frames before keep the old looks, frames after take
+    the new ones with the same motion, and each frame's prompt ids say which."""
+    from ffviz.scenes import COLOR_NAMES, COLORS
+    cfg = TrainConfig(batch=6, curriculum=((0, 10),), rollout_clips=2, switch_share=1.0)
+    seen = 0
+    for step in range(4):
+        b = draw(1, step, cfg, TinyConfig())
+        changes = (b.cond_ids[:, 1:] != b.cond_ids[:, :-1]).any(-1)  # (B, T-1)
+        assert not changes[:2].any()  # rolled-out clips never switch
+        for clip, ids, ch in zip(b.clips[2:], b.cond_ids[2:], changes[2:]):
+            at = 1 + int(np.argmax(ch))
+            assert ch.sum() == 1 and at >= 3
+            bg_after = COLORS[COLOR_NAMES[ids[at, 0] - 1]]
+            assert (clip[at] == bg_after).all(-1).mean() > 0.3  # the new background shows
+            seen += 1
+    assert seen == 16

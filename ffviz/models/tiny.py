@@ -221,8 +221,9 @@ class TinyVideoModel(nn.Module):
 
     # -- conditioning ------------------------------------------------------
     def embed_condition(self, cond_ids: torch.Tensor) -> torch.Tensor:
-        """(B, len(CONDITION_VOCAB)) ids from ``SceneSpec.condition_ids`` -> (B, width)."""
-        return sum(emb(cond_ids[:, i]) for i, emb in enumerate(self.cond_embed))
+        """(B, len(CONDITION_VOCAB)) ids from ``SceneSpec.condition_ids`` -> (B, width);
+        (B, T, ...) ids (a prompt per frame) -> (B, T, width)."""
+        return sum(emb(cond_ids[..., i]) for i, emb in enumerate(self.cond_embed))
 
     def encode_prompt(self, prompt: str):
         raise TypeError("the tiny model is conditioned on a scene: use embed_condition(ids)")
@@ -251,7 +252,7 @@ class TinyVideoModel(nn.Module):
         x: (B, T * tokens_per_frame, patch_dim) noisy tokens of frames ``frames``
         t: (B, T) noise level of each frame, 1 = pure noise, 0 = clean
         frames: (T,) long absolute frame indices (they set the temporal RoPE)
-        cond: (B, width) from ``embed_condition``
+        cond: (B, width) from ``embed_condition``, or (B, T, width): a prompt per frame
         prev: tokens like ``x`` of each frame's previous frame (ignored for frame 0,
         which has none); None = no previous frame for any token
         cache: read before this call's own keys; extended with them when ``write``
@@ -266,7 +267,8 @@ class TinyVideoModel(nn.Module):
         ctx.t = float(t.flatten()[0])  # before the move: reading a GPU tensor waits for it
         t = t.to(dev)
         cos, sin = (c.to(dev) for c in self.rope.cos_sin(*meta))  # float64 angles on the host
-        e = self.time_embed(timestep_embedding(t, self.cfg.width)) + cond[:, None]  # (B, T, w)
+        per_frame = cond[:, None] if cond.dim() == 2 else cond  # one prompt, or one per frame
+        e = self.time_embed(timestep_embedding(t, self.cfg.width)) + per_frame  # (B, T, w)
         mod = self.time_proj(e).view(B, -1, 6, self.cfg.width)
         h = self.patch_embed(x)
         if self.cfg.previous_frame_input:

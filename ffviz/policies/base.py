@@ -68,6 +68,31 @@ class Policy:
         """The parameters (init fields only; internal state is left out)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
+    def prompt_switched(self, stats) -> None:
+        """The run's prompt changed (``ffviz.generate.PromptSwitch``); ``stats`` are the
+        run's query statistics. Policies that read them decide what becomes of them
+        (``StatisticsAtSwitch``); the rest have nothing to do."""
+
+
+SWITCH_RULES = ("carry", "reset", "decay")
+
+
+@dataclasses.dataclass
+class StatisticsAtSwitch:
+    """For policies that read the run's query statistics: at a prompt switch they
+    carry on, reset (the new prompt's queries alone from then on) or decay (older
+    frames' weight halves every ``switch_half_life`` frames from then on)."""
+    on_switch: str = "carry"
+    switch_half_life: float = 8.0
+
+    def check_switch_rule(self) -> None:
+        check_choice("on_switch", self.on_switch, SWITCH_RULES)
+        check_range("switch_half_life", self.switch_half_life, 0.5, 10_000.0, kind=float)
+
+    def prompt_switched(self, stats) -> None:
+        if stats is not None:
+            stats.prompt_switched(self.on_switch, self.switch_half_life)
+
 
 # -- parameter and context checks ---------------------------------------------
 

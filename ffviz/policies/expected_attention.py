@@ -25,17 +25,18 @@ from typing import ClassVar
 import torch
 
 from ffviz.models.rope import apply_rotation
-from ffviz.policies.base import (check_bool, check_choice, check_range, future_positions, need,
-                                 plane_matrix)
+from ffviz.policies.base import (StatisticsAtSwitch, check_bool, check_choice, check_range,
+                                 future_positions, need, plane_matrix)
 from ffviz.policies.scored import ScoredPolicy, stack_layers
 
 
 @dataclasses.dataclass
-class ExpectedAttention(ScoredPolicy):
+class ExpectedAttention(StatisticsAtSwitch, ScoredPolicy):
     """horizon: future frames averaged over (1-64); stride: positions every
     stride-th row and column (1 = the whole grid, 1-64); statistics: "current" or
     "historical"; value_norm: multiply by ||v||; n_sink, n_recent: protected
-    first / newest frames (a frame sink by default)."""
+    first / newest frames (a frame sink by default); on_switch, switch_half_life: the
+    statistics at a prompt switch (``StatisticsAtSwitch``)."""
     name = "expected_attention"
     n_sink: int = 1
     horizon: int = 1
@@ -46,6 +47,7 @@ class ExpectedAttention(ScoredPolicy):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_switch_rule()
         check_range("horizon", self.horizon, 1, 64)
         check_range("stride", self.stride, 1, 64)
         check_choice("statistics", self.statistics, ("current", "historical"))

@@ -28,7 +28,8 @@ import torch
 
 from ffviz import kernels
 from ffviz.cache import Decision
-from ffviz.policies.base import check_bool, check_range, future_positions, rotate
+from ffviz.policies.base import (StatisticsAtSwitch, check_bool, check_range, future_positions,
+                                 rotate)
 from ffviz.policies.eigen_tracking import EigenTracker
 from ffviz.policies.merge import merge_to_nearest
 from ffviz.policies.scored import (ScoredPolicy, check_protected_tokens, stack_layers,
@@ -36,7 +37,7 @@ from ffviz.policies.scored import (ScoredPolicy, check_protected_tokens, stack_l
 
 
 @dataclasses.dataclass
-class FutureForcing(ScoredPolicy):
+class FutureForcing(StatisticsAtSwitch, ScoredPolicy):
     """horizon: future frames predicted (1-64); stride: proxy positions every
     stride-th row and column (1 = the whole grid, 1-64); rank: eigenpairs of Sigma
     (0 = mean only, capped at d; the default 1 scored as 2 did in ``ffviz eval`` over
@@ -47,7 +48,8 @@ class FutureForcing(ScoredPolicy):
     eig_every: an exact eigendecomposition at least every this many compressions
     (1-1000; in between the eigenpairs are tracked, ``eigen_tracking``; in
     ``ffviz eval`` 64 and 16 gave the same fidelity to the third digit);
-    n_sink, n_recent: protected first / newest frames (a frame sink by default)."""
+    n_sink, n_recent: protected first / newest frames (a frame sink by default);
+    on_switch, switch_half_life: the statistics at a prompt switch (``StatisticsAtSwitch``)."""
     name = "future_forcing"
     n_sink: int = 1
     horizon: int = 1
@@ -62,6 +64,7 @@ class FutureForcing(ScoredPolicy):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_switch_rule()
         check_range("horizon", self.horizon, 1, 64)
         check_range("stride", self.stride, 1, 64)
         check_range("rank", self.rank, 0, 1024)
