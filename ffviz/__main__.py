@@ -1,4 +1,4 @@
-"""Command line: ``python -m ffviz {generate,eval,train,bench}``."""
+"""Command line: ``python -m ffviz {generate,eval,train,bench,showcase,heads}``."""
 from __future__ import annotations
 
 import argparse
@@ -147,6 +147,33 @@ def cmd_showcase(args) -> int:
     return 0
 
 
+def cmd_heads(args) -> int:
+    from tqdm import tqdm
+
+    from ffviz.evaluate import DEFAULT_SUITE, parse_prompts
+    from ffviz.export import check_output_dir
+    from ffviz.heads import HeadsError, check_settings, measure_heads, write_heads
+    prompts = parse_prompts(args.prompts) if args.prompts else list(DEFAULT_SUITE)
+    try:
+        seeds = _seeds(args.seeds)
+    except ValueError:
+        raise HeadsError(f"seeds must look like 0-2 or 0,3,5, got {args.seeds!r}") from None
+    check_settings(prompts, seeds, args.frames, args.sink, args.recent or 1, args.threshold)
+    check_output_dir(args.out)
+    model = _load_model(args)
+    with tqdm(total=len(prompts) * len(seeds), unit="run", desc="heads", file=sys.stderr) as bar:
+        result = measure_heads(model, prompts, seeds, frames=args.frames, steps=args.steps,
+                               sink=args.sink, recent=args.recent or None,
+                               threshold=args.threshold, progress=bar)
+    paths = write_heads(result, Path(args.out))
+    s = result["summary"]
+    print(f"wrote {', '.join(map(str, paths))}: {s['static_heads']} of "
+          f"{result['layers'] * result['heads_per_layer']} heads static (threshold {result['threshold']}); "
+          f"score std {s['score_std_mean']} on average, {100 * s['role_agreement_mean']:.0f}% of "
+          f"samples agree with their head's role")
+    return 0
+
+
 SNAP_HELP = ("keep each generated frame as the model made it (default: snapped to the scene's "
              "palette before it enters the cache, as the model card says)")
 THREADS_HELP = ("torch CPU threads (default 1: the tiny model's ops are too small to gain from "
@@ -243,6 +270,24 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.set_defaults(run=cmd_showcase)
 
+    p = sub.add_parser("heads", help="measure every layer and head: Forcing-KV roles, attention "
+                                     "entropy and where attention goes (heads.json, heads.png)")
+    p.add_argument("--prompts", default=None,
+                   help="a file with one prompt a line, or prompts separated by ';' "
+                        "(default: eval's suite of scenes where objects leave and return)")
+    p.add_argument("--seeds", default="0,1", help="e.g. 0-2 or 0,3,5")
+    p.add_argument("--frames", type=int, default=24, help="frames per run (full cache)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the card's)")
+    p.add_argument("--sink", type=int, default=1, help="sink frames (as forcing_kv's n_sink)")
+    p.add_argument("--recent", type=int, default=0,
+                   help="newest key frames of the score (0: the chunk and the frame before it)")
+    p.add_argument("--threshold", type=float, default=0.8, help="score at or above which a head is static")
+    p.add_argument("--out", default="runs/heads")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.set_defaults(run=cmd_heads)
+
     args = parser.parse_args(argv)
     from ffviz.export import OutputError
     from ffviz.generate import GenerationError
@@ -250,7 +295,7 @@ def main(argv=None) -> int:
     from ffviz.policies import PolicyError
     from ffviz.scenes import PromptError
     errors = (GenerationError, PolicyError, PromptError, ModelError, OutputError)
-    if args.command in ("generate", "bench", "showcase"):
+    if args.command in ("generate", "bench", "showcase", "heads"):
         if args.threads < 1:
             print(f"error: threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2

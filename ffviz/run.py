@@ -38,7 +38,7 @@ class RunStats:
     """The numbers every user of a run reads, summed over its chunks."""
     chunks: int = 0
     compressions: int = 0  # chunks where the policy returned a decision
-    peak_tokens: int = 0  # most cached tokens per head (after a write, before the policy)
+    peak_tokens: int | float = 0  # most real tokens per head (after a write, before the policy)
     seconds: float = 0.0  # Step.seconds["total"], summed
     policy_seconds: float = 0.0  # Step.seconds["policy"], summed over every chunk
     compress_seconds: float = 0.0  # ... over the chunks with a decision
@@ -182,8 +182,9 @@ class Run:
                                               is None else self.settings.snap)),
             "seconds": round(self.seconds, 3), "fps": round(frames / max(self.seconds, 1e-9), 2),
             "policy": policy.name, "policy_params": policy.params(), "budget_frames": budget,
+            **({"policy_report": report} if (report := policy.report()) is not None else {}),
             "tokens_per_frame": self.cfg.tokens_per_frame,
-            "peak_cache_tokens": s.peak_tokens,
+            "peak_cache_tokens": s.peak_tokens,  # real tokens per head (KVCache.tokens)
             "policy_ms_per_step": round(1000 * s.policy_seconds / max(s.chunks, 1), 3),
             "recorder_bytes": self.recorder.nbytes() if self.recorder else 0,
             "switches": s.switches, "prompt_switches": s.prompt_switches,
