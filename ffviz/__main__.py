@@ -59,34 +59,50 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _eval_model_name(args) -> str:
+    """The model as each worker loads it: the embedded model's default weights by
+    their name, so that a worker finds its own copy (on a cluster, a path of this
+    machine may not exist there)."""
+    from ffviz.weights import DEFAULT_WEIGHTS
+    if args.model == "tiny" and Path(args.weights).resolve() == DEFAULT_WEIGHTS.resolve():
+        return "tiny"
+    return _model_name(args)
+
+
 def cmd_eval(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from ffviz.evaluate import (DEFAULT_SUITE, EvalConfig, EvalError, parse_list,
-                                parse_policy_arg_list, parse_prompts, run_eval, total_frames)
+                                parse_policy_arg_list, parse_prompts)
+    from ffviz.models import has_scenes
     from ffviz.policies import POLICIES
+    from ffviz.sweep import check_backend, run_sweep
     policies = parse_list(args.policies, str, "policy") if args.policies else list(POLICIES)
     config = EvalConfig(policies=policies, budgets=parse_list(args.budgets, int, "budget"),
                         seeds=parse_list(args.seeds, int, "seed"), frames=args.frames,
                         prompts=parse_prompts(args.prompts) if args.prompts else list(DEFAULT_SUITE),
                         horizon=args.horizon, query_steps=args.query_steps,
                         policy_args=parse_policy_arg_list(args.policy_arg))
-    config.validate()  # bad settings fail before the model loads
+    config.validate(scenes=has_scenes(args.model))  # bad settings fail before the model loads
+    check_backend(args.backend, args.address, args.ray_cpus)
     from ffviz.export import check_output_dir
     check_output_dir(args.out)
     if args.threads < 0:
         raise EvalError(f"threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _load_model(args)
-    log = lambda msg: tqdm.write(f"warning: {msg}", file=sys.stderr)
-    with tqdm(total=total_frames(config), unit="frame", desc="evaluating", file=sys.stderr) as bar:
-        summary = run_eval(model, config, Path(args.out), progress=bar, log=log)
-    print(f"wrote {args.out}: {summary['runs']} runs in {summary['seconds']:.0f} s "
-          f"(results.csv, runs.csv, results.md, plots)")
+    try:
+        summary = run_sweep(_eval_model_name(args), config, Path(args.out), backend=args.backend,
+                            address=args.address, ray_cpus=args.ray_cpus, threads=args.threads)
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished runs are kept in {args.out}/runs; the same command "
+              "resumes the sweep", file=sys.stderr)
+        return 130
+    resumed = f", {summary['runs_resumed']} of them from an earlier sweep" if summary["runs_resumed"] else ""
+    print(f"wrote {args.out}: {summary['runs']} runs{resumed} in {summary['seconds']:.0f} s "
+          f"(results.csv, runs.csv, results.md, plots; each run under runs/)")
     if summary["failed_runs"]:
-        print(f"error: {summary['failed_runs']} runs failed; see results.md", file=sys.stderr)
+        print(f"error: {summary['failed_runs']} runs failed; see runs.csv", file=sys.stderr)
         return 1
     return 0
 
@@ -199,10 +215,22 @@ def main(argv=None) -> int:
     p.add_argument("--query-steps", choices=("all", "last"), default="all",
                    help="denoising steps whose queries the reference run records")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the tiny model's ops are too small to gain "
-                        "from more, and more slows down badly on a busy machine; 0 = torch's default)")
-    p.add_argument("--out", default="runs/eval")
+                   help="torch CPU threads of each run, and the CPUs each ray task asks for "
+                        "(default 1: the tiny model's ops are too small to gain from more, and more "
+                        "slows down badly on a busy machine; 0 = torch's default)")
+    p.add_argument("--out", default="runs/eval",
+                   help="the tables, and each finished run under OUT/runs/: a rerun with the same "
+                        "--out runs only what is missing")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: every run in this process, one after the other; ray: each "
+                        "(prompt, seed) a Ray task, a GPU each for Wan checkpoints (docs/ray.md)")
+    p.add_argument("--address", default=None,
+                   help="--backend ray: the Ray cluster to join (auto, or HOST:PORT); "
+                        "without it a local Ray starts")
+    p.add_argument("--ray-cpus", type=int, default=None,
+                   help="--backend ray without --address: CPUs of the local Ray (default: all)")
     p.set_defaults(run=cmd_eval)
 
     from ffviz import train
