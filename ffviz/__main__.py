@@ -114,6 +114,10 @@ def cmd_bench(args) -> int:
     if args.kernels:
         from ffviz.kernels.bench import bench_kernels
         result = bench_kernels(repeats=args.repeats)
+    elif args.recache:
+        from ffviz.bench import bench_recache
+        model = _load_model(args)
+        result = bench_recache(model, budget=args.budget, frames=args.frames, repeats=args.repeats)
     elif args.policies:
         from ffviz.bench import bench_policies
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -245,6 +249,9 @@ def main(argv=None) -> int:
                    help="instead: each policy's compression time as a share of a generation "
                         "step; a policy may carry parameters, e.g. future_forcing:rank=2")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="cache budget in frames (--policies)")
+    p.add_argument("--recache", action="store_true",
+                   help="instead: what a prompt switch halfway costs under each re-cache mode "
+                        "(none, recent, all), as a ratio to a step")
     p.add_argument("--kernels", action="store_true",
                    help="time the Triton kernels against their PyTorch references instead "
                         "(real-model size on CUDA; the reference at a reduced size on CPU)")
