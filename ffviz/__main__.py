@@ -40,7 +40,8 @@ def cmd_generate(args) -> int:
     policy = make_policy(args.policy, **parse_policy_args(args.policy, args.policy_arg))
     controls = Controls(policy, args.budget)
     settings = RunSettings(args.prompt, frames=args.frames, seed=args.seed, steps=args.steps,
-                           context_noise=args.context_noise, record=not args.no_record)
+                           context_noise=args.context_noise, record=not args.no_record,
+                           snap=args.snap)
     settings.validate(scenes=has_scenes(args.model))  # bad prompt or settings fail before the model loads
     check_output_dir(args.out)
     model = _load_model(args)
@@ -165,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--context-noise", type=float, default=None,
                    help="noise level of the cache-filling pass (default: the model card's)")
     p.add_argument("--no-record", action="store_true", help="do not record query statistics")
+    p.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None,
+                   help="snap generated frames to the scene's palette (default: the model card's)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--model", default="tiny", help=MODEL_HELP)
