@@ -42,7 +42,7 @@ def cmd_generate(args) -> int:
     switches = tuple(PromptSwitch.parse(text, args.recache) for text in args.switch_prompt)
     settings = RunSettings(args.prompt, frames=args.frames, seed=args.seed, steps=args.steps,
                            context_noise=args.context_noise, record=not args.no_record,
-                           snap=False if args.no_snap else None, switches=switches)
+                           snap=args.snap, switches=switches)
     settings.validate(scenes=has_scenes(args.model))  # bad prompt or settings fail before the model loads
     check_output_dir(args.out)
     model = _load_model(args)
@@ -156,7 +156,7 @@ def cmd_showcase(args) -> int:
     with tqdm(total=(3 + len(also)) * len(seeds), unit="run", desc="showcase", file=sys.stderr) as bar:
         summary = showcase(model, seeds, args.frames, Path(args.out), budget=args.budget,
                            progress=bar, also=also, steps=args.steps,
-                           snap=False if args.no_snap else None)
+                           snap=args.snap)
     print((Path(args.out) / "showcase.md").read_text())
     if args.card:  # the weights' card reports the free-running quality it was measured at
         card_file = Path(args.weights).with_suffix(".json")
@@ -167,8 +167,8 @@ def cmd_showcase(args) -> int:
     return 0
 
 
-SNAP_HELP = ("keep each generated frame as the model made it (default: snapped to the scene's "
-             "palette before it enters the cache, as the model card says)")
+SNAP_HELP = ("snap each generated frame to the scene's palette before it enters the cache "
+             "(--no-snap: keep it as the model made it; default: the model card's setting)")
 THREADS_HELP = ("torch CPU threads (default 1: the tiny model's ops are too small to gain from "
                 "more, and on a busy machine extra threads stall each other)")
 
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--context-noise", type=float, default=None,
                    help="noise level of the cache-filling pass (default: the model card's)")
     p.add_argument("--no-record", action="store_true", help="do not record query statistics")
-    p.add_argument("--no-snap", action="store_true", help=SNAP_HELP)
+    p.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None, help=SNAP_HELP)
     p.add_argument("--switch-prompt", action="append", default=[], metavar="FRAME:PROMPT",
                    help="follow PROMPT from frame FRAME on (repeatable)")
     p.add_argument("--recache", choices=RECACHE_MODES, default="none",
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
                         "teacher-forced:4 generates every frame from the 4 TRUE previous frames")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps per frame for every setting (default: the card's)")
-    p.add_argument("--no-snap", action="store_true", help=SNAP_HELP)
+    p.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None, help=SNAP_HELP)
     p.add_argument("--card", action="store_true",
                    help="also write the summary into the weights' card (the .json next to them)")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
