@@ -34,6 +34,7 @@ from ffviz.app.session import (APP_MAX_FRAMES, InputError, RunSession, check_inp
 from ffviz.app.views import (cache_view, current_frame, frame_caption, live_views, oracle_summary,
                              plot_views, status_line, summary_table, write_json, write_plots_html)
 from ffviz.generate import Controls, GenerationError
+from ffviz.recache import RECACHE_MODES
 from ffviz.hooks import run_copy
 from ffviz.models import load_model
 from ffviz.policies import POLICIES, PolicyError, make_policy
@@ -528,6 +529,18 @@ class App:
 
     # -- small handlers -------------------------------------------------------------------
 
+    def switch_prompt(self, session, prompt, recache):
+        """A prompt edited mid-run (Enter): the run follows it from the next chunk, the
+        cache re-written as ``recache`` says; between runs it is just the next prompt."""
+        if session is None or not session.running:
+            return
+        try:
+            session.switch_prompt(prompt, recache)
+        except InputError as e:
+            gr.Warning(f"prompt not switched: {e}")
+            return
+        gr.Info(f"the run follows the new prompt from the next chunk (re-cache: {recache})")
+
     def read_prompt(self, prompt, seed):
         """What the scene grammar did not understand or assumed, shown next to the prompt."""
         if not str(prompt or "").strip() or self.MULTI_MODEL:
@@ -632,9 +645,14 @@ class App:
                                        label="budget (frames)", info=f"1 frame = {tokens} tokens",
                                        elem_id="budget")
                     budget_tokens = gr.Markdown(self.budget_info(DEFAULT_BUDGET), elem_id="budget-tokens")
-                snap = gr.Checkbox(bool(getattr(cfg, "snap", False)), label="snap to palette",
-                                   info="snap each generated frame to the scene's colours (the "
-                                        "model card's default)", elem_id="snap")
+                with gr.Column(min_width=180):
+                    snap = gr.Checkbox(bool(getattr(cfg, "snap", False)), label="snap to palette",
+                                       info="snap each generated frame to the scene's colours (the "
+                                            "model card's default)", elem_id="snap")
+                    recache = gr.Dropdown(list(RECACHE_MODES), value="none", elem_id="recache",
+                                          label="re-cache at a prompt switch",
+                                          info="edit the prompt mid-run and press Enter: none keeps "
+                                               "the old prompt in the cache, recent / all re-write it")
                 with gr.Column(min_width=200):
                     go_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -796,6 +814,8 @@ class App:
                     ev(self.steer, steer_inputs, steer_outputs, **private)
             for w in (prompt, seed):
                 w.change(self.read_prompt, [prompt, seed], self.prompt_notes, **private)
+            prompt.submit(self.switch_prompt, [self.state, prompt, recache], None,
+                          concurrency_limit=None, api_name="switch_prompt")
             view_inputs = [self.state, layer, head, metric, reference, self.log, merges]
             view_outputs = [self.quality_plot, self.cache_plot, self.cache_step, self.drift_plot,
                             self.proj_plot, self.scores_plot, self.timeline_plot, self.metrics_plot,

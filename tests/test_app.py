@@ -390,3 +390,22 @@ def test_steering_dry_run_works_for_every_online_policy(monkeypatch, kernels_mod
     for _ in steps:
         pass
     s.close()
+
+
+def test_prompt_edited_mid_run_switches_it(server):
+    """Enter in the prompt box mid-run: the run follows the new prompt from the next chunk,
+    the switch is in the summary (with its re-cache mode), and a bad prompt is refused."""
+    c = client(server)
+    job = c.submit(*run_args(frames=60, policy="window", budget=3), api_name="/run")
+    t0 = time.time()
+    while len(job.outputs()) < 2:
+        assert time.time() - t0 < 120 and not job.done()
+        time.sleep(0.05)
+    c.predict("hello world", "all", api_name="/switch_prompt")  # refused with a warning
+    c.predict("a red circle and a blue square on a white background", "recent",
+              api_name="/switch_prompt")
+    summary = wait(job)[-1][-1]
+    (switch,) = summary["prompt_switches"]
+    assert switch["prompt"].endswith("white background") and switch["recache"] == "recent"
+    assert 2 <= switch["frame"] < 60 and summary["frames"] == 60
+    assert [s["from_frame"] for s in summary["metrics"]["segments"]] == [0, switch["frame"]]

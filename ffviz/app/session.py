@@ -28,7 +28,7 @@ from ffviz.app.cache_history import CacheHistory, capture
 from ffviz.app.provenance import RunTag
 from ffviz.cache import KVCache
 from ffviz.export import FrameSpool, OutputError
-from ffviz.generate import Controls, GenerationError, Observer, RunSettings, Step
+from ffviz.generate import Controls, GenerationError, Observer, PromptSwitch, RunSettings, Step
 from ffviz.hooks import QueryRecorder, run_copy
 from ffviz.policies import Policy, PolicyError
 from ffviz.run import Run
@@ -241,7 +241,8 @@ class RunSession:
 
     @property
     def switches(self) -> list[dict]:
-        return self.job.switches
+        """Live switches in frame order: policy or budget changes, and prompt switches."""
+        return sorted(self.job.switches + self.job.stats.prompt_switches, key=lambda s: s["frame"])
 
     @property
     def summary(self) -> dict | None:
@@ -259,6 +260,14 @@ class RunSession:
             return False
         self.controls.set(policy=policy, budget_frames=budget_frames)
         return True
+
+    def switch_prompt(self, prompt: str, recache: str = "none") -> None:
+        """Follow ``prompt`` from the next chunk; a prompt the model cannot read, or an
+        unknown re-cache mode, is an error here and the run goes on unchanged."""
+        frame = max(len(self.frames), 1)  # where it can apply at the earliest
+        PromptSwitch(frame, str(prompt), recache).check(self.template.has_scenes, self.settings.seed,
+                                                        1, frame + 1)
+        self.controls.switch_prompt(str(prompt), recache)
 
     def stop(self) -> None:
         self.controls.stop()

@@ -43,12 +43,18 @@ def empty(title: str, message: str, label: str = "") -> go.Figure:
 
 
 def mark_switches(fig: go.Figure, switches: list[dict], **where) -> go.Figure:
-    """A dotted vertical line at every live switch, labelled with what it switched to."""
+    """A dotted vertical line at every live switch, labelled with what it switched to: a
+    policy and budget, or a prompt (``{"frame", "prompt", "recache"}``)."""
     for s in switches:
+        text = (f"prompt: {_short(s['prompt'])} ({s.get('recache', 'none')})" if "prompt" in s
+                else f"{s['policy']} @ {s['budget_frames']}f")
         fig.add_vline(x=s["frame"] - 0.5, line={"dash": "dot", "color": SWITCH, "width": 1.5},
-                      annotation_text=f"{s['policy']} @ {s['budget_frames']}f",
-                      annotation_font={"size": 10, "color": SWITCH}, **where)
+                      annotation_text=text, annotation_font={"size": 10, "color": SWITCH}, **where)
     return fig
+
+
+def _short(text: str, n: int = 28) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def drift_figure(frames, mean_pre, var_pre, mean_post, var_post, layer: int, head: int,
