@@ -42,7 +42,7 @@ def cmd_generate(args) -> int:
     switches = tuple(PromptSwitch.parse(text, args.recache) for text in args.switch_prompt)
     settings = RunSettings(args.prompt, frames=args.frames, seed=args.seed, steps=args.steps,
                            context_noise=args.context_noise, record=not args.no_record,
-                           snap=False if args.no_snap else None, switches=switches)
+                           snap=args.snap, switches=switches)
     settings.validate(scenes=has_scenes(args.model))  # bad prompt or settings fail before the model loads
     check_output_dir(args.out)
     model = _load_model(args)
@@ -59,34 +59,50 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _eval_model_name(args) -> str:
+    """The model as each worker loads it: the embedded model's default weights by
+    their name, so that a worker finds its own copy (on a cluster, a path of this
+    machine may not exist there)."""
+    from ffviz.weights import DEFAULT_WEIGHTS
+    if args.model == "tiny" and Path(args.weights).resolve() == DEFAULT_WEIGHTS.resolve():
+        return "tiny"
+    return _model_name(args)
+
+
 def cmd_eval(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from ffviz.evaluate import (DEFAULT_SUITE, EvalConfig, EvalError, parse_list,
-                                parse_policy_arg_list, parse_prompts, run_eval, total_frames)
+                                parse_policy_arg_list, parse_prompts)
+    from ffviz.models import has_scenes
     from ffviz.policies import POLICIES
+    from ffviz.sweep import check_backend, run_sweep
     policies = parse_list(args.policies, str, "policy") if args.policies else list(POLICIES)
     config = EvalConfig(policies=policies, budgets=parse_list(args.budgets, int, "budget"),
                         seeds=parse_list(args.seeds, int, "seed"), frames=args.frames,
                         prompts=parse_prompts(args.prompts) if args.prompts else list(DEFAULT_SUITE),
                         horizon=args.horizon, query_steps=args.query_steps,
                         policy_args=parse_policy_arg_list(args.policy_arg))
-    config.validate()  # bad settings fail before the model loads
+    config.validate(scenes=has_scenes(args.model))  # bad settings fail before the model loads
+    check_backend(args.backend, args.address, args.ray_cpus)
     from ffviz.export import check_output_dir
     check_output_dir(args.out)
     if args.threads < 0:
         raise EvalError(f"threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _load_model(args)
-    log = lambda msg: tqdm.write(f"warning: {msg}", file=sys.stderr)
-    with tqdm(total=total_frames(config), unit="frame", desc="evaluating", file=sys.stderr) as bar:
-        summary = run_eval(model, config, Path(args.out), progress=bar, log=log)
-    print(f"wrote {args.out}: {summary['runs']} runs in {summary['seconds']:.0f} s "
-          f"(results.csv, runs.csv, results.md, plots)")
+    try:
+        summary = run_sweep(_eval_model_name(args), config, Path(args.out), backend=args.backend,
+                            address=args.address, ray_cpus=args.ray_cpus, threads=args.threads)
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished runs are kept in {args.out}/runs; the same command "
+              "resumes the sweep", file=sys.stderr)
+        return 130
+    resumed = f", {summary['runs_resumed']} of them from an earlier sweep" if summary["runs_resumed"] else ""
+    print(f"wrote {args.out}: {summary['runs']} runs{resumed} in {summary['seconds']:.0f} s "
+          f"(results.csv, runs.csv, results.md, plots; each run under runs/)")
     if summary["failed_runs"]:
-        print(f"error: {summary['failed_runs']} runs failed; see results.md", file=sys.stderr)
+        print(f"error: {summary['failed_runs']} runs failed; see runs.csv", file=sys.stderr)
         return 1
     return 0
 
@@ -98,6 +114,10 @@ def cmd_bench(args) -> int:
     if args.kernels:
         from ffviz.kernels.bench import bench_kernels
         result = bench_kernels(repeats=args.repeats)
+    elif args.recache:
+        from ffviz.bench import bench_recache
+        model = _load_model(args)
+        result = bench_recache(model, budget=args.budget, frames=args.frames, repeats=args.repeats)
     elif args.policies:
         from ffviz.bench import bench_policies
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -136,7 +156,7 @@ def cmd_showcase(args) -> int:
     with tqdm(total=(3 + len(also)) * len(seeds), unit="run", desc="showcase", file=sys.stderr) as bar:
         summary = showcase(model, seeds, args.frames, Path(args.out), budget=args.budget,
                            progress=bar, also=also, steps=args.steps,
-                           snap=False if args.no_snap else None)
+                           snap=args.snap)
     print((Path(args.out) / "showcase.md").read_text())
     if args.card:  # the weights' card reports the free-running quality it was measured at
         card_file = Path(args.weights).with_suffix(".json")
@@ -174,8 +194,8 @@ def cmd_heads(args) -> int:
     return 0
 
 
-SNAP_HELP = ("keep each generated frame as the model made it (default: snapped to the scene's "
-             "palette before it enters the cache, as the model card says)")
+SNAP_HELP = ("snap each generated frame to the scene's palette before it enters the cache "
+             "(--no-snap: keep it as the model made it; default: the model card's setting)")
 THREADS_HELP = ("torch CPU threads (default 1: the tiny model's ops are too small to gain from "
                 "more, and on a busy machine extra threads stall each other)")
 
@@ -198,7 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--context-noise", type=float, default=None,
                    help="noise level of the cache-filling pass (default: the model card's)")
     p.add_argument("--no-record", action="store_true", help="do not record query statistics")
-    p.add_argument("--no-snap", action="store_true", help=SNAP_HELP)
+    p.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None, help=SNAP_HELP)
     p.add_argument("--switch-prompt", action="append", default=[], metavar="FRAME:PROMPT",
                    help="follow PROMPT from frame FRAME on (repeatable)")
     p.add_argument("--recache", choices=RECACHE_MODES, default="none",
@@ -226,10 +246,22 @@ def main(argv=None) -> int:
     p.add_argument("--query-steps", choices=("all", "last"), default="all",
                    help="denoising steps whose queries the reference run records")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the tiny model's ops are too small to gain "
-                        "from more, and more slows down badly on a busy machine; 0 = torch's default)")
-    p.add_argument("--out", default="runs/eval")
+                   help="torch CPU threads of each run, and the CPUs each ray task asks for "
+                        "(default 1: the tiny model's ops are too small to gain from more, and more "
+                        "slows down badly on a busy machine; 0 = torch's default)")
+    p.add_argument("--out", default="runs/eval",
+                   help="the tables, and each finished run under OUT/runs/: a rerun with the same "
+                        "--out runs only what is missing")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: every run in this process, one after the other; ray: each "
+                        "(prompt, seed) a Ray task, a GPU each for Wan checkpoints (docs/ray.md)")
+    p.add_argument("--address", default=None,
+                   help="--backend ray: the Ray cluster to join (auto, or HOST:PORT); "
+                        "without it a local Ray starts")
+    p.add_argument("--ray-cpus", type=int, default=None,
+                   help="--backend ray without --address: CPUs of the local Ray (default: all)")
     p.set_defaults(run=cmd_eval)
 
     from ffviz import train
@@ -244,6 +276,9 @@ def main(argv=None) -> int:
                    help="instead: each policy's compression time as a share of a generation "
                         "step; a policy may carry parameters, e.g. future_forcing:rank=2")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="cache budget in frames (--policies)")
+    p.add_argument("--recache", action="store_true",
+                   help="instead: what a prompt switch halfway costs under each re-cache mode "
+                        "(none, recent, all), as a ratio to a step")
     p.add_argument("--kernels", action="store_true",
                    help="time the Triton kernels against their PyTorch references instead "
                         "(real-model size on CUDA; the reference at a reduced size on CPU)")
@@ -263,7 +298,7 @@ def main(argv=None) -> int:
                         "teacher-forced:4 generates every frame from the 4 TRUE previous frames")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps per frame for every setting (default: the card's)")
-    p.add_argument("--no-snap", action="store_true", help=SNAP_HELP)
+    p.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None, help=SNAP_HELP)
     p.add_argument("--card", action="store_true",
                    help="also write the summary into the weights' card (the .json next to them)")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)

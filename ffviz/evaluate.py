@@ -52,7 +52,12 @@ prompts; ``peak_cache_tokens`` their max), ``runs.csv`` one per prompt too,
 ``results.md`` the table averaged over seeds, ``plot_<metric>.png`` each metric
 against budget (one line per policy) and ``eval.json`` the settings and times.
 
-Memory is bounded: one reference's queries at a time, at most
+The grid's unit of work is one (prompt, seed): ``evaluate_unit``. ``evaluate`` runs
+every unit here and returns the rows; ``ffviz.sweep`` runs them on a backend (this
+process, or Ray tasks on a cluster), stores each run as it finishes, resumes, and
+writes the files (``write_results``).
+
+Memory is bounded: one reference's queries at a time (per process), at most
 ``frames x steps x layers x heads x tokens_per_frame x head_dim`` float16
 (25 MB for 96 frames of the embedded model, 67 MB at the cap of
 ``MAX_EVAL_FRAMES`` = 256), plus one shadow cache of the run's length.
@@ -65,6 +70,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -75,7 +81,6 @@ from ffviz.policies import POLICIES, PolicyError, make_policy, parse_policy_args
 from ffviz.reference import ReferenceQueries, agreement, true_share
 from ffviz.run import Run
 from ffviz.sampling import TRAIN_SEED_BASE
-from ffviz.scenes import parse_prompt
 
 MAX_EVAL_FRAMES = 256  # the reference queries of one run are held in memory
 OFFLINE_POLICIES = ("oracle",)  # the only policies handed the reference run's future queries
@@ -92,6 +97,9 @@ DEFAULT_SUITE = [
 METRICS = ["consistency", "returns", "attn_rel_err", "rollout_psnr_vs_full", "proxy_spearman",
            "proxy_topb_recall", "policy_ms_per_compression", "step_ms", "policy_share_of_step",
            "peak_cache_tokens", "compressions"]
+# measured times: they differ between two sweeps of the same grid, every other column is
+# the same (same model, settings and seeds), whatever the backend and the order of runs
+TIMING_COLUMNS = ["policy_ms_per_compression", "step_ms", "policy_share_of_step", "seconds"]
 RUN_COLUMNS = ["prompt", "policy", "budget", "seed", *METRICS, "seconds", "policy_params", "error"]
 RESULT_COLUMNS = ["policy", "budget", "seed", *METRICS, "prompts", "policy_params", "errors"]
 PLOT_METRICS = [m for m in METRICS if m != "compressions"]
@@ -117,8 +125,9 @@ class EvalConfig:
     query_steps: str = "all"
     policy_args: dict = dataclasses.field(default_factory=dict)
 
-    def validate(self) -> dict[str, dict]:
-        """Raise ``EvalError``/``PolicyError``/``PromptError``; return typed policy kwargs."""
+    def validate(self, scenes: bool = True) -> dict[str, dict]:
+        """Raise ``EvalError``/``PolicyError``/``PromptError``; return typed policy kwargs.
+        ``scenes``: prompts are the tiny model's scene grammar (False: free text, Wan)."""
         def whole(name, x):
             if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
                 raise EvalError(f"{name} must be a whole number, got {x!r}")
@@ -147,7 +156,7 @@ class EvalConfig:
         if self.query_steps not in ("all", "last"):
             raise EvalError(f"query_steps must be 'all' or 'last', got {self.query_steps!r}")
         for p in self.prompts:
-            parse_prompt(p)
+            RunSettings(p).validate(scenes)
         for name in self.policy_args:
             if name not in self.policies:
                 raise EvalError(f"--policy-arg for {name!r}, which is not among the evaluated "
@@ -276,7 +285,7 @@ def _one_run(model, prompt: str, seed: int, frames: int, policy, budget: int, pr
     step_ms = 1000 * (s.seconds - overhead) / max(s.chunks, 1)
     policy_ms = 1000 * s.compress_seconds / s.compressions if s.compressions else math.nan
     row = {"prompt": prompt, "policy": policy.name, "budget": budget, "seed": seed,
-           "consistency": m["consistency"], "returns": m["returns"],
+           "consistency": m.get("consistency", math.nan), "returns": m.get("returns", math.nan),
            "attn_rel_err": _mean(probe.attn_err), "rollout_psnr_vs_full": math.nan,
            "proxy_spearman": _mean(probe.spearman), "proxy_topb_recall": _mean(probe.recall),
            "policy_ms_per_compression": policy_ms, "step_ms": step_ms,
@@ -287,59 +296,93 @@ def _one_run(model, prompt: str, seed: int, frames: int, policy, budget: int, pr
     return row, np.array(run.frames.all())
 
 
-def total_frames(config: EvalConfig) -> int:
-    """Frames the grid generates (for a progress bar)."""
-    runs = 1 + len([p for p in config.policies if p != "full"]) * len(config.budgets)
-    return len(config.prompts) * len(config.seeds) * runs * config.frames
+def grid_runs(config: EvalConfig, kwargs: dict[str, dict]) -> list[dict]:
+    """The runs of one (prompt, seed), in table order: {policy, budget, policy_params}."""
+    runs = []
+    for name in config.policies:
+        params = json.dumps(make_policy(name, **kwargs[name]).params(), sort_keys=True)
+        runs += [{"policy": name, "budget": b, "policy_params": params} for b in config.budgets]
+    return runs
+
+
+def run_key(run: dict) -> str:
+    """What names a run within its (prompt, seed): a row or a ``grid_runs`` entry."""
+    return f"{run['policy']}|{run['budget']}|{run['policy_params']}"
+
+
+def error_row(prompt: str, seed: int, run: dict, error: str) -> dict:
+    """The row of a run that did not finish: no metric, ``error`` says why."""
+    return {**{c: math.nan for c in METRICS}, "prompt": prompt, "seed": seed, "seconds": math.nan,
+            **{k: run[k] for k in ("policy", "budget", "policy_params")}, "error": error}
+
+
+def check_fits(model, config: EvalConfig) -> None:
+    """Settings that only the model can judge (``EvalError``)."""
+    if config.frames <= model.cfg.given_frames:
+        raise EvalError(f"frames must exceed the model's {model.cfg.given_frames} given frames")
+
+
+def evaluate_unit(model, config: EvalConfig, prompt: str, seed: int, skip=frozenset(),
+                  progress=None) -> Iterator[dict]:
+    """The grid's unit of work: one (prompt, seed). Its full-cache reference run, then
+    each policy x budget run against it; each row (``RUN_COLUMNS``) is yielded as soon
+    as it is measured, in table order. Runs whose ``run_key`` is in ``skip`` (already
+    stored by a resumed sweep) are not run; the reference run is, unless nothing is left.
+
+    A plain function of its arguments: the rows do not depend on what ran before in
+    the process, so a sweep may run units anywhere, in any order. A policy that fails
+    on a run (e.g. protected frames that do not fit a budget) gives a row with
+    ``error`` set; any other exception ends the unit.
+    """
+    kwargs = config.validate(scenes=model.has_scenes)
+    check_fits(model, config)
+    todo = [r for r in grid_runs(config, kwargs) if run_key(r) not in skip]
+    if not todo:
+        return
+    ref = ReferenceQueries(model, config.frames, model.cfg.sample_steps, config.horizon,
+                           config.query_steps)
+    ref.attach()
+    try:
+        full_row, ref_video = _one_run(
+            model, prompt, seed, config.frames, make_policy("full"), config.frames,
+            RunProbe(config.frames * model.cfg.tokens_per_frame), progress=progress,
+            extra_overhead=lambda: ref.seconds)
+    finally:
+        ref.detach()
+    g = model.cfg.given_frames
+    full_row["rollout_psnr_vs_full"] = psnr(ref_video[g:], ref_video[g:])
+    for run in todo:
+        name, budget = run["policy"], run["budget"]
+        if name == "full":  # measured on the reference run; budget is nominal
+            yield {**full_row, "budget": budget}
+            continue
+        policy = make_policy(name, **kwargs[name])
+        probe = RunProbe(budget * model.cfg.tokens_per_frame, ref)
+        future = ref.future if name in OFFLINE_POLICIES else None
+        try:
+            row, video = _one_run(model, prompt, seed, config.frames, policy, budget, probe,
+                                  future, progress)
+        except PolicyError as e:
+            yield error_row(prompt, seed, run, str(e))
+            continue
+        row["rollout_psnr_vs_full"] = psnr(video[g:], ref_video[g:])
+        yield row
+
+
+def describe_run(row: dict) -> str:
+    return f"{row['policy']} at budget {row['budget']}, seed {row['seed']}, prompt {row['prompt']!r}"
 
 
 def evaluate(model, config: EvalConfig, progress=None, log=None) -> list[dict]:
-    """Run the grid; one row (``RUN_COLUMNS``) per prompt x seed x policy x budget.
-
-    A policy that fails on a run (e.g. protected frames that do not fit a
-    budget) gives a row with ``error`` set; the grid goes on. ``log(msg)``
-    hears about such failures.
-    """
-    kwargs = config.validate()
-    steps = model.cfg.sample_steps
-    if config.frames <= model.cfg.given_frames:
-        raise EvalError(f"frames must exceed the model's {model.cfg.given_frames} given frames")
+    """Every unit of the grid in this process, in order, nothing stored: one row per
+    prompt x seed x policy x budget. ``log(msg)`` hears about failed runs."""
     rows = []
     for prompt in config.prompts:
         for seed in config.seeds:
-            ref = ReferenceQueries(model, config.frames, steps, config.horizon, config.query_steps)
-            ref.attach()
-            try:
-                full_row, ref_video = _one_run(
-                    model, prompt, seed, config.frames, make_policy("full"), config.frames,
-                    RunProbe(config.frames * model.cfg.tokens_per_frame), progress=progress,
-                    extra_overhead=lambda ref=ref: ref.seconds)
-            finally:
-                ref.detach()
-            g = model.cfg.given_frames
-            full_row["rollout_psnr_vs_full"] = psnr(ref_video[g:], ref_video[g:])
-            for name in config.policies:
-                for budget in config.budgets:
-                    if name == "full":  # measured on the reference run; budget is nominal
-                        rows.append({**full_row, "budget": budget})
-                        continue
-                    policy = make_policy(name, **kwargs[name])
-                    probe = RunProbe(budget * model.cfg.tokens_per_frame, ref)
-                    future = ref.future if name in OFFLINE_POLICIES else None
-                    try:
-                        row, video = _one_run(model, prompt, seed, config.frames, policy, budget,
-                                              probe, future, progress)
-                    except PolicyError as e:
-                        if log:
-                            log(f"{name} at budget {budget}, seed {seed}, prompt {prompt!r}: {e}")
-                        rows.append({**{c: math.nan for c in METRICS}, "prompt": prompt,
-                                     "policy": name, "budget": budget, "seed": seed,
-                                     "seconds": math.nan, "error": str(e),
-                                     "policy_params": json.dumps(policy.params(), sort_keys=True)})
-                        continue
-                    row["rollout_psnr_vs_full"] = psnr(video[g:], ref_video[g:])
-                    rows.append(row)
-            del ref
+            for row in evaluate_unit(model, config, prompt, seed, progress=progress):
+                if row["error"] and log:
+                    log(f"{describe_run(row)}: {row['error']}")
+                rows.append(row)
     return rows
 
 
@@ -467,11 +510,10 @@ def write_plots(out_dir: Path, results: list[dict], policies: list[str]) -> list
     return paths
 
 
-def run_eval(model, config: EvalConfig, out_dir: Path, progress=None, log=None) -> dict:
-    """Run the grid and write every file into ``out_dir``; returns eval.json's content."""
-    started = time.perf_counter()
-    rows = evaluate(model, config, progress=progress, log=log)
-    seconds = time.perf_counter() - started
+def write_results(out_dir: Path, rows: list[dict], config: EvalConfig, seconds: float,
+                  about: dict) -> dict:
+    """runs.csv, results.csv, results.md, the plots and eval.json (``about`` merged into
+    its settings and counts) from the grid's rows; returns eval.json's content."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = aggregate(rows)
@@ -479,13 +521,14 @@ def run_eval(model, config: EvalConfig, out_dir: Path, progress=None, log=None) 
     write_csv(out_dir / "results.csv", results, RESULT_COLUMNS)
     write_markdown(out_dir / "results.md", results, config, seconds)
     plots = write_plots(out_dir, results, config.policies)
-    cfg = model.cfg
-    S = 1 if config.query_steps == "last" else cfg.sample_steps
     summary = {"config": dataclasses.asdict(config), "seconds": round(seconds, 2),
-               "runs": len(rows), "failed_runs": sum(bool(r["error"]) for r in rows),
-               "torch_threads": torch.get_num_threads(),
-               "reference_query_bytes": config.frames * S * cfg.layers * cfg.heads
-               * cfg.tokens_per_frame * cfg.head_dim * 2,
+               "runs": len(rows), "failed_runs": sum(bool(r["error"]) for r in rows), **about,
                "files": ["results.csv", "runs.csv", "results.md", *[p.name for p in plots]]}
     (out_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def reference_query_bytes(cfg, config: EvalConfig) -> int:
+    """Memory of one reference run's recorded queries (``ReferenceQueries.q``)."""
+    S = 1 if config.query_steps == "last" else cfg.sample_steps
+    return config.frames * S * cfg.layers * cfg.heads * cfg.tokens_per_frame * cfg.head_dim * 2

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ffviz.export import FrameSpool, OutputError, RunWriter, json_safe
+from ffviz.export import FrameSpool, OutputError, RunWriter, json_safe, reproduce_command
 from ffviz.generate import Controls, Observer, RunSettings, Step, generate
 from ffviz.hooks import QueryRecorder
 from ffviz.metrics import story_consistency
@@ -95,6 +95,7 @@ class Run:
         self.stats = RunStats()
         self.seconds = 0.0  # wall time of the whole run, once it has ended
         self.started = self.ended = False
+        self._first = controls.snapshot()[:2]  # (policy, budget) as the run started
         self._final = None  # (policy, budget) as the run ended
         self._summary: dict | None = None
 
@@ -190,6 +191,8 @@ class Run:
             "switches": s.switches, "prompt_switches": s.prompt_switches,
             "stopped_early": frames < self.settings.frames,
             "metrics": self.metrics,
+            "reproduce": reproduce_command(self.settings, *self._first, self.model_name, frames,
+                                           s.switches),
         })
 
 

@@ -17,8 +17,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ffviz.scenes import COLORS, VIEW, Scene
 
-SEARCH = 3  # pixels around the expected position where an object is looked for
-MIN_IOU = 0.5  # a reading below this fails
+SEARCH = 4  # pixels around the expected position where an object is looked for
+MIN_IOU = 0.4  # a reading below this fails (a misshapen object still reads: it is redrawn whole)
 MIN_VISIBLE = 4  # pixels: an object expected to show fewer is not read (hidden)
 
 

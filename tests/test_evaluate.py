@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from ffviz.evaluate import (MAX_EVAL_FRAMES, RESULT_COLUMNS, EvalConfig, EvalError, aggregate,
-                            evaluate, parse_policy_arg_list, parse_prompts, psnr, run_eval)
+                            evaluate, parse_policy_arg_list, parse_prompts, psnr)
 from ffviz.generate import Controls, RunSettings, generate
 from ffviz.policies import POLICIES, PolicyError
 from ffviz.reference import ReferenceQueries
 from ffviz.scenes import PromptError
+from ffviz.sweep import run_sweep
 from ffviz.train import TRAIN_SEED_BASE
 from tests.conftest import random_model
 
@@ -42,7 +43,7 @@ def grid(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     config = EvalConfig(policies=list(POLICIES), budgets=[2, 4], seeds=[0, 3], frames=FRAMES,
                         prompts=[PROMPT], horizon=3)
-    summary = run_eval(model, config, out)
+    summary = run_sweep(model, config, out, show_progress=False)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     return out, config, summary, {(r["policy"], int(r["budget"]), int(r["seed"])): r for r in rows}, rows
@@ -219,7 +220,7 @@ def test_cli_writes_results(tmp_path):
     r = ffviz("eval", "--policies", "full,window", "--budgets", "2", "--seeds", "0",
               "--frames", "5", "--prompts", "a red circle on a green background", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "frame" in r.stderr  # the progress bar
+    assert "2/2 [" in r.stderr  # the progress bar: runs done / total [elapsed<left]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(x["policy"], x["budget"], x["seed"]) for x in rows] == [("full", "2", "0"), ("window", "2", "0")]
