@@ -280,7 +280,8 @@ class App:
         out = {self.quality_plot: p["quality"], self.cache_plot: p["cache"],
                self.drift_plot: p["drift"], self.proj_plot: p["projections"],
                self.scores_plot: p["scores"], self.timeline_plot: p["timeline"],
-               self.metrics_plot: p["metrics"]}
+               self.metrics_plot: p["metrics"], self.heads_plot: p["heads"],
+               self.heads_table: p["heads_table"]}
         if session.view.get("cache_step") is None:  # following the newest step
             out[self.cache_step] = gr.update(maximum=max(n - 1, 1), value=max(n - 1, 1))
         else:
@@ -340,6 +341,15 @@ class App:
                                                     *_layer_head(layer, head, session.cfg),
                                                     session.tag.text())
         return out
+
+    def pick_head(self, session, evt: gr.SelectData):
+        """A click on the Heads table: that cell's layer and head become the view's (the
+        layer/head dropdowns change, and with them the cache view)."""
+        row, col = evt.index if isinstance(evt.index, (list, tuple)) else (evt.index, 0)
+        cfg = session.cfg if session is not None else self.MODEL.cfg
+        if col < 1 or not 0 <= row < cfg.layers:  # the layer column names the row
+            return gr.skip(), gr.skip()
+        return f"L{row}", f"H{col - 1}"
 
     def set_cache_step(self, session, index, merges, ui):
         """The scrubber: replay compression step ``index`` (the newest: follow the run)."""
@@ -718,6 +728,16 @@ class App:
                     self.scores_plot = _plot(F.empty("Proxy scores", "no run yet"))
                 with gr.Tab("Cache timeline", id="timeline") as t_timeline:
                     self.timeline_plot = _plot(F.timeline_figure([]))
+                with gr.Tab("Heads", id="heads") as t_heads:
+                    gr.Markdown("Which heads carry the scene across frames? Each head's share of "
+                                "attention on the newest frames (Forcing-KV's score): a static head "
+                                "looks only there, a dynamic one reaches back into the cache. With "
+                                "`head_budget=adaptive` each head's share of the budget shows too. "
+                                "Click a cell of the table to see that head in the cache view.")
+                    self.heads_plot = _plot(F.heads_figure({}, 0, 0), elem_id="heads")
+                    self.heads_table = gr.Dataframe(
+                        headers=["layer", *[f"H{h}" for h in range(cfg.heads)]], interactive=False,
+                        elem_id="heads-table", label="role and score per head (click to pick)")
                 with gr.Tab("Metrics", id="metrics") as t_metrics:
                     self.metrics_plot = _plot(F.metrics_figure([]))
                     self.summary_json = gr.JSON(label="run summary")
@@ -793,6 +813,7 @@ class App:
             run_outputs = [self.state, self.log, self.status, self.frame_img, self.strip_img,
                            self.quality_plot, self.cache_plot, self.cache_step, self.drift_plot,
                            self.proj_plot, self.scores_plot, self.timeline_plot, self.metrics_plot,
+                           self.heads_plot, self.heads_table,
                            self.oracle_plot, self.oracle_status, self.prompt_notes, self.reproduce,
                            *self.rope_plots, self.video, self.downloads, self.summary_json]
             # a Generate during a run stops it, then starts the new one once it has ended
@@ -819,9 +840,10 @@ class App:
             view_inputs = [self.state, layer, head, metric, reference, self.log, merges]
             view_outputs = [self.quality_plot, self.cache_plot, self.cache_step, self.drift_plot,
                             self.proj_plot, self.scores_plot, self.timeline_plot, self.metrics_plot,
-                            self.oracle_plot]
+                            self.heads_plot, self.heads_table, self.oracle_plot]
             for w in (layer, head, metric, reference):
                 w.change(self.set_view, view_inputs, view_outputs, **private)
+            self.heads_table.select(self.pick_head, [self.state], [layer, head], **private)
             self.cache_step.release(self.set_cache_step, [self.state, self.cache_step, merges, self.ui],
                                     self.cache_plot, **private)
             merges.change(self.set_cache_step, [self.state, self.cache_step, merges, self.ui],
@@ -854,7 +876,7 @@ class App:
             r_plane.change(self.rope_views, rope_inputs, self.rope_plots, **private)
             to_drift.click(lambda: gr.Tabs(selected="drift"), None, self.tabs, **private)
             tabs = {"memory": t_memory, "cache": t_cache, "drift": t_drift, "projections": t_proj,
-                    "scores": t_scores, "timeline": t_timeline, "metrics": t_metrics,
+                    "scores": t_scores, "timeline": t_timeline, "heads": t_heads, "metrics": t_metrics,
                     "oracle": t_oracle, "ab": t_ab, ROPE_TAB: t_rope, "export": t_export}
             for name, tab in tabs.items():
                 tab.select(self._tab_opened(name), self.ui, None, **private)

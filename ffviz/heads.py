@@ -56,8 +56,9 @@ class HeadMeter(Observer):
     denoising step. sink: the sink frames; recent: the score's newest key frames
     (None: the chunk and the frame before it)."""
 
-    def __init__(self, model, sink: int = 1, recent: int | None = None):
+    def __init__(self, model, sink: int = 1, recent: int | None = None, last_step_only: bool = False):
         cfg = model.cfg
+        self.last_step_only = last_step_only  # a live view: one denoising step, a quarter the cost
         self.L, self.H = cfg.layers, cfg.heads
         self.sink = sink
         self.recent = recent or default_recent(cfg.chunk_frames)
@@ -75,7 +76,8 @@ class HeadMeter(Observer):
 
     def _keep_queries(self, layer: int):
         def hook(q, point):
-            if point.ctx.phase == "denoise":
+            ctx = point.ctx
+            if ctx.phase == "denoise" and not (self.last_step_only and ctx.step != ctx.steps - 1):
                 self._queries[layer] = q
         return hook
 

@@ -409,3 +409,30 @@ def test_prompt_edited_mid_run_switches_it(server):
     assert switch["prompt"].endswith("white background") and switch["recache"] == "recent"
     assert 2 <= switch["frame"] < 60 and summary["frames"] == 60
     assert [s["from_frame"] for s in summary["metrics"]["segments"]] == [0, switch["frame"]]
+
+
+def test_heads_tab_shows_roles_and_shares_and_picks_a_head(app_module):
+    """The Heads tab: a layer x head figure and table, live for the run; the budget
+    share per head under adaptive budgets; a click on a cell picks that layer and head."""
+    from types import SimpleNamespace
+
+    from ffviz.app.session import RunSession, check_inputs
+    from ffviz.app.views import plot_views
+    app = app_module
+    s = RunSession(app.MODEL, check_inputs(PROMPT, 10, 3, 0),
+                   make_policy("future_forcing", head_budget="adaptive"), 3)
+    for _ in s.run():
+        pass
+    views = plot_views(s)
+    rows = views["heads_table"]
+    cfg = app.MODEL.cfg
+    assert [r[0] for r in rows] == [f"L{l}" for l in range(cfg.layers)]
+    assert all(len(r) == cfg.heads + 1 for r in rows)
+    assert all(c.split()[0] in ("static", "dynamic") and c.endswith("x") for r in rows for c in r[1:])
+    shares = [float(c.rsplit(", ", 1)[1][:-1]) for r in rows for c in r[1:]]
+    assert abs(sum(shares) / len(shares) - 1) < 0.05 and max(shares) > min(shares)  # adaptive
+    assert isinstance(views["heads"], go.Figure) and views["heads"].data
+    assert app.pick_head(s, SimpleNamespace(index=(2, 3))) == ("L2", "H2")
+    skipped = app.pick_head(s, SimpleNamespace(index=(1, 0)))  # the layer column picks nothing
+    assert all(not isinstance(x, str) for x in skipped)
+    s.close()

@@ -29,6 +29,7 @@ from ffviz.app.provenance import RunTag
 from ffviz.cache import KVCache
 from ffviz.export import FrameSpool, OutputError
 from ffviz.generate import Controls, GenerationError, Observer, PromptSwitch, RunSettings, Step
+from ffviz.heads import HeadMeter, head_view
 from ffviz.hooks import QueryRecorder, run_copy
 from ffviz.policies import Policy, PolicyError
 from ffviz.run import Run
@@ -137,7 +138,8 @@ class _Tap(Observer):
             f = l.frame[0].flatten()
             total += 1
             for src, c in zip(*torch.unique(f, return_counts=True)):
-                counts[int(src)] = counts.get(int(src), 0) + int(c)
+                if src >= 0:  # -1: a dead slot, no token
+                    counts[int(src)] = counts.get(int(src), 0) + int(c)
         heads = cache.layers[0].frame.shape[1]
         denom = total * heads * cache.tokens_per_frame
         self.survivors = {k: v / denom for k, v in counts.items()}
@@ -216,7 +218,9 @@ class RunSession:
         self.controls = Controls(policy, budget_frames)
         self.dir = self.new_dir()
         self._tap = _Tap(keep_oracle_keys)
-        self.job = Run(self.model, settings, self.controls, self.dir, observers=[self._tap])
+        self.heads = HeadMeter(self.model, last_step_only=True)  # the Heads tab, live
+        self.job = Run(self.model, settings, self.controls, self.dir,
+                       observers=[self._tap, self.heads])
         self.view = {"layer": self.cfg.layers - 1, "head": 0}  # the user's layer/head choice
         self.steps: list[StepRecord] = []
         self.timeline: list[tuple[int, dict]] = []  # (newest frame, share kept per source frame)
@@ -311,6 +315,7 @@ class RunSession:
             raise
         finally:
             self.running, self.done = False, True
+            self.heads.remove()  # its hooks are on this run's model copy
             self.model = None  # the run let go of it too
 
     def _record(self, step: Step) -> None:
@@ -334,6 +339,15 @@ class RunSession:
                 "frame": step.frame_indices[-1], "keys": self._tap.keys,
                 "provenance": self._tap.before, "budget_tokens": step.budget_frames * n,
                 "score": [None if d.score is None else d.score[0].float() for d in step.decision.layers]})
+
+    def head_measures(self) -> dict:
+        """The Heads tab's layer x head arrays: the measures so far, the roles in force
+        and, at the newest compression, each head's share of the uniform budget."""
+        snap = self.snapshot
+        policy, _, _ = self.controls.snapshot()
+        decision = snap.decision if snap is not None else None
+        masses = [p["mass"][None] for p in snap.provenance] if decision is not None else None
+        return head_view(self.heads, policy, decision, snap.budget_tokens if snap else 0, masses)
 
     def files(self) -> list[str]:
         names = ("video.mp4", "record.npz", "decisions.jsonl", "summary.json", "plots.html",

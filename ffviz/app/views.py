@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from ffviz.app.cache_history import CacheStep, capture
 from ffviz.app.provenance import budget_text, holds_budget, plural
 from ffviz.app.quality import QualityLog, curves, hide_events
@@ -83,8 +85,10 @@ def plot_views(session: RunSession | None, metric: str = "frechet", reference: s
                 "drift": F.empty("Query drift", "no run yet"),
                 "projections": F.empty("Query projections", "no run yet"),
                 "scores": F.empty("Proxy scores", "no run yet"),
-                "timeline": F.timeline_figure([]), "metrics": F.metrics_figure([])}
+                "timeline": F.timeline_figure([]), "metrics": F.metrics_figure([]),
+                "heads": F.heads_figure({}, 0, 0), "heads_table": []}
     layer, head, label = session.view["layer"], session.view["head"], session.tag.text()
+    heads = session.head_measures()
     q = query_arrays(session)
     drift = (F.drift_figure(*q, layer, head, session.switches, metric, reference, label) if q else
              F.drift_figure(None, None, None, None, None, layer, head, label=label))
@@ -98,7 +102,29 @@ def plot_views(session: RunSession | None, metric: str = "frechet", reference: s
             "scores": F.scores_figure(None if newest is None else newest.tokens(layer, head),
                                       layer, head, policy, label),
             "timeline": F.timeline_figure(session.timeline, session.switches, label),
-            "metrics": F.metrics_figure(session.steps, session.switches, label)}
+            "metrics": F.metrics_figure(session.steps, session.switches, label),
+            "heads": F.heads_figure(heads, layer, head, label=label),
+            "heads_table": heads_table(heads)}
+
+
+def heads_table(measures: dict) -> list[list]:
+    """Rows of the Heads tab's table: layer, then per head its role and score (and
+    budget share); a click on a cell picks that layer and head."""
+    score = measures.get("score")
+    if score is None:
+        return []
+    share = measures.get("share")
+    rows = []
+    for l in range(score.shape[0]):
+        cells = []
+        for h in range(score.shape[1]):
+            if np.isnan(score[l, h]):
+                cells.append("-")
+                continue
+            role = "static" if measures["static"][l, h] else "dynamic"
+            cells.append(f"{role} {score[l, h]:.2f}" + (f", {share[l, h]:.2f}x" if share is not None else ""))
+        rows.append([f"L{l}", *cells])
+    return rows
 
 
 def status_line(session: RunSession) -> str:

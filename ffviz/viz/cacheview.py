@@ -71,7 +71,7 @@ def cache_figure(tokens: dict | None, frames: np.ndarray, grid: tuple[int, int],
     fr, ry, cx = tokens["frame"], tokens["row"].astype(int), tokens["col"].astype(int)
     state, into, mass = tokens["state"], tokens["into"], tokens["mass"].astype(float)
     score = tokens["score"]
-    sources = sorted(set(fr.tolist()))
+    sources = sorted({f for f in fr.tolist() if f >= 0})  # frame -1: a dead slot (a head kept fewer)
     hidden = max(0, len(sources) - MAX_SHOWN)
     sources = sources[hidden:]
     slot = {f: i for i, f in enumerate(sources)}

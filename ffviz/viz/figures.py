@@ -233,6 +233,42 @@ def ab_figure(a_steps, b_steps, a_name: str, b_name: str, label: str = "") -> go
                                      "the table"), label)
 
 
+def heads_figure(measures: dict, layer: int, head: int, threshold: float = 0.8,
+                 label: str = "") -> go.Figure:
+    """Layer x head: colour = Forcing-KV's score (attention on the newest frames over all
+    after the sink), letter = role (S static, D dynamic), and each head's budget share
+    under adaptive budgets when given; the selected layer and head framed.
+    measures: (L, H) arrays "score", "entropy", "older_share", "static", optional "share"."""
+    title = "Head roles"
+    score = measures.get("score")
+    if score is None or np.isnan(score).all():
+        return empty(title, "no run yet, or no chunk that reaches past the sink", label)
+    L, H = score.shape
+    share = measures.get("share")
+    text = np.empty((L, H), dtype=object)
+    hover = np.empty((L, H), dtype=object)
+    for l in range(L):
+        for h in range(H):
+            role = "S" if measures["static"][l, h] else "D"
+            text[l, h] = role + (f"<br>{share[l, h]:.2f}x" if share is not None else "")
+            hover[l, h] = (f"L{l} H{h}: {'static' if role == 'S' else 'dynamic'}<br>"
+                           f"score {score[l, h]:.3f} (static at >= {threshold})<br>"
+                           f"entropy {measures['entropy'][l, h]:.2f}<br>"
+                           f"older frames {measures['older_share'][l, h]:.0%} of its attention"
+                           + (f"<br>budget share {share[l, h]:.2f}x uniform" if share is not None else ""))
+    fig = go.Figure(go.Heatmap(z=score, x=[f"H{h}" for h in range(H)], y=[f"L{l}" for l in range(L)],
+                               zmin=0, zmax=1, colorscale="Viridis", text=text, customdata=hover,
+                               texttemplate="%{text}", hovertemplate="%{customdata}<extra></extra>",
+                               colorbar={"title": "score"}))
+    fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                  line={"color": "red", "width": 3})
+    fig.update_yaxes(autorange="reversed")
+    hint = ("S: static head (attends to the newest frames: needs little memory), D: dynamic "
+            "(reaches back) - " + ("N.NNx: share of a uniform budget" if share is not None else
+                                   "pick a head in the table below to see its cache"))
+    return stamp(_layout(fig, title, hint, height=120 + 60 * L), label)
+
+
 def plots_html(figures: dict[str, go.Figure]) -> str:
     """All figures in one self-contained HTML page (plotly.js inlined once)."""
     parts, first = [], True
