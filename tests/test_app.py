@@ -219,8 +219,9 @@ def test_session_views_and_figures(app_module):
     live = live_views(s)
     assert live["frame"].shape == (256, 256, 3) and live["strip"].ndim == 3
     plots = plot_views(s)
-    assert set(plots) == {"quality", "cache", "drift", "projections", "scores", "timeline", "metrics"}
-    assert all(isinstance(f, go.Figure) for f in plots.values())
+    assert set(plots) == {"quality", "cache", "drift", "projections", "scores", "timeline", "metrics",
+                          "heads", "heads_table"}
+    assert all(isinstance(plots[k], go.Figure) for k in plots if k != "heads_table")
     # the switch is marked on the timeline plots
     assert any("sink" in (a.text or "") for a in plots["timeline"].layout.annotations)
     a, b, ratio = pca_common(np.random.randn(20, 8), np.random.randn(20, 8))

@@ -17,7 +17,7 @@ from ffviz.viz.cacheview import cache_figure, filmstrip, upscale
 from ffviz.viz.projections import projection_figure
 from ffviz.viz.quality import quality_figure
 
-PLOT_NAMES = ("quality", "cache", "drift", "projections", "scores", "timeline", "metrics")
+PLOT_NAMES = ("quality", "cache", "drift", "projections", "scores", "timeline", "heads", "metrics")
 
 
 def current_frame(session: RunSession):
@@ -179,7 +179,7 @@ def write_json(path, data: dict) -> str:
 
 def write_plots_html(session: RunSession, path, extra: dict | None = None,
                      log: QualityLog | None = None) -> str:
-    figs = {k.capitalize(): v for k, v in plot_views(session, log=log).items()}
+    figs = {k.capitalize(): v for k, v in plot_views(session, log=log).items() if k in PLOT_NAMES}
     figs.update(extra or {})
     path.write_text(F.plots_html(figs))
     return str(path)
