@@ -186,3 +186,14 @@ def test_switch_clips_follow_the_new_prompt_from_their_switch_on():
             assert (clip[at] == bg_after).all(-1).mean() > 0.3  # the new background shows
             seen += 1
     assert seen == 16
+
+
+def test_previous_frame_neighbourhood_spans_the_patches_around():
+    model = TinyVideoModel(TinyConfig(width=32, layers=1, heads=2, prev_reach=1))
+    n, d = model.cfg.tokens_per_frame, model.cfg.patch_dim
+    x = torch.arange(2 * n, dtype=torch.float32)[None, :, None].expand(1, 2 * n, d)
+    nb = model.neighbourhood(x).view(1, 2, 8, 8, 9, d)[..., 0]  # (B, T, rows, cols, 9)
+    assert nb.shape[-1] == 9 and torch.equal(nb[0, 1, 3, 4, 4], x[0, n + 3 * 8 + 4, 0])
+    assert nb[0, 0, 3, 4, 5] == x[0, 3 * 8 + 5, 0] and nb[0, 0, 3, 4, 1] == x[0, 2 * 8 + 4, 0]
+    assert (nb[0, :, 0, :, :3] == 0).all() and (nb[0, :, :, 7, 2::3] == 0).all()  # past the edge
+    assert model.prev_embed.in_features == 9 * d

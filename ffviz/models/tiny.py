@@ -56,6 +56,7 @@ class TinyConfig:
     rope_theta: float = 10.0  # spatial base: every plane tells neighbouring patches apart
     rope_theta_time: float = 10000.0  # temporal base: no wrap-around within a long run
     previous_frame_input: bool = True  # the newest frame as a direct input (see above)
+    prev_reach: int = 0  # patches around each token's own that its previous-frame input spans
     prediction: str = "x0"  # what the head predicts: "x0" (clean frame) or "v" (velocity)
     # sampling defaults, stored with the weights
     sample_steps: int = 4
@@ -185,7 +186,7 @@ class TinyVideoModel(nn.Module):
         self.hook_ctx = HookContext()
         self.patch_embed = nn.Linear(cfg.patch_dim, w)
         if cfg.previous_frame_input:
-            self.prev_embed = nn.Linear(cfg.patch_dim, w)
+            self.prev_embed = nn.Linear((2 * cfg.prev_reach + 1) ** 2 * cfg.patch_dim, w)
             self.no_prev = nn.Parameter(torch.zeros(w))  # frame 0 has no previous frame
         self.time_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.cond_embed = nn.ModuleList(nn.Embedding(n, w) for n in CONDITION_VOCAB)
@@ -199,6 +200,20 @@ class TinyVideoModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         nn.init.zeros_(self.time_proj[1].weight)
         nn.init.zeros_(self.time_proj[1].bias)
+
+    def neighbourhood(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each token's patch and the patches within ``prev_reach`` of it (zeros past the
+        edge): (B, T*n, d) -> (B, T*n, (2r+1)^2 d). With r = 1 every pixel an object can
+        bring into a patch in one frame (at most 2 px of a 4-px patch) is in its input."""
+        r = self.cfg.prev_reach
+        if r == 0:
+            return tokens
+        B, N, d = tokens.shape
+        rows, cols = self.cfg.grid
+        x = tokens.view(B, -1, rows, cols, d)
+        x = F.pad(x, (0, 0, r, r, r, r))
+        parts = [x[:, :, dy:dy + rows, dx:dx + cols] for dy in range(2 * r + 1) for dx in range(2 * r + 1)]
+        return torch.cat(parts, -1).view(B, N, -1)
 
     # -- pixels <-> tokens ------------------------------------------------
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
@@ -276,7 +291,7 @@ class TinyVideoModel(nn.Module):
                 h = h + self.no_prev
             else:
                 first = (meta[0] == 0).to(dev)[None, :, None]
-                h = h + torch.where(first, self.no_prev, self.prev_embed(prev))
+                h = h + torch.where(first, self.no_prev, self.prev_embed(self.neighbourhood(prev)))
         h = h.view(B, -1, n_tok, self.cfg.width)  # by frame, for the per-frame modulation
         for i, block in enumerate(self.blocks):
             h = block(h, mod, cos, sin, mask=mask, write=write, meta=meta,
