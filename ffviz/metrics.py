@@ -16,7 +16,12 @@ visible. Generated frames are compared with that truth per frame:
   (frames where this reading fails on the true frame itself are left out);
 * ``returns``: objects that left the view (or hid behind the pillar) for at
   least 3 frames and came back: the share that shows its colour again within
-  the 8 frames after its return.
+  the 8 frames after its return (``returns_count``: how many such returns).
+* ``returns_tracked``: the same returns, counted only where the object is also
+  back in place: its colour blob within ``TRACK_TOL`` of where it truly is (as
+  ``tracking``), in at least half of the 8 frames after its return where it should
+  be seen. A frozen copy of an earlier frame, or an object painted from the prompt
+  wherever the model likes, shows its colour (``returns``) but is not in place.
 * ``tracking``: per object and frame where it should be visible, whether the
   largest blob of its colour lies within ``TRACK_TOL`` pixels (centroids) of where
   the object truly is. Not part of ``consistency``: it exists because the other
@@ -115,7 +120,7 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         off &= ~_near(frames, rgb)
     off_curve = off.mean((1, 2))
 
-    presence, shape_ok, returns, tracked = [], [], [], []
+    presence, shape_ok, returns, returns_tracked, tracked = [], [], [], [], []
     presence_curve = np.full(T, np.nan)
     per_frame_hits = np.zeros(T)
     per_frame_due = np.zeros(T)
@@ -130,10 +135,12 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         per_frame_due += due
         whole = vis[:, i] >= 0.9 * full[i]
         truth_has = _near(truth, COLORS[o.color])
+        in_place = np.zeros(T, bool)  # present within TRACK_TOL of the true blob
         for t in np.nonzero(due)[0]:
             want, got = _largest_blob(truth_has[t])[1], (blobs[t][1] if present[t] else None)
-            tracked.append(want is not None and got is not None
+            in_place[t] = (want is not None and got is not None
                            and float(np.hypot(*(want - got))) <= TRACK_TOL)
+            tracked.append(bool(in_place[t]))
         for t in np.nonzero(whole & present)[0]:
             # only frames where the classifier reads the true frame right count
             if classify_shape(truth_has[t], o.size) == o.shape:
@@ -150,6 +157,7 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
                     w_due = due[window]
                     if w_due.any():
                         returns.append(bool(present[window][w_due].mean() >= 0.5))
+                        returns_tracked.append(bool(in_place[window][w_due].mean() >= 0.5))
                 t = end
             else:
                 t += 1
@@ -162,6 +170,7 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         "shape": mean(shape_ok),
         "returns": mean(returns),
         "returns_count": len(returns),
+        "returns_tracked": mean(returns_tracked),
         "tracking": mean(tracked),
     }
     parts = [out[k] for k in ("background", "color_presence", "shape", "returns")]
@@ -189,7 +198,8 @@ def story_consistency(frames: np.ndarray, story: list[Scene], start: int = 0) ->
 
     out = {key: weighted((m[key], w) for m, w in parts)
            for key in ("background", "off_palette", "color_presence", "shape", "tracking")}
-    out["returns"] = weighted((m["returns"], m["returns_count"]) for m, _ in parts)
+    for key in ("returns", "returns_tracked"):
+        out[key] = weighted((m[key], m["returns_count"]) for m, _ in parts)
     out["returns_count"] = int(sum(m["returns_count"] for m, _ in parts))
     vals = [out[k] for k in ("background", "color_presence", "shape", "returns")]
     out["consistency"] = float(np.nanmean(vals)) if not all(np.isnan(vals)) else float("nan")
