@@ -1,4 +1,4 @@
-"""Command line: ``python -m ffviz {generate,eval,ablate,train,bench,showcase}``."""
+"""Command line: ``python -m ffviz {generate,eval,ablate,train,bench,showcase,heads}``."""
 from __future__ import annotations
 
 import argparse
@@ -43,7 +43,7 @@ def cmd_generate(args) -> int:
     switches = tuple(PromptSwitch.parse(text, args.recache) for text in args.switch_prompt)
     settings = RunSettings(args.prompt, frames=args.frames, seed=args.seed, steps=args.steps,
                            context_noise=args.context_noise, record=not args.no_record,
-                           snap=False if args.no_snap else None, switches=switches)
+                           snap=args.snap, switches=switches)
     settings.validate(scenes=has_scenes(args.model))  # bad prompt or settings fail before the model loads
     check_output_dir(args.out)
     model = _load_model(args)
@@ -147,6 +147,10 @@ def cmd_bench(args) -> int:
     if args.kernels:
         from ffviz.kernels.bench import bench_kernels
         result = bench_kernels(repeats=args.repeats)
+    elif args.recache:
+        from ffviz.bench import bench_recache
+        model = _load_model(args)
+        result = bench_recache(model, budget=args.budget, frames=args.frames, repeats=args.repeats)
     elif args.policies:
         from ffviz.bench import bench_policies
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -183,7 +187,7 @@ def cmd_showcase(args) -> int:
     with tqdm(total=(3 + len(also)) * len(seeds), unit="run", desc="showcase", file=sys.stderr) as bar:
         summary = showcase(model, seeds, args.frames, Path(args.out), budget=args.budget,
                            progress=bar, also=also, steps=args.steps,
-                           snap=False if args.no_snap else None)
+                           snap=args.snap)
     print((Path(args.out) / "showcase.md").read_text())
     if args.card:  # the weights' card reports the free-running quality it was measured at
         card_file = Path(args.weights).with_suffix(".json")
@@ -237,8 +241,35 @@ def _add_sweep_args(p, out: str, suite: str) -> None:
                    help="--backend ray without --address: CPUs of the local Ray (default: all)")
 
 
-SNAP_HELP = ("keep each generated frame as the model made it (default: snapped to the scene's "
-             "palette before it enters the cache, as the model card says)")
+def cmd_heads(args) -> int:
+    from tqdm import tqdm
+
+    from ffviz.evaluate import DEFAULT_SUITE, parse_prompts
+    from ffviz.export import check_output_dir
+    from ffviz.heads import HeadsError, check_settings, measure_heads, write_heads
+    prompts = parse_prompts(args.prompts) if args.prompts else list(DEFAULT_SUITE)
+    try:
+        seeds = _seeds(args.seeds)
+    except ValueError:
+        raise HeadsError(f"seeds must look like 0-2 or 0,3,5, got {args.seeds!r}") from None
+    check_settings(prompts, seeds, args.frames, args.sink, args.recent or 1, args.threshold)
+    check_output_dir(args.out)
+    model = _load_model(args)
+    with tqdm(total=len(prompts) * len(seeds), unit="run", desc="heads", file=sys.stderr) as bar:
+        result = measure_heads(model, prompts, seeds, frames=args.frames, steps=args.steps,
+                               sink=args.sink, recent=args.recent or None,
+                               threshold=args.threshold, progress=bar)
+    paths = write_heads(result, Path(args.out))
+    s = result["summary"]
+    print(f"wrote {', '.join(map(str, paths))}: {s['static_heads']} of "
+          f"{result['layers'] * result['heads_per_layer']} heads static (threshold {result['threshold']}); "
+          f"score std {s['score_std_mean']} on average, {100 * s['role_agreement_mean']:.0f}% of "
+          f"samples agree with their head's role")
+    return 0
+
+
+SNAP_HELP = ("snap each generated frame to the scene's palette before it enters the cache "
+             "(--no-snap: keep it as the model made it; default: the model card's setting)")
 THREADS_HELP = ("torch CPU threads (default 1: the tiny model's ops are too small to gain from "
                 "more, and on a busy machine extra threads stall each other)")
 
@@ -263,7 +294,7 @@ def main(argv=None) -> int:
     p.add_argument("--context-noise", type=float, default=None,
                    help="noise level of the cache-filling pass (default: the model card's)")
     p.add_argument("--no-record", action="store_true", help="do not record query statistics")
-    p.add_argument("--no-snap", action="store_true", help=SNAP_HELP)
+    p.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None, help=SNAP_HELP)
     p.add_argument("--switch-prompt", action="append", default=[], metavar="FRAME:PROMPT",
                    help="follow PROMPT from frame FRAME on (repeatable)")
     p.add_argument("--recache", choices=RECACHE_MODES, default="none",
@@ -303,6 +334,9 @@ def main(argv=None) -> int:
                    help="instead: each policy's compression time as a share of a generation "
                         "step; a policy may carry parameters, e.g. future_forcing:rank=2")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="cache budget in frames (--policies)")
+    p.add_argument("--recache", action="store_true",
+                   help="instead: what a prompt switch halfway costs under each re-cache mode "
+                        "(none, recent, all), as a ratio to a step")
     p.add_argument("--kernels", action="store_true",
                    help="time the Triton kernels against their PyTorch references instead "
                         "(real-model size on CUDA; the reference at a reduced size on CPU)")
@@ -322,12 +356,30 @@ def main(argv=None) -> int:
                         "teacher-forced:4 generates every frame from the 4 TRUE previous frames")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps per frame for every setting (default: the card's)")
-    p.add_argument("--no-snap", action="store_true", help=SNAP_HELP)
+    p.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None, help=SNAP_HELP)
     p.add_argument("--card", action="store_true",
                    help="also write the summary into the weights' card (the .json next to them)")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.set_defaults(run=cmd_showcase)
+
+    p = sub.add_parser("heads", help="measure every layer and head: Forcing-KV roles, attention "
+                                     "entropy and where attention goes (heads.json, heads.png)")
+    p.add_argument("--prompts", default=None,
+                   help="a file with one prompt a line, or prompts separated by ';' "
+                        "(default: eval's suite of scenes where objects leave and return)")
+    p.add_argument("--seeds", default="0,1", help="e.g. 0-2 or 0,3,5")
+    p.add_argument("--frames", type=int, default=24, help="frames per run (full cache)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default: the card's)")
+    p.add_argument("--sink", type=int, default=1, help="sink frames (as forcing_kv's n_sink)")
+    p.add_argument("--recent", type=int, default=0,
+                   help="newest key frames of the score (0: the chunk and the frame before it)")
+    p.add_argument("--threshold", type=float, default=0.8, help="score at or above which a head is static")
+    p.add_argument("--out", default="runs/heads")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.set_defaults(run=cmd_heads)
 
     args = parser.parse_args(argv)
     from ffviz.export import OutputError
@@ -336,7 +388,7 @@ def main(argv=None) -> int:
     from ffviz.policies import PolicyError
     from ffviz.scenes import PromptError
     errors = (GenerationError, PolicyError, PromptError, ModelError, OutputError)
-    if args.command in ("generate", "bench", "showcase"):
+    if args.command in ("generate", "bench", "showcase", "heads"):
         if args.threads < 1:
             print(f"error: threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2

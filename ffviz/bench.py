@@ -107,3 +107,40 @@ def _device_name(model) -> str:
     dev = cuda_device(model)
     return torch.cuda.get_device_name(dev) if dev is not None else (
         platform.processor() or platform.machine())
+
+
+SWITCH_PROMPT = "a yellow circle and a cyan square on a white background"
+
+
+def bench_recache(model, policy: str = "window", budget: int = 8, frames: int = 48,
+                  repeats: int = 3) -> dict:
+    """What a prompt switch costs under each re-cache mode: a run that switches its
+    prompt halfway, per mode the re-cache's time as a ratio to the run's median step
+    (the fastest of ``repeats``), and how many chunks it re-ran."""
+    from ffviz.generate import PromptSwitch
+    from ffviz.recache import RECACHE_MODES
+    at = frames // 2
+    out = {"frames": frames, "policy": policy, "budget_frames": budget, "switch_frame": at,
+           "repeats": repeats, "torch_threads": torch.get_num_threads(),
+           "device": _device_name(model), "modes": {}}
+    Run(model, RunSettings(BENCH_PROMPT, frames=8, seed=0, record=False), Controls(policy, 4)).finish()
+    for mode in RECACHE_MODES:
+        best = None
+        for _ in range(repeats):
+            settings = RunSettings(BENCH_PROMPT, frames=frames, seed=0, record=False,
+                                   switches=(PromptSwitch(at, SWITCH_PROMPT, mode),))
+            steps, switch = [], None
+            for step in Run(model, settings, Controls(policy, budget)):
+                if step.prompt_switch is not None:
+                    switch = step.prompt_switch
+                elif step.index:
+                    steps.append(step.seconds["total"])
+            ratio = switch["recache_seconds"] / statistics.median(steps)
+            if best is None or ratio < best[0]:
+                best = (ratio, switch, statistics.median(steps))
+        ratio, switch, step_s = best
+        out["modes"][mode] = {"recache_ms": round(1000 * switch["recache_seconds"], 3),
+                              "step_ms": round(1000 * step_s, 3),
+                              "recache_over_step": round(ratio, 3),
+                              "rerun_chunks": switch["rerun_chunks"]}
+    return out

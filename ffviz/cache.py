@@ -12,11 +12,18 @@ Layout per layer (batch B, heads H, cached tokens N, head dim d):
 accumulated attention): (B, H, N) tensors, zero for new tokens, gathered with
 the tokens and summed when tokens merge.
 
-Every head holds the same number of tokens, but not necessarily the same ones:
-policies decide per head. Attention adds ``log(mass)`` to each cached key's
-logit (``bias``), so a merged token draws the attention of the tokens it
+Every layer and head holds the same number of slots (N), but not necessarily the
+same tokens: policies decide per head. Attention adds ``log(mass)`` to each cached
+key's logit (``bias``), so a merged token draws the attention of the tokens it
 replaced (policies.md); with all masses 1 the bias is skipped and attention is
 exactly the plain one.
+
+Heads with budgets of their own (adaptive head budgets, Forcing-KV's static heads)
+keep fewer tokens than the widest head; the rest of their slots are dead: mass 0,
+so ``log(mass) = -inf`` and attention gives them exactly nothing, provenance
+``DEAD`` (-1), zero keys and values. Dead slots are no tokens: ``LayerCache.live``
+tells them apart, ``KVCache.tokens`` and ``within_budget`` count only real tokens,
+and ``size`` counts slots.
 
 A policy's ``Decision`` says, per layer and head, which tokens stay (``keep``)
 and, for the others, which kept token each merges into (``merge_into``, -1 =
@@ -30,6 +37,8 @@ import math
 import torch
 
 from ffviz import kernels
+
+DEAD = -1  # frame, row, col and time of a dead slot (mass 0: no token)
 
 
 def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -51,6 +60,9 @@ class LayerDecision:
     k, time: optional replacements (B, H, N, d) / (B, H, N) for the keys and their
     effective temporal positions (a re-rotating policy), applied before merging
     and gathering.
+    live: (B, H, K) bool, for heads that keep fewer than K tokens: False marks a slot
+    left dead (its token, ``keep`` there, is evicted: it may merge like any other);
+    None = every kept token stays. Live slots come first in each head.
     """
     keep: torch.Tensor
     merge_into: torch.Tensor | None = None
@@ -58,15 +70,19 @@ class LayerDecision:
     distance: torch.Tensor | None = None
     k: torch.Tensor | None = None
     time: torch.Tensor | None = None
+    live: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
 class Decision:
     """Per layer, what stays and what merges. ``prepared``: the cache this decision
     leaves, computed already by the policy (``KVCache.prepared``, the CPU kernels'
-    path), which ``KVCache.apply`` takes as it is when the cache has not changed since."""
+    path), which ``KVCache.apply`` takes as it is when the cache has not changed since.
+    ``info``: what the policy says about this decision in the log (e.g. where
+    Forcing-KV's head roles came from), or None."""
     layers: list[LayerDecision]
     prepared: "PreparedApply | None" = dataclasses.field(default=None, repr=False)
+    info: dict | None = None
 
 
 @dataclasses.dataclass
@@ -90,7 +106,22 @@ class LayerCache:
 
     @property
     def size(self) -> int:
+        """Slots per head, dead ones included."""
         return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def live(self) -> torch.Tensor:
+        """(B, H, N) bool: the slots that hold a token (mass > 0)."""
+        return self.mass > 0
+
+    def tokens_per_head(self) -> torch.Tensor:
+        """(B, H) long: real tokens in each head (0 for an empty layer)."""
+        if self.mass is None:
+            return torch.zeros(1, 1, dtype=torch.long)
+        return self.live.sum(-1)
+
+    def has_dead(self) -> bool:
+        return self.mass is not None and not bool(self.live.all())
 
     def append(self, k, v, frame, row, col) -> None:
         """Add tokens: k, v (B, H, n, d); frame, row, col (n,) long."""
@@ -113,7 +144,8 @@ class LayerCache:
         self.time = torch.cat([self.time, meta[0]], 2)
 
     def bias(self) -> torch.Tensor | None:
-        """log(mass) (B, H, 1, N), or None when no token is merged."""
+        """log(mass) (B, H, 1, N), or None when no token is merged and no slot is dead
+        (-inf for a dead slot: exactly no attention)."""
         if self.mass is None or bool((self.mass == 1).all()):
             return None
         return self.mass.log().unsqueeze(2)
@@ -125,26 +157,41 @@ class LayerCache:
         if d.time is not None:
             self.time = d.time.to(dev)
         idx = d.keep.to(dev)
+        live = None if d.live is None else d.live.to(dev)
         gather3 = lambda t: t.gather(2, idx)
         self.frame, self.row, self.col, self.time = map(gather3, (self.frame, self.row, self.col, self.time))
         if d.merge_into is not None and bool((d.merge_into >= 0).any()):
-            self._merge_into_kept(idx, d.merge_into.to(dev))
-            return
-        self.k, self.v, self.mass = take_rows(self.k, idx), take_rows(self.v, idx), gather3(self.mass)
-        self.aux = {name: gather3(t) for name, t in self.aux.items()}
+            self._merge_into_kept(idx, d.merge_into.to(dev), live)
+        else:
+            self.k, self.v, self.mass = take_rows(self.k, idx), take_rows(self.v, idx), gather3(self.mass)
+            self.aux = {name: gather3(t) for name, t in self.aux.items()}
+        if live is not None:
+            self._kill(~live)
 
-    def _merge_into_kept(self, idx: torch.Tensor, into: torch.Tensor) -> None:
+    def _kill(self, dead: torch.Tensor) -> None:
+        """Make the slots ``dead`` (B, H, N) dead: mass 0, provenance DEAD, zero keys,
+        values and ``aux``."""
+        self.mass = self.mass.masked_fill(dead, 0)
+        self.frame, self.row, self.col, self.time = (
+            t.masked_fill(dead, DEAD) for t in (self.frame, self.row, self.col, self.time))
+        self.k, self.v = (t.masked_fill(dead.unsqueeze(-1), 0) for t in (self.k, self.v))
+        self.aux = {name: t.masked_fill(dead, 0) for name, t in self.aux.items()}
+
+    def _merge_into_kept(self, idx: torch.Tensor, into: torch.Tensor,
+                         live: torch.Tensor | None = None) -> None:
         """Keep tokens ``idx`` (B, H, K); each evicted token with ``into >= 0`` adds to its
         target: mass summed, keys and values mass-weighted averages, ``aux`` summed.
         One row-wise index-add over all tokens into K + 1 slots per head (slot K collects
         the dropped); index_add_ on rows is several times faster than scatter_add_ on CPU.
         A token whose target is itself evicted is dropped with it (policies merge into
-        kept tokens only)."""
+        kept tokens only). ``live`` (B, H, K): slots left dead; their tokens count as
+        evicted (they may merge) and the slots receive nothing (mass 0)."""
         B, H, N = into.shape
         K = idx.shape[2]
         dev = idx.device
         slot = torch.full((B, H, N), K, dtype=torch.long, device=dev)
-        slot.scatter_(2, idx, torch.arange(K, device=dev).expand(B, H, K))
+        positions = torch.arange(K, device=dev).expand(B, H, K)
+        slot.scatter_(2, idx, positions if live is None else positions.masked_fill(~live, K))
         merging = (into >= 0) & (slot == K)  # a kept token never moves
         slot = torch.where(merging, slot.gather(2, into.clamp_min(0)), slot)
         rows = (slot + torch.arange(B * H, device=dev).view(B, H, 1) * (K + 1)).view(-1)
@@ -152,7 +199,9 @@ class LayerCache:
             0, rows, t.reshape(B * H * N, *t.shape[3:])).view(B, H, K + 1, *t.shape[3:])[:, :, :K]
         d = self.k.shape[-1]
         mass = add(self.mass)
-        kv = add(torch.cat([self.k, self.v], -1).mul_(self.mass.unsqueeze(-1))).div_(mass.unsqueeze(-1))
+        # a slot with mass 0 (dead) gets zero keys: 0 / tiny, not 0 / 0; mass >= 1 divides as it is
+        kv = add(torch.cat([self.k, self.v], -1).mul_(self.mass.unsqueeze(-1))).div_(
+            mass.clamp_min(torch.finfo(mass.dtype).tiny).unsqueeze(-1))
         self.k, self.v = kv[..., :d].contiguous(), kv[..., d:].contiguous()
         self.mass = mass
         self.aux = {name: add(t) for name, t in self.aux.items()}
@@ -171,14 +220,35 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        """Cached tokens per head (the same in every layer and head)."""
+        """Slots per head (the same in every layer and head; dead slots included)."""
         return self.layers[0].size
+
+    def tokens(self) -> int | float:
+        """Real tokens per head, averaged over layers, heads and batch rows (the size
+        per head of the cache packed without dead slots): ``size`` when no slot is
+        dead; a float only where heads keep different numbers of tokens."""
+        if self.layers[0].mass is None:
+            return 0
+        counts = torch.stack([layer.tokens_per_head() for layer in self.layers])
+        mean = counts.double().mean().item()
+        return int(mean) if mean.is_integer() else round(mean, 2)
+
+    def within_budget(self, budget_tokens: int) -> bool:
+        """Whether every layer holds at most heads x ``budget_tokens`` real tokens (in
+        each batch row): the budget every policy holds, uniform per head or spread
+        over the heads."""
+        return all(int(layer.tokens_per_head().sum(-1).max()) <= layer.mass.shape[1] * budget_tokens
+                   for layer in self.layers if layer.mass is not None)
+
+    def has_dead(self) -> bool:
+        """Whether any slot is dead (some head keeps fewer tokens than the widest)."""
+        return any(layer.has_dead() for layer in self.layers)
 
     def frames(self) -> list[int]:
         """Source frames with at least one token in layer 0, head 0."""
         if self.layers[0].frame is None:
             return []
-        return sorted(set(self.layers[0].frame[0, 0].tolist()))
+        return sorted(set(self.layers[0].frame[0, 0].tolist()) - {DEAD})
 
     FIELDS = ("k", "v", "mass", "frame", "row", "col", "time")
 
@@ -206,18 +276,18 @@ class KVCache:
                 and any(d.merge_into is not None for d in decision.layers)
                 and all(l.k is not None and l.k.shape == first.k.shape and l.k.device == first.k.device
                         and l.k.dtype == first.k.dtype and not l.aux for l in self.layers)
-                and all(d.k is None and d.time is None and d.keep.shape == decision.layers[0].keep.shape
-                        for d in decision.layers))
+                and all(d.k is None and d.time is None and d.live is None
+                        and d.keep.shape == decision.layers[0].keep.shape for d in decision.layers))
 
     def _compilable(self, decision: Decision) -> bool:
-        """Merges on float32 CPU caches of one shape, no re-rotation, no ``aux``: the
-        numba kernel."""
+        """Merges on float32 CPU caches of one shape, no re-rotation, no ``aux``, no slot
+        left dead: the numba kernel."""
         first, d0 = self.layers[0], decision.layers[0]
         return (first.k is not None
                 and any(d.merge_into is not None for d in decision.layers)
                 and all(l.k is not None and l.k.shape == first.k.shape == l.v.shape
                         and not l.aux for l in self.layers)
-                and all(d.k is None and d.time is None and d.keep.shape == d0.keep.shape
+                and all(d.k is None and d.time is None and d.live is None and d.keep.shape == d0.keep.shape
                         and d.keep.shape[:2] == first.k.shape[:2] and d.keep.device.type == "cpu"
                         and (d.merge_into is None or d.merge_into.shape == first.mass.shape)
                         for d in decision.layers)

@@ -342,13 +342,17 @@ class RunProbe(Observer):
             self.recall.append(float(np.mean(rc)))
 
     def _score_chosen(self, frames: list[torch.Tensor], decision, ctx) -> float:
-        """Kept tokens outside the protected frames, per head, averaged over layers and heads."""
+        """Kept tokens outside the protected frames, per head, averaged over layers and heads
+        (a slot the decision leaves dead keeps nothing; a dead slot's frame is DEAD, < 0)."""
         policy = self.scored
         sink, recent = policy.sink_frames(self.budget_tokens, ctx), policy.first_recent(ctx)
         counts = []
         for frame, d in zip(frames, decision.layers):
             kept = frame.gather(-1, d.keep[0].to(frame.device))  # (H, K) source frames
-            counts.append(((kept >= sink) & (kept < recent)).sum(-1).double().mean().item())
+            chosen = (kept >= max(sink, 0)) & (kept < recent)
+            if d.live is not None:
+                chosen &= d.live[0].to(frame.device)
+            counts.append(chosen.sum(-1).double().mean().item())
         return float(np.mean(counts))
 
 

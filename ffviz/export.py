@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -36,6 +37,38 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def reproduce_command(settings, policy, budget_frames: int, model_name: str, frames: int,
+                      switches=()) -> str:
+    """The ``python -m ffviz generate`` command that gives the same run: its first policy
+    and budget, and ``frames`` (a run stopped early: the frames it made; generation is
+    causal, so they are the same). Live switches cannot be given to the CLI: a comment
+    says where they were."""
+    args = ["python", "-m", "ffviz", "generate", "--prompt", settings.prompt,
+            "--frames", str(frames), "--seed", str(settings.seed), "--policy", policy.name,
+            "--budget", str(budget_frames)]
+    defaults = type(policy)().params()
+    for k, v in policy.params().items():
+        if v != defaults.get(k):
+            args += ["--policy-arg", f"{k}={v}"]
+    for flag, value in (("--steps", settings.steps), ("--context-noise", settings.context_noise)):
+        if value is not None:
+            args += [flag, str(value)]
+    if settings.snap is not None:
+        args.append("--snap" if settings.snap else "--no-snap")
+    if not settings.record:
+        args.append("--no-record")
+    kind, _, spec = model_name.partition(":")
+    if kind == "tiny" and spec:
+        args += ["--weights", spec]
+    elif kind != "tiny":
+        args += ["--model", model_name]
+    line = shlex.join(args)
+    if switches:
+        line += "  # live switches not reproduced: " + ", ".join(
+            f"frame {s['frame']} -> {s['policy']} @ {s['budget_frames']}" for s in switches)
+    return line
 
 
 class OutputError(ValueError):

@@ -127,8 +127,8 @@ class Step:
     frame_indices: list[int]
     frames: np.ndarray
     seconds: dict
-    cache_tokens_peak: int  # after writing the chunk, before the policy
-    cache_tokens: int  # after the policy
+    cache_tokens_peak: int | float  # after writing the chunk, before the policy
+    cache_tokens: int | float  # after the policy (real tokens per head: ``KVCache.tokens``)
     cache_frames: list[int]
     policy: str
     policy_params: dict
@@ -182,13 +182,15 @@ LOG_MAX_TOKENS = 4096  # evicted tokens per head beyond which a head's entry is 
 
 
 def decision_log_entry(cache: KVCache, decision: Decision, max_tokens: int = LOG_MAX_TOKENS) -> dict:
-    """Per layer and head: the tokens dropped, and merged (token, into, distance).
+    """Per layer and head: the real tokens it keeps (``kept``), the tokens dropped,
+    and merged (token, into, distance); the policy's ``info`` when it gave one.
 
     Tokens are named by id = frame * tokens_per_frame + row * grid_cols + col.
-    Must be called before the cache applies the decision. When a head evicts more
-    than ``max_tokens`` tokens (a full-size Wan evicts 4,680 per head and chunk, 1.7M
-    over its 360 heads), its entry is a summary: counts, the lowest kept score and
-    the mean merge distance, so logging stays cheap and the file small.
+    Dead slots are no tokens: never listed, never counted. Must be called before
+    the cache applies the decision. When a head evicts more than ``max_tokens``
+    tokens (a full-size Wan evicts 4,680 per head and chunk, 1.7M over its 360
+    heads), its entry is a summary: counts, the lowest kept score and the mean merge
+    distance, so logging stays cheap and the file small.
     """
     cols = cache.grid[1]
     layers = []
@@ -196,23 +198,30 @@ def decision_log_entry(cache: KVCache, decision: Decision, max_tokens: int = LOG
         ids = (layer.frame * cache.tokens_per_frame + layer.row * cols + layer.col)[0]  # (H, N)
         H, N = ids.shape
         dev = ids.device  # the cache's device (a CUDA cache: build the masks there too)
+        real = layer.live[0]
         kept = torch.zeros(H, N, dtype=torch.bool, device=dev)
-        kept.scatter_(1, d.keep[0].to(dev), True)
+        kept.scatter_(1, d.keep[0].to(dev), True if d.live is None else d.live[0].to(dev))
+        kept &= real
         into = (d.merge_into[0].to(dev) if d.merge_into is not None
                 else torch.full((H, N), -1, device=dev))
         if N - d.keep.shape[-1] > max_tokens:
-            layers.append(_summary_entries(kept, into, d))
+            layers.append(_summary_entries(kept, real, into, d))
             continue
-        layers.append(_head_entries(ids, kept, into, d))
-    return {"layers": layers}
+        layers.append(_head_entries(ids, kept, real, into, d))
+    entry = {"layers": layers}
+    if decision.info:
+        entry["info"] = decision.info
+    return entry
 
 
-def _head_entries(ids: torch.Tensor, kept: torch.Tensor, into: torch.Tensor, d) -> list[dict]:
+def _head_entries(ids: torch.Tensor, kept: torch.Tensor, real: torch.Tensor, into: torch.Tensor,
+                  d) -> list[dict]:
     """One layer's detailed per-head entries (see ``decision_log_entry``). The masks are
     formed for all heads at once and read per head in numpy: a loop of small torch ops
     per head cost ~2.5 ms a step on the tiny model, more than some policies."""
     host = lambda t: t.detach().cpu().numpy()
-    ids_np, gone = host(ids), host(~kept)
+    ids_np, gone = host(ids), host(~kept & real)
+    n_kept = host(kept.sum(1)).tolist()
     into_np = host(into)
     target_ids = host(ids.gather(1, into.clamp_min(0)))  # id of each token's merge target
     merging = gone & (into_np >= 0)
@@ -225,7 +234,7 @@ def _head_entries(ids: torch.Tensor, kept: torch.Tensor, into: torch.Tensor, d) 
         low = [round(float(x), 6) if math.isfinite(x) else None for x in low]  # valid JSON
     heads = []
     for h in range(ids_np.shape[0]):
-        entry = {"dropped": ids_np[h, dropping[h]].tolist()}
+        entry = {"kept": n_kept[h], "dropped": ids_np[h, dropping[h]].tolist()}
         m = merging[h]
         if m.any():
             x = dist[h, m].tolist() if dist is not None else [None] * int(m.sum())
@@ -236,10 +245,12 @@ def _head_entries(ids: torch.Tensor, kept: torch.Tensor, into: torch.Tensor, d) 
     return heads
 
 
-def _summary_entries(kept: torch.Tensor, into: torch.Tensor, d) -> list[dict]:
+def _summary_entries(kept: torch.Tensor, real: torch.Tensor, into: torch.Tensor, d) -> list[dict]:
     """One layer's per-head summaries (see ``decision_log_entry``), computed for all heads at once."""
-    merged = ~kept & (into >= 0)
-    cols = {"dropped_count": (~kept & (into < 0)).sum(1), "merged_count": merged.sum(1)}
+    gone = ~kept & real
+    merged = gone & (into >= 0)
+    cols = {"kept": kept.sum(1), "dropped_count": (gone & (into < 0)).sum(1),
+            "merged_count": merged.sum(1)}
     if d.score is not None:
         score = d.score[0].to(kept.device).float()
         cols["kept_score_min"] = torch.where(kept, score, torch.inf).amin(1)
@@ -380,7 +391,7 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
             memory.add(frames, x0, prev)
             last = x0[:, -n:]
             t2 = clock()
-            peak, newest = cache.size, int(frames[-1])
+            peak, newest = cache.tokens(), int(frames[-1])
             ctx = PolicyContext(
                 frame=newest, tokens_per_frame=n, chunk_frames=cfg.chunk_frames,
                 grid=cache.grid, rope=model.rope, stats=inputs.stats,
@@ -397,9 +408,9 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
                 log = decision_log_entry(cache, decision)
                 log_s = clock() - t_log
                 cache.apply(decision)
-            if policy.holds_budget and cache.size > budget * n:
-                raise PolicyError(f"policy {policy.name} left {cache.size} tokens, "
-                                  f"budget is {budget * n}")
+            if policy.holds_budget and not cache.within_budget(budget * n):
+                raise PolicyError(f"policy {policy.name} left more than heads x {budget * n} "
+                                  f"tokens in a layer ({cache.tokens()} per head on average)")
             memory.prune(cached_frames(cache))
             t3 = clock()
             if observer:
@@ -408,7 +419,7 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
                        seconds={"denoise": t1 - t0, "cache": t2 - t1,
                                 "policy": t3 - t_policy - log_s, "log": log_s,
                                 "total": t3 - t0},
-                       cache_tokens_peak=peak, cache_tokens=cache.size,
+                       cache_tokens_peak=peak, cache_tokens=cache.tokens(),
                        cache_frames=cache.frames(), policy=policy.name,
                        policy_params=policy.params(), budget_frames=budget,
                        switched=switched, decision=decision, decision_log=log,

@@ -16,7 +16,8 @@ visible. Generated frames are compared with that truth per frame:
   (frames where this reading fails on the true frame itself are left out);
 * ``returns``: objects that left the view (or hid behind the pillar) for at
   least 3 frames and came back: the share that shows its colour again within
-  the 8 frames after its return (``returns_count``: how many such returns).
+  the 8 frames after its return (``return_events`` lists each, with its frames;
+  ``returns_count``: how many).
 * ``returns_tracked``: the same returns, counted only where the object is also
   back in place: its colour blob within ``TRACK_TOL`` of where it truly is (as
   ``tracking``), in at least half of the 8 frames after its return where it should
@@ -28,6 +29,9 @@ visible. Generated frames are compared with that truth per frame:
   measures cannot tell a moving object from a frozen copy of the first frames (a
   cache that keeps only the given frames scores well on colour and returns while
   nothing moves; README, "Free-running quality").
+
+Per-frame curves (``curves``): background, off_palette, color_presence, tracking
+and consistency (the mean of background and colour presence in that frame).
 
 ``consistency`` is the mean of background, colour presence, shape and returns
 (those defined for the run). It does not compare positions: a free-running model
@@ -44,6 +48,8 @@ from ffviz.scenes import COLORS, SHAPES, VIEW, ObjectSpec, Scene, SceneSpec
 
 COLOR_TOL = 60.0  # RGB distance within which a pixel "has" a colour
 TRACK_TOL = 6.0  # pixels between blob centroids (of 32) that still count as "in place"
+MIN_HIDDEN = 3  # frames an object must be hidden for its return to count
+RETURN_WINDOW = 8  # frames after a return within which its colour must show again
 
 
 def _near(frames: np.ndarray, rgb) -> np.ndarray:
@@ -120,7 +126,8 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         off &= ~_near(frames, rgb)
     off_curve = off.mean((1, 2))
 
-    presence, shape_ok, returns, returns_tracked, tracked = [], [], [], [], []
+    presence, shape_ok, returns, returns_tracked, tracked, events = [], [], [], [], [], []
+    track_hits = np.zeros(T)
     presence_curve = np.full(T, np.nan)
     per_frame_hits = np.zeros(T)
     per_frame_due = np.zeros(T)
@@ -138,29 +145,26 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         in_place = np.zeros(T, bool)  # present within TRACK_TOL of the true blob
         for t in np.nonzero(due)[0]:
             want, got = _largest_blob(truth_has[t])[1], (blobs[t][1] if present[t] else None)
-            in_place[t] = (want is not None and got is not None
-                           and float(np.hypot(*(want - got))) <= TRACK_TOL)
-            tracked.append(bool(in_place[t]))
+            hit = want is not None and got is not None and float(np.hypot(*(want - got))) <= TRACK_TOL
+            in_place[t] = hit
+            tracked.append(hit)
+            track_hits[t] += hit
         for t in np.nonzero(whole & present)[0]:
             # only frames where the classifier reads the true frame right count
             if classify_shape(truth_has[t], o.size) == o.shape:
                 shape_ok.append(classify_shape(has[t], o.size) == o.shape)
-        gone = vis[:, i] < 1
-        t = 0
-        while t < T:
-            if gone[t] and t > 0 and not gone[t - 1]:
-                end = t
-                while end < T and gone[end]:
-                    end += 1
-                if end - t >= 3 and end < T:
-                    window = slice(end, min(end + 8, T))
-                    w_due = due[window]
-                    if w_due.any():
-                        returns.append(bool(present[window][w_due].mean() >= 0.5))
-                        returns_tracked.append(bool(in_place[window][w_due].mean() >= 0.5))
-                t = end
-            else:
-                t += 1
+        for left, back in hidden_spans(vis[:, i]):
+            if back >= T:
+                continue  # still hidden when the frames end
+            window = slice(back, min(back + RETURN_WINDOW, T))
+            w_due = due[window]
+            if w_due.any():
+                recovered = bool(present[window][w_due].mean() >= 0.5)
+                returns.append(recovered)
+                returns_tracked.append(bool(in_place[window][w_due].mean() >= 0.5))
+                events.append({"object": i, "name": f"{o.color} {o.shape}", "left": start + left,
+                               "back": start + back, "recovered": recovered,
+                               "in_place": returns_tracked[-1]})
     presence_curve = np.where(per_frame_due > 0, per_frame_hits / np.maximum(per_frame_due, 1), np.nan)
     mean = lambda xs: float(np.mean(xs)) if len(xs) else float("nan")
     out = {
@@ -175,11 +179,36 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
     }
     parts = [out[k] for k in ("background", "color_presence", "shape", "returns")]
     out["consistency"] = float(np.nanmean(parts)) if not all(np.isnan(parts)) else float("nan")
+    track_curve = np.where(per_frame_due > 0, track_hits / np.maximum(per_frame_due, 1), np.nan)
+    with np.errstate(invalid="ignore"):  # a frame with no object due: background alone
+        frame_quality = np.nanmean(np.stack([bg_curve, presence_curve]), 0)
+    listed = lambda c: [None if np.isnan(x) else round(float(x), 4) for x in c]
+    out["return_events"] = events
     out["curves"] = {"background": bg_curve.round(4).tolist(),
                      "off_palette": off_curve.round(4).tolist(),
-                     "color_presence": [None if np.isnan(x) else round(float(x), 4)
-                                        for x in presence_curve]}
+                     "color_presence": listed(presence_curve),
+                     "tracking": listed(track_curve),
+                     "consistency": listed(frame_quality)}
     return out
+
+
+def hidden_spans(visible: np.ndarray, min_frames: int = MIN_HIDDEN) -> list[tuple[int, int]]:
+    """(first hidden frame, first frame back) of each time one object, visible before,
+    is hidden for at least ``min_frames`` frames; ``visible``: its visible area per
+    frame (T,). A span still open at the end has back = T."""
+    gone = np.asarray(visible) < 1
+    spans, t, T = [], 1, len(gone)
+    while t < T:
+        if gone[t] and not gone[t - 1]:
+            end = t
+            while end < T and gone[end]:
+                end += 1
+            if end - t >= min_frames:
+                spans.append((t, end))
+            t = end
+        else:
+            t += 1
+    return spans
 
 
 def story_consistency(frames: np.ndarray, story: list[Scene], start: int = 0) -> dict:
@@ -201,6 +230,7 @@ def story_consistency(frames: np.ndarray, story: list[Scene], start: int = 0) ->
     for key in ("returns", "returns_tracked"):
         out[key] = weighted((m[key], m["returns_count"]) for m, _ in parts)
     out["returns_count"] = int(sum(m["returns_count"] for m, _ in parts))
+    out["return_events"] = [e for m, _ in parts for e in m["return_events"]]
     vals = [out[k] for k in ("background", "color_presence", "shape", "returns")]
     out["consistency"] = float(np.nanmean(vals)) if not all(np.isnan(vals)) else float("nan")
     out["curves"] = {k: sum((m["curves"][k] for m, _ in parts), []) for k in parts[0][0]["curves"]}

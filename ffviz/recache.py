@@ -66,7 +66,7 @@ def recache(model, cache: KVCache, memory: ChunkMemory, mode: str, cond_new: tor
 def cached_frames(cache: KVCache) -> set[int]:
     """Source frames with a token anywhere in the cache (any layer, batch row or head)."""
     return {f for layer in cache.layers if layer.frame is not None
-            for f in torch.unique(layer.frame).tolist()}
+            for f in torch.unique(layer.frame[layer.live]).tolist()}
 
 
 def _copy_by_position(live, fresh, rope, first_frame: int, n: int, cols: int) -> None:

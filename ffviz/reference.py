@@ -88,14 +88,16 @@ class ReferenceQueries:
 
 
 def reference_run(template, settings: RunSettings, horizon: int,
-                  query_steps: str = "last") -> ReferenceQueries:
+                  query_steps: str = "last", controls: Controls | None = None) -> ReferenceQueries:
     """The full-cache run of ``settings`` on a copy of ``template`` (its hooks are its
-    own); its queries."""
+    own); its queries. ``controls``: a full-cache ``Controls`` whose ``stop()`` ends the
+    run early (the app's Stop button); frames not reached stay unfilled."""
     model = run_copy(template)
     steps = settings.steps or model.cfg.sample_steps
     ref = ReferenceQueries(model, settings.frames, steps, horizon, query_steps).attach()
     try:
-        Run(model, dataclasses.replace(settings, record=False), Controls("full", settings.frames)).finish()
+        Run(model, dataclasses.replace(settings, record=False),
+            controls or Controls("full", settings.frames)).finish()
     finally:
         ref.detach()
     return ref

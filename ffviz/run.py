@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ffviz.export import FrameSpool, OutputError, RunWriter, json_safe
+from ffviz.export import FrameSpool, OutputError, RunWriter, json_safe, reproduce_command
 from ffviz.generate import Controls, Observer, RunSettings, Step, generate
 from ffviz.hooks import QueryRecorder
 from ffviz.metrics import story_consistency
@@ -38,7 +38,7 @@ class RunStats:
     """The numbers every user of a run reads, summed over its chunks."""
     chunks: int = 0
     compressions: int = 0  # chunks where the policy returned a decision
-    peak_tokens: int = 0  # most cached tokens per head (after a write, before the policy)
+    peak_tokens: int | float = 0  # most real tokens per head (after a write, before the policy)
     seconds: float = 0.0  # Step.seconds["total"], summed
     policy_seconds: float = 0.0  # Step.seconds["policy"], summed over every chunk
     compress_seconds: float = 0.0  # ... over the chunks with a decision
@@ -95,6 +95,7 @@ class Run:
         self.stats = RunStats()
         self.seconds = 0.0  # wall time of the whole run, once it has ended
         self.started = self.ended = False
+        self._first = controls.snapshot()[:2]  # (policy, budget) as the run started
         self._final = None  # (policy, budget) as the run ended
         self._summary: dict | None = None
 
@@ -182,13 +183,16 @@ class Run:
                                               is None else self.settings.snap)),
             "seconds": round(self.seconds, 3), "fps": round(frames / max(self.seconds, 1e-9), 2),
             "policy": policy.name, "policy_params": policy.params(), "budget_frames": budget,
+            **({"policy_report": report} if (report := policy.report()) is not None else {}),
             "tokens_per_frame": self.cfg.tokens_per_frame,
-            "peak_cache_tokens": s.peak_tokens,
+            "peak_cache_tokens": s.peak_tokens,  # real tokens per head (KVCache.tokens)
             "policy_ms_per_step": round(1000 * s.policy_seconds / max(s.chunks, 1), 3),
             "recorder_bytes": self.recorder.nbytes() if self.recorder else 0,
             "switches": s.switches, "prompt_switches": s.prompt_switches,
             "stopped_early": frames < self.settings.frames,
             "metrics": self.metrics,
+            "reproduce": reproduce_command(self.settings, *self._first, self.model_name, frames,
+                                           s.switches),
         })
 
 

@@ -18,7 +18,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ffviz.scenes import COLORS, VIEW, Scene
 
 SEARCH = 4  # pixels around the expected position where an object is looked for
-MIN_IOU = 0.25  # a reading below this fails (a misshapen object still reads: it is redrawn whole)
+MIN_IOU = 0.4  # a reading below this fails (a misshapen object still reads: it is redrawn whole)
 MIN_VISIBLE = 4  # pixels: an object expected to show fewer is not read (hidden)
 
 

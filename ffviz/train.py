@@ -62,9 +62,9 @@ class TrainConfig:
     lr_floor: float = 0.05  # ... but never below this share of lr
     ema: float = 0.999
     rollout_after: int = 1500
-    rollout_clips: int = 6  # clips per batch whose context is the model's own rollout
+    rollout_clips: int = 2  # clips per batch whose context is the model's own rollout
     targets: int = 6  # noisy target frames per clip (drawn from the clip's frames after the given)
-    switch_share: float = 0.25  # clips (not rolled out) whose prompt switches mid-clip
+    switch_share: float = 0.15  # clips (not rolled out) whose prompt switches mid-clip
     object_weight: float = 2.0  # loss weight of patches showing an object or the pillar
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
@@ -417,7 +417,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="step from which some clips' context is the model's own rollout")
     p.add_argument("--rollout-clips", type=int, default=None,
                    help="clips per batch rolled out, their targets from the renderer "
-                        "(default: three quarters of the batch)")
+                        "(default: a quarter of the batch)")
     p.add_argument("--object-weight", type=float, default=d.object_weight,
                    help="loss weight of patches that show an object or the pillar (1 = plain)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -443,7 +443,7 @@ def main(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.steps < 1:
         raise SystemExit("--batch and --steps must be >= 1")
     if args.rollout_clips is None:
-        args.rollout_clips = 3 * args.batch // 4
+        args.rollout_clips = args.batch // 4
     if not 0 <= args.rollout_clips <= args.batch:
         raise SystemExit(f"--rollout-clips must be in [0, --batch], got {args.rollout_clips}")
     if not args.object_weight > 0:

@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 
@@ -28,6 +29,13 @@ def random_model(**cfg) -> TinyVideoModel:
 @pytest.fixture
 def tiny_random():
     return random_model()
+
+
+def strict_loads(text: str):
+    """json.loads that rejects NaN and Infinity, as JavaScript's JSON.parse does."""
+    def no_constant(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=no_constant)
 
 
 def free_port() -> int:

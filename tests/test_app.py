@@ -55,7 +55,8 @@ def test_short_run_streams_frames_and_writes_files(server):
     names = sorted(p.rsplit("/", 1)[-1] for p in final[-2])
     for want in ("video.mp4", "record.npz", "decisions.jsonl", "plots.html", "summary.json"):
         assert want in names
-    assert final[-3].endswith(".mp4") or final[-3]["video"].endswith(".mp4")
+    video = final[-3]  # an update: opened at the last frame (not frame 0)
+    assert video["value"].endswith(".mp4") and video["playback_position"] > 0
     record = np.load([p for p in final[-2] if p.endswith("record.npz")][0])
     assert record["mean_pre"].shape[1:] == (4, 4, 32)
 
@@ -216,8 +217,9 @@ def test_session_views_and_figures(app_module):
             assert s.steer(make_policy("sink"), 3)
     assert [w["policy"] for w in s.switches] == ["sink"]
     live = live_views(s)
-    assert live["frame"].shape == (256, 256, 3) and live["cache"].ndim == 3
+    assert live["frame"].shape == (256, 256, 3) and live["strip"].ndim == 3
     plots = plot_views(s)
+    assert set(plots) == {"quality", "cache", "drift", "projections", "scores", "timeline", "metrics"}
     assert all(isinstance(f, go.Figure) for f in plots.values())
     # the switch is marked on the timeline plots
     assert any("sink" in (a.text or "") for a in plots["timeline"].layout.annotations)
@@ -235,27 +237,29 @@ def test_session_views_and_figures(app_module):
 
 
 def test_rope_explainer(app_module):
-    rot, drift = app_module.rope_views(None, 5, 2, 3, 0, "L3", "H0")
-    assert isinstance(rot, go.Figure) and isinstance(drift, go.Figure)
+    figs = app_module.rope_views(None, 5, 2, 3, 0, "L3", "H0")
+    assert len(figs) == 3 and all(isinstance(f, go.Figure) for f in figs)
 
 
 def test_ab_oracle_umap_handlers(app_module):
     """The A/B, Oracle and UMAP handlers, called as the app calls them."""
     app = app_module
     params = [None] * len(app.SPECS)
-    outs = list(app.run_ab(PROMPT, 0, 6, "window", 2, "sink", None, *params))
+    outs = list(app.run_ab(PROMPT, 0, 6, "window", 2, "sink", "", None, None, *params))
     final = outs[-1]
     rows = final[app.ab_table]
     assert rows[0] == ["policy", "window", "sink"]
-    assert final[app.ab_video_a].endswith(".mp4") and final[app.ab_video_b].endswith(".mp4")
+    assert final[app.ab_video_a]["value"].endswith(".mp4")
+    assert final[app.ab_video_b]["value"].endswith(".mp4")
     a, b = outs[-2][app.ab_state]
     assert a.summary["frames"] == b.summary["frames"] == 6
 
     runs = list(app.start_run(PROMPT, 0, 7, "window", 2, "L3", "H0", "frechet", "first", None,
-                              *params))
+                              {}, None, *params))
     session = runs[-1][app.state]
     assert session.summary["frames"] == 7
-    fig, msg = list(app.run_oracle(session, 2, "L3", "H0"))[-1]
+    fig, msg, files = list(app.run_oracle(session, 2, "L3", "H0"))[-1]
+    assert any(f.endswith("oracle.json") for f in files)
     assert isinstance(fig, go.Figure) and "compression steps compared" in msg
     assert session.oracle_result["recency"]  # window has no scores: recency stands in
     assert isinstance(app.show_umap(session, "L3", "H0"), go.Figure)
@@ -317,13 +321,13 @@ app = entry.build()
 assert app.MULTI_MODEL and app.model_choice.visible is not False
 params = [None] * len(app.SPECS)
 outs = list(app.start_run("a cat surfing a wave at dusk", 0, 6, "window", 2, "L3", "H0",
-                          "frechet", "first", None, *params, "wan:tiny-random"))
+                          "frechet", "first", None, {}, None, *params, False, "wan:tiny-random"))
 final = outs[-1]
 s = final[app.state]
-assert final[app.frame_img].shape == (256, 256, 3) and final[app.cache_img].ndim == 3
-assert final[app.video].endswith(".mp4")
-views = app.set_view(s, "L3", "H1", "kl", "running")  # beyond wan's 2 layers/heads: clamped
-assert s.view == {"layer": 1, "head": 1} and len(views) >= 6
+assert final[app.frame_img]["value"].shape == (256, 256, 3) and final[app.cache_plot] is not None
+assert final[app.video]["value"].endswith(".mp4")
+views = app.set_view(s, "L3", "H1", "kl", "running", None, False)  # beyond wan's 2 layers/heads: clamped
+assert (s.view["layer"], s.view["head"]) == (1, 1) and len(views) >= 6
 rows = entry.summary_table(s.summary)
 assert "32 tokens" in app.budget_info(2, "wan:tiny-random")
 assert "128 tokens" in app.budget_info(2, "tiny")
@@ -385,4 +389,50 @@ def test_steering_dry_run_works_for_every_online_policy(monkeypatch, kernels_mod
     s.stop()
     for _ in steps:
         pass
+    s.close()
+
+
+def test_prompt_edited_mid_run_switches_it(server):
+    """Enter in the prompt box mid-run: the run follows the new prompt from the next chunk,
+    the switch is in the summary (with its re-cache mode), and a bad prompt is refused."""
+    c = client(server)
+    job = c.submit(*run_args(frames=60, policy="window", budget=3), api_name="/run")
+    t0 = time.time()
+    while len(job.outputs()) < 2:
+        assert time.time() - t0 < 120 and not job.done()
+        time.sleep(0.05)
+    c.predict("hello world", "all", api_name="/switch_prompt")  # refused with a warning
+    c.predict("a red circle and a blue square on a white background", "recent",
+              api_name="/switch_prompt")
+    summary = wait(job)[-1][-1]
+    (switch,) = summary["prompt_switches"]
+    assert switch["prompt"].endswith("white background") and switch["recache"] == "recent"
+    assert 2 <= switch["frame"] < 60 and summary["frames"] == 60
+    assert [s["from_frame"] for s in summary["metrics"]["segments"]] == [0, switch["frame"]]
+
+
+def test_heads_tab_shows_roles_and_shares_and_picks_a_head(app_module):
+    """The Heads tab: a layer x head figure and table, live for the run; the budget
+    share per head under adaptive budgets; a click on a cell picks that layer and head."""
+    from types import SimpleNamespace
+
+    from ffviz.app.session import RunSession, check_inputs
+    from ffviz.app.views import plot_views
+    app = app_module
+    s = RunSession(app.MODEL, check_inputs(PROMPT, 10, 3, 0),
+                   make_policy("future_forcing", head_budget="adaptive"), 3)
+    for _ in s.run():
+        pass
+    views = plot_views(s)
+    rows = views["heads_table"]
+    cfg = app.MODEL.cfg
+    assert [r[0] for r in rows] == [f"L{l}" for l in range(cfg.layers)]
+    assert all(len(r) == cfg.heads + 1 for r in rows)
+    assert all(c.split()[0] in ("static", "dynamic") and c.endswith("x") for r in rows for c in r[1:])
+    shares = [float(c.rsplit(", ", 1)[1][:-1]) for r in rows for c in r[1:]]
+    assert abs(sum(shares) / len(shares) - 1) < 0.05 and max(shares) > min(shares)  # adaptive
+    assert isinstance(views["heads"], go.Figure) and views["heads"].data
+    assert app.pick_head(s, SimpleNamespace(index=(2, 3))) == ("L2", "H2")
+    skipped = app.pick_head(s, SimpleNamespace(index=(1, 0)))  # the layer column picks nothing
+    assert all(not isinstance(x, str) for x in skipped)
     s.close()

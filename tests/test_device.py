@@ -131,7 +131,10 @@ POLICY_CASES = [("window", {}), ("sink", {}), ("h2o", {}), ("snapkv", {}),
                 ("deep_forcing", {"rerotate": False}), ("expected_attention", {}),
                 ("expected_attention", {"statistics": "historical", "value_norm": True}),
                 ("future_forcing", {}), ("future_forcing", {"tau": 0.0, "value_norm": True}),
-                ("oracle", {}), ("full", {})]
+                ("future_forcing", {"head_budget": "adaptive"}),
+                ("expected_attention", {"head_budget": "adaptive", "head_floor": 0.5}),
+                ("h2o", {"head_budget": "adaptive"}), ("forcing_kv", {"threshold": 0.6}),
+                ("forcing_kv", {"retention": 0.5, "stripes": 2}), ("oracle", {}), ("full", {})]
 
 
 def _future(ctx, tagged, audit):
@@ -174,7 +177,7 @@ def test_policies_stay_on_the_cache_device(name, params, merged_mass, monkeypatc
             continue
         assert log == ref_log
         for dg, dr in zip(got.layers, ref.layers):
-            for f in ("keep", "merge_into", "score", "distance", "k", "time"):
+            for f in ("keep", "merge_into", "score", "distance", "k", "time", "live"):
                 a, b = getattr(dg, f), getattr(dr, f)
                 assert (a is None) == (b is None), f
                 if a is not None:

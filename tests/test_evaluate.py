@@ -14,6 +14,7 @@ from ffviz.evaluate import (MAX_EVAL_FRAMES, RESULT_COLUMNS, EvalConfig, EvalErr
                             parse_policy_arg_list, parse_prompts, psnr)
 from ffviz.generate import Controls, RunSettings, generate
 from ffviz.policies import POLICIES, PolicyError
+from ffviz.policies.scored import ScoredPolicy
 from ffviz.reference import ReferenceQueries
 from ffviz.scenes import PromptError
 from ffviz.sweep import run_sweep
@@ -258,9 +259,9 @@ def test_shared_cache_fidelity_rates_one_cache_for_every_scorer(grid):
     with open(out / "fidelity.csv") as f:
         fid = list(csv.DictReader(f))
     overall = {(r["scorer"], int(r["budget"])): r for r in fid if r["layer"] == "all"}
-    scorers = {"h2o", "snapkv", "deep_forcing", "expected_attention", "future_forcing", "oracle",
-               "mass", "recency"}
-    assert {s for s, _ in overall} == scorers  # sink ranks by recency: left to "recency"
+    # every scored policy but sink (it ranks by recency: left to "recency"), and the two plain ones
+    scorers = {name for name, cls in POLICIES.items() if issubclass(cls, ScoredPolicy)} - {"sink"}
+    assert {s for s, _ in overall} == scorers | {"mass", "recency"}
     for b in (2, 4):
         assert float(overall[("oracle", b)]["spearman"]) == pytest.approx(1.0, abs=1e-9)
         assert float(overall[("mass", b)]["spearman"]) == 0  # a window's cache: every mass is 1

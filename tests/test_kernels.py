@@ -237,6 +237,20 @@ def test_attention_kernel_default_tiling():
                                rtol=1e-4, atol=1e-5)
 
 
+@triton_only
+def test_attention_kernel_gives_dead_slots_nothing():
+    """Dead cache slots (log-mass -inf), a whole first block of them included: the
+    attention over the live keys alone, no NaN from an all -inf block."""
+    dev = _device()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, m, 32, generator=g).to(dev) for m in (5, 40, 40))
+    lm = torch.zeros(1, 2, 40)
+    lm[:, :, :20] = -math.inf  # blocks of 16: the first all dead, the second half dead
+    out = triton_kernels.attention(q, k, v, lm.to(dev), block_m=16, block_n=16)
+    want = reference.attention(q, k[:, :, 20:], v[:, :, 20:])
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- dispatch
 
 

@@ -71,7 +71,7 @@ def toy(frames=5, L=2, H=2, seed=0, merged_mass=False, stats="random"):
 
 def test_every_policy_registered_with_defaults():
     assert set(POLICIES) == {"full", "window", "sink", "h2o", "snapkv", "deep_forcing",
-                             "expected_attention", "future_forcing", "oracle"}
+                             "expected_attention", "future_forcing", "forcing_kv", "oracle"}
     for name, cls in POLICIES.items():
         p = make_policy(name)
         assert p.name == name and isinstance(p.params(), dict)
@@ -189,10 +189,11 @@ def test_budget_holds_in_generation(name):
                           Controls(policy, budget),
                           observer=check, future_queries=fake_future(model) if name == "oracle" else None))
     assert check.steps == len(steps) == 5
+    full = (lambda a, b: a <= b) if name == "forcing_kv" else (lambda a, b: a == b)  # static heads keep less
     for s in steps:
-        assert s.cache_tokens == min(s.cache_tokens_peak, budget * n)
+        assert full(s.cache_tokens, min(s.cache_tokens_peak, budget * n))
         assert s.cache_tokens_peak <= max(budget * n + len(s.frame_indices) * n, 2 * n)
-    assert steps[-1].cache_tokens == budget * n
+    assert full(steps[-1].cache_tokens, budget * n)
     assert any(s.decision is not None for s in steps)
 
 

@@ -156,3 +156,13 @@ def test_frames_are_graded_against_the_prompt_in_force():
     assert consistency(truth, scene, start=2)["background"] < 0.6  # against the first prompt only
     stale = scene.render(np.arange(2, 40))  # a video that ignored the switch
     assert story_consistency(stale, story, start=2)["background"] < 0.6
+
+
+def test_bench_times_each_recache_mode(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--recache", "--frames", "10", "--budget", "3", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"none", "recent", "all"}
+    assert modes["none"]["rerun_chunks"] == 0 and modes["all"]["rerun_chunks"] >= 3
+    assert all(m["recache_over_step"] >= 0 for m in modes.values())

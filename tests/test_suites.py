@@ -4,29 +4,18 @@ import numpy as np
 import pytest
 
 from ffviz.evaluate import EvalConfig, EvalError, parse_seeds
-from ffviz.metrics import consistency
+from ffviz.metrics import RETURN_WINDOW, consistency, hidden_spans
 from ffviz.sampling import TRAIN_SEED_BASE
 from ffviz.scenes import parse_prompt, scene_from_prompt
 from ffviz.suites import HELD_OUT_SEED_BASE, SUITES, get_suite, held_out_parts
 
 
-def hidden_spans(scene, frames: int, start: int = 2) -> list[int]:
-    """Frames each scored return was hidden (as ``metrics.consistency`` counts returns)."""
+def scored_spans(scene, frames: int, start: int = 2) -> list[int]:
+    """Frames each return that ``metrics.consistency`` scores was hidden."""
     vis = scene.visible_area(np.arange(start, frames))
-    spans = []
-    for i in range(vis.shape[1]):
-        gone, due = vis[:, i] < 1, vis[:, i] >= 6
-        t = 1
-        while t < len(gone):
-            if gone[t] and not gone[t - 1]:
-                end = t
-                while end < len(gone) and gone[end]:
-                    end += 1
-                if end - t >= 3 and end < len(gone) and due[end:end + 8].any():
-                    spans.append(end - t)
-                t = end
-            t += 1
-    return spans
+    due = vis >= 6
+    return [back - left for i in range(vis.shape[1]) for left, back in hidden_spans(vis[:, i])
+            if back < len(vis) and due[back:back + RETURN_WINDOW, i].any()]
 
 
 @pytest.mark.parametrize("name", ["memory", "memory-tuning"])
@@ -39,7 +28,7 @@ def test_memory_suites_hide_objects_longer_than_a_small_window(name):
         assert all(o.size == "small" for o in spec.objects)  # a wide pillar hides them whole
         for seed in suite.seeds:
             scene, _ = scene_from_prompt(prompt, seed)
-            spans = hidden_spans(scene, suite.frames)
+            spans = scored_spans(scene, suite.frames)
             assert spans and min(spans) > 3, (prompt, seed, spans)  # outlast 3 frames, fit the run
             m = consistency(scene.render(np.arange(2, suite.frames)), scene, start=2)
             assert m["returns_count"] == len(spans)

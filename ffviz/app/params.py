@@ -9,6 +9,7 @@ and lets the policy's own validation name the bad range.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from ffviz.policies import POLICIES, PolicyError, make_policy, parse_policy_value
 
@@ -40,15 +41,46 @@ def _default(f: dataclasses.Field):
     return ""
 
 
+def _split_top(text: str, sep: str = ";") -> list[str]:
+    """``text`` split at ``sep`` outside parentheses."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def docstring_params(cls) -> dict[str, str]:
+    """Parameter descriptions from the policies' class docstrings, which list them as
+    "name: what it does; other, names: ..." (the class's own first, then its bases')."""
+    out: dict[str, str] = {}
+    for klass in cls.__mro__:
+        text = " ".join((klass.__dict__.get("__doc__") or "").split())
+        for part in _split_top(text):
+            m = re.match(r"\s*([a-z_]+(?:\s*,\s*[a-z_]+)*)\s*:\s*(.+)", part)
+            if not m:
+                continue
+            for name in re.split(r"\s*,\s*", m.group(1)):
+                out.setdefault(name, m.group(2).strip().rstrip(".").replace("``", ""))
+    return out
+
+
 def param_specs(policies: dict | None = None) -> list[ParamSpec]:
-    """Every (policy, parameter) in registry order; the app makes one widget each."""
+    """Every (policy, parameter) in registry order; the app makes one widget each.
+    ``doc``: the field's ``doc`` metadata, else its class docstring's description."""
     out = []
     for name, cls in (policies or POLICIES).items():
+        docs = docstring_params(cls)
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
             d = _default(f)
-            out.append(ParamSpec(name, f.name, _kind(d), d, str(f.metadata.get("doc", ""))))
+            doc = str(f.metadata.get("doc", "")) or docs.get(f.name, "")
+            out.append(ParamSpec(name, f.name, _kind(d), d, doc))
     return out
 
 

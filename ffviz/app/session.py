@@ -24,9 +24,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ffviz.app.cache_history import CacheHistory, capture
+from ffviz.app.provenance import RunTag
 from ffviz.cache import KVCache
 from ffviz.export import FrameSpool, OutputError
-from ffviz.generate import Controls, GenerationError, Observer, RunSettings, Step
+from ffviz.generate import Controls, GenerationError, Observer, PromptSwitch, RunSettings, Step
+from ffviz.heads import HeadMeter, head_view
 from ffviz.hooks import QueryRecorder, run_copy
 from ffviz.policies import Policy, PolicyError
 from ffviz.run import Run
@@ -39,10 +42,11 @@ InputError = (GenerationError, PromptError, PolicyError)
 
 
 def check_inputs(prompt, frames, budget, seed, max_frames: int = APP_MAX_FRAMES,
-                 scenes: bool = True) -> RunSettings:
+                 scenes: bool = True, snap: bool | None = None) -> RunSettings:
     """Settings from raw widget values; raises one of ``InputError`` with a message
     a user can act on (empty prompt, budget 0 or beyond the run, frames over the cap).
-    ``scenes``: the model's ``has_scenes`` (False: free text, no scene grammar)."""
+    ``scenes``: the model's ``has_scenes`` (False: free text, no scene grammar);
+    ``snap``: snap frames to the palette (None: the model card's setting)."""
     if prompt is None or not str(prompt).strip():
         raise PromptError("the prompt is empty: describe shapes and a background, "
                           "e.g. 'a red circle on a blue background'" if scenes else
@@ -58,7 +62,8 @@ def check_inputs(prompt, frames, budget, seed, max_frames: int = APP_MAX_FRAMES,
         raise GenerationError(f"budget of {budget_i} frames is beyond the run ({frames_i} frames)")
     if seed_i < 0:
         raise GenerationError(f"seed must be >= 0 (got {seed_i})")
-    settings = RunSettings(str(prompt), frames=frames_i, seed=seed_i)
+    settings = RunSettings(str(prompt), frames=frames_i, seed=seed_i,
+                           snap=None if snap is None else bool(snap))
     settings.validate(scenes)  # parses the prompt (scene models): PromptError with the reason
     return settings
 
@@ -133,7 +138,8 @@ class _Tap(Observer):
             f = l.frame[0].flatten()
             total += 1
             for src, c in zip(*torch.unique(f, return_counts=True)):
-                counts[int(src)] = counts.get(int(src), 0) + int(c)
+                if src >= 0:  # -1: a dead slot, no token
+                    counts[int(src)] = counts.get(int(src), 0) + int(c)
         heads = cache.layers[0].frame.shape[1]
         denom = total * heads * cache.tokens_per_frame
         self.survivors = {k: v / denom for k, v in counts.items()}
@@ -188,34 +194,41 @@ def preflight(model, policy: Policy, budget_frames: int, seed: int = 0) -> None:
         pass
 
 
-def warm_up(model, policy: Policy) -> None:
-    """One tiny run at start-up: the first call of several torch ops is slow, and
-    the first user's first frame should not pay for it."""
+def warm_up(model, policy: Policy, prompt: str = "a red circle on a blue background",
+            frames: int = 8, budget: int = 3) -> np.ndarray:
+    """One short run at start-up: the first call of several torch ops is slow, and
+    the first user's first frame should not pay for it. Returns its frames (the
+    first view's picture is drawn from them)."""
     m = run_copy(model)
-    preflight(m, policy, 2)
-    Run(m, RunSettings("a red circle on a blue background", frames=4, seed=0, record=True),
-        Controls(policy, 2)).finish()
+    preflight(m, policy, budget)
+    run = Run(m, RunSettings(prompt, frames=frames, seed=0, record=True), Controls(policy, budget))
+    return np.array(run.finish().frames.all())
 
 
 class RunSession:
     """One interactive run. Build it (inputs are checked), iterate ``run()``."""
 
     def __init__(self, template, settings: RunSettings, policy: Policy, budget_frames: int,
-                 keep_oracle_keys: bool = True):
+                 keep_oracle_keys: bool = True, kind: str = "run"):
         self.settings = settings
+        self.tag = RunTag.new(policy, budget_frames, kind)  # on every result of this run
         self.template = template  # the shared model (the oracle's reference run copies it)
         self.model = run_copy(template)  # hooks attach here, never to the shared model
         self.cfg = self.model.cfg
         self.controls = Controls(policy, budget_frames)
         self.dir = self.new_dir()
         self._tap = _Tap(keep_oracle_keys)
-        self.job = Run(self.model, settings, self.controls, self.dir, observers=[self._tap])
+        self.heads = HeadMeter(self.model, last_step_only=True)  # the Heads tab, live
+        self.job = Run(self.model, settings, self.controls, self.dir,
+                       observers=[self._tap, self.heads])
         self.view = {"layer": self.cfg.layers - 1, "head": 0}  # the user's layer/head choice
         self.steps: list[StepRecord] = []
         self.timeline: list[tuple[int, dict]] = []  # (newest frame, share kept per source frame)
-        self.snapshot: CacheSnapshot | None = None
+        self.snapshot: CacheSnapshot | None = None  # the newest chunk's, by reference
+        self.cache_history = CacheHistory()  # every compression step, compact (the scrubber)
         self.oracle_steps: list[dict] = []  # per step: keys, mass, provenance, score, budget
         self.oracle_result: dict | None = None  # set by the Oracle view after the run
+        self.oracle_controls: Controls | None = None  # the oracle's reference run (Stop ends it)
         self.running = False
         self.done = False
         self.error: str | None = None
@@ -232,7 +245,8 @@ class RunSession:
 
     @property
     def switches(self) -> list[dict]:
-        return self.job.switches
+        """Live switches in frame order: policy or budget changes, and prompt switches."""
+        return sorted(self.job.switches + self.job.stats.prompt_switches, key=lambda s: s["frame"])
 
     @property
     def summary(self) -> dict | None:
@@ -251,8 +265,18 @@ class RunSession:
         self.controls.set(policy=policy, budget_frames=budget_frames)
         return True
 
+    def switch_prompt(self, prompt: str, recache: str = "none") -> None:
+        """Follow ``prompt`` from the next chunk; a prompt the model cannot read, or an
+        unknown re-cache mode, is an error here and the run goes on unchanged."""
+        frame = max(len(self.frames), 1)  # where it can apply at the earliest
+        PromptSwitch(frame, str(prompt), recache).check(self.template.has_scenes, self.settings.seed,
+                                                        1, frame + 1)
+        self.controls.switch_prompt(str(prompt), recache)
+
     def stop(self) -> None:
         self.controls.stop()
+        if self.oracle_controls is not None:
+            self.oracle_controls.stop()
 
     def try_policy(self, policy: Policy, budget_frames: int) -> None:
         """Run ``policy.compress`` on a copy of the live cache (nothing is applied):
@@ -291,6 +315,7 @@ class RunSession:
             raise
         finally:
             self.running, self.done = False, True
+            self.heads.remove()  # its hooks are on this run's model copy
             self.model = None  # the run let go of it too
 
     def _record(self, step: Step) -> None:
@@ -305,6 +330,8 @@ class RunSession:
         self.timeline.append((step.frame_indices[-1], dict(self._tap.survivors)))
         self.snapshot = CacheSnapshot(step.index, step.frame_indices[-1], self._tap.before,
                                       step.decision, step.budget_frames * n)
+        if step.decision is not None:
+            self.cache_history.add(capture(self.snapshot))
         stride = -(-self.settings.frames // ORACLE_MAX_STEPS)  # long runs: every stride-th step
         if self._tap.keys is not None and step.decision is not None and step.index % stride == 0 \
                 and len(self.oracle_steps) < ORACLE_MAX_STEPS:
@@ -313,8 +340,18 @@ class RunSession:
                 "provenance": self._tap.before, "budget_tokens": step.budget_frames * n,
                 "score": [None if d.score is None else d.score[0].float() for d in step.decision.layers]})
 
+    def head_measures(self) -> dict:
+        """The Heads tab's layer x head arrays: the measures so far, the roles in force
+        and, at the newest compression, each head's share of the uniform budget."""
+        snap = self.snapshot
+        policy, _, _ = self.controls.snapshot()
+        decision = snap.decision if snap is not None else None
+        masses = [p["mass"][None] for p in snap.provenance] if decision is not None else None
+        return head_view(self.heads, policy, decision, snap.budget_tokens if snap else 0, masses)
+
     def files(self) -> list[str]:
-        names = ("video.mp4", "record.npz", "decisions.jsonl", "summary.json", "plots.html")
+        names = ("video.mp4", "record.npz", "decisions.jsonl", "summary.json", "plots.html",
+                 "oracle.json")
         return [str(self.dir / n) for n in names if (self.dir / n).exists()]
 
     def close(self) -> None:
@@ -332,3 +369,21 @@ def query_arrays(session: RunSession | None):
     if rec is None or rec.n_slots == 0:
         return None
     return rec.frames, rec.mean("pre"), rec.var("pre"), rec.mean("post"), rec.var("post")
+
+
+def interleave(sessions: list[RunSession]) -> Iterator[None]:
+    """Run several sessions chunk by chunk in turn (A/B, the memory test): one yield
+    per round. Each run's end (also when it is abandoned) closes its files."""
+    runs = [s.run() for s in sessions]
+    live = list(runs)
+    try:
+        while live:
+            for r in list(live):
+                try:
+                    next(r)
+                except StopIteration:
+                    live.remove(r)
+            yield
+    finally:
+        for r in runs:
+            r.close()

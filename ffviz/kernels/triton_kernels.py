@@ -274,8 +274,11 @@ if AVAILABLE:
                 s += lm[None, :] * 1.4426950408889634
             s = tl.where(mask_n[None, :], s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            # a block of dead slots only (log-mass -inf) leaves m_new at -inf: shift by 0
+            # instead, or exp2(-inf - -inf) would be NaN
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :],
                         mask=mask_nd, other=0.0).to(DOT)

@@ -7,6 +7,7 @@ import math
 from ffviz.policies.base import Policy, PolicyContext, PolicyError
 from ffviz.policies.deep_forcing import DeepForcing
 from ffviz.policies.expected_attention import ExpectedAttention
+from ffviz.policies.forcing_kv import ForcingKV
 from ffviz.policies.full import Full
 from ffviz.policies.future_forcing import FutureForcing
 from ffviz.policies.h2o import H2O
@@ -16,7 +17,8 @@ from ffviz.policies.snapkv import SnapKV
 from ffviz.policies.window import Window
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (
-    Full, Window, Sink, H2O, SnapKV, DeepForcing, ExpectedAttention, FutureForcing, Oracle)}
+    Full, Window, Sink, H2O, SnapKV, DeepForcing, ExpectedAttention, FutureForcing, ForcingKV,
+    Oracle)}
 
 
 def _fields(cls) -> dict:

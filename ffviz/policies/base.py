@@ -68,6 +68,11 @@ class Policy:
         """The parameters (init fields only; internal state is left out)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
+    def report(self) -> dict | None:
+        """What the policy found out during the run, for its summary (Forcing-KV: where
+        its head roles came from); None when it has nothing to say."""
+        return None
+
     def prompt_switched(self, stats) -> None:
         """The run's prompt changed (``ffviz.generate.PromptSwitch``); ``stats`` are the
         run's query statistics. Policies that read them decide what becomes of them
@@ -127,7 +132,7 @@ def need(ctx: PolicyContext, name: str, *fields: str) -> None:
 
 def keep_newest(cache: KVCache, budget_tokens: int) -> Decision:
     """Keep the newest ``budget_tokens`` tokens of every head (by source frame,
-    then cache order), for every layer."""
+    then cache order; a dead slot's frame is the oldest), for every layer."""
     layers = []
     for layer in cache.layers:
         B, H, N = layer.frame.shape
@@ -145,7 +150,7 @@ def attention_share(q: torch.Tensor, layer: LayerCache, chunk: int = 4096) -> to
     tokens), summed over the m queries: (B, H, N) float32. 0 when m = 0."""
     d = layer.k.shape[-1]
     q = q.to(layer.k.device)
-    logm = layer.mass.float().clamp_min(1e-30).log().unsqueeze(-2)
+    logm = layer.mass.float().log().unsqueeze(-2)  # -inf for a dead slot: no share at all
     out = layer.k.new_zeros(layer.k.shape[:3], dtype=torch.float32)
     for i in range(0, q.shape[2], chunk):
         z = q[:, :, i:i + chunk].float() @ layer.k.float().transpose(-1, -2) / math.sqrt(d) + logm

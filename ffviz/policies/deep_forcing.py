@@ -48,6 +48,9 @@ class DeepForcing(ScoredPolicy):
     sink_ratio: float = 0.5
     query_frames: int = 2
     rerotate: bool = True
+    # a sum of q.k is no attention share: heads' scores cannot be pooled (head_budget.py)
+    head_budget: str = dataclasses.field(default="uniform", init=False, repr=False)
+    head_floor: float = dataclasses.field(default=1.0, init=False, repr=False)
     protected_names: ClassVar[str] = "floor(sink_ratio x budget) + n_recent"
     _buffer: list = dataclasses.field(default_factory=list, init=False, repr=False, compare=False)
     _last_frame: int = dataclasses.field(default=-1, init=False, repr=False, compare=False)
@@ -87,14 +90,19 @@ class DeepForcing(ScoredPolicy):
                       2)[:, :, -self.query_frames * ctx.tokens_per_frame:]
         return (q.float() @ layer.k.float().transpose(-1, -2)).sum(-2)
 
-    def decide(self, cache, ctx, score, keep, gone):
-        decision = super().decide(cache, ctx, score, keep, gone)
+    def decide(self, cache, ctx, score, sel):
+        decision = super().decide(cache, ctx, score, sel)
         if not self.rerotate:
             return decision
         need(ctx, self.name, "rope")
         for layer, d in zip(cache.layers, decision.layers):
             old = layer.time.gather(-1, d.keep)
-            new = contiguous_times(old, ctx.frame)
+            real = layer.mass.gather(-1, d.keep) > 0
+            if d.live is not None:
+                real &= d.live.to(real.device)
+            # only real tokens are renumbered: others take a real time and keep their own
+            oldest = old.masked_fill(~real, torch.iinfo(old.dtype).max).amin(-1, keepdim=True)
+            new = torch.where(real, contiguous_times(torch.where(real, old, oldest), ctx.frame), old)
             idx = d.keep.unsqueeze(-1).expand(*d.keep.shape, layer.k.shape[-1])
             x = take_rows(layer.k, d.keep)
             # Rope3D.shift_time(x, new - old), with the angles on the host (Rope3D's

@@ -105,11 +105,12 @@ class ExpectedAttention(StatisticsAtSwitch, ScoredPolicy):
         score = torch.nan_to_num(z.softmax(-1))
         return score * v.norm(dim=-1) if self.value_norm else score
 
-    def decide(self, cache, ctx, score, keep, gone):
-        decision = super().decide(cache, ctx, score, keep, gone)
+    def decide(self, cache, ctx, score, sel):
+        decision = super().decide(cache, ctx, score, sel)
         if self.tau > 0:
-            into, distance = merge_to_nearest(stack_layers(cache, "k")[0], keep, self._metric,
-                                              self.tau, gone=gone)
+            into, distance = merge_to_nearest(stack_layers(cache, "k")[0], sel.keep, self._metric,
+                                              self.tau, gone=sel.gone, target=sel.live,
+                                              candidate=sel.candidate)
             for i, d in enumerate(decision.layers):
                 d.merge_into, d.distance = into[i], distance[i]
         return decision

@@ -32,7 +32,7 @@ from ffviz.policies.base import (StatisticsAtSwitch, check_bool, check_range, fu
                                  rotate)
 from ffviz.policies.eigen_tracking import EigenTracker
 from ffviz.policies.merge import merge_to_nearest
-from ffviz.policies.scored import (ScoredPolicy, check_protected_tokens, stack_layers,
+from ffviz.policies.scored import (ScoredPolicy, Selection, check_protected_tokens, stack_layers,
                                    warn_non_finite)
 
 
@@ -49,6 +49,8 @@ class FutureForcing(StatisticsAtSwitch, ScoredPolicy):
     (1-1000; in between the eigenpairs are tracked, ``eigen_tracking``; in
     ``ffviz eval`` 64 and 16 gave the same fidelity to the third digit);
     n_sink, n_recent: protected first / newest frames (a frame sink by default);
+    head_budget, head_floor: per-head budgets (``ScoredPolicy``; adaptive runs the PyTorch
+    path, the CPU kernel keeps the same number in every head);
     on_switch, switch_half_life: the statistics at a prompt switch (``StatisticsAtSwitch``)."""
     name = "future_forcing"
     n_sink: int = 1
@@ -76,7 +78,8 @@ class FutureForcing(StatisticsAtSwitch, ScoredPolicy):
     def compress(self, cache, budget_tokens, ctx):
         if not self.must_evict(cache, budget_tokens, ctx):
             return None
-        if kernels.compiled_cpu(*(t for l in cache.layers for t in (l.k, l.v, l.mass))):
+        if (kernels.compiled_cpu(*(t for l in cache.layers for t in (l.k, l.v, l.mass)))
+                and self.head_budget == "uniform" and not cache.has_dead()):  # the kernel: K per head
             return self._compress_compiled(cache, budget_tokens, ctx)
         k, mass, frame = stack_layers(cache, "k", "mass", "frame")  # (L, B, H, N, ...)
         w, P = self.proxies(ctx, k.shape[-1])  # built on the host, from the host statistics
@@ -84,17 +87,18 @@ class FutureForcing(StatisticsAtSwitch, ScoredPolicy):
         score = self.future_share(k, mass, w, P)
         if self.value_norm:
             score = score * torch.stack([l.v.norm(dim=-1) for l in cache.layers])
-        keep, gone = self.select(score, frame, budget_tokens, ctx)
+        sel = self.select(score, frame, budget_tokens, ctx, mass > 0)
         # M = mean_p R(p) (mu mu^T + Sigma_r) R(p)^T = F^T F with F = w / sqrt(P): the
         # proxies are the metric's factor, so with (1 + r) P < d the search runs on w.k
-        merges = (merge_to_nearest(k, keep, None, self.tau, factor=w / P ** 0.5, gone=gone)
+        merges = (merge_to_nearest(k, sel.keep, None, self.tau, factor=w / P ** 0.5, gone=sel.gone,
+                                   target=sel.live, candidate=sel.candidate)
                   if self.tau > 0 else None)
-        return self.merging_decision(cache, ctx, score, keep, merges)
+        return self.merging_decision(cache, ctx, score, sel, merges)
 
-    def merging_decision(self, cache, ctx, score, keep, merges, prepared=None) -> Decision:
-        """The decision, with the merges (merge_into, distance) (L, B, H, N) or None
-        (tau = 0), and the cache it leaves where the CPU kernel made it."""
-        decision = self.decide(cache, ctx, score, keep, None)
+    def merging_decision(self, cache, ctx, score, sel, merges, prepared=None) -> Decision:
+        """The decision for the ``Selection`` sel, with the merges (merge_into, distance)
+        (L, B, H, N) or None (tau = 0), and the cache it leaves where the CPU kernel made it."""
+        decision = self.decide(cache, ctx, score, sel)
         decision.prepared = prepared
         for i, d in enumerate(decision.layers if merges else ()):
             d.merge_into, d.distance = merges[0][i], merges[1][i]
@@ -156,4 +160,5 @@ class FutureForcing(StatisticsAtSwitch, ScoredPolicy):
         if bad:
             warn_non_finite()
         merges = (into, dist) if self.tau > 0 else None
-        return self.merging_decision(cache, ctx, score, keep, merges, cache.prepared(*after))
+        return self.merging_decision(cache, ctx, score, Selection(keep, keep[..., :0]), merges,
+                                     cache.prepared(*after))

@@ -50,7 +50,8 @@ class SnapKV(ScoredPolicy):
         B, H, N = score.shape
         rows, cols = grid
         frames, slot = torch.unique(layer.frame, return_inverse=True)
-        idx = (slot * rows + layer.row) * cols + layer.col  # (B, H, N)
+        # dead slots (frame DEAD) share a grid of their own at (0, 0): no real token sees them
+        idx = (slot * rows + layer.row.clamp_min(0)) * cols + layer.col.clamp_min(0)  # (B, H, N)
         shape = (B * H * frames.numel(), 1, rows, cols)
         fill = float("-inf") if self.pooling == "max" else 0.0
         dense = score.new_full((B, H, frames.numel() * rows * cols), fill).scatter_(-1, idx, score)

@@ -15,7 +15,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ffviz.viz.figures import _layout, empty
+from ffviz.viz.figures import _layout, empty, stamp
 
 UMAP_READY = threading.Event()
 _warm_lock = threading.Lock()
@@ -86,11 +86,12 @@ def samples(recorder, layer: int, head: int):
     return pre, post, fr[ok]
 
 
-def projection_figure(recorder, layer: int, head: int, method: str = "pca") -> go.Figure:
+def projection_figure(recorder, layer: int, head: int, method: str = "pca",
+                      label: str = "") -> go.Figure:
     title = f"Query projections, L{layer} H{head} ({method.upper()}, one common map)"
     data = samples(recorder, layer, head)
     if data is None:
-        return empty(title, "projections appear after the first generated frame")
+        return empty(title, "projections appear after the first generated frame", label)
     pre, post, fr = data
     if method == "umap":
         if not UMAP_READY.is_set():
@@ -118,4 +119,7 @@ def projection_figure(recorder, layer: int, head: int, method: str = "pca") -> g
             hovertemplate="frame %{marker.color}<extra></extra>"), 1, col)
         fig.update_xaxes(title_text=axis[0], row=1, col=col)
     fig.update_yaxes(title_text=axis[1], row=1, col=1)
-    return _layout(fig, title, hint, height=380)
+    # one map: both panels share both axes (make_subplots shares x only within a column)
+    fig.update_xaxes(matches="x", row=1, col=2)
+    fig.update_yaxes(matches="y", row=1, col=2)
+    return stamp(_layout(fig, title, hint, height=380), label)

@@ -1,5 +1,6 @@
-"""RoPE 101: a query rotating under 3D RoPE, and why that makes post-RoPE
-statistics drift while pre-RoPE ones stay.
+"""RoPE 101 in three steps: (1) one query turns under 3D RoPE, (2) so the mean of
+post-RoPE queries turns too, (3) so post-RoPE statistics drift while pre-RoPE ones
+stay (which the Drift tab then shows on the user's own run).
 
 3D RoPE splits the head dim into planes; each plane belongs to one axis
 (time, row or column) and turns by ``position * omega``. A fixed pre-RoPE
@@ -20,15 +21,17 @@ from ffviz.viz.figures import _layout
 AXES = ("time", "row", "column")
 
 
+def plane_name(rope, plane: int) -> str:
+    """"time plane 2": the axis a plane turns with and its rank among that axis's
+    planes (what every title and the dropdown call it)."""
+    axes = rope.axis.tolist()
+    return f"{AXES[axes[plane]]} plane {axes[:plane].count(axes[plane])}"
+
+
 def planes(rope) -> list[tuple[str, int]]:
     """Dropdown choices: (label, plane index) for every 2D plane of the head dim."""
-    out = []
-    count = {0: 0, 1: 0, 2: 0}
-    for i, (axis, omega) in enumerate(zip(rope.axis.tolist(), rope.omega.tolist())):
-        out.append((f"{AXES[axis]} plane {count[axis]} (dims {2 * i},{2 * i + 1}; "
-                    f"omega {omega:.3g} rad/step)", i))
-        count[axis] += 1
-    return out
+    return [(f"{plane_name(rope, i)} (dims {2 * i},{2 * i + 1}; omega {omega:.3g} rad/step)", i)
+            for i, omega in enumerate(rope.omega.tolist())]
 
 
 def _rotate_pair(pair: np.ndarray, angle: np.ndarray) -> np.ndarray:
@@ -64,35 +67,58 @@ def rotation_figure(rope, query: np.ndarray, frame: int, row: int, col: int, pla
     fig.add_trace(go.Scatter3d(x=[0, here[0]], y=[0, here[1]], z=[frame, frame], mode="lines+markers",
                                name=f"post-RoPE at (f={frame}, y={row}, x={col})",
                                line={"color": POST, "width": 8}, marker={"size": 4}))
+    angle = (frame, row, col)[axis] * omega
+    fig = _layout(fig, f"Step 1 of 3: one query in {plane_name(rope, plane)}",
+                  f"angle = {AXES[axis]} position x omega = {angle:.2f} rad; "
+                  "drag to rotate the view", height=520)
+    # the whole helix in view: a camera further out, the legend inside the top left
     fig.update_layout(scene={"xaxis_title": f"dim {2 * plane}", "yaxis_title": f"dim {2 * plane + 1}",
                              "zaxis_title": "frame", "aspectmode": "manual",
-                             "aspectratio": {"x": 1, "y": 1, "z": 1.4}})
-    angle = (frame, row, col)[axis] * omega
-    return _layout(fig, f"One query in a {AXES[axis]} plane",
-                   f"angle = {AXES[axis]} position x omega = {angle:.2f} rad; "
-                   "drag to rotate the view", height=460)
+                             "aspectratio": {"x": 1, "y": 1, "z": 1.2},
+                             "camera": {"eye": {"x": 1.7, "y": 1.7, "z": 0.9}},
+                             "domain": {"x": [0, 1], "y": [0, 1]}},
+                      margin={"l": 0, "r": 0, "t": 70, "b": 0},
+                      legend={"orientation": "v", "x": 0.01, "y": 0.98, "bgcolor": "rgba(255,255,255,0.7)"})
+    return fig
 
 
-def drift_explainer_figure(rope, mean_pre: np.ndarray, mean_post: np.ndarray, frames,
-                           plane: int, source: str) -> go.Figure:
-    """Left: the plane's components of the per-frame MEAN query, pre vs post RoPE.
-    Right: distance of each frame's mean to frame 0's, over all dims.
-
-    mean_pre, mean_post: (F, d) per-frame means (recorded, or synthetic)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        f"mean query, plane {plane}", "|mean(frame) - mean(frame 0)|"))
+def mean_query_figure(rope, mean_pre: np.ndarray, mean_post: np.ndarray, frames, plane: int,
+                      source: str) -> go.Figure:
+    """Step 2: the plane's two components of the per-frame MEAN query, pre-RoPE and
+    post-RoPE side by side on the same axes (mean_pre, mean_post: (F, d))."""
+    name = plane_name(rope, plane)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("pre-RoPE mean", "post-RoPE mean"))
     fr = np.asarray(frames)
-    for m, name, colour in ((mean_pre, "pre-RoPE", PRE), (mean_post, "post-RoPE", POST)):
+    for col, (m, colour) in enumerate(((mean_pre, PRE), (mean_post, POST)), 1):
         p = m[:, 2 * plane: 2 * plane + 2]
-        fig.add_trace(go.Scatter(x=p[:, 0], y=p[:, 1], mode="lines+markers", name=name,
-                                 marker={"color": fr, "colorscale": "Viridis", "size": 6},
-                                 line={"color": colour, "width": 1}), 1, 1)
+        fig.add_trace(go.Scatter(x=p[:, 0], y=p[:, 1], mode="lines+markers", showlegend=False,
+                                 marker={"color": fr, "colorscale": "Viridis", "size": 6,
+                                         "showscale": col == 2, "colorbar": {"title": "frame"}},
+                                 line={"color": colour, "width": 1},
+                                 hovertemplate="frame %{marker.color}<extra></extra>"), 1, col)
+        fig.update_xaxes(title_text=f"dim {2 * plane}", row=1, col=col)
+    fig.update_yaxes(title_text=f"dim {2 * plane + 1}", row=1, col=1)
+    fig.update_xaxes(matches="x", row=1, col=2)  # one scale for pre and post
+    fig.update_yaxes(matches="y", row=1, col=2)
+    fig.update_yaxes(scaleanchor="x", row=1, col=1)
+    return _layout(fig, f"Step 2 of 3: the mean query in {name}",
+                   f"{source}: the pre-RoPE mean stays put; the post-RoPE mean is the same "
+                   "vector turned by frame x omega", height=400)
+
+
+def mean_distance_figure(mean_pre: np.ndarray, mean_post: np.ndarray, frames,
+                         source: str) -> go.Figure:
+    """Step 3: how far each frame's mean query is from the first frame's, over all dims."""
+    fr = np.asarray(frames)
+    fig = go.Figure()
+    for m, name, colour in ((mean_pre, "pre-RoPE", PRE), (mean_post, "post-RoPE", POST)):
         fig.add_trace(go.Scatter(x=fr, y=np.linalg.norm(m - m[:1], axis=1), name=name,
-                                 line={"color": colour, "width": 2.5}, showlegend=False), 1, 2)
-    fig.update_xaxes(scaleanchor="y", row=1, col=1)
-    fig.update_xaxes(title_text="frame", row=1, col=2)
-    return _layout(fig, "Why post-RoPE drifts", f"{source}: the pre-RoPE mean stays put; "
-                   "the post-RoPE mean is the same vector turned by frame x omega", height=400)
+                                 line={"color": colour, "width": 2.5}))
+    fig.update_xaxes(title_text="frame")
+    fig.update_yaxes(title_text=f"|mean(frame) - mean(frame {int(fr[0])})|")
+    return _layout(fig, "Step 3 of 3: so post-RoPE statistics drift, pre-RoPE ones stay",
+                   f"{source}; a proxy built on post-RoPE statistics chases a moving target, one "
+                   "built on pre-RoPE statistics does not", height=360)
 
 
 def synthetic_means(rope, frames: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
