@@ -1,8 +1,9 @@
-"""Command line: ``python -m ffviz {generate,eval,train,bench,showcase,heads}``."""
+"""Command line: ``python -m ffviz {generate,eval,ablate,train,bench,showcase,heads}``."""
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -69,20 +70,25 @@ def _eval_model_name(args) -> str:
     return _model_name(args)
 
 
-def cmd_eval(args) -> int:
+def _sweep_settings(args, suite) -> dict:
+    """The ``EvalConfig`` settings eval and ablate share, the suite's where not given."""
+    from ffviz.evaluate import parse_list, parse_prompts, parse_seeds
+    return {"budgets": parse_list(args.budgets, int, "budget"),
+            "seeds": parse_seeds(args.seeds) if args.seeds else list(suite.seeds),
+            "frames": suite.frames if args.frames is None else args.frames,
+            "prompts": parse_prompts(args.prompts) if args.prompts else list(suite.prompts),
+            "horizon": args.horizon, "query_steps": args.query_steps,
+            "fidelity_reference": args.fidelity_reference}
+
+
+def _run_sweep(args, config, report=None) -> int:
+    """Check, run and report a sweep of ``config`` (eval and ablate)."""
     import torch
 
-    from ffviz.evaluate import (DEFAULT_SUITE, EvalConfig, EvalError, parse_list,
-                                parse_policy_arg_list, parse_prompts)
+    from ffviz.eval_report import write_results
+    from ffviz.evaluate import EvalError
     from ffviz.models import has_scenes
-    from ffviz.policies import POLICIES
     from ffviz.sweep import check_backend, run_sweep
-    policies = parse_list(args.policies, str, "policy") if args.policies else list(POLICIES)
-    config = EvalConfig(policies=policies, budgets=parse_list(args.budgets, int, "budget"),
-                        seeds=parse_list(args.seeds, int, "seed"), frames=args.frames,
-                        prompts=parse_prompts(args.prompts) if args.prompts else list(DEFAULT_SUITE),
-                        horizon=args.horizon, query_steps=args.query_steps,
-                        policy_args=parse_policy_arg_list(args.policy_arg))
     config.validate(scenes=has_scenes(args.model))  # bad settings fail before the model loads
     check_backend(args.backend, args.address, args.ray_cpus)
     from ffviz.export import check_output_dir
@@ -93,18 +99,45 @@ def cmd_eval(args) -> int:
         torch.set_num_threads(args.threads)
     try:
         summary = run_sweep(_eval_model_name(args), config, Path(args.out), backend=args.backend,
-                            address=args.address, ray_cpus=args.ray_cpus, threads=args.threads)
+                            address=args.address, ray_cpus=args.ray_cpus, threads=args.threads,
+                            report=report or write_results)
     except KeyboardInterrupt:
         print(f"interrupted: the finished runs are kept in {args.out}/runs; the same command "
               "resumes the sweep", file=sys.stderr)
         return 130
     resumed = f", {summary['runs_resumed']} of them from an earlier sweep" if summary["runs_resumed"] else ""
     print(f"wrote {args.out}: {summary['runs']} runs{resumed} in {summary['seconds']:.0f} s "
-          f"(results.csv, runs.csv, results.md, plots; each run under runs/)")
+          f"({', '.join(f for f in summary['files'] if not f.startswith('plot_'))}, plots; "
+          "each run under runs/)")
     if summary["failed_runs"]:
         print(f"error: {summary['failed_runs']} runs failed; see runs.csv", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_eval(args) -> int:
+    from ffviz.evaluate import EvalConfig, parse_list, parse_policy_arg_list
+    from ffviz.policies import POLICIES
+    from ffviz.suites import get_suite
+    policies = parse_list(args.policies, str, "policy") if args.policies else list(POLICIES)
+    config = EvalConfig(policies=policies, policy_args=parse_policy_arg_list(args.policy_arg),
+                        **_sweep_settings(args, get_suite(args.suite)))
+    return _run_sweep(args, config)
+
+
+def cmd_ablate(args) -> int:
+    from ffviz.ablation import ablation_config, ablation_report
+    from ffviz.evaluate import parse_list
+    from ffviz.suites import get_suite, held_out_parts
+    baselines = parse_list(args.baselines, str, "baseline") if args.baselines else []
+    config = ablation_config(args.policy, baselines, **_sweep_settings(args, get_suite(args.suite)))
+    held_out = held_out_parts(config)
+    if held_out:
+        print(f"warning: ablate runs on held-out {held_out}: what is tuned on them is not held "
+              "out any more (docs/evaluation.md)", file=sys.stderr)
+    command = "python -m ffviz " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["ablate"] \
+        else f"python -m ffviz ablate --policy {args.policy}"
+    return _run_sweep(args, config, ablation_report(command))
 
 
 def cmd_bench(args) -> int:
@@ -136,10 +169,8 @@ def cmd_bench(args) -> int:
 
 def _seeds(text: str) -> list[int]:
     """"0-7" or "0,3,5" -> list of ints."""
-    if "-" in text:
-        a, b = text.split("-", 1)
-        return list(range(int(a), int(b) + 1))
-    return [int(x) for x in text.split(",") if x.strip()]
+    from ffviz.evaluate import parse_seeds
+    return parse_seeds(text)
 
 
 def cmd_showcase(args) -> int:
@@ -165,6 +196,49 @@ def cmd_showcase(args) -> int:
                                 "frames": args.frames, "seeds": seeds, "summary": summary}
         card_file.write_text(json.dumps(card, indent=2) + "\n")
     return 0
+
+
+def _add_sweep_args(p, out: str, suite: str) -> None:
+    """The options of a sweep (eval, ablate)."""
+    from ffviz.evaluate import DEFAULT_BUDGETS
+    from ffviz.suites import SUITES
+    from ffviz.weights import DEFAULT_WEIGHTS
+    p.add_argument("--suite", default=suite, choices=list(SUITES),
+                   help=f"the built-in scenario suite (default {suite}): its prompts, seeds and "
+                        "frames unless given (docs/evaluation.md)")
+    p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
+                   help="comma-separated cache budgets in frames")
+    p.add_argument("--seeds", default=None,
+                   help="user seeds (< 2**20), e.g. 1000-1015 or 0,3,5 (default: the suite's)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per run, at most 256 for eval (default: the suite's)")
+    p.add_argument("--prompts", default=None,
+                   help="a file with one prompt a line, or prompts separated by ';' "
+                        "(default: the suite's)")
+    p.add_argument("--horizon", type=int, default=4,
+                   help="future frames of the true future attention (and of the oracle's queries)")
+    p.add_argument("--query-steps", choices=("all", "last"), default="all",
+                   help="denoising steps whose queries the reference run records")
+    p.add_argument("--fidelity-reference", default="auto", metavar="POLICY|auto|none",
+                   help="the policy whose caches every scored policy rates (shared-cache "
+                        "fidelity; auto: window when evaluated)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads of each run, and the CPUs each ray task asks for "
+                        "(default 1: the tiny model's ops are too small to gain from more, and more "
+                        "slows down badly on a busy machine; 0 = torch's default)")
+    p.add_argument("--out", default=out,
+                   help="the tables, and each finished run under OUT/runs/: a rerun with the same "
+                        "--out runs only what is missing")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: every run in this process, one after the other; ray: each "
+                        "(prompt, seed) a Ray task, a GPU each for Wan checkpoints (docs/ray.md)")
+    p.add_argument("--address", default=None,
+                   help="--backend ray: the Ray cluster to join (auto, or HOST:PORT); "
+                        "without it a local Ray starts")
+    p.add_argument("--ray-cpus", type=int, default=None,
+                   help="--backend ray without --address: CPUs of the local Ray (default: all)")
 
 
 def cmd_heads(args) -> int:
@@ -201,7 +275,9 @@ THREADS_HELP = ("torch CPU threads (default 1: the tiny model's ops are too smal
 
 
 def main(argv=None) -> int:
+    from ffviz.ablation import ABLATED
     from ffviz.recache import RECACHE_MODES
+    from ffviz.suites import DEFAULT_SUITE_NAME
     from ffviz.weights import DEFAULT_WEIGHTS
     parser = argparse.ArgumentParser(prog="python -m ffviz", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,36 +309,18 @@ def main(argv=None) -> int:
     p = sub.add_parser("eval", help="policy x budget grid over a scenario suite")
     p.add_argument("--policies", default=None,
                    help="comma-separated policy names (default: every registered policy)")
-    p.add_argument("--budgets", default="2,4", help="comma-separated cache budgets in frames")
-    p.add_argument("--seeds", default="0,1", help="comma-separated user seeds (< 2**20)")
-    p.add_argument("--frames", type=int, default=96, help="frames per run, at most 256 for eval")
-    p.add_argument("--prompts", default=None,
-                   help="a file with one prompt a line, or prompts separated by ';' "
-                        "(default: the built-in suite of scenes where objects leave and return)")
     p.add_argument("--policy-arg", action="append", default=[], metavar="POLICY:KEY=VALUE",
                    help="a parameter of one policy (repeatable)")
-    p.add_argument("--horizon", type=int, default=4,
-                   help="future frames of the true future attention (and of the oracle's queries)")
-    p.add_argument("--query-steps", choices=("all", "last"), default="all",
-                   help="denoising steps whose queries the reference run records")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads of each run, and the CPUs each ray task asks for "
-                        "(default 1: the tiny model's ops are too small to gain from more, and more "
-                        "slows down badly on a busy machine; 0 = torch's default)")
-    p.add_argument("--out", default="runs/eval",
-                   help="the tables, and each finished run under OUT/runs/: a rerun with the same "
-                        "--out runs only what is missing")
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    p.add_argument("--model", default="tiny", help=MODEL_HELP)
-    p.add_argument("--backend", choices=("local", "ray"), default="local",
-                   help="local: every run in this process, one after the other; ray: each "
-                        "(prompt, seed) a Ray task, a GPU each for Wan checkpoints (docs/ray.md)")
-    p.add_argument("--address", default=None,
-                   help="--backend ray: the Ray cluster to join (auto, or HOST:PORT); "
-                        "without it a local Ray starts")
-    p.add_argument("--ray-cpus", type=int, default=None,
-                   help="--backend ray without --address: CPUs of the local Ray (default: all)")
+    _add_sweep_args(p, "runs/eval", DEFAULT_SUITE_NAME)
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("ablate", help="one factor at a time from a scored policy's defaults: score "
+                                      "/ merge, horizon, rank, stride, statistics (ablation.md)")
+    p.add_argument("--policy", required=True, choices=ABLATED)
+    p.add_argument("--baselines", default="full,window,sink",
+                   help="comma-separated policies run beside the variants ('' for none)")
+    _add_sweep_args(p, "runs/ablate", "memory-tuning")
+    p.set_defaults(run=cmd_ablate)
 
     from ffviz import train
     p = sub.add_parser("train", help="train the embedded model (resumable)")

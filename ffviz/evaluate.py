@@ -11,12 +11,20 @@ For every prompt of the suite and every seed:
    ``full`` policy's run: its rows are measured on it, repeated for each budget.
 2. One run per policy (other than ``full``) and budget, same prompt and seed,
    watched by a ``RunProbe`` (an ``Observer``). Only the offline policies
-   (``oracle``) are handed the reference queries.
+   (``oracle``) are handed the reference queries. The run of the fidelity
+   reference policy (``EvalConfig.fidelity_reference``) is also watched by
+   ``shared_fidelity.SharedCacheFidelity``: every scored policy of the grid rates
+   that run's caches (the row carries the result; other rows get theirs in
+   ``shared_spearman`` and ``shared_topb_recall``).
+
+A grid's "policies" are policy names, or labels of ``EvalConfig.variants`` (one
+policy with other parameters, e.g. each setting of ``ffviz ablate``).
 
 Metrics of one run (``RUN_COLUMNS``):
 
-* ``consistency``, ``returns``: ``ffviz.metrics.consistency`` of the generated
-  frames (as ``ffviz.run`` does).
+* ``consistency``, ``returns``, ``returns_tracked``, ``tracking``:
+  ``ffviz.metrics.consistency`` of the generated frames (as ``ffviz.run`` does);
+  ``returns_events``: how many returns ``returns`` counted.
 * ``attn_rel_err``: at every generated chunk, just after its keys were written
   and before the policy acts (``Observer.after_write``), the chunk's own
   queries (``ctx.chunk_queries``: post-RoPE, last denoising step) attend (a)
@@ -39,6 +47,15 @@ Metrics of one run (``RUN_COLUMNS``):
   of the true top-B, B = the budget in tokens), averaged over layers, heads and
   compressions.
   Empty for policies that do not score tokens (full, window, sink).
+* ``shared_spearman``, ``shared_topb_recall``: the same comparison on the
+  fidelity reference policy's caches instead of the policy's own
+  (``ffviz.shared_fidelity``), so every policy ranks identical caches.
+* ``score_chosen_tokens``: per compression of a scored policy, the kept tokens
+  that its score chose, beyond the protected ones (its sink and newest frames),
+  per head, averaged over layers, heads and compressions. 0 means the budget holds
+  only protected frames and the score decides nothing (e.g. n_sink = n_recent = 1
+  at a budget of 2 frames); empty for policies without protected frames and score
+  (full, window).
 * ``policy_ms_per_compression``: ``Step.seconds["policy"]`` averaged over the
   steps where the policy returned a decision (empty when none did);
   ``step_ms``: mean ``Step.seconds["total"]`` less this module's own
@@ -47,15 +64,10 @@ Metrics of one run (``RUN_COLUMNS``):
 * ``peak_cache_tokens``: the most tokens per head the cache held (after a
   write, before the policy); ``compressions``: decisions applied.
 
-``results.csv`` has one row per policy x budget x seed (means over the suite's
-prompts; ``peak_cache_tokens`` their max), ``runs.csv`` one per prompt too,
-``results.md`` the table averaged over seeds, ``plot_<metric>.png`` each metric
-against budget (one line per policy) and ``eval.json`` the settings and times.
-
 The grid's unit of work is one (prompt, seed): ``evaluate_unit``. ``evaluate`` runs
 every unit here and returns the rows; ``ffviz.sweep`` runs them on a backend (this
 process, or Ray tasks on a cluster), stores each run as it finishes, resumes, and
-writes the files (``write_results``).
+writes the files (``eval_report.write_results``: tables with intervals over seeds).
 
 Memory is bounded: one reference's queries at a time (per process), at most
 ``frames x steps x layers x heads x tokens_per_frame x head_dim`` float16
@@ -64,8 +76,8 @@ Memory is bounded: one reference's queries at a time (per process), at most
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -78,56 +90,86 @@ import torch.nn.functional as F
 
 from ffviz.generate import Controls, GenerationError, Observer, RunSettings
 from ffviz.policies import POLICIES, PolicyError, make_policy, parse_policy_args
+from ffviz.policies.scored import ScoredPolicy
 from ffviz.reference import ReferenceQueries, agreement, true_share
 from ffviz.run import Run
 from ffviz.sampling import TRAIN_SEED_BASE
+from ffviz.shared_fidelity import SharedCacheFidelity
+from ffviz.suites import DEFAULT_SUITE_NAME, SUITES
 
 MAX_EVAL_FRAMES = 256  # the reference queries of one run are held in memory
 OFFLINE_POLICIES = ("oracle",)  # the only policies handed the reference run's future queries
 
-# Scenes whose objects leave the view and come back (the world box is wider than
-# the view), some behind a pillar: long-range memory is exercised. Each has 2 to
-# 5 returns in 96 frames for seeds 0 and 1.
-DEFAULT_SUITE = [
-    "a red circle and a blue square on a green background with a gray pillar, fast",
-    "a small white circle, a cyan square and an orange triangle on a black background, fast",
-    "two pink squares and a yellow circle on a blue background with a brown pillar",
-]
+# the default suite (``ffviz.suites``): held-out scenes whose objects hide for longer
+# than a small window keeps
+DEFAULT_SUITE = list(SUITES[DEFAULT_SUITE_NAME].prompts)
+DEFAULT_BUDGETS = [3, 5]  # frames; with n_sink = n_recent = 1 the score chooses 1 and 3 frames
 
-METRICS = ["consistency", "returns", "attn_rel_err", "rollout_psnr_vs_full", "proxy_spearman",
-           "proxy_topb_recall", "policy_ms_per_compression", "step_ms", "policy_share_of_step",
+METRICS = ["consistency", "returns", "returns_tracked", "tracking", "returns_events",
+           "attn_rel_err", "rollout_psnr_vs_full", "proxy_spearman", "proxy_topb_recall",
+           "shared_spearman", "shared_topb_recall", "score_chosen_tokens",
+           "policy_ms_per_compression", "step_ms", "policy_share_of_step",
            "peak_cache_tokens", "compressions"]
 # measured times: they differ between two sweeps of the same grid, every other column is
 # the same (same model, settings and seeds), whatever the backend and the order of runs
 TIMING_COLUMNS = ["policy_ms_per_compression", "step_ms", "policy_share_of_step", "seconds"]
 RUN_COLUMNS = ["prompt", "policy", "budget", "seed", *METRICS, "seconds", "policy_params", "error"]
 RESULT_COLUMNS = ["policy", "budget", "seed", *METRICS, "prompts", "policy_params", "errors"]
-PLOT_METRICS = [m for m in METRICS if m != "compressions"]
+RUN_IDENTITY = ("policy", "budget", "policy_params", "shared_key")  # what names a run (run_key)
 
 
 class EvalError(GenerationError):
     """Evaluation settings that cannot run (the message says which and why)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A policy under another label with its own parameters (``key=value``). ``recency``:
+    the kept tokens are the sink and newest frames alone (n_recent fills the budget
+    beyond n_sink, at each budget), so only what the policy does with the rest (a
+    merge) differs from a sink."""
+    policy: str
+    args: tuple[str, ...] = ()
+    recency: bool = False
+
+
+FIDELITY_AUTO = "window"  # the fidelity reference when none is named and it is evaluated
+
+
 @dataclasses.dataclass
 class EvalConfig:
-    """policies: names from ``POLICIES``; budgets: cache budgets in frames;
-    seeds: user seeds in [0, 2**20); frames: run length in [4, MAX_EVAL_FRAMES];
-    prompts: the scenario suite; horizon: future frames of the truth (and of the
-    oracle's queries); query_steps: "all" or "last" denoising steps recorded;
-    policy_args: {policy: ["key=value", ...]}."""
+    """policies: names from ``POLICIES`` or labels of ``variants``; budgets: cache
+    budgets in frames; seeds: user seeds in [0, 2**20); frames: run length in [4,
+    MAX_EVAL_FRAMES]; prompts: the scenario suite; horizon: future frames of the truth
+    (and of the oracle's queries); query_steps: "all" or "last" denoising steps
+    recorded; policy_args: {policy: ["key=value", ...]}; fidelity_reference: the
+    policy whose caches every scorer rates (``shared_fidelity``), "auto" (window when
+    evaluated) or "none"; variants: {label: ``Variant``}."""
     policies: list[str] = dataclasses.field(default_factory=lambda: [p for p in POLICIES])
-    budgets: list[int] = dataclasses.field(default_factory=lambda: [2, 4])
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
-    frames: int = 96
+    budgets: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    seeds: list[int] = dataclasses.field(default_factory=lambda: list(SUITES[DEFAULT_SUITE_NAME].seeds))
+    frames: int = SUITES[DEFAULT_SUITE_NAME].frames
     prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_SUITE))
     horizon: int = 4
     query_steps: str = "all"
     policy_args: dict = dataclasses.field(default_factory=dict)
+    fidelity_reference: str = "auto"
+    variants: dict = dataclasses.field(default_factory=dict)
+
+    def policy_name(self, label: str) -> str:
+        """The registered policy a label runs."""
+        return self.variants[label].policy if label in self.variants else label
+
+    def shared_reference(self) -> str | None:
+        """The label whose runs every scorer rates, or None (no shared-cache fidelity)."""
+        if self.fidelity_reference == "auto":
+            return FIDELITY_AUTO if FIDELITY_AUTO in self.policies else None
+        return None if self.fidelity_reference == "none" else self.fidelity_reference
 
     def validate(self, scenes: bool = True) -> dict[str, dict]:
-        """Raise ``EvalError``/``PolicyError``/``PromptError``; return typed policy kwargs.
-        ``scenes``: prompts are the tiny model's scene grammar (False: free text, Wan)."""
+        """Raise ``EvalError``/``PolicyError``/``PromptError``; return typed policy kwargs
+        per label. ``scenes``: prompts are the tiny model's scene grammar (False: free
+        text, Wan)."""
         def whole(name, x):
             if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
                 raise EvalError(f"{name} must be a whole number, got {x!r}")
@@ -162,9 +204,19 @@ class EvalConfig:
                 raise EvalError(f"--policy-arg for {name!r}, which is not among the evaluated "
                                 f"policies ({', '.join(self.policies)})")
         kwargs = {}
-        for name in self.policies:
-            kwargs[name] = parse_policy_args(name, list(self.policy_args.get(name, [])))
-            make_policy(name, **kwargs[name])  # bad values fail now, not mid-grid
+        for label in self.policies:
+            variant = self.variants.get(label, Variant(label))
+            pairs = [*variant.args, *self.policy_args.get(label, [])]
+            kwargs[label] = parse_policy_args(variant.policy, pairs)
+            if variant.recency and "n_recent" in kwargs[label]:
+                raise EvalError(f"{label}: a recency variant sets n_recent itself")
+            make_policy(variant.policy, **kwargs[label])  # bad values fail now, not mid-grid
+        reference = self.shared_reference()
+        if reference is not None and (reference not in self.policies
+                                      or not POLICIES[self.policy_name(reference)].holds_budget):
+            raise EvalError(f"fidelity reference {reference!r} must be one of the evaluated "
+                            f"policies that hold a budget (or 'none'); evaluated: "
+                            f"{', '.join(self.policies)}")
         return kwargs
 
 
@@ -177,17 +229,35 @@ def parse_list(text: str, kind=int, what: str = "value") -> list:
         raise EvalError(f"{what}s must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"1000-1015"``, ``"0,3,5"`` or both (``"0-3,9"``) -> seeds in order."""
+    seeds = []
+    for item in parse_list(text, str, "seed"):
+        lo, sep, hi = item.partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(item)]
+        except ValueError:
+            raise EvalError(f"seeds must look like 0-15 or 0,3,5, got {text!r}") from None
+    return seeds
+
+
 def parse_prompts(text: str) -> list[str]:
     """A file (one prompt a line; blank and # lines skipped) or ``;``-separated prompts."""
-    path = Path(text)
-    if "\n" not in text and len(text) < 4096 and path.is_file():
-        lines = path.read_text().splitlines()
+    if "\n" not in text and len(text) < 4096 and _is_file(Path(text)):
+        lines = Path(text).read_text().splitlines()
     else:
         lines = text.split(";")
     prompts = [l.strip() for l in lines if l.strip() and not l.strip().startswith("#")]
     if not prompts:
         raise EvalError(f"no prompt in {text!r}")
     return prompts
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. several prompts longer together than a file name may be
+        return False
 
 
 def parse_policy_arg_list(items: list[str]) -> dict[str, list[str]]:
@@ -204,17 +274,22 @@ def parse_policy_arg_list(items: list[str]) -> dict[str, list[str]]:
 # -- what one run is measured by -----------------------------------------------------
 
 class RunProbe(Observer):
-    """Attention error against a shadow full cache, and proxy fidelity (see the
-    module docstring for exactly which queries and cache states)."""
+    """Attention error against a shadow full cache, proxy fidelity and the tokens the
+    score chose (see the module docstring for exactly which queries and cache states).
+    ``policy``: the run's policy (for its protected frames)."""
 
-    def __init__(self, budget_tokens: int, reference: ReferenceQueries | None = None):
+    def __init__(self, budget_tokens: int, reference: ReferenceQueries | None = None,
+                 policy=None):
         self.budget_tokens, self.reference = budget_tokens, reference
+        self.scored = policy if isinstance(policy, ScoredPolicy) else None
         self.shadow: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.attn_err: list[float] = []
         self.spearman: list[float] = []
         self.recall: list[float] = []
+        self.chosen: list[float] = []
         self.seconds_in_step = 0.0  # after_write time, inside Step.seconds["total"]
         self._before = None
+        self._frames = None
 
     @torch.no_grad()
     def after_write(self, cache, frames, ctx) -> None:
@@ -236,6 +311,9 @@ class RunProbe(Observer):
                 errs.append(float((o_c - o_f).norm() / o_f.norm().clamp_min(1e-30)))
             self.attn_err.append(float(np.mean(errs)))
         self._before = None
+        # source frames before the policy acts (applying a decision makes new tensors)
+        self._frames = ([l.frame[0] for l in cache.layers]
+                        if self.scored is not None and cache.size > self.budget_tokens else None)
         if self.reference is not None and cache.size > self.budget_tokens \
                 and ctx.frame + 1 < self.reference.frames:
             # the cache as the policy sees it; cloned, so a policy may edit it in place
@@ -244,6 +322,9 @@ class RunProbe(Observer):
 
     @torch.no_grad()
     def after_compress(self, cache, decision, ctx) -> None:
+        frames, self._frames = self._frames, None
+        if frames is not None and decision is not None:
+            self.chosen.append(self._score_chosen(frames, decision, ctx))
         before, self._before = self._before, None
         if before is None or decision is None:
             return
@@ -260,6 +341,20 @@ class RunProbe(Observer):
             self.spearman.append(float(np.mean(sp)))
             self.recall.append(float(np.mean(rc)))
 
+    def _score_chosen(self, frames: list[torch.Tensor], decision, ctx) -> float:
+        """Kept tokens outside the protected frames, per head, averaged over layers and heads
+        (a slot the decision leaves dead keeps nothing; a dead slot's frame is DEAD, < 0)."""
+        policy = self.scored
+        sink, recent = policy.sink_frames(self.budget_tokens, ctx), policy.first_recent(ctx)
+        counts = []
+        for frame, d in zip(frames, decision.layers):
+            kept = frame.gather(-1, d.keep[0].to(frame.device))  # (H, K) source frames
+            chosen = (kept >= max(sink, 0)) & (kept < recent)
+            if d.live is not None:
+                chosen &= d.live[0].to(frame.device)
+            counts.append(chosen.sum(-1).double().mean().item())
+        return float(np.mean(counts))
+
 
 # -- the grid --------------------------------------------------------------------
 
@@ -274,46 +369,88 @@ def _mean(xs) -> float:
 
 
 def _one_run(model, prompt: str, seed: int, frames: int, policy, budget: int, probe: RunProbe,
-             future=None, progress=None, extra_overhead=None) -> tuple[dict, np.ndarray]:
+             future=None, progress=None, extra_overhead=None, label: str | None = None,
+             observers=()) -> tuple[dict, np.ndarray]:
+    """One run watched by ``probe`` (and ``observers``, whose ``seconds_in_step`` is
+    measurement overhead too); its row under ``label`` (default: the policy's name)."""
     settings = RunSettings(prompt, frames=frames, seed=seed, record=False)
-    run = Run(model, settings, Controls(policy, budget), observers=[probe], future_queries=future)
+    run = Run(model, settings, Controls(policy, budget), observers=[probe, *observers],
+              future_queries=future)
     for step in run:
         if progress is not None:
             progress.update(len(step.frame_indices))
     s, m = run.stats, run.metrics
-    overhead = probe.seconds_in_step + (extra_overhead() if extra_overhead else 0.0)
+    overhead = sum(o.seconds_in_step for o in (probe, *observers)) \
+        + (extra_overhead() if extra_overhead else 0.0)
     step_ms = 1000 * (s.seconds - overhead) / max(s.chunks, 1)
     policy_ms = 1000 * s.compress_seconds / s.compressions if s.compressions else math.nan
-    row = {"prompt": prompt, "policy": policy.name, "budget": budget, "seed": seed,
-           "consistency": m.get("consistency", math.nan), "returns": m.get("returns", math.nan),
+    row = {"prompt": prompt, "policy": label or policy.name, "budget": budget, "seed": seed,
+           **{k: m.get(k, math.nan) for k in ("consistency", "returns", "returns_tracked",
+                                               "tracking")},
+           "returns_events": m.get("returns_count", math.nan),
            "attn_rel_err": _mean(probe.attn_err), "rollout_psnr_vs_full": math.nan,
            "proxy_spearman": _mean(probe.spearman), "proxy_topb_recall": _mean(probe.recall),
+           "shared_spearman": math.nan, "shared_topb_recall": math.nan,
+           "score_chosen_tokens": _mean(probe.chosen),
            "policy_ms_per_compression": policy_ms, "step_ms": step_ms,
            "policy_share_of_step": policy_ms / step_ms if step_ms > 0 else math.nan,
            "peak_cache_tokens": s.peak_tokens, "compressions": s.compressions,
            "seconds": run.seconds, "policy_params": json.dumps(policy.params(), sort_keys=True),
-           "error": ""}
+           "shared_key": "", "error": ""}
     return row, np.array(run.frames.all())
 
 
+def policy_kwargs(config: EvalConfig, kwargs: dict[str, dict], label: str, budget: int) -> dict:
+    """The parameters of ``label``'s policy at ``budget`` (``kwargs``: ``validate``'s)."""
+    variant = config.variants.get(label)
+    if variant is None or not variant.recency:
+        return kwargs[label]
+    n_sink = make_policy(variant.policy, **kwargs[label]).n_sink
+    return {**kwargs[label], "n_recent": max(budget - n_sink, 0)}
+
+
+def build_policy(config: EvalConfig, kwargs: dict[str, dict], label: str, budget: int):
+    return make_policy(config.policy_name(label), **policy_kwargs(config, kwargs, label, budget))
+
+
+def shared_scorers(config: EvalConfig, kwargs: dict[str, dict]) -> list[str]:
+    """The labels that rate the fidelity reference's caches: the scored policies (a
+    recency variant's score chooses nothing, so it is left out)."""
+    return [label for label in config.policies
+            if isinstance(build_policy(config, kwargs, label, config.budgets[0]), ScoredPolicy)
+            and not getattr(config.variants.get(label), "recency", False)]
+
+
 def grid_runs(config: EvalConfig, kwargs: dict[str, dict]) -> list[dict]:
-    """The runs of one (prompt, seed), in table order: {policy, budget, policy_params}."""
+    """The runs of one (prompt, seed), in table order: {policy (the label), budget,
+    policy_params, shared_key}. ``shared_key`` names the scorers that rate the run's
+    caches (the fidelity reference's runs; "" for the others), so that a rerun with
+    other scorers measures those runs again."""
+    reference = config.shared_reference()
+    shared_key = ""
+    if reference is not None:
+        scorers = [(label, build_policy(config, kwargs, label, config.budgets[0]).params())
+                   for label in shared_scorers(config, kwargs)]
+        shared_key = hashlib.sha256(json.dumps(scorers, sort_keys=True).encode()).hexdigest()[:12]
     runs = []
-    for name in config.policies:
-        params = json.dumps(make_policy(name, **kwargs[name]).params(), sort_keys=True)
-        runs += [{"policy": name, "budget": b, "policy_params": params} for b in config.budgets]
+    for label in config.policies:
+        for b in config.budgets:
+            params = json.dumps(build_policy(config, kwargs, label, b).params(), sort_keys=True)
+            runs.append({"policy": label, "budget": b, "policy_params": params,
+                         "shared_key": shared_key if label == reference else ""})
     return runs
 
 
 def run_key(run: dict) -> str:
     """What names a run within its (prompt, seed): a row or a ``grid_runs`` entry."""
-    return f"{run['policy']}|{run['budget']}|{run['policy_params']}"
+    key = f"{run['policy']}|{run['budget']}|{run['policy_params']}"
+    return key + (f"|shared:{run['shared_key']}" if run.get("shared_key") else "")
 
 
 def error_row(prompt: str, seed: int, run: dict, error: str) -> dict:
     """The row of a run that did not finish: no metric, ``error`` says why."""
     return {**{c: math.nan for c in METRICS}, "prompt": prompt, "seed": seed, "seconds": math.nan,
-            **{k: run[k] for k in ("policy", "budget", "policy_params")}, "error": error}
+            **{k: run.get(k, "") for k in RUN_IDENTITY}, "error": error}
 
 
 def check_fits(model, config: EvalConfig) -> None:
@@ -328,6 +465,8 @@ def evaluate_unit(model, config: EvalConfig, prompt: str, seed: int, skip=frozen
     each policy x budget run against it; each row (``RUN_COLUMNS``) is yielded as soon
     as it is measured, in table order. Runs whose ``run_key`` is in ``skip`` (already
     stored by a resumed sweep) are not run; the reference run is, unless nothing is left.
+    The fidelity reference's rows also carry ``shared_fidelity``
+    (``SharedCacheFidelity.results``).
 
     A plain function of its arguments: the rows do not depend on what ran before in
     the process, so a sweep may run units anywhere, in any order. A policy that fails
@@ -339,33 +478,42 @@ def evaluate_unit(model, config: EvalConfig, prompt: str, seed: int, skip=frozen
     todo = [r for r in grid_runs(config, kwargs) if run_key(r) not in skip]
     if not todo:
         return
+    n = model.cfg.tokens_per_frame
     ref = ReferenceQueries(model, config.frames, model.cfg.sample_steps, config.horizon,
                            config.query_steps)
     ref.attach()
     try:
         full_row, ref_video = _one_run(
             model, prompt, seed, config.frames, make_policy("full"), config.frames,
-            RunProbe(config.frames * model.cfg.tokens_per_frame), progress=progress,
-            extra_overhead=lambda: ref.seconds)
+            RunProbe(config.frames * n), progress=progress, extra_overhead=lambda: ref.seconds)
     finally:
         ref.detach()
     g = model.cfg.given_frames
     full_row["rollout_psnr_vs_full"] = psnr(ref_video[g:], ref_video[g:])
     for run in todo:
-        name, budget = run["policy"], run["budget"]
+        label, budget = run["policy"], run["budget"]
+        name = config.policy_name(label)
         if name == "full":  # measured on the reference run; budget is nominal
-            yield {**full_row, "budget": budget}
+            yield {**full_row, "policy": label, "budget": budget}
             continue
-        policy = make_policy(name, **kwargs[name])
-        probe = RunProbe(budget * model.cfg.tokens_per_frame, ref)
-        future = ref.future if name in OFFLINE_POLICIES else None
+        policy = build_policy(config, kwargs, label, budget)
+        observers = []
+        if run["shared_key"]:
+            shadows = {s: build_policy(config, kwargs, s, budget)
+                       for s in shared_scorers(config, kwargs)}
+            observers.append(SharedCacheFidelity(shadows, budget * n, ref))
         try:
-            row, video = _one_run(model, prompt, seed, config.frames, policy, budget, probe,
-                                  future, progress)
+            row, video = _one_run(model, prompt, seed, config.frames, policy, budget,
+                                  RunProbe(budget * n, ref, policy),
+                                  ref.future if name in OFFLINE_POLICIES else None, progress,
+                                  label=label, observers=observers)
         except PolicyError as e:
             yield error_row(prompt, seed, run, str(e))
             continue
         row["rollout_psnr_vs_full"] = psnr(video[g:], ref_video[g:])
+        if observers:
+            row["shared_key"] = run["shared_key"]
+            row["shared_fidelity"] = observers[0].results()
         yield row
 
 
@@ -384,148 +532,6 @@ def evaluate(model, config: EvalConfig, progress=None, log=None) -> list[dict]:
                     log(f"{describe_run(row)}: {row['error']}")
                 rows.append(row)
     return rows
-
-
-# -- aggregation and files ---------------------------------------------------------
-
-def _nanmean(xs) -> float:
-    xs = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return float(np.mean(xs)) if xs else math.nan
-
-
-def aggregate(rows: list[dict]) -> list[dict]:
-    """One row (``RESULT_COLUMNS``) per policy x budget x seed: means over prompts
-    (errors left out), ``peak_cache_tokens`` the max."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["policy"], r["budget"], r["seed"]), []).append(r)
-    out = []
-    for (policy, budget, seed), rs in groups.items():
-        ok = [r for r in rs if not r["error"]]
-        agg = {"policy": policy, "budget": budget, "seed": seed, "prompts": len(ok),
-               "policy_params": rs[0]["policy_params"],
-               "errors": " | ".join(r["error"] for r in rs if r["error"])}
-        for m in METRICS:
-            agg[m] = _nanmean([r[m] for r in ok])
-        peaks = [r["peak_cache_tokens"] for r in ok]
-        agg["peak_cache_tokens"] = max(peaks) if peaks else math.nan
-        out.append(agg)
-    return out
-
-
-def _fmt(x) -> str:
-    if isinstance(x, (float, np.floating)):
-        if math.isnan(x):
-            return ""
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        return f"{x:.6g}"
-    return str(x)
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        for r in rows:
-            w.writerow([_fmt(r.get(c, "")) for c in columns])
-
-
-def over_seeds(results: list[dict]) -> list[dict]:
-    """Means of ``aggregate``'s rows over seeds: one per policy x budget."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["policy"], r["budget"]), []).append(r)
-    return [{"policy": p, "budget": b, "seeds": len(rs),
-             **{m: _nanmean([r[m] for r in rs]) for m in METRICS}}
-            for (p, b), rs in groups.items()]
-
-
-MD_COLUMNS = [("consistency", "consistency", 3), ("returns", "returns", 3),
-              ("attn_rel_err", "attn rel err", 3), ("rollout_psnr_vs_full", "PSNR vs full (dB)", 1),
-              ("proxy_spearman", "proxy Spearman", 3), ("proxy_topb_recall", "proxy top-B recall", 3),
-              ("policy_ms_per_compression", "policy ms", 2), ("step_ms", "step ms", 1),
-              ("policy_share_of_step", "policy / step", 3), ("peak_cache_tokens", "peak tokens", 0)]
-
-
-def write_markdown(path: Path, results: list[dict], config: EvalConfig, seconds: float) -> None:
-    def cell(x, digits):
-        if isinstance(x, float) and math.isnan(x):
-            return "–"
-        if isinstance(x, float) and math.isinf(x):
-            return "inf"
-        return f"{x:.{digits}f}"
-    lines = [f"# ffviz eval: {len(config.policies)} policies x budgets {config.budgets} "
-             f"x seeds {config.seeds}",
-             "",
-             f"{config.frames} frames, horizon {config.horizon}, queries of {config.query_steps} "
-             f"denoising steps; mean over {len(config.prompts)} prompts, then over seeds; "
-             f"{seconds:.0f} s. Budgets in frames; `full` keeps everything (its row repeats per "
-             "budget); `–` = not defined (no token scores, or no compression).",
-             "",
-             "| policy | budget | " + " | ".join(h for _, h, _ in MD_COLUMNS) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in MD_COLUMNS) + " |"]
-    for r in sorted(over_seeds(results), key=lambda r: (r["budget"], config.policies.index(r["policy"]))):
-        lines.append(f"| {r['policy']} | {r['budget']} | "
-                     + " | ".join(cell(r[k], dg) for k, _, dg in MD_COLUMNS) + " |")
-    lines += ["", "Prompts:", ""] + [f"- {p}" for p in config.prompts]
-    errors = [r for r in results if r["errors"]]
-    if errors:
-        lines += ["", "Failed runs:", ""] + [f"- {r['policy']} budget {r['budget']} seed {r['seed']}: "
-                                             f"{r['errors']}" for r in errors]
-    Path(path).write_text("\n".join(lines) + "\n")
-
-
-def write_plots(out_dir: Path, results: list[dict], policies: list[str]) -> list[Path]:
-    """``plot_<metric>.png``: the metric (mean over seeds) against budget, one line per policy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = over_seeds(results)
-    paths = []
-    for metric in PLOT_METRICS:
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        skipped = []
-        for name in policies:
-            pts = sorted((r["budget"], r[metric]) for r in table if r["policy"] == name)
-            pts = [(b, v) for b, v in pts if math.isfinite(v)]
-            if not pts:
-                skipped.append(name)
-                continue
-            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=name,
-                    linestyle="--" if name == "full" else "-")
-        ax.set_xlabel("budget (frames)")
-        ax.set_ylabel(metric)
-        ax.set_xticks(sorted({r["budget"] for r in table}))
-        title = metric + (f"\nnot drawn (undefined or inf): {', '.join(skipped)}" if skipped else "")
-        ax.set_title(title, fontsize=9)
-        if len(ax.get_lines()):
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(out_dir) / f"plot_{metric}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def write_results(out_dir: Path, rows: list[dict], config: EvalConfig, seconds: float,
-                  about: dict) -> dict:
-    """runs.csv, results.csv, results.md, the plots and eval.json (``about`` merged into
-    its settings and counts) from the grid's rows; returns eval.json's content."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = aggregate(rows)
-    write_csv(out_dir / "runs.csv", rows, RUN_COLUMNS)
-    write_csv(out_dir / "results.csv", results, RESULT_COLUMNS)
-    write_markdown(out_dir / "results.md", results, config, seconds)
-    plots = write_plots(out_dir, results, config.policies)
-    summary = {"config": dataclasses.asdict(config), "seconds": round(seconds, 2),
-               "runs": len(rows), "failed_runs": sum(bool(r["error"]) for r in rows), **about,
-               "files": ["results.csv", "runs.csv", "results.md", *[p.name for p in plots]]}
-    (out_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def reference_query_bytes(cfg, config: EvalConfig) -> int:

@@ -16,7 +16,13 @@ visible. Generated frames are compared with that truth per frame:
   (frames where this reading fails on the true frame itself are left out);
 * ``returns``: objects that left the view (or hid behind the pillar) for at
   least 3 frames and came back: the share that shows its colour again within
-  the 8 frames after its return (``return_events`` lists each, with its frames).
+  the 8 frames after its return (``return_events`` lists each, with its frames;
+  ``returns_count``: how many).
+* ``returns_tracked``: the same returns, counted only where the object is also
+  back in place: its colour blob within ``TRACK_TOL`` of where it truly is (as
+  ``tracking``), in at least half of the 8 frames after its return where it should
+  be seen. A frozen copy of an earlier frame, or an object painted from the prompt
+  wherever the model likes, shows its colour (``returns``) but is not in place.
 * ``tracking``: per object and frame where it should be visible, whether the
   largest blob of its colour lies within ``TRACK_TOL`` pixels (centroids) of where
   the object truly is. Not part of ``consistency``: it exists because the other
@@ -120,7 +126,7 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         off &= ~_near(frames, rgb)
     off_curve = off.mean((1, 2))
 
-    presence, shape_ok, returns, tracked, events = [], [], [], [], []
+    presence, shape_ok, returns, returns_tracked, tracked, events = [], [], [], [], [], []
     track_hits = np.zeros(T)
     presence_curve = np.full(T, np.nan)
     per_frame_hits = np.zeros(T)
@@ -136,9 +142,11 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         per_frame_due += due
         whole = vis[:, i] >= 0.9 * full[i]
         truth_has = _near(truth, COLORS[o.color])
+        in_place = np.zeros(T, bool)  # present within TRACK_TOL of the true blob
         for t in np.nonzero(due)[0]:
             want, got = _largest_blob(truth_has[t])[1], (blobs[t][1] if present[t] else None)
             hit = want is not None and got is not None and float(np.hypot(*(want - got))) <= TRACK_TOL
+            in_place[t] = hit
             tracked.append(hit)
             track_hits[t] += hit
         for t in np.nonzero(whole & present)[0]:
@@ -153,8 +161,10 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
             if w_due.any():
                 recovered = bool(present[window][w_due].mean() >= 0.5)
                 returns.append(recovered)
+                returns_tracked.append(bool(in_place[window][w_due].mean() >= 0.5))
                 events.append({"object": i, "name": f"{o.color} {o.shape}", "left": start + left,
-                               "back": start + back, "recovered": recovered})
+                               "back": start + back, "recovered": recovered,
+                               "in_place": returns_tracked[-1]})
     presence_curve = np.where(per_frame_due > 0, per_frame_hits / np.maximum(per_frame_due, 1), np.nan)
     mean = lambda xs: float(np.mean(xs)) if len(xs) else float("nan")
     out = {
@@ -164,6 +174,7 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         "shape": mean(shape_ok),
         "returns": mean(returns),
         "returns_count": len(returns),
+        "returns_tracked": mean(returns_tracked),
         "tracking": mean(tracked),
     }
     parts = [out[k] for k in ("background", "color_presence", "shape", "returns")]
@@ -216,7 +227,8 @@ def story_consistency(frames: np.ndarray, story: list[Scene], start: int = 0) ->
 
     out = {key: weighted((m[key], w) for m, w in parts)
            for key in ("background", "off_palette", "color_presence", "shape", "tracking")}
-    out["returns"] = weighted((m["returns"], m["returns_count"]) for m, _ in parts)
+    for key in ("returns", "returns_tracked"):
+        out[key] = weighted((m[key], m["returns_count"]) for m, _ in parts)
     out["returns_count"] = int(sum(m["returns_count"] for m, _ in parts))
     out["return_events"] = [e for m, _ in parts for e in m["return_events"]]
     vals = [out[k] for k in ("background", "color_presence", "shape", "returns")]

@@ -6,7 +6,7 @@ x budget run measured against it), and hands them to a backend
 (``sweep_backends``: ``local`` runs them here one after the other, ``ray`` as Ray
 tasks across a cluster). As each run finishes its row is stored under ``DIR/runs/``
 (``sweep_store``); a rerun with the same ``DIR`` runs only what is not stored. The
-tables (runs.csv, results.csv, results.md, plots, eval.json) are then rebuilt from
+tables (``eval_report``: runs.csv, results.csv, results.md, ...) are then rebuilt from
 the store in grid order, so they do not depend on which unit finished first, nor on
 the backend: only the timing columns differ between two sweeps.
 
@@ -26,8 +26,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ffviz.eval_report import write_results
 from ffviz.evaluate import (EvalConfig, EvalError, check_fits, describe_run, error_row,
-                            grid_runs, reference_query_bytes, run_key, write_results)
+                            grid_runs, reference_query_bytes, run_key)
 from ffviz.generate import GenerationError
 from ffviz.models import ModelError, has_scenes
 from ffviz.scenes import PromptError
@@ -78,11 +79,12 @@ def _one_line(error: BaseException) -> str:
 
 def run_sweep(model, config: EvalConfig, out_dir: Path, backend: str = "local",
               address: str | None = None, ray_cpus: int | None = None, threads: int = 1,
-              log=_warn, show_progress: bool = True) -> dict:
+              log=_warn, show_progress: bool = True, report=write_results) -> dict:
     """Run what the grid still lacks in ``out_dir`` and write its tables; returns eval.json's
     content. ``model``: a name (``models.load_model``; the ray backend loads it in each
     worker) or a loaded model. ``threads``: torch threads (and CPUs) of each ray task; the
-    local backend runs with this process's. ``log(msg)``: failures and retries."""
+    local backend runs with this process's. ``log(msg)``: failures and retries.
+    ``report``: writes the files (``eval_report.write_results``'s arguments and result)."""
     started = time.perf_counter()
     check_backend(backend, address, ray_cpus)
     label = model if isinstance(model, str) else model.name
@@ -115,7 +117,7 @@ def run_sweep(model, config: EvalConfig, out_dir: Path, backend: str = "local",
              "torch_threads": threads if backend == "ray" else _torch_threads(),
              "reference_query_bytes": None if isinstance(model, str)
              else reference_query_bytes(model.cfg, config)}
-    return write_results(out_dir, rows, config, time.perf_counter() - started, about)
+    return report(out_dir, rows, config, time.perf_counter() - started, about)
 
 
 def _torch_threads() -> int:

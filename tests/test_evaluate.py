@@ -1,5 +1,6 @@
 """The evaluation harness: a policy x budget grid on a random model, 8 frames."""
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -8,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from ffviz.evaluate import (MAX_EVAL_FRAMES, RESULT_COLUMNS, EvalConfig, EvalError, aggregate,
-                            evaluate, parse_policy_arg_list, parse_prompts, psnr)
+from ffviz.eval_report import aggregate
+from ffviz.evaluate import (MAX_EVAL_FRAMES, RESULT_COLUMNS, EvalConfig, EvalError, evaluate,
+                            parse_policy_arg_list, parse_prompts, psnr)
 from ffviz.generate import Controls, RunSettings, generate
 from ffviz.policies import POLICIES, PolicyError
+from ffviz.policies.scored import ScoredPolicy
 from ffviz.reference import ReferenceQueries
 from ffviz.scenes import PromptError
 from ffviz.sweep import run_sweep
@@ -100,9 +103,15 @@ def test_oracle_scores_agree_with_the_truth_and_proxies_are_filled(grid):
 def test_markdown_and_plots_exist(grid):
     out, config, summary, _, _ = grid
     md = (out / "results.md").read_text()
-    table = [l for l in md.splitlines() if l.startswith("| ")]
-    assert len(table) == 2 + len(config.policies) * 2  # header, rule, policy x budget
-    assert "| full | 2 |" in md and "inf" in md
+    sections = md.split("\n## ")
+    for title in ("Quality", "Own-cache fidelity and cost"):
+        section = next(s for s in sections if s.startswith(title))
+        table = [l for l in section.splitlines() if l.startswith("| ")]
+        assert len(table) == 2 + len(config.policies) * 2  # header, rule, policy x budget
+        assert "score-chosen tokens" in table[0]  # every table says what the score chose
+    assert "| full | 2 |" in md and "inf" in md and " ± " in md
+    assert "## Shared-cache fidelity: every scorer rates window's caches" in md
+    assert "## Paired comparisons" in md
     for name in summary["files"]:
         assert (out / name).stat().st_size > 0, name
     pngs = sorted(p.name for p in out.glob("plot_*.png"))
@@ -172,6 +181,8 @@ def test_a_policy_that_cannot_run_is_an_error_row_not_a_crash(model):
     ({"prompts": ["nothing at all"]}, PromptError, "no object"),
     ({"policy_args": {"window": ["size=3"]}}, PolicyError, "has no parameter"),
     ({"policy_args": {"oracle": ["n_sink=1"]}, "policies": ["window"]}, EvalError, "not among"),
+    ({"fidelity_reference": "sink"}, EvalError, "fidelity reference"),
+    ({"fidelity_reference": "full", "policies": ["full", "window"]}, EvalError, "hold a budget"),
 ])
 def test_bad_settings_are_clear_errors(model, kw, err, msg):
     config = EvalConfig(**{"policies": ["window"], "budgets": [2], "seeds": [0], "frames": 8,
@@ -185,6 +196,8 @@ def test_small_parsers(tmp_path):
     f.write_text("# a comment\na red circle\n\na blue square\n")
     assert parse_prompts(str(f)) == ["a red circle", "a blue square"]
     assert parse_prompts("a red circle; a blue square") == ["a red circle", "a blue square"]
+    long = ";".join(["a small red circle on a blue background with a wide gray pillar"] * 5)
+    assert len(parse_prompts(long)) == 5  # longer than a file name may be: not a path
     assert parse_policy_arg_list(["oracle:n_sink=1", "oracle:n_recent=2"]) == \
         {"oracle": ["n_sink=1", "n_recent=2"]}
     with pytest.raises(EvalError, match="policy:key=value"):
@@ -225,3 +238,84 @@ def test_cli_writes_results(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(x["policy"], x["budget"], x["seed"]) for x in rows] == [("full", "2", "0"), ("window", "2", "0")]
     assert (out / "plot_consistency.png").exists() and (out / "results.md").exists()
+
+
+def test_score_chosen_tokens_are_the_kept_beyond_the_protected_frames(grid, model):
+    """n_sink = n_recent = 1 fill a budget of 2 frames: the score chooses nothing there."""
+    _, _, _, by_key, _ = grid
+    n = model.cfg.tokens_per_frame
+    for s in (0, 3):
+        for name in ("future_forcing", "expected_attention"):
+            assert float(by_key[(name, 2, s)]["score_chosen_tokens"]) == 0
+            assert float(by_key[(name, 4, s)]["score_chosen_tokens"]) == 2 * n
+        assert float(by_key[("sink", 2, s)]["score_chosen_tokens"]) == n  # its recency chose them
+        assert float(by_key[("h2o", 4, s)]["score_chosen_tokens"]) == 3 * n
+        for name in ("full", "window"):
+            assert by_key[(name, 4, s)]["score_chosen_tokens"] == ""
+
+
+def test_shared_cache_fidelity_rates_one_cache_for_every_scorer(grid):
+    out, config, _, by_key, _ = grid
+    with open(out / "fidelity.csv") as f:
+        fid = list(csv.DictReader(f))
+    overall = {(r["scorer"], int(r["budget"])): r for r in fid if r["layer"] == "all"}
+    # every scored policy but sink (it ranks by recency: left to "recency"), and the two plain ones
+    scorers = {name for name, cls in POLICIES.items() if issubclass(cls, ScoredPolicy)} - {"sink"}
+    assert {s for s, _ in overall} == scorers | {"mass", "recency"}
+    for b in (2, 4):
+        assert float(overall[("oracle", b)]["spearman"]) == pytest.approx(1.0, abs=1e-9)
+        assert float(overall[("mass", b)]["spearman"]) == 0  # a window's cache: every mass is 1
+        assert all(r["reference"] == "window" for r in fid)
+        per_head = [r for r in fid if r["scorer"] == "future_forcing" and int(r["budget"]) == b
+                    and r["layer"] != "all"]
+        assert len(per_head) == 2 * 2  # layers x heads of the random model
+        for s in (0, 3):
+            r = by_key[("future_forcing", b, s)]
+            assert -1 <= float(r["shared_spearman"]) <= 1 and 0 <= float(r["shared_topb_recall"]) <= 1
+            assert by_key[("window", b, s)]["shared_spearman"] == ""
+
+
+def test_a_scorer_on_its_own_cache_is_its_own_fidelity(model):
+    """With future_forcing as the fidelity reference, its shadow sees exactly its own run:
+    shared-cache fidelity equals its own-cache fidelity."""
+    config = EvalConfig(policies=["future_forcing", "expected_attention"], budgets=[3], seeds=[0],
+                        frames=7, prompts=[PROMPT], horizon=2, fidelity_reference="future_forcing")
+    from ffviz.eval_report import with_shared_fidelity
+    rows = {r["policy"]: r for r in with_shared_fidelity(evaluate(model, config))}
+    ff = rows["future_forcing"]
+    assert ff["shared_fidelity"]["compressions"] >= 3
+    assert ff["shared_spearman"] == pytest.approx(ff["proxy_spearman"], abs=1e-9)
+    assert ff["shared_topb_recall"] == pytest.approx(ff["proxy_topb_recall"], abs=1e-9)
+    assert math.isfinite(rows["expected_attention"]["shared_spearman"])
+
+
+def test_intervals_and_comparisons_files(grid):
+    out, config, _, _, _ = grid
+    with open(out / "intervals.csv") as f:
+        intervals = {(r["policy"], r["budget"], r["metric"]): r for r in csv.DictReader(f)}
+    r = intervals[("window", "2", "attn_rel_err")]
+    assert int(r["seeds"]) == 2 and float(r["ci95_low"]) <= float(r["mean"]) <= float(r["ci95_high"])
+    with open(out / "comparisons.csv") as f:
+        pairs = list(csv.DictReader(f))
+    n = len(config.policies)
+    assert len(pairs) == 2 * n * (n - 1) // 2 * 6  # budgets x pairs x compared metrics
+    full_vs_window = next(p for p in pairs if (p["policy_a"], p["policy_b"], p["metric"], p["budget"])
+                          == ("full", "window", "attn_rel_err", "2"))
+    assert float(full_vs_window["mean_difference"]) < 0 and full_vs_window["verdict"]
+
+
+def test_recency_variant_fills_the_budget_with_protected_frames(model):
+    """A variant keeps the newest frames by recency: n_recent = budget - n_sink at each
+    budget, so its score chooses nothing; its label names its rows."""
+    from ffviz.evaluate import Variant, grid_runs
+    config = EvalConfig(policies=["window", "ff merge only"], budgets=[3, 4], seeds=[0], frames=6,
+                        prompts=[PROMPT], horizon=2,
+                        variants={"ff merge only": Variant("future_forcing", recency=True)})
+    runs = grid_runs(config, config.validate())
+    assert [json.loads(r["policy_params"])["n_recent"] for r in runs[2:]] == [2, 3]
+    rows = evaluate(model, config)
+    merged = [r for r in rows if r["policy"] == "ff merge only"]
+    assert len(merged) == 2 and all(r["score_chosen_tokens"] == 0 and not r["error"] for r in merged)
+    with pytest.raises(EvalError, match="sets n_recent itself"):
+        EvalConfig(policies=["v"], variants={"v": Variant("future_forcing", ("n_recent=2",),
+                                                          recency=True)}).validate()

@@ -365,6 +365,21 @@ def test_expected_attention_equals_future_forcing_at_one_position():
     assert not torch.allclose(ea2.layers[0].score, ff2.layers[0].score, rtol=1e-3)
 
 
+def test_expected_attention_merges_as_future_forcing_at_one_position():
+    """With tau > 0 expected_attention merges under Rbar (mu mu^T + Sigma) Rbar^T: at one
+    future position and rank = d that is Future Forcing's metric, so the merges agree."""
+    cache, ctx, _ = toy(frames=5, merged_mass=True)
+    common = dict(horizon=1, stride=64, n_sink=1, n_recent=1, tau=4.0)
+    ea = make_policy("expected_attention", statistics="historical", **common).compress(cache, 3 * N_TOK, ctx)
+    ff = make_policy("future_forcing", rank=D, eig_every=1, **common).compress(cache, 3 * N_TOK, ctx)
+    for a, b in zip(ea.layers, ff.layers):
+        assert torch.equal(a.keep, b.keep) and torch.equal(a.merge_into, b.merge_into)
+        assert bool((a.merge_into >= 0).any())
+        assert torch.allclose(a.distance, b.distance, rtol=1e-3, atol=1e-6)
+    plain = make_policy("expected_attention").compress(cache, 3 * N_TOK, ctx)
+    assert plain.layers[0].merge_into is None  # tau = 0 by default: no merging
+
+
 def test_expected_attention_current_statistics_are_the_chunk_queries():
     cache, ctx, _ = toy(frames=4)
     # historical stats fed with exactly the chunk's pre-RoPE queries

@@ -119,6 +119,25 @@ def test_tracking_tells_a_moving_object_from_a_frozen_copy():
     assert consistency(shifted, scene, start=2)["tracking"] > 0.8
 
 
+def test_returns_tracked_needs_the_object_back_in_place():
+    """A frozen copy of the first frame, or objects painted from the prompt at a fixed
+    place, show their colour when a hidden object is due back ('returns'), but not where
+    it comes back ('returns_tracked')."""
+    from ffviz.suites import SUITES
+    for prompt in SUITES["memory"].prompts:
+        scene, _ = scene_from_prompt(prompt, 1000)
+        truth = scene.render(np.arange(2, 48))
+        good = consistency(truth, scene, start=2)
+        assert good["returns_count"] >= 2 and good["returns"] == good["returns_tracked"] == 1.0
+        frozen = consistency(np.repeat(truth[:1], len(truth), 0), scene, start=2)
+        assert frozen["returns"] >= 0.75 and frozen["returns_tracked"] <= 1 / 3, prompt
+        n = len(scene.spec.objects)
+        at_left = np.zeros((len(truth), n, 2), int)
+        at_left[:, :, 1] = 11 * np.arange(n)  # at the left edge, one under the other
+        painted = consistency(scene.render_positions(at_left), scene, start=2)
+        assert painted["returns"] == 1.0 and painted["returns_tracked"] <= 1 / 3, prompt
+
+
 def test_a_continued_scene_keeps_motion_and_takes_the_new_looks():
     scene, _ = scene_from_prompt("a red circle and a blue square on a black background", 2)
     spec, _ = parse_prompt("a yellow circle and a cyan square on a white background")

@@ -201,8 +201,12 @@ def test_ray_missing_is_a_clear_error(monkeypatch):
 def test_grid_runs_name_a_run_by_its_parameters():
     a = grid_runs(small_grid(), {"full": {}, "window": {}, "oracle": {}})
     b = grid_runs(small_grid(), {"full": {}, "window": {}, "oracle": {"n_sink": 1}})
-    assert [run_key(r) for r in a][:2] == [run_key(r) for r in b][:2]
+    assert run_key(a[0]) == run_key(b[0])
     assert run_key(a[2]) != run_key(b[2])  # other oracle parameters: another run
+    # the window's runs carry the scorers' shared-cache fidelity (the oracle's among them)
+    assert run_key(a[1]) != run_key(b[1]) and a[1]["shared_key"]
+    c = grid_runs(small_grid(fidelity_reference="none"), {"full": {}, "window": {}, "oracle": {}})
+    assert run_key(c[1]) == "window|2|{}"
 
 
 # -- the CLI, in a subprocess --------------------------------------------------------

@@ -14,6 +14,11 @@ fits the latest queries; ``ctx.chunk_queries`` de-rotated to pre-RoPE);
 Forcing reads. With one future position and the same statistics this equals
 Future Forcing with rank = d and no merging. Rbar is block-diagonal with the
 mean cos/sin of each plane.
+
+``tau > 0`` merges evicted tokens as Future Forcing does (``policies.merge``), under
+the metric M = Rbar (mu mu^T + Sigma) Rbar^T of the same statistics: not part of
+kvpress's press, it is there so that ``ffviz ablate`` can compare score and merge
+for both policies (off by default).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import torch
 from ffviz.models.rope import apply_rotation
 from ffviz.policies.base import (StatisticsAtSwitch, check_bool, check_choice, check_range,
                                  future_positions, need, plane_matrix)
+from ffviz.policies.merge import merge_to_nearest
 from ffviz.policies.scored import ScoredPolicy, stack_layers
 
 
@@ -34,7 +40,8 @@ from ffviz.policies.scored import ScoredPolicy, stack_layers
 class ExpectedAttention(StatisticsAtSwitch, ScoredPolicy):
     """horizon: future frames averaged over (1-64); stride: positions every
     stride-th row and column (1 = the whole grid, 1-64); statistics: "current" or
-    "historical"; value_norm: multiply by ||v||; n_sink, n_recent: protected
+    "historical"; value_norm: multiply by ||v||; tau: merge threshold as Future
+    Forcing's (0 = never merge, the default; up to 100); n_sink, n_recent: protected
     first / newest frames (a frame sink by default); on_switch, switch_half_life: the
     statistics at a prompt switch (``StatisticsAtSwitch``)."""
     name = "expected_attention"
@@ -43,7 +50,10 @@ class ExpectedAttention(StatisticsAtSwitch, ScoredPolicy):
     stride: int = 1
     statistics: str = "current"
     value_norm: bool = False
+    tau: float = 0.0
     needs: ClassVar[tuple[str, ...]] = ("rope",)
+    _metric: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False,
+                                                     compare=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,6 +62,7 @@ class ExpectedAttention(StatisticsAtSwitch, ScoredPolicy):
         check_range("stride", self.stride, 1, 64)
         check_choice("statistics", self.statistics, ("current", "historical"))
         check_bool("value_norm", self.value_norm)
+        check_range("tau", self.tau, 0.0, 100.0, kind=float)
 
     def fit(self, ctx, L: int, H: int, d: int):
         """mu (L, H, d), Sigma (L, H, d, d) of pre-RoPE queries (zeros without data)."""
@@ -87,7 +98,19 @@ class ExpectedAttention(StatisticsAtSwitch, ScoredPolicy):
         rbar = plane_matrix(cos.mean(0), sin.mean(0)).to(k.device)  # Rbar = mean_p R(p), (d, d)
         qbar = (mu @ rbar.T).view(L, 1, H, d, 1)  # Rbar mu
         srot = (rbar @ sigma @ rbar.T).unsqueeze(1)  # Rbar Sigma Rbar^T, (L, 1, H, d, d)
+        if self.tau > 0:  # the merge metric Rbar (mu mu^T + Sigma) Rbar^T
+            self._metric = srot + qbar @ qbar.transpose(-1, -2)
         z = (k @ qbar).squeeze(-1) / math.sqrt(d) + ((k @ srot) * k).sum(-1) / (2 * d) \
             + mass.clamp_min(1e-30).log()  # (L, B, H, N)
         score = torch.nan_to_num(z.softmax(-1))
         return score * v.norm(dim=-1) if self.value_norm else score
+
+    def decide(self, cache, ctx, score, sel):
+        decision = super().decide(cache, ctx, score, sel)
+        if self.tau > 0:
+            into, distance = merge_to_nearest(stack_layers(cache, "k")[0], sel.keep, self._metric,
+                                              self.tau, gone=sel.gone, target=sel.live,
+                                              candidate=sel.candidate)
+            for i, d in enumerate(decision.layers):
+                d.merge_into, d.distance = into[i], distance[i]
+        return decision
