@@ -116,12 +116,14 @@ def _run_sweep(args, config, report=None) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ffviz.evaluate import EvalConfig, parse_list, parse_policy_arg_list
+    from ffviz.evaluate import EvalConfig, parse_list, parse_policy_arg_list, parse_variant_list
     from ffviz.policies import POLICIES
     from ffviz.suites import get_suite
     policies = parse_list(args.policies, str, "policy") if args.policies else list(POLICIES)
+    variants = parse_variant_list(args.variant)
+    policies += [label for label in variants if label not in policies]
     config = EvalConfig(policies=policies, policy_args=parse_policy_arg_list(args.policy_arg),
-                        **_sweep_settings(args, get_suite(args.suite)))
+                        variants=variants, **_sweep_settings(args, get_suite(args.suite)))
     return _run_sweep(args, config)
 
 
@@ -310,7 +312,11 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default=None,
                    help="comma-separated policy names (default: every registered policy)")
     p.add_argument("--policy-arg", action="append", default=[], metavar="POLICY:KEY=VALUE",
-                   help="a parameter of one policy (repeatable)")
+                   help="a parameter of one policy or variant (repeatable)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=POLICY",
+                   help="also evaluate POLICY under LABEL, with the --policy-arg LABEL:... "
+                        "given (repeatable), e.g. --variant ff_adaptive=future_forcing "
+                        "--policy-arg ff_adaptive:head_budget=adaptive")
     _add_sweep_args(p, "runs/eval", DEFAULT_SUITE_NAME)
     p.set_defaults(run=cmd_eval)
 

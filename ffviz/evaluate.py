@@ -271,6 +271,26 @@ def parse_policy_arg_list(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def parse_variant_list(items: list[str]) -> dict[str, Variant]:
+    """``["ff_adaptive=future_forcing", ...]`` -> {"ff_adaptive": Variant("future_forcing")}:
+    a policy evaluated under another label; its parameters come with ``--policy-arg
+    LABEL:key=value``, so one grid holds a policy at several settings."""
+    out: dict[str, Variant] = {}
+    for item in items:
+        label, sep, policy = (part.strip() for part in item.partition("="))
+        if not sep or not label or not policy:
+            raise EvalError(f"--variant {item!r} must look like label=policy")
+        if label in POLICIES:
+            raise EvalError(f"--variant label {label!r} is a policy's name: choose another")
+        if policy not in POLICIES:
+            raise EvalError(f"--variant {item!r}: unknown policy {policy!r} "
+                            f"(one of {', '.join(POLICIES)})")
+        if label in out:
+            raise EvalError(f"--variant label {label!r} given twice")
+        out[label] = Variant(policy)
+    return out
+
+
 # -- what one run is measured by -----------------------------------------------------
 
 class RunProbe(Observer):

@@ -435,6 +435,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prev-reach", type=int, default=TinyConfig.prev_reach,
                    help="patches around each token's own that its previous-frame input spans "
                         "(a NEW model; 1: the 3x3 neighbourhood)")
+    p.add_argument("--predict-change", action=argparse.BooleanOptionalAction, default=True,
+                   help="a NEW model's head predicts the change from the previous frame "
+                        "(zero output = copy; default on)")
     p.add_argument("--rope-theta", type=float, default=TinyConfig.rope_theta,
                    help="spatial RoPE base of a NEW model: 10 gives every plane of the 8x8 grid a "
                         "turn that tells neighbouring patches apart (10000 leaves one)")
@@ -461,7 +464,8 @@ def main(args: argparse.Namespace) -> int:
     if not 0 <= args.prev_reach <= 2:
         raise SystemExit(f"--prev-reach must be in [0, 2], got {args.prev_reach}")
     model_cfg = TinyConfig(width=args.width, layers=args.layers, rope_theta=args.rope_theta,
-                           rope_theta_time=args.rope_theta_time, prev_reach=args.prev_reach)
+                           rope_theta_time=args.rope_theta_time, prev_reach=args.prev_reach,
+                           predict_change=args.predict_change)
     card = train(cfg, model_cfg, args.out, log=lambda s: print(s, flush=True), fresh=args.fresh)
     print(json.dumps({k: card[k] for k in ("steps", "clips_seen", "train_seconds", "sha256")}))
     return 0

@@ -219,6 +219,10 @@ def ffviz(*args):
     (["--frames", "300"], "frames must be in [4, 256]"),
     (["--seeds", str(TRAIN_SEED_BASE)], "user seeds"),
     (["--policy-arg", "n_sink=1"], "policy:key=value"),
+    (["--variant", "window=sink"], "is a policy's name"),
+    (["--variant", "x=lru"], "unknown policy 'lru'"),
+    (["--variant", "x"], "label=policy"),
+    (["--variant", "x=sink", "--policy-arg", "x:n_sink=-1"], "n_sink"),
 ])
 def test_cli_bad_input_exits_2_before_loading(tmp_path, capsys, args, msg):
     from ffviz.__main__ import main
@@ -238,6 +242,24 @@ def test_cli_writes_results(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(x["policy"], x["budget"], x["seed"]) for x in rows] == [("full", "2", "0"), ("window", "2", "0")]
     assert (out / "plot_consistency.png").exists() and (out / "results.md").exists()
+
+
+def test_cli_variants_evaluate_a_policy_under_other_settings(tmp_path):
+    """--variant LABEL=POLICY puts POLICY in the grid again under LABEL, with its own
+    --policy-arg LABEL:... (head budgets here): its row and its stored run say which."""
+    out = tmp_path / "ev"
+    r = ffviz("eval", "--policies", "future_forcing", "--variant", "ff_adaptive=future_forcing",
+              "--policy-arg", "ff_adaptive:head_budget=adaptive", "--budgets", "3", "--seeds", "0",
+              "--frames", "6", "--prompts", "a red circle on a green background",
+              "--fidelity-reference", "none", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [x["policy"] for x in rows] == ["future_forcing", "ff_adaptive"]
+    (unit,) = (out / "runs").glob("*.json")
+    keys = json.loads(unit.read_text())["rows"]
+    assert any(k.startswith("ff_adaptive|3|") and '"head_budget": "adaptive"' in k for k in keys)
+    assert any(k.startswith("future_forcing|3|") and '"head_budget": "uniform"' in k for k in keys)
 
 
 def test_score_chosen_tokens_are_the_kept_beyond_the_protected_frames(grid, model):

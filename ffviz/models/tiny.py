@@ -57,6 +57,10 @@ class TinyConfig:
     rope_theta_time: float = 10000.0  # temporal base: no wrap-around within a long run
     previous_frame_input: bool = True  # the newest frame as a direct input (see above)
     prev_reach: int = 0  # patches around each token's own that its previous-frame input spans
+    # The head predicts the change from the previous frame, x0 = previous + head: a zero
+    # output copies the newest frame, so holding the scene is the starting point and
+    # only motion has to be learnt. False for weights trained before it existed.
+    predict_change: bool = False
     prediction: str = "x0"  # what the head predicts: "x0" (clean frame) or "v" (velocity)
     # sampling defaults, stored with the weights
     sample_steps: int = 4
@@ -297,7 +301,11 @@ class TinyVideoModel(nn.Module):
             h = block(h, mod, cos, sin, mask=mask, write=write, meta=meta,
                       cache_layer=cache[i] if cache is not None else None)
         shift, scale = (e[:, :, None] + self.head_mod)[:, :, :, None].unbind(2)
-        return self.head(self.head_norm(h) * (1 + scale) + shift).view(B, N, -1)
+        out = self.head(self.head_norm(h) * (1 + scale) + shift).view(B, N, -1)
+        if self.cfg.predict_change and prev is not None:
+            first = (meta[0] == 0).to(dev)[None, :, None]  # frame 0 has nothing to change from
+            out = out + torch.where(first, torch.zeros_like(prev), prev)
+        return out
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.layers, self.cfg.tokens_per_frame, self.cfg.grid)
