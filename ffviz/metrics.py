@@ -218,8 +218,10 @@ def story_consistency(frames: np.ndarray, story: list[Scene], start: int = 0) ->
     if len(story) == 1:
         return consistency(frames, story[0], start)
     bounds = [max(sc.t0, start) for sc in story] + [start + len(frames)]
+    segments = [(sc, a, b) for sc, a, b in zip(story, bounds, bounds[1:]) if b > a]
     parts = [(consistency(frames[a - start:b - start], sc, start=a), b - a)
-             for sc, a, b in zip(story, bounds, bounds[1:]) if b > a]
+             for sc, a, b in segments]
+
     def weighted(pairs):
         pairs = [(v, w) for v, w in pairs if not np.isnan(v) and w > 0]
         return float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs])) if pairs \
@@ -234,5 +236,9 @@ def story_consistency(frames: np.ndarray, story: list[Scene], start: int = 0) ->
     vals = [out[k] for k in ("background", "color_presence", "shape", "returns")]
     out["consistency"] = float(np.nanmean(vals)) if not all(np.isnan(vals)) else float("nan")
     out["curves"] = {k: sum((m["curves"][k] for m, _ in parts), []) for k in parts[0][0]["curves"]}
-    out["segments"] = [{"from_frame": sc.t0, "prompt": sc.spec.describe()} for sc in story]
+    # each prompt's own grades: what a switch did is read in the segment after it
+    out["segments"] = [{"from_frame": sc.t0, "prompt": sc.spec.describe(),
+                        **{k: m[k] for k in ("consistency", "background", "color_presence",
+                                             "shape", "tracking")}}
+                       for (sc, _, _), (m, _) in zip(segments, parts)]
     return out

@@ -47,7 +47,11 @@ def test_cli_records_the_switch_and_refuses_bad_ones(tmp_path, capsys):
     (switch,) = summary["prompt_switches"]
     assert (switch["frame"], switch["prompt"], switch["recache"]) == (6, RED_ON_WHITE, "recent")
     assert switch["rerun_chunks"] >= 1
-    assert [s["from_frame"] for s in summary["metrics"]["segments"]] == [0, 6]
+    segments = summary["metrics"]["segments"]
+    assert [s["from_frame"] for s in segments] == [0, 6]
+    assert "white background" in segments[1]["prompt"]
+    for s in segments:  # each prompt graded on its own frames
+        assert 0 <= s["background"] <= 1 and 0 <= s["consistency"] <= 1
     marks = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()
              if "prompt_switch" in line]
     assert len(marks) == 1 and marks[0]["prompt_switch"]["frame"] == 6
@@ -155,7 +159,10 @@ def test_frames_are_graded_against_the_prompt_in_force():
     assert graded["background"] > 0.99 and graded["consistency"] > 0.97
     assert consistency(truth, scene, start=2)["background"] < 0.6  # against the first prompt only
     stale = scene.render(np.arange(2, 40))  # a video that ignored the switch
-    assert story_consistency(stale, story, start=2)["background"] < 0.6
+    stale_graded = story_consistency(stale, story, start=2)
+    assert stale_graded["background"] < 0.6
+    before, after = stale_graded["segments"]  # the segment after the switch tells
+    assert before["background"] > 0.99 and after["background"] < 0.01
 
 
 def test_bench_times_each_recache_mode(tmp_path):

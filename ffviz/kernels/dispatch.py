@@ -126,7 +126,7 @@ def attention(q, k, v, log_mass=None) -> torch.Tensor:
            f"log_mass must be {(B, H, N)} or None, got {None if log_mass is None else tuple(log_mass.shape)}")
     tensors = (q, k, v) if log_mass is None else (q, k, v, log_mass)
     # "auto" keeps PyTorch's SDPA here: on an H200 it beat this kernel (2.74 vs 3.35 ms at
-    # the Wan size, docs/bench_kernels.json); FFVIZ_KERNELS=triton still runs the kernel
+    # the Wan size, docs/speed/bench_kernels.json); FFVIZ_KERNELS=triton still runs the kernel
     if mode() == "triton" and backend(*tensors) == "triton":
         return triton_kernels.attention(q, k, v, log_mass)
     return reference.attention(q, k, v, log_mass)
