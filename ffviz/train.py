@@ -432,9 +432,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="train in float32 (default: bfloat16 autocast where the hardware has it)")
     p.add_argument("--width", type=int, default=TinyConfig.width, help="width of a NEW model")
     p.add_argument("--layers", type=int, default=TinyConfig.layers, help="layers of a NEW model")
-    p.add_argument("--prev-reach", type=int, default=TinyConfig.prev_reach,
+    p.add_argument("--prev-reach", type=int, default=1,
                    help="patches around each token's own that its previous-frame input spans "
-                        "(a NEW model; 1: the 3x3 neighbourhood)")
+                        "(a NEW model; default 1: the 3x3 neighbourhood; 0: its own patch)")
     p.add_argument("--predict-change", action=argparse.BooleanOptionalAction, default=True,
                    help="a NEW model's head predicts the change from the previous frame "
                         "(zero output = copy; default on)")

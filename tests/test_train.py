@@ -197,3 +197,27 @@ def test_previous_frame_neighbourhood_spans_the_patches_around():
     assert nb[0, 0, 3, 4, 5] == x[0, 3 * 8 + 5, 0] and nb[0, 0, 3, 4, 1] == x[0, 2 * 8 + 4, 0]
     assert (nb[0, :, 0, :, :3] == 0).all() and (nb[0, :, :, 7, 2::3] == 0).all()  # past the edge
     assert model.prev_embed.in_features == 9 * d
+
+
+def test_a_change_head_starts_as_a_copy_of_the_previous_frame():
+    """predict_change: x0 = previous frame + head; the head starts at zero, so a new model
+    copies the newest frame (frame 0, which has none, gets the head alone); an x0 head
+    starts at a zero frame instead."""
+    torch.manual_seed(0)
+    n, d = 64, 48
+    x, prev = torch.randn(1, 3 * n, d), torch.rand(1, 3 * n, d)
+    cond = torch.zeros(1, 32)
+    for change in (True, False):
+        model = TinyVideoModel(TinyConfig(width=32, layers=1, heads=2, predict_change=change))
+        out = model(x, torch.ones(1, 3), torch.tensor([0, 1, 2]), cond, prev=prev)
+        assert (out[:, :n] == 0).all()  # frame 0: nothing to change from
+        assert torch.equal(out[:, n:], prev[:, n:] if change else torch.zeros_like(prev[:, n:]))
+
+
+def test_new_models_predict_the_change_and_see_the_neighbourhood(tmp_path):
+    from ffviz.__main__ import main
+    out = tmp_path / "w.safetensors"
+    assert main(["train", "--fresh", "--steps", "1", "--width", "32", "--layers", "1",
+                 "--out", str(out)]) == 0
+    cfg = json.loads(out.with_suffix(".json").read_text())["config"]
+    assert cfg["predict_change"] is True and cfg["prev_reach"] == 1
