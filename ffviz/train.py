@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -322,7 +323,8 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
     batches = prefetch(pool, ((cfg.seed, s, cfg, model_cfg) for s in range(step, cfg.steps)),
                        depth=2 * cfg.workers)
     card = None
-    while step < cfg.steps:
+    stop = _StopRequest()  # Ctrl-C or SIGTERM: finish the step, save, stop (nothing lost)
+    while step < cfg.steps and not stop.asked:
         t0 = time.time()
         batch = next(batches)
         gen = torch.Generator().manual_seed(batch.gen_seed)
@@ -371,15 +373,43 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
             log(" ".join(f"{k} {v}" for k, v in entry.items()) + f" last {time.time() - t0:.2f}s")
             losses, valid_share = [], []
         out_of_time = cfg.minutes and time.time() - started > cfg.minutes * 60
-        if time.time() - last_save > cfg.save_every_s or out_of_time or step == cfg.steps:
+        if time.time() - last_save > cfg.save_every_s or out_of_time or step == cfg.steps \
+                or stop.asked:
             card = save()
             last_save = time.time()
             if out_of_time:
                 break
+    stop.release()
     if card is None:
         card = save()
     log(f"saved {out} at step {step} ({clips_seen} clips, {seconds / 60:.1f} min of training)")
     return card
+
+
+class _StopRequest:
+    """Turns SIGINT and SIGTERM into a request the training loop honours between steps
+    (so a stop always leaves a checkpoint that resumes exactly); a second Ctrl-C, or a
+    signal outside the main thread, acts as usual."""
+
+    def __init__(self):
+        self.asked, self._old = False, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._ask)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _ask(self, sig, frame):
+        if self.asked:
+            self.release()
+            signal.raise_signal(sig)
+        self.asked = True
+        print("stopping after this step, then saving (again to stop at once)", file=sys.stderr)
+
+    def release(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def _rollout_context(model, batch: Batch, truth, before, cond_ids, frame_idx, gen, clips: int):

@@ -221,3 +221,28 @@ def test_new_models_predict_the_change_and_see_the_neighbourhood(tmp_path):
                  "--out", str(out)]) == 0
     cfg = json.loads(out.with_suffix(".json").read_text())["config"]
     assert cfg["predict_change"] is True and cfg["prev_reach"] == 1
+
+
+def test_a_stopped_training_saves_a_checkpoint_that_resumes(tmp_path):
+    """SIGTERM (or Ctrl-C) mid-run: the step in flight finishes, weights and state are
+    saved at the same step, and the run exits cleanly."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "w.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "ffviz", "train", "--fresh", "--threads", "1",
+                             "--steps", "100000", "--width", "32", "--layers", "1", "--batch", "2",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        time.sleep(8)  # past the start-up, into the steps
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "saved" in stdout and "Traceback" not in stderr
+    card = json.loads(out.with_suffix(".json").read_text())
+    state = torch.load(out.with_name("w.state.pt"), weights_only=False)
+    assert 0 < card["steps"] < 100000 and state["step"] == card["steps"]
