@@ -450,6 +450,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "(default: a quarter of the batch)")
     p.add_argument("--object-weight", type=float, default=d.object_weight,
                    help="loss weight of patches that show an object or the pillar (1 = plain)")
+    p.add_argument("--switch-share", type=float, default=d.switch_share,
+                   help="share of (not rolled-out) clips whose prompt switches mid-clip")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--workers", type=int, default=0,
@@ -486,8 +488,11 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--object-weight must be > 0, got {args.object_weight}")
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
                       rollout_after=args.rollout_after, rollout_clips=args.rollout_clips,
-                      object_weight=args.object_weight, seed=args.seed, threads=args.threads,
+                      object_weight=args.object_weight, switch_share=args.switch_share,
+                      seed=args.seed, threads=args.threads,
                       workers=args.workers, save_every_s=args.save_every, bf16=not args.no_bf16)
+    if not 0 <= args.switch_share <= 1:
+        raise SystemExit(f"--switch-share must be in [0, 1], got {args.switch_share}")
     for name in ("rope_theta", "rope_theta_time"):
         if not getattr(args, name) > 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be > 1, got {getattr(args, name)}")

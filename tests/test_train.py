@@ -156,6 +156,7 @@ def test_cli_checks_its_arguments(tmp_path):
     for bad, msg in ((["--rope-theta", "1"], "--rope-theta must be > 1"),
                      (["--rollout-clips", "2"], "--rollout-clips must be in \\[0, --batch\\], got 2"),
                      (["--object-weight", "0"], "--object-weight must be > 0"),
+                     (["--switch-share", "1.5"], "--switch-share must be in \\[0, 1\\]"),
                      (["--batch", "0"], "--batch and --steps")):
         with pytest.raises(SystemExit, match=msg):
             main([*args, *bad])
