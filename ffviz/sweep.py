@@ -96,7 +96,8 @@ def run_sweep(model, config: EvalConfig, out_dir: Path, backend: str = "local",
     if not isinstance(model, str):
         check_fits(model, config)
     units = [Unit(p, s) for p in config.prompts for s in config.seeds]
-    store = UnitStore(Path(out_dir) / "runs", {"model": label, "frames": config.frames,
+    store = UnitStore(Path(out_dir) / "runs", {"model": label, "weights": weights_identity(model),
+                                               "frames": config.frames,
                                                "horizon": config.horizon,
                                                "query_steps": config.query_steps}, log)
     missing = {u: [r for r in runs if run_key(r) not in store.done(u.prompt, u.seed)] for u in units}
@@ -118,6 +119,23 @@ def run_sweep(model, config: EvalConfig, out_dir: Path, backend: str = "local",
              "reference_query_bytes": None if isinstance(model, str)
              else reference_query_bytes(model.cfg, config)}
     return report(out_dir, rows, config, time.perf_counter() - started, about)
+
+
+def weights_identity(model) -> str | None:
+    """What a stored run depends on in the model besides its name: the embedded model's
+    weights, by the sha256 of its card, so that a rerun after new weights runs anew
+    instead of mixing their rows with the old ones; None where unknown (a model passed
+    loaded: the caller keeps its folders apart)."""
+    if not isinstance(model, str):
+        return None
+    kind, _, spec = model.partition(":")
+    if kind != "tiny":
+        return None
+    from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, read_card
+    try:
+        return read_card(Path(spec) if spec else DEFAULT_WEIGHTS).get("sha256")
+    except (WeightsError, OSError):
+        return None  # loading it fails with its own message
 
 
 def _torch_threads() -> int:

@@ -1,7 +1,7 @@
 """A sweep's finished runs on disk, so that a killed sweep resumes where it was.
 
 One JSON file per unit of the grid (one prompt and seed) under ``DIR/runs/``, named
-by a hash of the settings its rows depend on (model, frames, horizon, query steps,
+by a hash of the settings its rows depend on (model and its weights, frames, horizon, query steps,
 prompt, seed): a rerun with other settings starts fresh files beside the old ones
 instead of mixing rows. Inside, ``rows`` holds the finished runs by ``run_key`` and
 ``failed`` the runs whose task failed twice (retried by the next rerun). The file is

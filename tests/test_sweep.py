@@ -95,10 +95,10 @@ def test_a_rerun_skips_what_is_stored(whole, model, tmp_path, monkeypatch):
 
 def test_other_settings_start_fresh(whole, model, tmp_path):
     out, _ = whole
-    store = UnitStore(out / "runs", {"model": model.name, "frames": 6, "horizon": 2,
-                                     "query_steps": "all"})
-    other = UnitStore(out / "runs", {"model": model.name, "frames": 8, "horizon": 2,
-                                     "query_steps": "all"})
+    store = UnitStore(out / "runs", {"model": model.name, "weights": None, "frames": 6,
+                                     "horizon": 2, "query_steps": "all"})
+    other = UnitStore(out / "runs", {"model": model.name, "weights": None, "frames": 8,
+                                     "horizon": 2, "query_steps": "all"})
     assert len(store.done(PROMPT, 0)) == 3 and other.done(PROMPT, 0) == set()
     assert store.path(PROMPT, 0) != other.path(PROMPT, 0)
 
@@ -268,6 +268,25 @@ def test_cli_killed_sweep_resumes(weights, local_cli, tmp_path):
     summary = json.loads((tmp_path / "eval.json").read_text())
     assert summary["runs_resumed"] >= stored
     assert quality(read_rows(tmp_path / "runs.csv")) == quality(read_rows(local_cli / "runs.csv"))
+
+
+def test_new_weights_do_not_resume_the_old_weights_runs(weights, local_cli, tmp_path):
+    """Stored runs belong to their weights: the same command with other weights runs
+    every run anew beside them; with the same weights it resumes them all."""
+    import shutil
+    from ffviz.weights import save_weights
+    folder = tmp_path / "eval"
+    shutil.copytree(local_cli, folder)
+    r = cli(weights, folder)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((folder / "eval.json").read_text())["runs_resumed"] == 4
+    changed = random_model(width=32, layers=1)
+    changed.head.bias.data += 0.01  # other weights, the same model otherwise
+    other = tmp_path / "w" / "tiny.safetensors"
+    save_weights(changed, other, {"steps": 0})
+    r = cli(other, folder)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((folder / "eval.json").read_text())["runs_resumed"] == 0
 
 
 def test_cli_exit_code_says_a_run_failed(weights, tmp_path):
