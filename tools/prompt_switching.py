@@ -82,7 +82,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for setting in SETTINGS:
             rows = [after_switch(setting, s, args, Path(scratch)) for s in seeds]
-            table[setting] = {k: round(float(np.nanmean([r[k] for r in rows])), 3)
+            # summary.json writes an undefined metric as null
+            table[setting] = {k: round(float(np.nanmean([np.nan if r[k] is None else r[k]
+                                                         for r in rows])), 3)
                               for k in METRICS + DRIFTS}
     print(f"| after the switch at frame {args.switch_frame} (mean of {len(seeds)} seeds) | "
           + " | ".join(METRICS) + " |")
