@@ -69,6 +69,21 @@ def _nanmean(xs) -> float:
     return float(np.mean(xs)) if xs else math.nan
 
 
+PSNR = "rollout_psnr_vs_full"
+
+
+def _mean(metric: str, xs) -> float:
+    """The mean of ``metric``'s values; for PSNR the PSNR of the mean squared error, so
+    one identical run (infinite PSNR) does not make the mean infinite."""
+    if metric != PSNR:
+        return _nanmean(xs)
+    xs = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    if not xs:
+        return math.nan
+    mse = float(np.mean([0.0 if math.isinf(x) else 255.0 ** 2 * 10 ** (-x / 10) for x in xs]))
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """One row (``RESULT_COLUMNS``) per policy x budget x seed: means over prompts
     (errors left out), ``peak_cache_tokens`` the max."""
@@ -82,7 +97,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                "policy_params": rs[0]["policy_params"],
                "errors": " | ".join(r["error"] for r in rs if r["error"])}
         for m in METRICS:  # rows stored by an earlier version may lack a metric
-            agg[m] = _nanmean([r.get(m, math.nan) for r in ok])
+            agg[m] = _mean(m, [r.get(m, math.nan) for r in ok])
         peaks = [r["peak_cache_tokens"] for r in ok]
         agg["peak_cache_tokens"] = max(peaks) if peaks else math.nan
         out.append(agg)
@@ -90,9 +105,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def over_seeds(results: list[dict]) -> list[dict]:
-    """One row per policy x budget: per metric the mean over seeds (``metric``) and its
-    interval (``metric + "_ci"``: ``t_interval``'s dict; none where a seed's value is
-    infinite, as ``full``'s PSNR)."""
+    """One row per policy x budget: per metric the mean over seeds (``metric``; PSNR:
+    of the mean squared error) and its interval (``metric + "_ci"``: ``t_interval``'s
+    dict; none where a seed's value is infinite, as ``full``'s PSNR)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["policy"], r["budget"]), []).append(r)
@@ -101,8 +116,9 @@ def over_seeds(results: list[dict]) -> list[dict]:
         row = {"policy": p, "budget": b, "seeds": len(rs)}
         for m in METRICS:
             values = [r[m] for r in rs]
-            row[m] = _nanmean(values)
-            row[m + "_ci"] = t_interval(values) if math.isfinite(row[m]) else t_interval([])
+            row[m] = _mean(m, values)
+            row[m + "_ci"] = t_interval(values) if math.isfinite(row[m]) and \
+                all(math.isfinite(float(v)) for v in values if v is not None) else t_interval([])
         out.append(row)
     return out
 

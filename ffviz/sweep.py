@@ -88,6 +88,7 @@ def run_sweep(model, config: EvalConfig, out_dir: Path, backend: str = "local",
     started = time.perf_counter()
     check_backend(backend, address, ray_cpus)
     label = model if isinstance(model, str) else model.name
+    weights = weights_identity(model)  # by name, before it is loaded
     runs = grid_runs(config, config.validate(scenes=has_scenes(label) if isinstance(model, str)
                                              else model.has_scenes))
     if backend == "local" and isinstance(model, str):
@@ -96,7 +97,7 @@ def run_sweep(model, config: EvalConfig, out_dir: Path, backend: str = "local",
     if not isinstance(model, str):
         check_fits(model, config)
     units = [Unit(p, s) for p in config.prompts for s in config.seeds]
-    store = UnitStore(Path(out_dir) / "runs", {"model": label, "weights": weights_identity(model),
+    store = UnitStore(Path(out_dir) / "runs", {"model": label, "weights": weights,
                                                "frames": config.frames,
                                                "horizon": config.horizon,
                                                "query_steps": config.query_steps}, log)

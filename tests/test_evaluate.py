@@ -341,3 +341,19 @@ def test_recency_variant_fills_the_budget_with_protected_frames(model):
     with pytest.raises(EvalError, match="sets n_recent itself"):
         EvalConfig(policies=["v"], variants={"v": Variant("future_forcing", ("n_recent=2",),
                                                           recency=True)}).validate()
+
+
+def test_psnr_is_averaged_as_squared_error():
+    """One identical run (PSNR inf) must not make a policy's mean PSNR infinite: the mean
+    is the PSNR of the mean squared error; only all-identical runs give inf."""
+    from ffviz.eval_report import aggregate, over_seeds
+    base = {"policy": "window", "budget": 3, "policy_params": "{}", "error": "",
+            "peak_cache_tokens": 1}
+    rows = [{**base, "seed": 0, "prompt": "a", "rollout_psnr_vs_full": math.inf},
+            {**base, "seed": 0, "prompt": "b", "rollout_psnr_vs_full": 20.0}]
+    (agg,) = aggregate(rows)
+    assert agg["rollout_psnr_vs_full"] == pytest.approx(20 + 10 * math.log10(2))
+    (row,) = over_seeds([agg, {**agg, "seed": 1, "rollout_psnr_vs_full": math.inf}])
+    assert math.isfinite(row["rollout_psnr_vs_full"])
+    (same,) = over_seeds([{**agg, "rollout_psnr_vs_full": math.inf}])
+    assert same["rollout_psnr_vs_full"] == math.inf

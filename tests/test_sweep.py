@@ -270,21 +270,25 @@ def test_cli_killed_sweep_resumes(weights, local_cli, tmp_path):
     assert quality(read_rows(tmp_path / "runs.csv")) == quality(read_rows(local_cli / "runs.csv"))
 
 
-def test_new_weights_do_not_resume_the_old_weights_runs(weights, local_cli, tmp_path):
-    """Stored runs belong to their weights: the same command with other weights runs
-    every run anew beside them; with the same weights it resumes them all."""
+def test_new_weights_do_not_resume_the_old_weights_runs(weights, tmp_path):
+    """Stored runs belong to their weights: the same command after the weights file was
+    replaced runs every run anew; with the same weights it resumes them all (both
+    backends name the weights alike: the ray test resumes what local stored)."""
     import shutil
     from ffviz.weights import save_weights
+    mine = tmp_path / "w" / weights.name
+    mine.parent.mkdir()
+    shutil.copy(weights, mine)
+    shutil.copy(weights.with_suffix(".json"), mine.with_suffix(".json"))
     folder = tmp_path / "eval"
-    shutil.copytree(local_cli, folder)
-    r = cli(weights, folder)
-    assert r.returncode == 0, r.stderr
-    assert json.loads((folder / "eval.json").read_text())["runs_resumed"] == 4
+    for expected in (0, 4):
+        r = cli(mine, folder)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((folder / "eval.json").read_text())["runs_resumed"] == expected
     changed = random_model(width=32, layers=1)
-    changed.head.bias.data += 0.01  # other weights, the same model otherwise
-    other = tmp_path / "w" / "tiny.safetensors"
-    save_weights(changed, other, {"steps": 0})
-    r = cli(other, folder)
+    changed.head.bias.data += 0.01  # new weights under the same name
+    save_weights(changed, mine, {"steps": 1})
+    r = cli(mine, folder)
     assert r.returncode == 0, r.stderr
     assert json.loads((folder / "eval.json").read_text())["runs_resumed"] == 0
 
