@@ -28,7 +28,7 @@ import torch
 from ffviz.app.memory_test import MemoryTest
 from ffviz.app.params import build_policy, param_specs
 from ffviz.app.provenance import plural
-from ffviz.app.quality import QualityLog, curves, hide_events
+from ffviz.app.quality import QualityLog, curves
 from ffviz.app.session import (APP_MAX_FRAMES, InputError, RunSession, check_inputs, interleave,
                                preflight, query_arrays, warm_up)
 from ffviz.app.views import (cache_view, current_frame, frame_caption, live_views, oracle_summary,
@@ -454,7 +454,7 @@ class App:
         state = ("**stopped** - " + ", ".join(stopped)) if stopped else "**done**"
         mine = {s.tag.text() for s in runs}
         points = [p for p in log.as_dicts() if p["run"] in mine]
-        hides = hide_events(a.job.spec, a.settings.seed, a.settings.frames) if a.job.spec else []
+        hides = a.hides
         ab = [c for c in (curves(a, f"A {a.tag.policy}"), curves(b, f"B {b.tag.policy}")) if c]
         label = f"A {a.tag.run_id} vs B {b.tag.run_id} · {a.tag.started}"
         files = [str(s.dir / "video.mp4") for s in (a, b) if (s.dir / "video.mp4").exists()]

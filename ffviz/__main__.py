@@ -169,12 +169,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _seeds(text: str) -> list[int]:
-    """"0-7" or "0,3,5" -> list of ints."""
-    from ffviz.evaluate import parse_seeds
-    return parse_seeds(text)
-
-
 def cmd_showcase(args) -> int:
     from tqdm import tqdm
 
@@ -184,8 +178,9 @@ def cmd_showcase(args) -> int:
         raise SystemExit(f"--steps must be in [1, 50], got {args.steps}")
     from ffviz.export import check_output_dir
     check_output_dir(args.out)
+    from ffviz.evaluate import parse_seeds
+    seeds = parse_seeds(args.seeds)  # before the model loads: a bad list fails at once
     model = _load_model(args)
-    seeds = _seeds(args.seeds)
     with tqdm(total=(3 + len(also)) * len(seeds), unit="run", desc="showcase", file=sys.stderr) as bar:
         summary = showcase(model, seeds, args.frames, Path(args.out), budget=args.budget,
                            progress=bar, also=also, steps=args.steps,
@@ -246,14 +241,11 @@ def _add_sweep_args(p, out: str, suite: str) -> None:
 def cmd_heads(args) -> int:
     from tqdm import tqdm
 
-    from ffviz.evaluate import DEFAULT_SUITE, parse_prompts
+    from ffviz.evaluate import DEFAULT_SUITE, parse_prompts, parse_seeds
     from ffviz.export import check_output_dir
-    from ffviz.heads import HeadsError, check_settings, measure_heads, write_heads
+    from ffviz.heads import check_settings, measure_heads, write_heads
     prompts = parse_prompts(args.prompts) if args.prompts else list(DEFAULT_SUITE)
-    try:
-        seeds = _seeds(args.seeds)
-    except ValueError:
-        raise HeadsError(f"seeds must look like 0-2 or 0,3,5, got {args.seeds!r}") from None
+    seeds = parse_seeds(args.seeds)
     check_settings(prompts, seeds, args.frames, args.sink, args.recent or 1, args.threshold)
     check_output_dir(args.out)
     model = _load_model(args)

@@ -21,18 +21,18 @@ its paired difference in returns from the defaults.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from ffviz.eval_report import (aggregate, by_setting, cell, compare, difference_cell, over_seeds,
                                with_interval, with_shared_fidelity, write_results)
 from ffviz.evaluate import EvalConfig, EvalError, Variant
-from ffviz.policies import POLICIES
+from ffviz.policies import POLICIES, make_policy
 
 ABLATED = ("future_forcing", "expected_attention")
 AXES = {"horizon": (1, 2, 4), "rank": (0, 1, 2), "stride": (1, 2),
         "statistics": ("current", "historical")}
-MERGE_TAU = "tau=4"  # merging for a policy that does not merge by default: Future Forcing's tau
+# merging for a policy that does not merge by default: Future Forcing's tau
+MERGE_TAU = f"tau={POLICIES['future_forcing'].tau:g}"
 DEFAULTS = "defaults"
 
 
@@ -40,8 +40,7 @@ def variants(policy: str) -> dict[str, Variant]:
     """Label -> variant of ``policy``, the defaults first."""
     if policy not in ABLATED:
         raise EvalError(f"ablate takes {' or '.join(ABLATED)}, got {policy!r}")
-    cls = POLICIES[policy]
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+    defaults = make_policy(policy).params()
     label = lambda what: f"{policy}:{what}"
     out = {label(DEFAULTS): Variant(policy)}
     merges = defaults["tau"] > 0

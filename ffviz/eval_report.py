@@ -117,8 +117,8 @@ def over_seeds(results: list[dict]) -> list[dict]:
         for m in METRICS:
             values = [r[m] for r in rs]
             row[m] = _mean(m, values)
-            row[m + "_ci"] = t_interval(values) if math.isfinite(row[m]) and \
-                all(math.isfinite(float(v)) for v in values if v is not None) else t_interval([])
+            infinite = any(v is not None and math.isinf(float(v)) for v in values)
+            row[m + "_ci"] = t_interval([]) if infinite else t_interval(values)
         out.append(row)
     return out
 

@@ -362,18 +362,16 @@ class RunProbe(Observer):
             self.recall.append(float(np.mean(rc)))
 
     def _score_chosen(self, frames: list[torch.Tensor], decision, ctx) -> float:
-        """Kept tokens outside the protected frames, per head, averaged over layers and heads
-        (a slot the decision leaves dead keeps nothing; a dead slot's frame is DEAD, < 0)."""
-        policy = self.scored
-        sink, recent = policy.sink_frames(self.budget_tokens, ctx), policy.first_recent(ctx)
-        counts = []
-        for frame, d in zip(frames, decision.layers):
-            kept = frame.gather(-1, d.keep[0].to(frame.device))  # (H, K) source frames
-            chosen = (kept >= max(sink, 0)) & (kept < recent)
+        """Kept tokens outside the policy's protected ones (its own ``protected``: forcing_kv
+        protects per head), per head, averaged over layers and heads (a slot the decision
+        leaves dead keeps nothing; a dead slot's frame is DEAD, < 0)."""
+        kept = torch.stack([frame.gather(-1, d.keep[0].to(frame.device))
+                            for frame, d in zip(frames, decision.layers)])  # (L, H, K) frames
+        chosen = ~self.scored.protected(kept[:, None], self.budget_tokens, ctx)[:, 0] & (kept >= 0)
+        for i, d in enumerate(decision.layers):
             if d.live is not None:
-                chosen &= d.live[0].to(frame.device)
-            counts.append(chosen.sum(-1).double().mean().item())
-        return float(np.mean(counts))
+                chosen[i] &= d.live[0].to(kept.device)
+        return float(chosen.sum(-1).double().mean())
 
 
 # -- the grid --------------------------------------------------------------------
@@ -437,7 +435,7 @@ def shared_scorers(config: EvalConfig, kwargs: dict[str, dict]) -> list[str]:
     """The labels that rate the fidelity reference's caches: the scored policies (a
     recency variant's score chooses nothing, so it is left out)."""
     return [label for label in config.policies
-            if isinstance(build_policy(config, kwargs, label, config.budgets[0]), ScoredPolicy)
+            if issubclass(POLICIES[config.policy_name(label)], ScoredPolicy)
             and not getattr(config.variants.get(label), "recency", False)]
 
 

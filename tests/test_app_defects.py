@@ -189,7 +189,7 @@ def _tokens(n_frames: int, grid=(8, 8), seed=0):
     n = n_frames * rows * cols
     state = rng.integers(0, 3, n).astype(np.int8)
     into = np.where(state == 1, int(np.argmax(state == 0)), -1)
-    return {"frame": np.repeat(np.arange(n_frames), rows * cols), "row": np.tile(np.arange(n) % (rows * cols) // cols, 1),
+    return {"frame": np.repeat(np.arange(n_frames), rows * cols), "row": np.arange(n) % (rows * cols) // cols,
             "col": np.arange(n) % cols, "mass": np.ones(n), "state": state, "into": into,
             "score": rng.normal(size=n), "step": 7, "frame_now": n_frames - 1,
             "budget_tokens": 256, "compressed": True}

@@ -9,14 +9,13 @@ for ``returns`` (its colour shows again within that window).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 from ffviz.app.provenance import plural
 from ffviz.app.quality import curves, hide_events
 from ffviz.app.session import RunSession, check_inputs, interleave
-from ffviz.export import json_safe
+from ffviz.app.views import write_json
 from ffviz.metrics import RETURN_WINDOW
 from ffviz.policies import POLICIES, make_policy
 from ffviz.scenes import EXAMPLE_PROMPTS, parse_prompt
@@ -110,5 +109,4 @@ class MemoryTest:
                 "hides": self.hides,
                 "runs": [{"tag": s.tag.as_dict(), "summary": s.summary, "curves": curves(s)}
                          for s in self.sessions]}
-        path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
-        return str(path)
+        return write_json(path, data)

@@ -14,6 +14,7 @@ files. Live steering goes through ``Controls`` (read before every chunk).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import tempfile
 import time
@@ -26,6 +27,7 @@ import torch
 
 from ffviz.app.cache_history import CacheHistory, capture
 from ffviz.app.provenance import RunTag
+from ffviz.app.quality import hide_events
 from ffviz.cache import KVCache
 from ffviz.export import FrameSpool, OutputError
 from ffviz.generate import Controls, GenerationError, Observer, PromptSwitch, RunSettings, Step
@@ -235,6 +237,13 @@ class RunSession:
         self.started = 0.0
 
     # -- what the run keeps ----------------------------------------------------------
+    @functools.cached_property
+    def hides(self) -> list[dict]:
+        """When each object of the scene is hidden over the planned frames: the scene's
+        truth, fixed for the run, so worked out once (every plot refresh draws it)."""
+        spec = self.job.spec
+        return hide_events(spec, self.settings.seed, self.settings.frames) if spec else []
+
     @property
     def frames(self) -> FrameSpool:
         return self.job.frames

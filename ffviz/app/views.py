@@ -9,7 +9,7 @@ import numpy as np
 
 from ffviz.app.cache_history import CacheStep, capture
 from ffviz.app.provenance import budget_text, holds_budget, plural
-from ffviz.app.quality import QualityLog, curves, hide_events
+from ffviz.app.quality import QualityLog, curves
 from ffviz.app.session import RunSession, query_arrays
 from ffviz.export import json_safe
 from ffviz.viz import figures as F
@@ -70,10 +70,8 @@ def quality_view(session: RunSession | None, log: QualityLog | None = None):
         return quality_figure([])
     own = curves(session, f"{session.tag.run_id} {session.tag.policy}")
     earlier = log.same_scene(session, exclude=session.tag.text()) if log else []
-    spec = session.job.spec
-    hides = hide_events(spec, session.settings.seed, session.settings.frames) if spec else []
     points = log.as_dicts() if log and log.points else ()
-    return quality_figure([*earlier, own] if own else [], hides, session.switches, points,
+    return quality_figure([*earlier, own] if own else [], session.hides, session.switches, points,
                           session.tag.text())
 
 

@@ -290,11 +290,11 @@ class TinyVideoModel(nn.Module):
         e = self.time_embed(timestep_embedding(t, self.cfg.width)) + per_frame  # (B, T, w)
         mod = self.time_proj(e).view(B, -1, 6, self.cfg.width)
         h = self.patch_embed(x)
+        first = None if prev is None else (meta[0] == 0).to(dev)[None, :, None]  # no previous frame
         if self.cfg.previous_frame_input:
             if prev is None:
                 h = h + self.no_prev
             else:
-                first = (meta[0] == 0).to(dev)[None, :, None]
                 h = h + torch.where(first, self.no_prev, self.prev_embed(self.neighbourhood(prev)))
         h = h.view(B, -1, n_tok, self.cfg.width)  # by frame, for the per-frame modulation
         for i, block in enumerate(self.blocks):
@@ -303,8 +303,7 @@ class TinyVideoModel(nn.Module):
         shift, scale = (e[:, :, None] + self.head_mod)[:, :, :, None].unbind(2)
         out = self.head(self.head_norm(h) * (1 + scale) + shift).view(B, N, -1)
         if self.cfg.predict_change and prev is not None:
-            first = (meta[0] == 0).to(dev)[None, :, None]  # frame 0 has nothing to change from
-            out = out + torch.where(first, torch.zeros_like(prev), prev)
+            out = out + prev.masked_fill(first, 0)  # frame 0 has nothing to change from
         return out
 
     def new_cache(self) -> KVCache:

@@ -102,7 +102,7 @@ class ForcingKV(ScoredPolicy):
 
     # -- the run's state: roles, their measurement, the buffer ------------------------
 
-    def _reset(self, ctx) -> None:
+    def _reset(self) -> None:
         self._state = {"last_frame": -1, "static": None, "source": None, "first_report": False,
                        "score_sum": None, "score_n": None, "measured": [], "buffer": None}
 
@@ -110,7 +110,7 @@ class ForcingKV(ScoredPolicy):
         """A new run (the frame went back) starts over; until the roles are fixed, the
         chunk's queries are measured (roles_from=measure)."""
         if not self._state or ctx.frame < self._state["last_frame"]:
-            self._reset(ctx)
+            self._reset()
         self._state["last_frame"] = ctx.frame
         if self._state["static"] is None and self.roles_from == MEASURE and ctx.chunk_queries:
             self._measure(cache, ctx)
@@ -153,7 +153,6 @@ class ForcingKV(ScoredPolicy):
             score = torch.zeros(L, H, dtype=torch.float64)
             st["source"] = ("not measured: no chunk before the first compression reached past "
                             "n_sink + recent frames; every head is dynamic")
-        st["score"] = score
         static = score >= self.threshold
         static[0] = False  # layer 0 is never split
         st["static"] = static

@@ -102,16 +102,3 @@ def _against_cache(fig: go.Figure, points: list[dict], row: int, col: int) -> No
                       row, col)
     fig.update_xaxes(title_text="peak cache (tokens per head)", rangemode="tozero", row=row, col=col)
     fig.update_yaxes(range=[-0.02, 1.02], row=row, col=col)
-
-
-def quality_vs_cache_figure(points: list[dict], label: str = "") -> go.Figure:
-    """Mean consistency and tracking of finished runs against their peak cache size."""
-    title = "Quality against cache size"
-    if not points:
-        return empty(title, "finished runs appear here: try the same prompt at several budgets")
-    fig = make_subplots(rows=1, cols=1)
-    _against_cache(fig, list(points), 1, 1)
-    fig.update_yaxes(title_text="mean over the run")
-    return stamp(_layout(fig, title, "one point per finished run: more cache should not mean "
-                                     "less quality; the best policy stays high at a small cache"),
-                 label)
