@@ -274,6 +274,9 @@ def test_score_chosen_tokens_are_the_kept_beyond_the_protected_frames(grid, mode
         assert float(by_key[("h2o", 4, s)]["score_chosen_tokens"]) == 3 * n
         for name in ("full", "window"):
             assert by_key[(name, 4, s)]["score_chosen_tokens"] == ""
+        # forcing_kv protects per head (sink, ring, newest frame; layer 0 the whole budget):
+        # what its stripes choose is at most one frame's buffer per head
+        assert 0 <= float(by_key[("forcing_kv", 4, s)]["score_chosen_tokens"]) <= n
 
 
 def test_shared_cache_fidelity_rates_one_cache_for_every_scorer(grid):
