@@ -5,7 +5,9 @@ TransformerLens: ``blocks.{i}.attn.hook_q_pre`` / ``hook_q_post`` (queries befor
 and after RoPE) and ``hook_k_pre`` / ``hook_k_post``. Tensors are
 (batch, heads, tokens, head_dim). A hook function gets ``(tensor, hook)`` and
 may return a replacement tensor; ``hook.ctx`` tells which frames the tokens
-belong to, the noise level and the phase ("denoise" or "cache").
+belong to, the noise level and the phase ("denoise" or "cache"). A tiny model with a
+motion head also calls ``hook_motion``: per patch, its weights (batch, tokens,
+(2r+1)^2) over the previous frame's displacements.
 
 ``QueryTap`` is how everything reads queries while the model denoises (the
 policies' inputs in ``generate``, the recorder, the reference run of ``reference``).

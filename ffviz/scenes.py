@@ -79,6 +79,9 @@ class ObjectSpec:
     shape: str
     color: str
     size: str = "medium"
+    # whether the prompt named the colour: only then does the condition carry it, so an
+    # unnamed object's colour lives in the frames (and, once hidden, in the cache) alone
+    named: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +113,8 @@ class SceneSpec:
         """Integer ids the model embeds as its prompt: (5 + 3 * MAX_OBJECTS,).
 
         [background, pillar (0 = none), speed, pillar width, exits, then per slot
-        shape, colour, size (0 = empty slot)]; colours are 1-based so 0 can mean "none".
+        shape, colour, size (0 = empty slot)]; colours are 1-based so 0 can mean "none"
+        (an empty slot, or an object whose colour the prompt does not name).
         """
         ids = [COLOR_NAMES.index(self.background) + 1,
                COLOR_NAMES.index(self.pillar) + 1 if self.pillar else 0,
@@ -118,7 +122,7 @@ class SceneSpec:
         for i in range(MAX_OBJECTS):
             if i < len(self.objects):
                 o = self.objects[i]
-                ids += [SHAPES.index(o.shape) + 1, COLOR_NAMES.index(o.color) + 1,
+                ids += [SHAPES.index(o.shape) + 1, COLOR_NAMES.index(o.color) + 1 if o.named else 0,
                         list(SIZES).index(o.size) + 1]
             else:
                 ids += [0, 0, 0]
@@ -127,6 +131,7 @@ class SceneSpec:
 
 CONDITION_VOCAB = [len(COLORS) + 1, len(COLORS) + 1, len(SPEEDS), 2, 2] + \
     [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1] * MAX_OBJECTS
+OBJECT_COLOUR_IDS = tuple(5 + 3 * i + 1 for i in range(MAX_OBJECTS))  # their places in it
 
 
 def _nearest_color(rgb) -> str:
@@ -136,7 +141,8 @@ def _nearest_color(rgb) -> str:
 def parse_prompt(prompt: str, seed: int = 0) -> tuple[SceneSpec, list[str]]:
     """Read a scene from ``prompt``; return it and notes: the words not understood,
     and what was assumed (``"orange -> yellow"``, ``"circle: no colour, drawn red"``).
-    A shape without a colour gets a palette colour drawn from ``seed``."""
+    A shape without a colour gets a palette colour drawn from ``seed``, which the
+    condition leaves out (``ObjectSpec.named``)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise PromptError("empty prompt: describe shapes and a background, e.g. "
                           "'a red circle and a blue square on a green background'")
@@ -206,13 +212,14 @@ def parse_prompt(prompt: str, seed: int = 0) -> tuple[SceneSpec, list[str]]:
     taken = {background, pillar} | {c for _, c, _ in objects if c}
     objs = []
     for shape, c, s in objects:
+        color_named = c is not None
         if c is None:  # a seeded colour the scene does not use yet (else any but the background's)
             free = [n for n in COLOR_NAMES if n not in taken] or \
                    [n for n in COLOR_NAMES if n not in (background, pillar)]
             c = free[int(rng.integers(len(free)))]
             taken.add(c)
             notes.append(f"{shape}: no colour, drawn {c}")
-        objs.append(ObjectSpec(shape, c, s))
+        objs.append(ObjectSpec(shape, c, s, named=color_named))
     return SceneSpec(background, tuple(objs), pillar, speed, wide, exits), notes
 
 

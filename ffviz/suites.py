@@ -4,7 +4,9 @@ A suite is a list of prompts, the seeds it is run on unless told otherwise, and 
 run length. The memory suites are scenes where the cache decides: small objects
 leave the view (hidden 8-19 frames) or pass behind a wide pillar (4-10 frames), so
 every hidden span outlasts a 3-frame window, and each run of 48 frames has at least
-one such return for every prompt and default seed (``tests/test_suites.py``).
+one such return for every prompt and default seed (``tests/test_suites.py``). In
+``memory-unnamed`` the prompts name no colour: the condition leaves the colours out,
+so what a returning object looks like is in the cache alone.
 
 Held out, or for tuning. Anything that is tuned (a policy's defaults, ``ffviz
 ablate``) uses ``memory-tuning`` and seeds below ``HELD_OUT_SEED_BASE``; reported
@@ -38,6 +40,17 @@ SUITES: dict[str, Suite] = {
         ),
         seeds=tuple(range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + 16)), frames=48,
         about="held out: exits and wide pillars that outlast a small window; report on it"),
+    "memory-unnamed": Suite(
+        prompts=(
+            "a small circle and a small square on a blue background with a wide gray pillar, "
+            "leaving the view",
+            "a small triangle and a small circle on a black background with a wide purple pillar",
+            "a small square and a small triangle on a white background, leaving the view",
+        ),
+        seeds=tuple(range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + 16)), frames=48,
+        about="held out: the memory suite's scenes with colours the prompt does not name (drawn "
+              "per seed, left out of the condition): a returning object's colour is in the cache "
+              "alone"),
     "memory-tuning": Suite(
         prompts=(
             "a small yellow circle, a small purple square and a small green triangle on a black "
@@ -65,8 +78,9 @@ def held_out_parts(config) -> str:
     seeds = [s for s in config.seeds if s >= HELD_OUT_SEED_BASE]
     if seeds:
         parts.append(f"seeds ({len(seeds)} of them >= {HELD_OUT_SEED_BASE})")
-    if set(config.prompts) & set(SUITES["memory"].prompts):
-        parts.append("prompts (the memory suite's)")
+    for name in ("memory", "memory-unnamed"):
+        if set(config.prompts) & set(SUITES[name].prompts):
+            parts.append(f"prompts (the {name} suite's)")
     return " and ".join(parts)
 
 

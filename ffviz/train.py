@@ -42,7 +42,7 @@ import torch
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.sampling import (TRAIN_SEED_BASE, palette_tensor, previous_tokens, rollout, shifted,
                             sigma_schedule)
-from ffviz.scenes import COLORS, Scene, random_spec, restyled_spec
+from ffviz.scenes import COLORS, OBJECT_COLOUR_IDS, Scene, random_spec, restyled_spec
 from ffviz.teacher import renderer_targets
 from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, load_tiny, save_weights
 
@@ -66,6 +66,9 @@ class TrainConfig:
     rollout_clips: int = 2  # clips per batch whose context is the model's own rollout
     targets: int = 6  # noisy target frames per clip (drawn from the clip's frames after the given)
     switch_share: float = 0.15  # clips (not rolled out) whose prompt switches mid-clip
+    # clips whose prompt names no colour (condition colour 0): a hidden object's colour
+    # then comes back only from the frames before, which is what the cache is for
+    unnamed_share: float = 0.25
     object_weight: float = 2.0  # loss weight of patches showing an object or the pillar
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
@@ -125,6 +128,16 @@ def make_batch(rng: np.random.Generator, batch: int, recent: int, start: int, gi
     return scenes, frame_idx, np.stack(clips), before, np.stack(conds), np.stack(fg)
 
 
+def unname_colours(conds: np.ndarray, rng: np.random.Generator, share: float) -> np.ndarray:
+    """Condition ids (B, T, C) with the object colours left out (0, as for a prompt that
+    names none) in a ``share`` of the clips. Its own generator: the rest of a batch is
+    the same whatever the share."""
+    hide = rng.random(len(conds)) < share
+    conds = conds.copy()
+    conds[np.ix_(hide, np.arange(conds.shape[1]), OBJECT_COLOUR_IDS)] = 0
+    return conds
+
+
 def noise_levels(rng: np.random.Generator, batch: int, frames: int, steps: int, shift: float):
     """Levels (B, frames) of the noisy copies: half the sampler's own, half shifted-uniform."""
     own = np.asarray(sigma_schedule(steps, shift)[:-1])[rng.integers(steps, size=(batch, frames))]
@@ -157,6 +170,7 @@ def draw(seed: int, step: int, cfg: TrainConfig, model_cfg: TinyConfig) -> Batch
     start = gap_start(rng, recent)
     scenes, frame_idx, clips, before, conds, fg = make_batch(
         rng, cfg.batch, recent, start, g, cfg.switch_share, cfg.rollout_clips)
+    conds = unname_colours(conds, np.random.default_rng([seed, step, 1]), cfg.unnamed_share)
     # targets: recent slots whose previous frame is in the clip (the newest cached frame)
     candidates = np.arange(g + 1, T)
     K = min(cfg.targets, len(candidates))
@@ -452,6 +466,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="loss weight of patches that show an object or the pillar (1 = plain)")
     p.add_argument("--switch-share", type=float, default=d.switch_share,
                    help="share of (not rolled-out) clips whose prompt switches mid-clip")
+    p.add_argument("--unnamed-share", type=float, default=d.unnamed_share,
+                   help="share of clips whose prompt names no colour (the condition leaves "
+                        "the object colours out)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--workers", type=int, default=0,
@@ -470,6 +487,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predict-change", action=argparse.BooleanOptionalAction, default=True,
                    help="a NEW model's head predicts the change from the previous frame "
                         "(zero output = copy; default on)")
+    p.add_argument("--motion-reach", type=int, default=0,
+                   help="a NEW model's head also moves the previous frame, picking per patch a "
+                        "displacement of up to this many pixels (0: none)")
     p.add_argument("--rope-theta", type=float, default=TinyConfig.rope_theta,
                    help="spatial RoPE base of a NEW model: 10 gives every plane of the 8x8 grid a "
                         "turn that tells neighbouring patches apart (10000 leaves one)")
@@ -489,18 +509,24 @@ def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
                       rollout_after=args.rollout_after, rollout_clips=args.rollout_clips,
                       object_weight=args.object_weight, switch_share=args.switch_share,
+                      unnamed_share=args.unnamed_share,
                       seed=args.seed, threads=args.threads,
                       workers=args.workers, save_every_s=args.save_every, bf16=not args.no_bf16)
-    if not 0 <= args.switch_share <= 1:
-        raise SystemExit(f"--switch-share must be in [0, 1], got {args.switch_share}")
+    for name in ("switch_share", "unnamed_share"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     for name in ("rope_theta", "rope_theta_time"):
         if not getattr(args, name) > 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be > 1, got {getattr(args, name)}")
     if not 0 <= args.prev_reach <= 2:
         raise SystemExit(f"--prev-reach must be in [0, 2], got {args.prev_reach}")
+    if not 0 <= args.motion_reach <= 4:
+        raise SystemExit(f"--motion-reach must be in [0, 4], got {args.motion_reach}")
+    if args.motion_reach and not args.predict_change:
+        raise SystemExit("--motion-reach moves the previous frame: it needs --predict-change")
     model_cfg = TinyConfig(width=args.width, layers=args.layers, rope_theta=args.rope_theta,
                            rope_theta_time=args.rope_theta_time, prev_reach=args.prev_reach,
-                           predict_change=args.predict_change)
+                           predict_change=args.predict_change, motion_reach=args.motion_reach)
     card = train(cfg, model_cfg, args.out, log=lambda s: print(s, flush=True), fresh=args.fresh)
     print(json.dumps({k: card[k] for k in ("steps", "clips_seen", "train_seconds", "sha256")}))
     return 0

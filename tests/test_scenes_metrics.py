@@ -37,6 +37,19 @@ def test_a_shape_without_a_colour_gets_a_seeded_palette_colour():
     assert len(drawn) > 2 and "black" not in drawn  # the default background
 
 
+def test_the_condition_leaves_out_a_colour_the_prompt_does_not_name():
+    """The frames show a drawn colour; the model's condition does not (colour id 0), so
+    the colour can only come from frames seen before."""
+    from ffviz.scenes import COLOR_NAMES, OBJECT_COLOUR_IDS
+    spec, _ = parse_prompt("a circle and a red square on a black background", seed=2)
+    ids = spec.condition_ids()
+    assert [o.named for o in spec.objects] == [False, True]
+    assert ids[OBJECT_COLOUR_IDS[0]] == 0 and ids[OBJECT_COLOUR_IDS[1]] == COLOR_NAMES.index("red") + 1
+    assert ids[OBJECT_COLOUR_IDS[0] - 1] != 0  # the shape is still there
+    named, _ = parse_prompt(f"a {spec.objects[0].color} circle and a red square on a black background")
+    assert np.array_equal(Scene(spec, 5).render([3]), Scene(named, 5).render([3]))
+
+
 @pytest.mark.parametrize("prompt,msg", [
     ("", "empty"), ("hello world", "no object"),
     ("a red circle on a red background", "invisible"),

@@ -18,13 +18,16 @@ def scored_spans(scene, frames: int, start: int = 2) -> list[int]:
             if back < len(vis) and due[back:back + RETURN_WINDOW, i].any()]
 
 
-@pytest.mark.parametrize("name", ["memory", "memory-tuning"])
+@pytest.mark.parametrize("name", ["memory", "memory-unnamed", "memory-tuning"])
 def test_memory_suites_hide_objects_longer_than_a_small_window(name):
     suite = SUITES[name]
     assert len(suite.seeds) >= 16
     for prompt in suite.prompts:
         spec, notes = parse_prompt(prompt)
-        assert notes == [] and (spec.exits or spec.wide_pillar), prompt
+        unnamed = name == "memory-unnamed"
+        assert all(o.named != unnamed for o in spec.objects), prompt
+        assert all("no colour" in n for n in notes) if unnamed else notes == [], prompt
+        assert spec.exits or spec.wide_pillar, prompt
         assert all(o.size == "small" for o in spec.objects)  # a wide pillar hides them whole
         for seed in suite.seeds:
             scene, _ = scene_from_prompt(prompt, seed)
@@ -43,6 +46,9 @@ def test_held_out_and_tuning_parts_do_not_meet():
     assert held_out_parts(EvalConfig(prompts=list(tuning.prompts), seeds=[0, 5])) == ""
     assert "seeds" in held_out_parts(EvalConfig(prompts=list(tuning.prompts), seeds=[0, 1000]))
     assert "prompts" in held_out_parts(EvalConfig(seeds=[0]))
+    unnamed = SUITES["memory-unnamed"]
+    assert not set(unnamed.prompts) & set(tuning.prompts) and unnamed.seeds == held.seeds
+    assert "memory-unnamed" in held_out_parts(EvalConfig(prompts=list(unnamed.prompts), seeds=[0]))
     with pytest.raises(EvalError, match="unknown suite"):
         get_suite("nope")
 

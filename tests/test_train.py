@@ -215,6 +215,43 @@ def test_a_change_head_starts_as_a_copy_of_the_previous_frame():
         assert torch.equal(out[:, n:], prev[:, n:] if change else torch.zeros_like(prev[:, n:]))
 
 
+def test_a_share_of_clips_names_no_colour_and_the_rest_of_the_batch_stays():
+    from ffviz.scenes import OBJECT_COLOUR_IDS
+    cfg, model_cfg = TrainConfig(batch=16, unnamed_share=0.0), TinyConfig()
+    plain = draw(0, 3, cfg, model_cfg)
+    cfg.unnamed_share = 0.5
+    hidden = draw(0, 3, cfg, model_cfg)
+    assert np.array_equal(plain.clips, hidden.clips) and np.array_equal(plain.levels, hidden.levels)
+    cols = list(OBJECT_COLOUR_IDS)
+    unnamed = (hidden.cond_ids[:, :, cols] == 0).all((1, 2)) & (plain.cond_ids[:, :, cols] != 0).any((1, 2))
+    assert 2 <= unnamed.sum() <= 14  # about half of 16
+    others = [c for c in range(plain.cond_ids.shape[2]) if c not in cols]
+    assert np.array_equal(plain.cond_ids[:, :, others], hidden.cond_ids[:, :, others])
+    assert np.array_equal(plain.cond_ids[~unnamed], hidden.cond_ids[~unnamed])
+
+
+def test_the_motion_head_moves_the_previous_frame_patch_by_patch():
+    """motion_reach: displacement (dy, dx) moves content down/right with edges repeated;
+    a new model starts as nearly a copy, and a head that picks one displacement moves
+    the whole frame by it."""
+    torch.manual_seed(0)
+    model = TinyVideoModel(TinyConfig(predict_change=True, motion_reach=2))
+    img = torch.rand(1, 2, 32, 32, 3) * 2 - 1
+    moved = model.unpatchify(model.displaced(model.patchify(img))[:, :, (1 + 2) * 5 + (-2 + 2)])
+    assert torch.equal(moved[:, :, 1:, :-2], img[:, :, :-1, 2:])  # dy = 1, dx = -2
+    assert torch.equal(moved[:, :, 0], moved[:, :, 1]) and torch.equal(moved[:, :, :, -1], moved[:, :, :, -3])
+    x, prev = torch.randn(1, 2 * 64, 48), model.patchify(img)
+    cond, frames = torch.zeros(1, 128), torch.tensor([1, 2])
+    out = model(x, torch.ones(1, 2), frames, cond, prev=prev)
+    assert (out - prev).abs().mean() < 0.1 * prev.abs().mean()  # about a copy
+    with torch.no_grad():
+        model.motion.bias.zero_()[(0 + 2) * 5 + (1 + 2)] = 50.0  # every patch: dx = +1
+    out = model.unpatchify(model(x, torch.ones(1, 2), frames, cond, prev=prev))
+    assert torch.allclose(out[:, :, :, 1:], img[:, :, :, :-1], atol=1e-5)
+    with pytest.raises(ValueError, match="predict_change"):
+        TinyVideoModel(TinyConfig(predict_change=False, motion_reach=1))
+
+
 def test_new_models_predict_the_change_and_see_the_neighbourhood(tmp_path):
     from ffviz.__main__ import main
     out = tmp_path / "w.safetensors"

@@ -61,6 +61,10 @@ class TinyConfig:
     # output copies the newest frame, so holding the scene is the starting point and
     # only motion has to be learnt. False for weights trained before it existed.
     predict_change: bool = False
+    # With predict_change, the head also picks per patch a displacement of the previous
+    # frame of up to this many pixels (0: none): x0 = sum_d p_d shift_d(previous) + head.
+    # Moving an edge is then one choice out of (2r+1)^2, not 48 pixel values to paint.
+    motion_reach: int = 0
     prediction: str = "x0"  # what the head predicts: "x0" (clean frame) or "v" (velocity)
     # sampling defaults, stored with the weights
     sample_steps: int = 4
@@ -202,6 +206,15 @@ class TinyVideoModel(nn.Module):
         self.rope = Rope3D(cfg.head_dim, cfg.rope_theta, cfg.rope_theta_time)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if cfg.motion_reach:
+            if not cfg.predict_change:
+                raise ValueError("motion_reach moves the previous frame: it needs predict_change")
+            side = 2 * cfg.motion_reach + 1
+            self.motion = nn.Linear(w, side * side)
+            self.hook_motion = HookPoint(self.hook_ctx)  # (B, N, (2r+1)^2) displacement weights
+            nn.init.zeros_(self.motion.weight)
+            with torch.no_grad():  # starts as (nearly) a copy: 94% on no displacement
+                self.motion.bias.zero_()[side * side // 2] = 6.0
         nn.init.zeros_(self.time_proj[1].weight)
         nn.init.zeros_(self.time_proj[1].bias)
 
@@ -218,6 +231,19 @@ class TinyVideoModel(nn.Module):
         x = F.pad(x, (0, 0, r, r, r, r))
         parts = [x[:, :, dy:dy + rows, dx:dx + cols] for dy in range(2 * r + 1) for dx in range(2 * r + 1)]
         return torch.cat(parts, -1).view(B, N, -1)
+
+    def displaced(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every displacement (dy, dx) in [-r, r]^2 of each frame of ``tokens`` (B, N, d):
+        (B, N, (2r+1)^2, d); content moves by (dy, dx), edges are repeated. Row-major over
+        (dy, dx), so the middle one is the frame itself."""
+        r, S = self.cfg.motion_reach, self.cfg.frame_size
+        img = self.unpatchify(tokens)  # (B, T, S, S, C)
+        B, T = img.shape[:2]
+        pad = F.pad(img.permute(0, 1, 4, 2, 3).reshape(B * T, -1, S, S), (r, r, r, r), mode="replicate")
+        pad = pad.view(B, T, -1, S + 2 * r, S + 2 * r).permute(0, 1, 3, 4, 2)
+        shifts = [self.patchify(pad[:, :, r - dy:r - dy + S, r - dx:r - dx + S])
+                  for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+        return torch.stack(shifts, 2)
 
     # -- pixels <-> tokens ------------------------------------------------
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
@@ -301,9 +327,14 @@ class TinyVideoModel(nn.Module):
             h = block(h, mod, cos, sin, mask=mask, write=write, meta=meta,
                       cache_layer=cache[i] if cache is not None else None)
         shift, scale = (e[:, :, None] + self.head_mod)[:, :, :, None].unbind(2)
-        out = self.head(self.head_norm(h) * (1 + scale) + shift).view(B, N, -1)
+        feat = self.head_norm(h) * (1 + scale) + shift
+        out = self.head(feat).view(B, N, -1)
         if self.cfg.predict_change and prev is not None:
-            out = out + prev.masked_fill(first, 0)  # frame 0 has nothing to change from
+            base = prev.masked_fill(first, 0)  # frame 0 has nothing to change from
+            if self.cfg.motion_reach:  # the previous frame moved, patch by patch
+                weights = self.hook_motion(self.motion(feat).view(B, N, -1).softmax(-1))
+                base = torch.einsum("bnk,bnkd->bnd", weights, self.displaced(base))
+            out = out + base
         return out
 
     def new_cache(self) -> KVCache:

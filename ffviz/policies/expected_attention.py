@@ -54,6 +54,8 @@ class ExpectedAttention(StatisticsAtSwitch, ScoredPolicy):
     needs: ClassVar[tuple[str, ...]] = ("rope",)
     _metric: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False,
                                                      compare=False)
+    _keys: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False,
+                                                   compare=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -98,8 +100,8 @@ class ExpectedAttention(StatisticsAtSwitch, ScoredPolicy):
         rbar = plane_matrix(cos.mean(0), sin.mean(0)).to(k.device)  # Rbar = mean_p R(p), (d, d)
         qbar = (mu @ rbar.T).view(L, 1, H, d, 1)  # Rbar mu
         srot = (rbar @ sigma @ rbar.T).unsqueeze(1)  # Rbar Sigma Rbar^T, (L, 1, H, d, d)
-        if self.tau > 0:  # the merge metric Rbar (mu mu^T + Sigma) Rbar^T
-            self._metric = srot + qbar @ qbar.transpose(-1, -2)
+        if self.tau > 0:  # the merge metric Rbar (mu mu^T + Sigma) Rbar^T, on these keys
+            self._metric, self._keys = srot + qbar @ qbar.transpose(-1, -2), k
         z = (k @ qbar).squeeze(-1) / math.sqrt(d) + ((k @ srot) * k).sum(-1) / (2 * d) \
             + mass.clamp_min(1e-30).log()  # (L, B, H, N)
         score = torch.nan_to_num(z.softmax(-1))
@@ -108,7 +110,8 @@ class ExpectedAttention(StatisticsAtSwitch, ScoredPolicy):
     def decide(self, cache, ctx, score, sel):
         decision = super().decide(cache, ctx, score, sel)
         if self.tau > 0:
-            into, distance = merge_to_nearest(stack_layers(cache, "k")[0], sel.keep, self._metric,
+            keys, self._keys = self._keys, None  # held from scores() to here only
+            into, distance = merge_to_nearest(keys, sel.keep, self._metric,
                                               self.tau, gone=sel.gone, target=sel.live,
                                               candidate=sel.candidate)
             for i, d in enumerate(decision.layers):
