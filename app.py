@@ -33,6 +33,7 @@ from ffviz.app.session import (APP_MAX_FRAMES, InputError, RunSession, check_inp
                                preflight, query_arrays, warm_up)
 from ffviz.app.views import (cache_view, current_frame, frame_caption, live_views, oracle_summary,
                              plot_views, status_line, summary_table, write_json, write_plots_html)
+from ffviz.evaluate import EvalError, parse_list
 from ffviz.generate import Controls, GenerationError
 from ffviz.recache import RECACHE_MODES
 from ffviz.hooks import run_copy
@@ -83,18 +84,14 @@ def _reproduce_md(summary) -> str:
 
 def _budgets(sweep, budget: int, frames: int) -> list[int]:
     """The A/B budgets: the chosen one first, then the sweep's ("2,8"), each checked."""
-    out = [budget]
-    for part in str(sweep or "").replace(";", ",").split(","):
-        if part.strip():
-            try:
-                b = int(part)
-            except ValueError:
-                raise GenerationError(f"budgets must be whole numbers of frames, got {part!r}") from None
-            if not 1 <= b <= frames:
-                raise GenerationError(f"budget {b} is outside 1..{frames} (the run's frames)")
-            if b not in out:
-                out.append(b)
-    return out
+    try:
+        sweep = parse_list(str(sweep or "").replace(";", ","), int, "budget")
+    except EvalError as e:
+        raise GenerationError(str(e)) from None
+    for b in sweep:
+        if not 1 <= b <= frames:
+            raise GenerationError(f"budget {b} is outside 1..{frames} (the run's frames)")
+    return list(dict.fromkeys([budget, *sweep]))
 
 
 def build() -> "App":

@@ -150,7 +150,7 @@ class FutureForcing(StatisticsAtSwitch, ScoredPolicy):
         (no stacking; the decision carries that cache for ``KVCache.apply``); the same
         math and rules as the PyTorch path (the tests compare the two)."""
         layers = cache.layers
-        L, (B, H, N, d) = len(layers), layers[0].k.shape
+        N, d = layers[0].k.shape[2:]
         K = min(budget_tokens, N)
         w, P = self.proxies(ctx, d)
         scale = torch.stack([l.v.norm(dim=-1) for l in layers]) if self.value_norm else None
