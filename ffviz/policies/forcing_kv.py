@@ -213,8 +213,9 @@ class ForcingKV(ScoredPolicy):
             st["buffer"].offer(cache.layers[choice], self.n_sink,
                                ctx.frame - self.ring_frames(budget, ctx) + 1, dynamic[choice])
         score = torch.full((L, B, H, N), -1.0, device=cache.layers[0].k.device)
+        table = st["buffer"].held_table(score.device)  # once, not per layer
         for l in range(1, L):
-            change = st["buffer"].token_change(cache.layers[l])
+            change = st["buffer"].token_change(cache.layers[l], table)
             held = ~torch.isnan(change) & dynamic[l].to(change.device).view(1, H, 1)
             score[l] = torch.where(held, change, score[l])
         return score

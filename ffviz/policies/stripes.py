@@ -101,16 +101,24 @@ class StripeBuffer:
             out[i] = torch.where(count > 0, 1 - total / count.clamp_min(1), float("nan")).cpu()
         return out
 
-    def token_change(self, layer: LayerCache) -> torch.Tensor:
-        """(B, H, N) float: the change of a held stripe's tokens, NaN for every other slot."""
-        dev = layer.frame.device
+    def held_table(self, device) -> torch.Tensor | None:
+        """(frames, stripes) float: the change of each held stripe by its frame, NaN for
+        the rest; None when nothing is held. Built once per compression, read per layer."""
         if not self.held:
-            return torch.full(layer.frame.shape, float("nan"), device=dev)
-        top = max(f for _, f, _ in self.held) + 1
-        table = torch.full((top, len(self.stripe_tokens)), float("nan"))
+            return None
+        table = torch.full((max(f for _, f, _ in self.held) + 1, len(self.stripe_tokens)), float("nan"))
         for c, f, s in self.held:
             table[f, s] = c
-        table = table.to(dev)
+        return table.to(device)
+
+    def token_change(self, layer: LayerCache, table: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, N) float: the change of a held stripe's tokens, NaN for every other slot;
+        ``table`` from ``held_table`` (built here when not given)."""
+        dev = layer.frame.device
+        table = self.held_table(dev) if table is None else table
+        if table is None:
+            return torch.full(layer.frame.shape, float("nan"), device=dev)
+        top = table.shape[0]
         frame = layer.frame.clamp(0, top - 1)
         value = table[frame, self.row_stripe.to(dev)[layer.row.clamp_min(0)]]
         return torch.where((layer.frame >= 0) & (layer.frame < top), value, float("nan"))
