@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffviz.models.tiny import TinyVideoModel  # noqa: E402
-from ffviz.weights import load_tiny, read_card, save_weights  # noqa: E402
+from ffviz.weights import load_tiny, save_weights, training_progress  # noqa: E402
 
 
 def main() -> None:
@@ -27,14 +27,13 @@ def main() -> None:
     p.add_argument("--reach", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    old, _ = load_tiny(args.weights)
+    old, card = load_tiny(args.weights)
     if old.cfg.motion_reach:
         raise SystemExit(f"{args.weights} has a motion head already")
     model = TinyVideoModel(dataclasses.replace(old.cfg, motion_reach=args.reach))
     missing, unexpected = model.load_state_dict(old.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("motion.") for k in missing), (missing, unexpected)
-    keep = {k: v for k, v in read_card(args.weights).items()
-            if k in ("steps", "clips_seen", "train_seconds", "data_version", "history")}
+    keep = training_progress(card)
     save_weights(model.eval(), args.out, {**keep, "motion_head_added_at": keep.get("steps")})
     print(f"wrote {args.out}: motion reach {args.reach} on {args.weights} (step {keep.get('steps')})")
 

@@ -31,7 +31,10 @@ TARGET = 6  # the predicted frame; frames before it are the context
 
 
 @torch.no_grad()
-def probe(model, seed: int) -> dict:
+def true_context(model, seed: int):
+    """Frames 0 .. TARGET - 1 of seed ``seed``'s true video (the showcase's prompt)
+    cached as generation caches them. Returns (cache, frame(f) -> tokens of true frame
+    f, up to TARGET, the condition)."""
     n = model.cfg.tokens_per_frame
     spec = parse_prompt(showcase_prompt(seed), seed)[0]
     truth = torch.from_numpy(Scene(spec, seed).render(np.arange(TARGET + 1)))[None].float()
@@ -43,6 +46,12 @@ def probe(model, seed: int) -> dict:
     fill_cache(model, cache, given, torch.arange(2), cond, 0.0, prev=previous_tokens(None, given, n))
     for f in range(2, TARGET):
         fill_cache(model, cache, frame(f), torch.tensor([f]), cond, 0.0, prev=frame(f - 1))
+    return cache, frame, cond
+
+
+@torch.no_grad()
+def probe(model, seed: int) -> dict:
+    cache, frame, cond = true_context(model, seed)
     x0, prev = frame(TARGET), frame(TARGET - 1)
     gen = torch.Generator().manual_seed(seed)
     out = {"copy": ((prev - x0) ** 2).mean().item()}

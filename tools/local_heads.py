@@ -28,28 +28,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffviz.evaluate import parse_seeds  # noqa: E402
-from ffviz.sampling import fill_cache, previous_tokens  # noqa: E402
-from ffviz.scenes import Scene, parse_prompt  # noqa: E402
-from ffviz.showcase import showcase_prompt  # noqa: E402
-from ffviz.weights import load_tiny, read_card, save_weights  # noqa: E402
+from ffviz.weights import load_tiny, save_weights, training_progress  # noqa: E402
 
-TARGET = 6
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from denoise_probe import TARGET, true_context  # noqa: E402
 
 
 @torch.no_grad()
 def attention_by_lag(model, seed: int) -> np.ndarray:
     """(layers, heads, 5): lag-1 same patch, lag-2 same patch, lag 1 any, lag 2 any, entropy."""
     n = model.cfg.tokens_per_frame
-    spec = parse_prompt(showcase_prompt(seed), seed)[0]
-    truth = torch.from_numpy(Scene(spec, seed).render(np.arange(TARGET + 1)))[None].float()
-    tokens = model.patchify(truth / 127.5 - 1)
-    frame = lambda f: tokens[:, f * n:(f + 1) * n]  # noqa: E731
-    cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
-    cache = model.new_cache()
-    given = tokens[:, :2 * n]
-    fill_cache(model, cache, given, torch.arange(2), cond, 0.0, prev=previous_tokens(None, given, n))
-    for f in range(2, TARGET):
-        fill_cache(model, cache, frame(f), torch.tensor([f]), cond, 0.0, prev=frame(f - 1))
+    cache, frame, cond = true_context(model, seed)
     queries = []
     hooks = [b.attn.hook_q_post.fns for b in model.blocks]
     for fns in hooks:
@@ -123,8 +112,7 @@ def main() -> None:
         for h in range(table.shape[1]):
             print(f"{i:5d} {h:4d}  " + " ".join(f"{v:9.3f}" for v in table[i, h]))
     if args.out:
-        keep = {k: v for k, v in read_card(args.weights).items()
-                if k in ("steps", "clips_seen", "train_seconds", "data_version", "history")}
+        keep = training_progress(card)
         save_weights(model, args.out, {**keep, "grafted": args.graft, "graft_gain": args.gain})
         print("wrote", args.out)
 

@@ -91,7 +91,7 @@ def main() -> None:
     print("| --- |" + " --- |" * len(METRICS))
     for setting, row in table.items():
         print(f"| {setting} | " + " | ".join(f"{row[k]:.3f}" for k in METRICS) + " |")
-    print(f"\n| query drift, 4 frames before / after the switch | " + " | ".join(DRIFTS) + " |")
+    print("\n| query drift, 4 frames before / after the switch | " + " | ".join(DRIFTS) + " |")
     print("| --- |" + " --- |" * len(DRIFTS))
     for setting, row in table.items():
         print(f"| {setting} | " + " | ".join(f"{row[k]:.3f}" for k in DRIFTS) + " |")
