@@ -70,6 +70,7 @@ class TrainConfig:
     # then comes back only from the frames before, which is what the cache is for
     unnamed_share: float = 0.25
     object_weight: float = 2.0  # loss weight of patches showing an object or the pillar
+    motion_weight: float = 0.05  # weight of the motion choice's cross-entropy (motion_pick)
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
@@ -225,12 +226,24 @@ def previous_of_slots(context, before, given: int, n: int):
     return prev
 
 
+def motion_targets(model, prev, target):
+    """Which displacements of ``prev`` give ``target`` (tokens (B, M, d)), patch by patch:
+    (index (B, M): the shortest of the best ones, good (B, M, K) bool: every displacement
+    as good as the best, telling (B, M) bool: patches where the choice matters at all)."""
+    err = (model.displaced(prev.float()) - target.float()[:, :, None]).pow(2).mean(-1)
+    good = err <= err.min(-1, keepdim=True).values + 1e-4
+    index = (good * 1e3 - model.displacement_length).argmax(-1)
+    return index, good, ~good.all(-1)
+
+
 def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight, gen, mask,
-                         frames, targets):
+                         frames, targets, motion_weight: float = 0.0):
     """x0 loss of the noisy copies. context/prev/target: tokens (B, T*n, d) (the clean
     frames, each one's previous frame, and what each frame should be); valid (B, T) bool;
     levels (B, K) of the target slots ``targets`` (K,); weight (B, T*n); frames, mask
-    from ``layout``."""
+    from ``layout``. Returns (loss, motion cross-entropy or None): with ``motion_pick``
+    the x0 comes from the true displacement and the head's choice is taught by
+    cross-entropy over the displacements that give the target (weight ``motion_weight``)."""
     n = model.cfg.tokens_per_frame
     B, T = valid.shape
     pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
@@ -240,10 +253,24 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
     noisy = (1 - lv) * tgt + lv * noise
     x = torch.cat([context, noisy], 1)
     t = torch.cat([torch.zeros(B, T, device=levels.device), levels], 1)
-    out = model(x, t, frames, cond, prev=torch.cat([prev, pick(prev)], 1), mask=mask)
+    prev_all = torch.cat([prev, pick(prev)], 1)
+    valid_tok = valid[:, targets].repeat_interleave(n, 1)
+    if not model.cfg.motion_pick:
+        out = model(x, t, frames, cond, prev=prev_all, mask=mask)
+        ce = None
+    else:
+        index, good, telling = motion_targets(model, pick(prev), tgt)
+        centre = torch.full((B, T * n), good.shape[-1] // 2, dtype=torch.long, device=x.device)
+        out, logits = model(x, t, frames, cond, prev=prev_all, mask=mask,
+                            motion_index=torch.cat([centre, index], 1), return_motion_logits=True)
+        logits = logits[:, T * n:].float()
+        nll = logits.logsumexp(-1) - logits.masked_fill(~good, float("-inf")).logsumexp(-1)
+        w_ce = (telling & valid_tok).float()
+        ce = (nll * w_ce).sum() / w_ce.sum().clamp_min(1.0)
     err = (out[:, T * n:].float() - tgt).pow(2).mean(-1)  # (B, K * n), float32 under autocast too
-    w = pick(weight[..., None])[..., 0] * valid[:, targets].repeat_interleave(n, 1)
-    return (err * w).sum() / w.sum().clamp_min(1e-6)
+    w = pick(weight[..., None])[..., 0] * valid_tok
+    loss = (err * w).sum() / w.sum().clamp_min(1e-6)
+    return (loss if ce is None else loss + motion_weight * ce), ce
 
 
 def _worker_init():
@@ -318,7 +345,7 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         opt.load_state_dict(opt_state)
     warm_from = step if opt_state is None and step else 0  # a fresh optimizer warms up again
     n, g = model_cfg.tokens_per_frame, model_cfg.given_frames
-    started, last_save, losses, valid_share = time.time(), time.time(), [], []
+    started, last_save, losses, valid_share, motion_ces = time.time(), time.time(), [], [], []
 
     def save():
         state_path = state_path_for(out)
@@ -365,8 +392,9 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         with cfg.autocast(device):
             cond = model.embed_condition(cond_ids)  # (B, T, w): each frame's prompt
             cond = torch.cat([cond, cond[:, targets]], 1)  # the noisy copies' too
-            loss = teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight,
-                                        gen, mask, frames, targets)
+            loss, motion_ce = teacher_forcing_loss(model, context, prev, target, valid, levels,
+                                                   cond, weight, gen, mask, frames, targets,
+                                                   cfg.motion_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -378,14 +406,18 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         clips_seen += cfg.batch
         seconds += time.time() - t0
         losses.append(loss.item())
+        if motion_ce is not None:
+            motion_ces.append(motion_ce.item())
         if step % 50 == 0:
             entry = {"step": step, "loss": round(float(np.mean(losses)), 5), "clip_frames": T,
                      "lr": round(lr, 6), "seconds": round(seconds, 1)}
             if valid_share:
                 entry["rollout_valid"] = round(float(np.mean(valid_share)), 3)
+            if motion_ces:
+                entry["motion_ce"] = round(float(np.mean(motion_ces)), 4)
             history.append(entry)
             log(" ".join(f"{k} {v}" for k, v in entry.items()) + f" last {time.time() - t0:.2f}s")
-            losses, valid_share = [], []
+            losses, valid_share, motion_ces = [], [], []
         out_of_time = cfg.minutes and time.time() - started > cfg.minutes * 60
         if time.time() - last_save > cfg.save_every_s or out_of_time or step == cfg.steps \
                 or stop.asked:
@@ -490,6 +522,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--motion-reach", type=int, default=0,
                    help="a NEW model's head also moves the previous frame, picking per patch a "
                         "displacement of up to this many pixels (0: none)")
+    p.add_argument("--motion-pick", action="store_true",
+                   help="a NEW model's motion head picks one displacement per patch (the most "
+                        "likely at sampling; taught by cross-entropy) instead of blending them")
+    p.add_argument("--motion-match", action="store_true",
+                   help="a NEW model's tokens also see how well each displacement of their "
+                        "previous frame explains them (TinyConfig.motion_match)")
+    p.add_argument("--motion-memory", action="store_true",
+                   help="a NEW model's head 0 of layer 0 reads how the cached frames moved and "
+                        "adds it to the motion choice (TinyConfig.motion_memory)")
+    p.add_argument("--motion-weight", type=float, default=d.motion_weight,
+                   help="weight of the motion choice's cross-entropy in the loss (--motion-pick)")
     p.add_argument("--rope-theta", type=float, default=TinyConfig.rope_theta,
                    help="spatial RoPE base of a NEW model: 10 gives every plane of the 8x8 grid a "
                         "turn that tells neighbouring patches apart (10000 leaves one)")
@@ -508,7 +551,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--object-weight must be > 0, got {args.object_weight}")
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
                       rollout_after=args.rollout_after, rollout_clips=args.rollout_clips,
-                      object_weight=args.object_weight, switch_share=args.switch_share,
+                      object_weight=args.object_weight, motion_weight=args.motion_weight,
+                      switch_share=args.switch_share,
                       unnamed_share=args.unnamed_share,
                       seed=args.seed, threads=args.threads,
                       workers=args.workers, save_every_s=args.save_every, bf16=not args.no_bf16)
@@ -524,9 +568,16 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--motion-reach must be in [0, 4], got {args.motion_reach}")
     if args.motion_reach and not args.predict_change:
         raise SystemExit("--motion-reach moves the previous frame: it needs --predict-change")
+    for flag in ("motion_pick", "motion_match", "motion_memory"):
+        if getattr(args, flag) and not args.motion_reach:
+            raise SystemExit(f"--{flag.replace('_', '-')} works on displacements: it needs --motion-reach")
+    if not args.motion_weight >= 0:
+        raise SystemExit(f"--motion-weight must be >= 0, got {args.motion_weight}")
     model_cfg = TinyConfig(width=args.width, layers=args.layers, rope_theta=args.rope_theta,
                            rope_theta_time=args.rope_theta_time, prev_reach=args.prev_reach,
-                           predict_change=args.predict_change, motion_reach=args.motion_reach)
+                           predict_change=args.predict_change, motion_reach=args.motion_reach,
+                           motion_pick=args.motion_pick, motion_match=args.motion_match,
+                           motion_memory=args.motion_memory)
     card = train(cfg, model_cfg, args.out, log=lambda s: print(s, flush=True), fresh=args.fresh)
     print(json.dumps({k: card[k] for k in ("steps", "clips_seen", "train_seconds", "sha256")}))
     return 0

@@ -1,6 +1,8 @@
 """Training: the teacher-forcing layout is generation's computation, and a run is
 deterministic and resumes exactly (tiny settings)."""
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +10,8 @@ import torch
 
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.sampling import fill_cache
-from ffviz.train import (TrainConfig, _rollout_context, draw, layout, previous_of_slots, rollout,
-                         state_path_for, train)
+from ffviz.train import (TrainConfig, _rollout_context, draw, layout, motion_targets,
+                         previous_of_slots, rollout, state_path_for, teacher_forcing_loss, train)
 from ffviz.weights import load_tiny
 
 SMALL = TinyConfig(width=32, layers=1, heads=2)
@@ -21,12 +23,16 @@ def _cfg(steps, **kw):
                        rollout_clips=1, save_every_s=1e9, **kw)
 
 
-def test_teacher_forcing_is_what_generation_computes():
+@pytest.mark.parametrize("motion", [{}, dict(predict_change=True, motion_reach=2, motion_match=True,
+                                               motion_memory=True)], ids=["plain", "motion"])
+def test_teacher_forcing_is_what_generation_computes(motion):
     """Each noisy copy's output equals the cached path: the clean frames before it
     written to a cache one chunk at a time (the given frames together), then the
-    noisy frame denoised over that cache; with and without a gap before the recent block."""
+    noisy frame denoised over that cache; with and without a gap before the recent block.
+    With the motion inputs too: the motion memory reads the cache in generation and the
+    clean frames in training."""
     torch.manual_seed(0)
-    model = TinyVideoModel(TinyConfig(width=64, layers=2, heads=2)).eval()
+    model = TinyVideoModel(TinyConfig(width=64, layers=2, heads=2, **motion)).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     n, g = model.cfg.tokens_per_frame, model.cfg.given_frames
@@ -157,6 +163,10 @@ def test_cli_checks_its_arguments(tmp_path):
                      (["--rollout-clips", "2"], "--rollout-clips must be in \\[0, --batch\\], got 2"),
                      (["--object-weight", "0"], "--object-weight must be > 0"),
                      (["--switch-share", "1.5"], "--switch-share must be in \\[0, 1\\]"),
+                     (["--fresh", "--motion-pick"], "--motion-pick works on displacements"),
+                     (["--fresh", "--motion-match"], "--motion-match works on displacements"),
+                     (["--fresh", "--motion-memory"], "--motion-memory works on displacements"),
+                     (["--motion-weight", "-1"], "--motion-weight must be >= 0"),
                      (["--batch", "0"], "--batch and --steps")):
         with pytest.raises(SystemExit, match=msg):
             main([*args, *bad])
@@ -252,6 +262,103 @@ def test_the_motion_head_moves_the_previous_frame_patch_by_patch():
         TinyVideoModel(TinyConfig(predict_change=False, motion_reach=1))
 
 
+def test_a_picking_motion_head_moves_by_one_displacement_and_learns_which():
+    """motion_pick: the most likely displacement moves a patch exactly (no blend of
+    futures); motion_targets reads the true one from a shifted frame; and the
+    cross-entropy that teaches the choice falls when the head trains on it."""
+    torch.manual_seed(0)
+    model = TinyVideoModel(TinyConfig(predict_change=True, motion_reach=2, motion_pick=True))
+    img = torch.zeros(1, 1, 32, 32, 3) - 1
+    img[:, :, 8:16, 8:16] = 1  # a white square on black
+    shifted = torch.roll(img, 1, 3)  # dx = +1
+    prev, target = model.patchify(img), model.patchify(shifted)
+    index, good, telling = motion_targets(model, prev, target)
+    right = (0 + 2) * 5 + (1 + 2)
+    assert telling.sum() > 0 and good[..., right].all() and (index == right).sum() == 4  # the two edges x two rows
+    assert (index[~telling] == 12).all()  # where nothing tells, no displacement
+    with torch.no_grad():
+        model.motion.bias.zero_()[right] = 3.0  # most likely, not certain: still one pick
+    x, cond, frames = torch.randn(1, 64, 48), torch.zeros(1, 128), torch.tensor([1])
+    out = model(x, torch.ones(1, 1), frames, cond, prev=prev)
+    assert torch.allclose(out, target, atol=1e-5)
+    out, logits = model(x, torch.ones(1, 1), frames, cond, prev=prev,
+                        motion_index=torch.full((1, 64), 12), return_motion_logits=True)
+    assert torch.allclose(out, prev, atol=1e-5) and logits.shape == (1, 64, 25)
+    # the cross-entropy falls as the motion head trains on it
+    model = TinyVideoModel(TinyConfig(width=32, layers=1, heads=2, predict_change=True,
+                                      motion_reach=2, motion_pick=True))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    frames, mask = layout(torch.tensor([0, 1, 2]), 2, 64, torch.tensor([2]))
+    clip = torch.cat([img, img, shifted], 1)
+    context = model.patchify(clip)
+    prev_tok = torch.cat([torch.zeros_like(context[:, :64]), context[:, :-64]], 1)
+    ces = []
+    for _ in range(30):
+        loss, ce = teacher_forcing_loss(model, context, prev_tok, context, torch.ones(1, 3, dtype=torch.bool),
+                                        torch.full((1, 1), 0.9), torch.zeros(1, 4, 32),
+                                        torch.ones(1, 3 * 64), torch.Generator().manual_seed(0),
+                                        mask, frames, torch.tensor([2]), motion_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ces.append(ce.item())
+    assert ces[-1] < 0.3 * ces[0]
+
+
+def test_the_match_input_says_how_each_patch_moved():
+    """motion_match: on a clean frame the match is one-hot on the displacements that give
+    each patch exactly (a patch the square moved through picks dx = +1 alone); a match
+    input added to trained weights starts at zero, so the model is unchanged."""
+    torch.manual_seed(0)
+    cfg = TinyConfig(predict_change=True, motion_reach=2, motion_pick=True)
+    model = TinyVideoModel(cfg)
+    img = torch.zeros(1, 1, 32, 32, 3) - 1
+    img[:, :, 8:16, 8:16] = 1
+    prev, now = model.patchify(img), model.patchify(torch.roll(img, 1, 3))
+    match = model.match(model.displaced(prev), now).view(1, 64, 5, 5)
+    edge = 2 * 8 + 4  # patch row 2, col 4: the square's new right edge
+    assert match[0, edge, :, 1 + 2].sum() > 0.99  # dx = +1 (any dy that keeps the edge)
+    assert torch.allclose(match[0, 0], torch.full((5, 5), 1 / 25))  # background: all alike
+    with_match = TinyVideoModel(dataclasses.replace(cfg, motion_match=True))
+    with_match.load_state_dict(model.state_dict(), strict=False)
+    x, cond, frames = torch.randn(1, 64, 48), torch.randn(1, 128), torch.tensor([3])
+    assert torch.equal(model(x, torch.ones(1, 1), frames, cond, prev=prev),
+                       with_match(x, torch.ones(1, 1), frames, cond, prev=prev))
+    with pytest.raises(ValueError, match="motion_reach"):
+        TinyVideoModel(TinyConfig(predict_change=True, motion_match=True))
+
+
+def test_the_motion_memory_reads_how_the_newest_frames_moved_from_the_cache():
+    """motion_memory: a square moving right one pixel a frame, cached; a pure-noise next
+    frame's memory head reads "dx = +1" at the square's edge from the cache alone, and
+    nothing where nothing moved. Emptied of those frames, the cache tells nothing."""
+    torch.manual_seed(0)
+    model = TinyVideoModel(TinyConfig(predict_change=True, motion_reach=2, motion_pick=True,
+                                      motion_memory=True)).eval()
+    video = torch.zeros(1, 4, 32, 32, 3) - 1
+    for f in range(4):
+        video[:, f, 8:16, 8 + f:16 + f] = 1
+    tok = model.patchify(video)  # (1, 4 * 64, 48)
+    n, cond = 64, torch.zeros(1, 128)
+    frame = lambda f: tok[:, f * n:(f + 1) * n]
+    cache = model.new_cache()
+    fill_cache(model, cache, tok[:, :2 * n], torch.tensor([0, 1]), cond, 0.0,
+               prev=torch.cat([torch.zeros_like(frame(0)), frame(0)], 1))
+    fill_cache(model, cache, frame(2), torch.tensor([2]), cond, 0.0, prev=frame(1))
+    with torch.no_grad():
+        model(torch.randn(1, n, 48), torch.ones(1, 1), torch.tensor([3]), cond, prev=frame(2),
+              cache=cache)
+    read = model.blocks[0].attn.memory_read[0, :, :25].view(8, 8, 5, 5)
+    right = read[3, 4]  # patch row 3, col 4: where the square's right edge is
+    assert right[:, 1 + 2].sum() > right[:, 2].sum() + 0.02  # dx = +1 over no shift
+    assert right.sum(0).argmax() == 1 + 2
+    assert read[0, 0].abs().max() < 0.2 * right.abs().max()  # far from the square: little
+    with torch.no_grad():
+        model(torch.randn(1, n, 48), torch.ones(1, 1), torch.tensor([3]), cond, prev=frame(2),
+              cache=model.new_cache())
+    assert model.blocks[0].attn.memory_read[0, :, :25].abs().max() < 1e-6  # t = 1: own match off
+
+
 def test_new_models_predict_the_change_and_see_the_neighbourhood(tmp_path):
     from ffviz.__main__ import main
     out = tmp_path / "w.safetensors"
@@ -284,3 +391,23 @@ def test_a_stopped_training_saves_a_checkpoint_that_resumes(tmp_path):
     card = json.loads(out.with_suffix(".json").read_text())
     state = torch.load(out.with_name("w.state.pt"), weights_only=False)
     assert 0 < card["steps"] < 100000 and state["step"] == card["steps"]
+
+
+def test_the_motion_tool_adds_a_picking_head_with_memory_to_trained_weights(tmp_path, monkeypatch):
+    """tools/add_motion_head.py --pick --memory: the card gets the flags and keeps the
+    steps, and the memory head's share of layer 0's output starts at zero."""
+    import runpy
+    import sys
+    from ffviz.__main__ import main
+    src, dst = tmp_path / "w.safetensors", tmp_path / "m" / "w.safetensors"
+    assert main(["train", "--fresh", "--steps", "1", "--width", "32", "--layers", "1",
+                 "--out", str(src)]) == 0
+    tool = Path(__file__).resolve().parents[1] / "tools" / "add_motion_head.py"
+    monkeypatch.setattr(sys, "argv", [str(tool), str(src), "--pick", "--memory", "--out", str(dst)])
+    runpy.run_path(str(tool), run_name="__main__")
+    model, card = load_tiny(dst)
+    assert model.cfg.motion_pick and model.cfg.motion_memory and card["steps"] == 1
+    assert model.blocks[0].attn.out.weight[:, :model.cfg.head_dim].abs().max() == 0
+    monkeypatch.setattr(sys, "argv", [str(tool), str(dst), "--reach", "1", "--out", str(dst)])
+    with pytest.raises(SystemExit, match="has a motion head already"):
+        runpy.run_path(str(tool), run_name="__main__")

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffviz.evaluate import parse_seeds  # noqa: E402
+from ffviz.models.tiny import local_query_key  # noqa: E402
 from ffviz.weights import load_tiny, save_weights, training_progress  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,12 +77,7 @@ def make_local_heads(model, pairs, lag: int = 1, gain: float = 8.0) -> None:
     head's attention on that patch (q/k norm spans all heads, so the others' content
     scales it). Values and outputs keep their weights."""
     d, w = model.cfg.head_dim, model.cfg.width
-    key = torch.zeros(d)
-    key[0::2] = 1.0
-    query = key.clone()
-    planes = (model.rope.axis == 0).nonzero().flatten()
-    phase = -model.rope.omega[planes].float() * lag
-    query[2 * planes], query[2 * planes + 1] = phase.cos(), phase.sin()
+    query, key = local_query_key(model.rope, d, lag, gain=1.0)
     for layer, head in pairs:
         attn = model.blocks[layer].attn
         for part, vec, norm in ((0, query, attn.norm_q), (1, key, attn.norm_k)):

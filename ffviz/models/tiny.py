@@ -65,6 +65,21 @@ class TinyConfig:
     # frame of up to this many pixels (0: none): x0 = sum_d p_d shift_d(previous) + head.
     # Moving an edge is then one choice out of (2r+1)^2, not 48 pixel values to paint.
     motion_reach: int = 0
+    # One displacement per patch instead of the blend: the most likely one at sampling,
+    # the true one (read from the target) in training, where cross-entropy teaches the
+    # choice. A blend is the mean of the possible futures, which breaks shapes.
+    motion_pick: bool = False
+    # Each token also sees how well each displacement of its previous frame explains its
+    # own patch (a correlation input, as optical-flow networks have). A cached frame's
+    # tokens so carry how that frame moved, and the next frame reads it through attention:
+    # the frame before the newest still reaches the model through the cache alone.
+    motion_match: bool = False
+    # Motion memory: head 0 of layer 0 looks at the same patch of the frames before
+    # (fixed, content-free queries and keys) and its values are each token's match,
+    # less uniform: how its frame moved. What it reads is added to the motion choice,
+    # so "keep moving as you moved" comes from the cache, and a policy that evicts the
+    # newest frame takes it away.
+    motion_memory: bool = False
     prediction: str = "x0"  # what the head predicts: "x0" (clean frame) or "v" (velocity)
     # sampling defaults, stored with the weights
     sample_steps: int = 4
@@ -92,6 +107,22 @@ class TinyConfig:
     @property
     def patch_dim(self) -> int:
         return self.patch * self.patch * self.channels
+
+
+MEMORY_GAIN = 4.0  # sharpness of the motion memory's look at the same patch
+
+
+def local_query_key(rope, head_dim: int, lag: int, gain: float):
+    """Content-free query and key (head_dim,) whose RoPE dot product peaks at the same
+    patch ``lag`` frames back: every key plane is (1, 0), the query's too, its temporal
+    planes turned back by omega * lag; ``gain`` scales the query (the sharpness)."""
+    key = torch.zeros(head_dim)
+    key[0::2] = 1.0
+    query = key.clone()
+    planes = (rope.axis == 0).nonzero().flatten()
+    phase = -rope.omega[planes].float() * lag
+    query[2 * planes], query[2 * planes + 1] = phase.cos(), phase.sin()
+    return gain * query, key
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -122,19 +153,24 @@ class Attention(nn.Module):
         self.hook_q_pre, self.hook_q_post = HookPoint(ctx), HookPoint(ctx)
         self.hook_k_pre, self.hook_k_post = HookPoint(ctx), HookPoint(ctx)
 
-    def forward(self, x, cos, sin, mask=None, cache_layer=None, write=False, meta=None):
+    def forward(self, x, cos, sin, mask=None, cache_layer=None, write=False, meta=None,
+                memory=None):
         """x (B, N, width); cos/sin (N, d/2) RoPE of the N tokens.
 
         mask: (N, N) bool, True = may attend (training path), or None.
         cache_layer: a ``LayerCache`` to read (its keys come first, all visible),
         and to extend with this call's keys and values when ``write``;
         meta = (frame, row, col) of the N tokens, needed to write.
+        memory: (query, key, value) of head 0, each (B, N, d), instead of its own (the
+        motion memory); what the head reads is left in ``memory_read`` (B, N, d).
         """
         B, N, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, -1)
         q, k = self.norm_q(q), self.norm_k(k)
         split = lambda t: t.view(B, N, self.heads, self.head_dim).transpose(1, 2)
         q, k, v = split(q), split(k), split(v)  # (B, H, N, d)
+        if memory is not None:
+            q, k, v = (torch.cat([m[:, None].to(a.dtype), a[:, 1:]], 1) for m, a in zip(memory, (q, k, v)))
         q = self.hook_q_post(apply_rotation(self.hook_q_pre(q), cos, sin))
         k = self.hook_k_post(apply_rotation(self.hook_k_pre(k), cos, sin))
         if mask is not None:  # whole-clip training: the block-causal mask, no cache
@@ -153,6 +189,7 @@ class Attention(nn.Module):
             y = kernels.attention(q, keys, vals, log_mass)
         if write:
             cache_layer.append(k, v, *meta)
+        self.memory_read = y[:, 0] if memory is not None else None
         return self.out(y.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -209,8 +246,26 @@ class TinyVideoModel(nn.Module):
         if cfg.motion_reach:
             if not cfg.predict_change:
                 raise ValueError("motion_reach moves the previous frame: it needs predict_change")
+        for flag in ("motion_match", "motion_memory"):
+            if getattr(cfg, flag) and not cfg.motion_reach:
+                raise ValueError(f"{flag} compares displacements: it needs motion_reach")
+        if cfg.motion_reach:
             side = 2 * cfg.motion_reach + 1
+            dy, dx = torch.meshgrid(torch.arange(side) - cfg.motion_reach,
+                                    torch.arange(side) - cfg.motion_reach, indexing="ij")
+            # squared length of each displacement, row-major like displaced()
+            self.register_buffer("displacement_length", (dy ** 2 + dx ** 2).flatten().float(),
+                                 persistent=False)
             self.motion = nn.Linear(w, side * side)
+            if cfg.motion_memory:
+                self.memory_scale = nn.Parameter(torch.tensor(1.0))
+                query, key = local_query_key(self.rope, cfg.head_dim, lag=1, gain=MEMORY_GAIN)
+                self.register_buffer("memory_query", query, persistent=False)
+                self.register_buffer("memory_key", key, persistent=False)
+            if cfg.motion_match:
+                self.match_embed = nn.Linear(side * side, w)
+                nn.init.zeros_(self.match_embed.weight)  # starts as the model it is added to
+                nn.init.zeros_(self.match_embed.bias)
             self.hook_motion = HookPoint(self.hook_ctx)  # (B, N, (2r+1)^2) displacement weights
             nn.init.zeros_(self.motion.weight)
             with torch.no_grad():  # starts as (nearly) a copy: 94% on no displacement
@@ -244,6 +299,25 @@ class TinyVideoModel(nn.Module):
         shifts = [self.patchify(pad[:, :, r - dy:r - dy + S, r - dx:r - dx + S])
                   for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
         return torch.stack(shifts, 2)
+
+    def memory_inputs(self, match, first, t):
+        """Head 0's query, key and value for the motion memory: fixed local ones, and
+        the match less uniform (no evidence where a patch tells nothing), scaled by how
+        clean the token is (a noisy token's match is mostly noise; frame 0 has none)."""
+        B, N, K = match.shape
+        clean = (1 - t).repeat_interleave(self.cfg.tokens_per_frame, 1)[..., None]
+        value = torch.where(first, 0.0, (match - 1.0 / K) * clean)
+        value = F.pad(value, (0, self.cfg.head_dim - K))
+        return (self.memory_query.expand(B, N, -1), self.memory_key.expand(B, N, -1), value)
+
+    @staticmethod
+    def match(moved: torch.Tensor, x: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
+        """How well each displacement ``moved`` (B, N, K, d) explains each token ``x``
+        (B, N, d): a softmin over the displacements of the mean squared difference. On a
+        clean frame it is one-hot on the displacements that give the patch exactly; on a
+        noisy one it spreads as the noise hides the answer."""
+        err = (moved - x[:, :, None].to(moved.dtype)).pow(2).mean(-1)
+        return (-(err - err.amin(-1, keepdim=True)) / temperature).softmax(-1)
 
     # -- pixels <-> tokens ------------------------------------------------
     def patchify(self, frames: torch.Tensor) -> torch.Tensor:
@@ -291,7 +365,8 @@ class TinyVideoModel(nn.Module):
     # -- the network --------------------------------------------------------
     def forward(self, x, t, frames, cond, prev: torch.Tensor | None = None,
                 cache: KVCache | None = None, write: bool = False,
-                mask: torch.Tensor | None = None, phase: str = "train", step: int = -1):
+                mask: torch.Tensor | None = None, phase: str = "train", step: int = -1,
+                motion_index: torch.Tensor | None = None, return_motion_logits: bool = False):
         """Clean-frame (or velocity, ``cfg.prediction``) prediction.
 
         x: (B, T * tokens_per_frame, patch_dim) noisy tokens of frames ``frames``
@@ -302,6 +377,9 @@ class TinyVideoModel(nn.Module):
         which has none); None = no previous frame for any token
         cache: read before this call's own keys; extended with them when ``write``
         mask: (N, N) bool block-causal mask for whole-clip training (no cache)
+        motion_index: (B, N) displacement of each token under ``motion_pick`` (training
+        passes the true one); None = the most likely. ``return_motion_logits`` also
+        returns the motion head's logits (B, N, (2r+1)^2).
         """
         B, N, _ = x.shape
         n_tok = self.cfg.tokens_per_frame
@@ -322,19 +400,39 @@ class TinyVideoModel(nn.Module):
                 h = h + self.no_prev
             else:
                 h = h + torch.where(first, self.no_prev, self.prev_embed(self.neighbourhood(prev)))
+        moved, memory = None, None
+        if self.cfg.motion_reach and prev is not None:
+            moved = self.displaced(prev.masked_fill(first, 0))  # frame 0: nothing to move
+            match = self.match(moved, x)
+            if self.cfg.motion_match:
+                h = h + torch.where(first, 0.0, self.match_embed(match))
+            if self.cfg.motion_memory:
+                memory = self.memory_inputs(match, first, t)
         h = h.view(B, -1, n_tok, self.cfg.width)  # by frame, for the per-frame modulation
         for i, block in enumerate(self.blocks):
             h = block(h, mod, cos, sin, mask=mask, write=write, meta=meta,
-                      cache_layer=cache[i] if cache is not None else None)
+                      cache_layer=cache[i] if cache is not None else None,
+                      memory=memory if i == 0 else None)
         shift, scale = (e[:, :, None] + self.head_mod)[:, :, :, None].unbind(2)
         feat = self.head_norm(h) * (1 + scale) + shift
         out = self.head(feat).view(B, N, -1)
         if self.cfg.predict_change and prev is not None:
             base = prev.masked_fill(first, 0)  # frame 0 has nothing to change from
             if self.cfg.motion_reach:  # the previous frame moved, patch by patch
-                weights = self.hook_motion(self.motion(feat).view(B, N, -1).softmax(-1))
-                base = torch.einsum("bnk,bnkd->bnd", weights, self.displaced(base))
+                logits = self.motion(feat).view(B, N, -1)
+                if memory is not None:  # the motion read from the cache, as evidence
+                    read = self.blocks[0].attn.memory_read[..., :logits.shape[-1]]
+                    logits = logits + self.memory_scale * logits.shape[-1] * read.float()
+                weights = self.hook_motion(logits.softmax(-1))
+                if self.cfg.motion_pick:
+                    index = weights.argmax(-1) if motion_index is None else motion_index
+                    index = index[..., None, None].expand(-1, -1, 1, moved.shape[-1])
+                    base = moved.gather(2, index)[:, :, 0]
+                else:
+                    base = torch.einsum("bnk,bnkd->bnd", weights, moved)
             out = out + base
+        if return_motion_logits:
+            return out, logits if self.cfg.motion_reach and prev is not None else None
         return out
 
     def new_cache(self) -> KVCache:
