@@ -170,7 +170,8 @@ class Attention(nn.Module):
         split = lambda t: t.view(B, N, self.heads, self.head_dim).transpose(1, 2)
         q, k, v = split(q), split(k), split(v)  # (B, H, N, d)
         if memory is not None:
-            q, k, v = (torch.cat([m[:, None].to(a.dtype), a[:, 1:]], 1) for m, a in zip(memory, (q, k, v)))
+            q, k, v = (torch.cat([m[:, None].to(a.dtype), a[:, 1:]], 1)
+                       for m, a in zip(memory, (q, k, v)))
         q = self.hook_q_post(apply_rotation(self.hook_q_pre(q), cos, sin))
         k = self.hook_k_post(apply_rotation(self.hook_k_pre(k), cos, sin))
         if mask is not None:  # whole-clip training: the block-causal mask, no cache
@@ -403,7 +404,7 @@ class TinyVideoModel(nn.Module):
         moved, memory = None, None
         if self.cfg.motion_reach and prev is not None:
             moved = self.displaced(prev.masked_fill(first, 0))  # frame 0: nothing to move
-            match = self.match(moved, x)
+            match = self.match(moved, x) if self.cfg.motion_match or self.cfg.motion_memory else None
             if self.cfg.motion_match:
                 h = h + torch.where(first, 0.0, self.match_embed(match))
             if self.cfg.motion_memory:
