@@ -7,8 +7,12 @@ instead: every object is read from the model's frame (its integer position,
 by matching its shape near where it should be), moved one step by the world's
 rule (velocity, bounces), and rendered with hard edges. So the model learns to
 continue from its own frames, and to redraw each object whole and in its
-colour. Where the reading fails (an object that should be visible is not found
-near its place), the next frame gets no loss.
+colour. Where the reading fails (something of the object's colour is drawn but
+not where or how it should be), the next frame gets no loss. Where nothing of its
+colour is drawn at all, the object is missing (most often one that should come
+back from behind the pillar or from outside the view): the renderer still knows
+where it is, so the target shows it there. Without that, a model that never
+brings an object back is never told to, as every frame after gets no loss.
 """
 from __future__ import annotations
 
@@ -20,14 +24,17 @@ from ffviz.scenes import COLORS, VIEW, Scene
 SEARCH = 4  # pixels around the expected position where an object is looked for
 MIN_IOU = 0.4  # a reading below this fails (a misshapen object still reads: it is redrawn whole)
 MIN_VISIBLE = 4  # pixels: an object expected to show fewer is not read (hidden)
+# reading statuses
+FOUND, HIDDEN, FAILED, MISSING = 1, 0, -1, -2
 
 
 def read_positions(scene: Scene, frame: np.ndarray, guess: np.ndarray):
     """Read each object's top-left corner from ``frame`` (V, V, 3) uint8 near ``guess``
-    (n, 2). Returns (positions (n, 2), status (n,) with 1 = found, 0 = hidden (too
-    little of it should show to read), -1 = failed)."""
+    (n, 2). Returns (positions (n, 2), status (n,): FOUND, HIDDEN (too little of it
+    should show to read), FAILED (its colour is drawn, but it does not read near its
+    place) or MISSING (fewer than MIN_VISIBLE pixels of its colour in the whole frame))."""
     n = len(scene.spec.objects)
-    pos, status = guess.copy(), np.zeros(n, int)
+    pos, status = guess.copy(), np.full(n, HIDDEN)
     pad = SEARCH + int(scene.side.max())
     masks, pillar = scene.object_masks(guess[None])
     for i, o in enumerate(scene.spec.objects):
@@ -52,9 +59,9 @@ def read_positions(scene: Scene, frame: np.ndarray, guess: np.ndarray):
         dy, dx = np.unravel_index(int(np.argmax(iou - 1e-3 * (near[:, None] + near))), iou.shape)
         if iou[dy, dx] >= MIN_IOU:
             pos[i] = guess[i] + np.array([dx - SEARCH, dy - SEARCH])
-            status[i] = 1
+            status[i] = FOUND
         else:
-            status[i] = -1
+            status[i] = MISSING if seen.sum() < MIN_VISIBLE else FAILED
     return pos, status
 
 
@@ -64,8 +71,8 @@ def renderer_targets(scene: Scene, frames: np.ndarray, given: int, start: int = 
 
     Returns (targets (T, V, V, 3) uint8, valid (T,) bool): target f is what follows
     from the rollout's frames before f (objects read from frame f - 1, moved one
-    step); the given frames are their own targets. valid[f] is False where a reading
-    of frame f - 1 failed."""
+    step; a missing object where the world puts it); the given frames are their own
+    targets. valid[f] is False where a reading of frame f - 1 failed."""
     T = len(frames)
     pos = scene.positions([start + given - 1])[0]
     vel = scene.velocities(start + given - 1)
@@ -77,6 +84,6 @@ def renderer_targets(scene: Scene, frames: np.ndarray, given: int, start: int = 
         out[f] = pos
         if f + 1 < T:  # read frame f to continue from what the model drew
             read, status = read_positions(scene, frames[f], pos)
-            valid[f + 1] = not (status < 0).any()
-            pos = np.where((status == 1)[:, None], read, pos)
+            valid[f + 1] = not (status == FAILED).any()
+            pos = np.where((status == FOUND)[:, None], read, pos)
     return scene.render_positions(out), valid

@@ -71,6 +71,12 @@ class TrainConfig:
     unnamed_share: float = 0.25
     object_weight: float = 2.0  # loss weight of patches showing an object or the pillar
     motion_weight: float = 0.05  # weight of the motion choice's cross-entropy (motion_pick)
+    # loss weight of patches no displacement of the previous frame gives (motion_pick)
+    paint_weight: float = 1.0
+    # focus of the motion cross-entropy on the patches the head gets wrong (a focal loss's
+    # gamma: each patch's term times (1 - p_right)^focus; 0 = plain). Most patches move
+    # as they moved, which the motion memory already says; a bounce is where it is wrong.
+    motion_focus: float = 0.0
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
@@ -229,21 +235,28 @@ def previous_of_slots(context, before, given: int, n: int):
 def motion_targets(model, prev, target):
     """Which displacements of ``prev`` give ``target`` (tokens (B, M, d)), patch by patch:
     (index (B, M): the shortest of the best ones, good (B, M, K) bool: every displacement
-    as good as the best, telling (B, M) bool: patches where the choice matters at all)."""
+    as good as the best, telling (B, M) bool: patches where the choice matters at all,
+    exact (B, M) bool: patches some displacement gives exactly; the others hold
+    something new, such as an object coming back from behind the pillar)."""
     err = (model.displaced(prev.float()) - target.float()[:, :, None]).pow(2).mean(-1)
-    good = err <= err.min(-1, keepdim=True).values + 1e-4
+    best = err.min(-1, keepdim=True).values
+    good = err <= best + 1e-4
     index = (good * 1e3 - model.displacement_length).argmax(-1)
-    return index, good, ~good.all(-1)
+    return index, good, ~good.all(-1), best[..., 0] < 1e-4
 
 
 def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight, gen, mask,
-                         frames, targets, motion_weight: float = 0.0):
+                         frames, targets, motion_weight: float = 0.0, paint_weight: float = 1.0,
+                         motion_focus: float = 0.0):
     """x0 loss of the noisy copies. context/prev/target: tokens (B, T*n, d) (the clean
     frames, each one's previous frame, and what each frame should be); valid (B, T) bool;
     levels (B, K) of the target slots ``targets`` (K,); weight (B, T*n); frames, mask
     from ``layout``. Returns (loss, motion cross-entropy or None): with ``motion_pick``
     the x0 comes from the true displacement and the head's choice is taught by
-    cross-entropy over the displacements that give the target (weight ``motion_weight``)."""
+    cross-entropy over the displacements that give the target (weight ``motion_weight``),
+    and patches no displacement gives (what must be painted, not moved) weigh
+    ``paint_weight`` times more: they are few, and they are where memory shows.
+    ``motion_focus`` > 0 weighs each patch's cross-entropy by (1 - p_right)^focus."""
     n = model.cfg.tokens_per_frame
     B, T = valid.shape
     pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
@@ -255,22 +268,25 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
     t = torch.cat([torch.zeros(B, T, device=levels.device), levels], 1)
     prev_all = torch.cat([prev, pick(prev)], 1)
     valid_tok = valid[:, targets].repeat_interleave(n, 1)
+    w = pick(weight[..., None])[..., 0] * valid_tok
     if not model.cfg.motion_pick:
         out = model(x, t, frames, cond, prev=prev_all, mask=mask)
         ce = None
     else:
-        index, good, telling = motion_targets(model, pick(prev), tgt)
+        index, good, telling, exact = motion_targets(model, pick(prev), tgt)
         centre = torch.full((B, T * n), good.shape[-1] // 2, dtype=torch.long, device=x.device)
         out, logits = model(x, t, frames, cond, prev=prev_all, mask=mask,
                             motion_index=torch.cat([centre, index], 1), return_motion_logits=True)
         logits = logits[:, T * n:].float()
         nll = logits.logsumexp(-1) - logits.masked_fill(~good, float("-inf")).logsumexp(-1)
         w_ce = (telling & valid_tok).float()
-        ce = (nll * w_ce).sum() / w_ce.sum().clamp_min(1.0)
+        ce = (nll * w_ce).sum() / w_ce.sum().clamp_min(1.0)  # what the log shows
+        focal = (1 - torch.exp(-nll.detach())).pow(motion_focus) if motion_focus else 1.0
+        ce_term = (nll * w_ce * focal).sum() / w_ce.sum().clamp_min(1.0)
+        w = w * torch.where(exact, 1.0, paint_weight)
     err = (out[:, T * n:].float() - tgt).pow(2).mean(-1)  # (B, K * n), float32 under autocast too
-    w = pick(weight[..., None])[..., 0] * valid_tok
     loss = (err * w).sum() / w.sum().clamp_min(1e-6)
-    return (loss if ce is None else loss + motion_weight * ce), ce
+    return (loss if ce is None else loss + motion_weight * ce_term), ce
 
 
 def _worker_init():
@@ -394,7 +410,8 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
             cond = torch.cat([cond, cond[:, targets]], 1)  # the noisy copies' too
             loss, motion_ce = teacher_forcing_loss(model, context, prev, target, valid, levels,
                                                    cond, weight, gen, mask, frames, targets,
-                                                   cfg.motion_weight)
+                                                   cfg.motion_weight, cfg.paint_weight,
+                                                   cfg.motion_focus)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -531,8 +548,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--motion-memory", action="store_true",
                    help="a NEW model's head 0 of layer 0 reads how the cached frames moved and "
                         "adds it to the motion choice (TinyConfig.motion_memory)")
+    p.add_argument("--patch-position", action="store_true",
+                   help="a NEW model learns an embedding of each patch's place in the frame "
+                        "(TinyConfig.patch_position: tokens can know the view's edge)")
+    p.add_argument("--motion-refine", action="store_true",
+                   help="a NEW model's motion choice gets a correction from an MLP over the "
+                        "head's features and the memory's read (TinyConfig.motion_refine)")
     p.add_argument("--motion-weight", type=float, default=d.motion_weight,
                    help="weight of the motion choice's cross-entropy in the loss (--motion-pick)")
+    p.add_argument("--paint-weight", type=float, default=d.paint_weight,
+                   help="loss weight of patches no displacement of the previous frame gives, "
+                        "such as an object coming back into view (--motion-pick; default 1)")
+    p.add_argument("--motion-focus", type=float, default=d.motion_focus,
+                   help="focal gamma of the motion cross-entropy: weigh each patch by "
+                        "(1 - p_right)^focus, so bounces outweigh what moves as it moved (0: plain)")
     p.add_argument("--rope-theta", type=float, default=TinyConfig.rope_theta,
                    help="spatial RoPE base of a NEW model: 10 gives every plane of the 8x8 grid a "
                         "turn that tells neighbouring patches apart (10000 leaves one)")
@@ -552,6 +581,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, lr=args.lr,
                       rollout_after=args.rollout_after, rollout_clips=args.rollout_clips,
                       object_weight=args.object_weight, motion_weight=args.motion_weight,
+                      paint_weight=args.paint_weight, motion_focus=args.motion_focus,
                       switch_share=args.switch_share,
                       unnamed_share=args.unnamed_share,
                       seed=args.seed, threads=args.threads,
@@ -571,13 +601,24 @@ def main(args: argparse.Namespace) -> int:
     for flag in ("motion_pick", "motion_match", "motion_memory"):
         if getattr(args, flag) and not args.motion_reach:
             raise SystemExit(f"--{flag.replace('_', '-')} works on displacements: it needs --motion-reach")
+    if args.motion_refine and not args.motion_memory:
+        raise SystemExit("--motion-refine corrects what the motion memory reads: it needs --motion-memory")
     if not args.motion_weight >= 0:
         raise SystemExit(f"--motion-weight must be >= 0, got {args.motion_weight}")
+    if not args.paint_weight > 0:
+        raise SystemExit(f"--paint-weight must be > 0, got {args.paint_weight}")
+    if not args.motion_focus >= 0:
+        raise SystemExit(f"--motion-focus must be >= 0, got {args.motion_focus}")
     model_cfg = TinyConfig(width=args.width, layers=args.layers, rope_theta=args.rope_theta,
                            rope_theta_time=args.rope_theta_time, prev_reach=args.prev_reach,
                            predict_change=args.predict_change, motion_reach=args.motion_reach,
                            motion_pick=args.motion_pick, motion_match=args.motion_match,
-                           motion_memory=args.motion_memory)
+                           motion_memory=args.motion_memory, motion_refine=args.motion_refine,
+                           patch_position=args.patch_position)
+    try:
+        TinyVideoModel(model_cfg)  # a setting the model refuses, said before anything runs
+    except ValueError as e:
+        raise SystemExit(f"the model settings do not fit: {e}")
     card = train(cfg, model_cfg, args.out, log=lambda s: print(s, flush=True), fresh=args.fresh)
     print(json.dumps({k: card[k] for k in ("steps", "clips_seen", "train_seconds", "sha256")}))
     return 0

@@ -2,7 +2,7 @@
 import numpy as np
 
 from ffviz.scenes import Scene, parse_prompt, random_spec
-from ffviz.teacher import read_positions, renderer_targets
+from ffviz.teacher import FAILED, FOUND, HIDDEN, MISSING, read_positions, renderer_targets
 
 
 def _scene(prompt="a red circle and a blue square on a black background", seed=1):
@@ -50,20 +50,53 @@ def test_a_misshapen_object_is_redrawn_whole():
     assert valid.all() and (targets == scene.render(np.arange(8))).all()
 
 
-def test_no_loss_after_an_object_vanished():
+def test_a_vanished_object_is_asked_back_where_the_world_puts_it():
     scene = _scene()
     frames = scene.render(np.arange(10))
-    frames[6] = frames[6, 0, 0]  # everything but the background gone at frame 6
+    frames[6:] = frames[6, 0, 0]  # everything but the background gone from frame 6 on
+    targets, valid = renderer_targets(scene, frames, 2)
+    assert valid.all()  # nothing was misread: the objects are missing, and asked back
+    assert (targets == scene.render(np.arange(10))).all()
+
+
+def test_no_loss_after_an_object_drawn_where_it_cannot_be_read():
+    scene = _scene("a big red square on a black background", seed=2)
+    pos = scene.positions(np.arange(10))
+    pos[6:, 0] = (pos[6:, 0] + 12) % 20  # frame 6 on: the square far from its place
+    frames = scene.render_positions(pos)
     _, valid = renderer_targets(scene, frames, 2)
-    assert valid.tolist() == [True] * 7 + [False] + [True] * 2  # frame 7 follows from 6
+    assert valid.tolist() == [True] * 7 + [False] * 3  # each frame follows from a misread one
 
 
-def test_reading_ignores_a_hidden_object_and_fails_on_a_missing_one():
+def test_reading_tells_hidden_missing_and_misread_objects():
     scene = _scene("a red circle on a black background, leaving the view", seed=3)
     pos = scene.positions([0])[0]
     far = np.array([[40, pos[0, 1]]])  # out of the view: nothing to read
-    assert read_positions(scene, scene.render_positions(far[None])[0], far)[1].tolist() == [0]
+    assert read_positions(scene, scene.render_positions(far[None])[0], far)[1].tolist() == [HIDDEN]
     empty = np.full((32, 32, 3), 15, np.uint8)
-    assert read_positions(scene, empty, pos)[1].tolist() == [-1]
+    assert read_positions(scene, empty, pos)[1].tolist() == [MISSING]
     got, status = read_positions(scene, scene.render([0])[0], pos + 2)
-    assert status.tolist() == [1] and (got == pos).all()  # found within the search radius
+    assert status.tolist() == [FOUND] and (got == pos).all()  # found within the search radius
+    assert read_positions(scene, scene.render([0])[0], pos + 9)[1].tolist() == [FAILED]
+
+
+def test_the_bounce_probe_scores_exact_moves_and_tells_bounces_apart():
+    """tools/bounce_probe.py: the truth is right everywhere; a video that keeps every
+    object moving as it moved (no bounce) is right only away from the walls."""
+    import runpy
+    from pathlib import Path
+    score = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bounce_probe.py"))["score"]
+    scene = _scene("a small red square on a black background, fast", seed=4)
+    T = 40
+    truth = scene.render(np.arange(T))
+    counts = score(scene, truth, 2)
+    assert counts["bounce"][1] > 0 and all(right == total for right, total in counts.values())
+    pos = scene.positions(np.arange(T))
+    straight = pos[:1] + (pos[1] - pos[0])[None] * np.arange(T)[:, None, None]  # never turns
+    counts = score(scene, scene.render_positions(straight), 2)
+    assert counts["plain"][0] > 0 and counts["bounce"][0] == 0
+    # the cross-entropy split marks the patches a turning object covers, and only those
+    bounce_patches = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bounce_probe.py"))["bounce_patches"]
+    turns = [f for f in range(2, T) if (pos[f] - pos[f - 1] != pos[f - 1] - pos[f - 2]).any()]
+    assert turns and bounce_patches(scene, turns[0], 8, 4).sum() >= 4  # an 8-px square: 2x2 patches at least
+    assert not bounce_patches(scene, turns[0] - 1, 8, 4).any() or turns[0] - 1 in turns

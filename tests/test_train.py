@@ -24,7 +24,9 @@ def _cfg(steps, **kw):
 
 
 @pytest.mark.parametrize("motion", [{}, dict(predict_change=True, motion_reach=2, motion_match=True,
-                                               motion_memory=True)], ids=["plain", "motion"])
+                                               motion_memory=True, motion_refine=True,
+                                               patch_position=True)],
+                         ids=["plain", "motion"])
 def test_teacher_forcing_is_what_generation_computes(motion):
     """Each noisy copy's output equals the cached path: the clean frames before it
     written to a cache one chunk at a time (the given frames together), then the
@@ -166,7 +168,13 @@ def test_cli_checks_its_arguments(tmp_path):
                      (["--fresh", "--motion-pick"], "--motion-pick works on displacements"),
                      (["--fresh", "--motion-match"], "--motion-match works on displacements"),
                      (["--fresh", "--motion-memory"], "--motion-memory works on displacements"),
+                     (["--fresh", "--width", "32", "--motion-reach", "2", "--motion-memory"],
+                      "head_dim 8 < 25"),
                      (["--motion-weight", "-1"], "--motion-weight must be >= 0"),
+                     (["--paint-weight", "0"], "--paint-weight must be > 0"),
+                     (["--motion-focus", "-1"], "--motion-focus must be >= 0"),
+                     (["--fresh", "--motion-reach", "2", "--motion-refine"],
+                      "--motion-refine corrects what the motion memory reads"),
                      (["--batch", "0"], "--batch and --steps")):
         with pytest.raises(SystemExit, match=msg):
             main([*args, *bad])
@@ -272,10 +280,14 @@ def test_a_picking_motion_head_moves_by_one_displacement_and_learns_which():
     img[:, :, 8:16, 8:16] = 1  # a white square on black
     shifted = torch.roll(img, 1, 3)  # dx = +1
     prev, target = model.patchify(img), model.patchify(shifted)
-    index, good, telling = motion_targets(model, prev, target)
+    index, good, telling, exact = motion_targets(model, prev, target)
     right = (0 + 2) * 5 + (1 + 2)
     assert telling.sum() > 0 and good[..., right].all() and (index == right).sum() == 4  # the two edges x two rows
     assert (index[~telling] == 12).all()  # where nothing tells, no displacement
+    assert exact.all()  # a moved square: every patch is some displacement of the last frame
+    appeared = target.clone()
+    appeared[0, 63] = 0.5  # something new in the last patch: no displacement gives it
+    assert motion_targets(model, prev, appeared)[3].tolist()[0] == [True] * 63 + [False]
     with torch.no_grad():
         model.motion.bias.zero_()[right] = 3.0  # most likely, not certain: still one pick
     x, cond, frames = torch.randn(1, 64, 48), torch.zeros(1, 128), torch.tensor([1])
@@ -303,6 +315,32 @@ def test_a_picking_motion_head_moves_by_one_displacement_and_learns_which():
         opt.step()
         ces.append(ce.item())
     assert ces[-1] < 0.3 * ces[0]
+
+
+def test_paint_weight_weighs_only_what_no_displacement_gives():
+    """paint_weight scales the loss of patches that hold something new (an object coming
+    back into view) and leaves a clip where everything moved as it was."""
+    torch.manual_seed(0)
+    model = TinyVideoModel(TinyConfig(width=32, layers=1, heads=2, predict_change=True,
+                                      motion_reach=2, motion_pick=True))
+    img = torch.zeros(1, 1, 32, 32, 3) - 1
+    img[:, :, 8:16, 8:16] = 1
+    frames, mask = layout(torch.tensor([0, 1, 2]), 2, 64, torch.tensor([2]))
+    appeared = torch.roll(img, 1, 3).clone()
+    appeared[:, :, 24:28, 28:32] = 1  # a corner of an object coming in from the right
+
+    def loss(last, paint_weight):
+        context = model.patchify(torch.cat([img, img, last], 1))
+        prev_tok = torch.cat([torch.zeros_like(context[:, :64]), context[:, :-64]], 1)
+        return teacher_forcing_loss(model, context, prev_tok, context,
+                                    torch.ones(1, 3, dtype=torch.bool), torch.full((1, 1), 0.9),
+                                    torch.zeros(1, 4, 32), torch.ones(1, 3 * 64),
+                                    torch.Generator().manual_seed(0), mask, frames,
+                                    torch.tensor([2]), paint_weight=paint_weight)[0].item()
+
+    moved = torch.roll(img, 1, 3)
+    assert loss(moved, 5.0) == pytest.approx(loss(moved, 1.0), rel=1e-6)
+    assert loss(appeared, 5.0) > 1.5 * loss(appeared, 1.0)  # the new patch's error dominates
 
 
 def test_the_match_input_says_how_each_patch_moved():
@@ -404,10 +442,60 @@ def test_the_motion_tool_adds_a_picking_head_with_memory_to_trained_weights(tmp_
                  "--out", str(src)]) == 0
     tool = Path(__file__).resolve().parents[1] / "tools" / "add_motion_head.py"
     monkeypatch.setattr(sys, "argv", [str(tool), str(src), "--pick", "--memory", "--out", str(dst)])
+    with pytest.raises(SystemExit, match="head_dim 8 < 25"):  # 4 heads of 8: no room for the memory
+        runpy.run_path(str(tool), run_name="__main__")
+    assert main(["train", "--fresh", "--steps", "1", "--width", "128", "--layers", "1",
+                 "--out", str(src)]) == 0
     runpy.run_path(str(tool), run_name="__main__")
     model, card = load_tiny(dst)
     assert model.cfg.motion_pick and model.cfg.motion_memory and card["steps"] == 1
     assert model.blocks[0].attn.out.weight[:, :model.cfg.head_dim].abs().max() == 0
     monkeypatch.setattr(sys, "argv", [str(tool), str(dst), "--reach", "1", "--out", str(dst)])
     with pytest.raises(SystemExit, match="has a motion head already"):
+        runpy.run_path(str(tool), run_name="__main__")
+
+
+def test_the_motion_tool_carries_the_training_state_over(tmp_path, monkeypatch):
+    """--refine --position on weights with a training state: the new model computes what
+    the old one did (the correction and the positions start at zero), and its state holds the old raw weights and
+    every old parameter's optimizer moments at that parameter's new index, so training
+    resumes exactly; a state of another step is refused."""
+    import runpy
+    import sys
+    from ffviz.__main__ import main
+    from ffviz.train import state_path_for
+    src, mid, dst = tmp_path / "w.safetensors", tmp_path / "m.safetensors", tmp_path / "r" / "w.safetensors"
+    assert main(["train", "--fresh", "--steps", "2", "--width", "128", "--layers", "1", "--motion-reach",
+                 "2", "--motion-pick", "--motion-memory", "--out", str(src)]) == 0
+    tool = Path(__file__).resolve().parents[1] / "tools" / "add_motion_head.py"
+    monkeypatch.setattr(sys, "argv", [str(tool), str(src), "--pick", "--out", str(mid)])
+    runpy.run_path(str(tool), run_name="__main__")  # no new part: the state carries as it was
+    monkeypatch.setattr(sys, "argv", [str(tool), str(mid), "--pick", "--refine", "--position",
+                                      "--out", str(dst)])
+    runpy.run_path(str(tool), run_name="__main__")
+    old, _ = load_tiny(src)
+    new, card = load_tiny(dst)
+    assert new.cfg.motion_refine and new.cfg.patch_position and card["steps"] == 2
+    x, prev = torch.rand(1, 64, 48) * 2 - 1, torch.rand(1, 64, 48) * 2 - 1
+    cond = torch.zeros(1, 128)
+    with torch.no_grad():
+        args = (x, torch.full((1, 1), 0.5), torch.tensor([3]), cond)
+        assert torch.equal(old(*args, prev=prev), new(*args, prev=prev))
+    before = torch.load(state_path_for(src), weights_only=False)
+    after = torch.load(state_path_for(dst), weights_only=False)
+    names = [n for n, _ in TinyVideoModel(new.cfg).named_parameters()]
+    old_names = [n for n, _ in TinyVideoModel(old.cfg).named_parameters()]
+    assert after["step"] == 2 and len(after["opt"]["param_groups"][0]["params"]) == len(names)
+    for i, name in enumerate(old_names):
+        j = names.index(name)
+        assert torch.equal(after["opt"]["state"][j]["exp_avg"], before["opt"]["state"][i]["exp_avg"])
+        assert torch.equal(after["model"][name], before["model"][name])
+    lines = []
+    from ffviz.train import TrainConfig as TC, train as run_train
+    run_train(TC(steps=3, batch=2, curriculum=((0, 5),), warmup=2, rollout_after=1, rollout_clips=1,
+                 save_every_s=1e9), new.cfg, dst, log=lines.append)
+    assert any("resumed exactly" in line for line in lines)
+    torch.save({**after, "step": 1}, state_path_for(dst))
+    monkeypatch.setattr(sys, "argv", [str(tool), str(dst), "--pick", "--refine", "--out", str(tmp_path / "x.safetensors")])
+    with pytest.raises(SystemExit, match="not one checkpoint"):
         runpy.run_path(str(tool), run_name="__main__")

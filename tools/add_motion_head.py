@@ -5,7 +5,10 @@
 The new model is the old one plus ``TinyConfig.motion_reach``: per patch, weights over
 the previous frame's displacements, starting at 94% on none, so it starts as nearly the
 model it was. The card keeps the steps and history, so ``python -m ffviz train --out``
-goes on from there (with a fresh optimizer, which warms up again).
+goes on from there (with a fresh optimizer, which warms up again). Where the weights
+have a training state beside them (``tiny.state.pt``), it is carried over instead: the
+raw weights and the optimizer's moments of every part they had, so training resumes
+exactly, with only the new parts starting afresh.
 """
 from __future__ import annotations
 
@@ -18,7 +21,34 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffviz.models.tiny import TinyVideoModel  # noqa: E402
+from ffviz.train import state_path_for  # noqa: E402
 from ffviz.weights import load_tiny, save_weights, training_progress  # noqa: E402
+
+NEW_PARTS = ("motion", "match_embed", "memory_scale", "motion_refine", "position_embed")
+
+
+def grown(old_model, cfg, state_dict):
+    """A model of ``cfg`` holding ``state_dict`` of ``old_model``'s parts (the new ones
+    as initialised; the memory head's share of layer 0's output at zero when new)."""
+    model = TinyVideoModel(cfg)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    assert not unexpected and all(k.split(".")[0] in NEW_PARTS for k in missing), (missing, unexpected)
+    if cfg.motion_memory and not old_model.cfg.motion_memory:  # its values must not enter the stream
+        with torch.no_grad():
+            model.blocks[0].attn.out.weight[:, :cfg.head_dim] = 0.0
+    return model
+
+
+def carried_state(old_model, raw, state: dict) -> dict:
+    """The training state for ``raw`` (the old raw weights, grown): its weights and the old
+    optimizer state with each parameter's moments moved to its index in ``raw``."""
+    old_names = [name for name, _ in old_model.named_parameters()]
+    new_index = {name: i for i, (name, _) in enumerate(raw.named_parameters())}
+    opt = state["opt"]
+    moments = {new_index[old_names[i]]: v for i, v in opt["state"].items()}
+    groups = [{**opt["param_groups"][0], "params": list(range(len(new_index)))}]
+    return {"model": raw.state_dict(), "opt": {"state": moments, "param_groups": groups},
+            "step": state["step"]}
 
 
 def main() -> None:
@@ -33,26 +63,51 @@ def main() -> None:
     p.add_argument("--match", action="store_true",
                    help="each token also sees how well each displacement of its previous frame "
                         "explains it (TinyConfig.motion_match)")
+    p.add_argument("--refine", action="store_true",
+                   help="an MLP over the head's features and the memory's read corrects the "
+                        "motion choice (TinyConfig.motion_refine; needs the memory)")
+    p.add_argument("--position", action="store_true",
+                   help="each patch learns where in the frame it is (TinyConfig.patch_position), "
+                        "so tokens can know the view's edge (bounces)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     old, card = load_tiny(args.weights)
     cfg = old.cfg
     if cfg.motion_reach and (cfg.motion_reach != args.reach or (cfg.motion_pick and not args.pick)):
         raise SystemExit(f"{args.weights} has a motion head already (reach {cfg.motion_reach}, "
-                         f"pick {cfg.motion_pick}): only --pick and --match can be added to it")
-    model = TinyVideoModel(dataclasses.replace(cfg, motion_reach=args.reach, motion_pick=args.pick,
-                                               motion_match=args.match or cfg.motion_match,
-                                               motion_memory=args.memory or cfg.motion_memory))
-    missing, unexpected = model.load_state_dict(old.state_dict(), strict=False)
-    assert not unexpected and all(k.split(".")[0] in ("motion", "match_embed", "memory_scale")
-                                  for k in missing), (missing, unexpected)
-    if args.memory and not cfg.motion_memory:  # the head's new values must not enter the stream
-        with torch.no_grad():
-            model.blocks[0].attn.out.weight[:, :model.cfg.head_dim] = 0.0
+                         f"pick {cfg.motion_pick}): only --pick, --match, --memory, --refine "
+                         "and --position can be added to it")
+    memory = args.memory or cfg.motion_memory
+    if args.refine and not memory:
+        raise SystemExit("--refine corrects what the motion memory reads: add --memory too")
+    new_cfg = dataclasses.replace(cfg, motion_reach=args.reach, motion_pick=args.pick,
+                                  motion_match=args.match or cfg.motion_match, motion_memory=memory,
+                                  motion_refine=args.refine or cfg.motion_refine,
+                                  patch_position=args.position or cfg.patch_position)
+    try:
+        model = grown(old, new_cfg, old.state_dict())
+    except ValueError as e:
+        raise SystemExit(f"{args.weights}: {e}")
     keep = training_progress(card)
+    state_in = state_path_for(args.weights)
+    if state_in.exists():
+        state = torch.load(state_in, map_location="cpu", weights_only=False)
+        if state.get("step") != keep.get("steps"):
+            raise SystemExit(f"{state_in} is at step {state.get('step')}, {args.weights} at "
+                             f"{keep.get('steps')}: they are not one checkpoint")
+        raw_old = TinyVideoModel(cfg)
+        raw_old.load_state_dict(state["model"])
+        raw = grown(raw_old, new_cfg, state["model"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(carried_state(raw_old, raw, state), state_path_for(args.out))
+    elif state_path_for(args.out).exists():  # another run's state: it must not resume these weights
+        state_path_for(args.out).unlink()
     save_weights(model.eval(), args.out, {**keep, "motion_head_added_at": card.get("motion_head_added_at", keep.get("steps"))})
     print(f"wrote {args.out}: motion reach {args.reach}, pick {args.pick}, match "
-          f"{model.cfg.motion_match} on {args.weights} (step {keep.get('steps')})")
+          f"{new_cfg.motion_match}, memory {new_cfg.motion_memory}, refine {new_cfg.motion_refine}, "
+          f"position {new_cfg.patch_position} "
+          f"on {args.weights} (step {keep.get('steps')})"
+          + (", its training state carried over" if state_in.exists() else ""))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,14 @@ class TinyConfig:
     # so "keep moving as you moved" comes from the cache, and a policy that evicts the
     # newest frame takes it away.
     motion_memory: bool = False
+    # A small MLP over the head's features and what the memory read, whose output is
+    # added to the motion choice (zero at the start). Memory says "as before"; where that
+    # is wrong (an object at a wall bounces) the correction has to depend on both.
+    motion_refine: bool = False
+    # A learnt embedding of each patch's place in the frame (zero at the start). RoPE
+    # tells tokens only where they are relative to each other; an object bounces off
+    # the view's edge, which a token can then know it is next to.
+    patch_position: bool = False
     prediction: str = "x0"  # what the head predicts: "x0" (clean frame) or "v" (velocity)
     # sampling defaults, stored with the weights
     sample_steps: int = 4
@@ -110,6 +118,10 @@ class TinyConfig:
 
 
 MEMORY_GAIN = 4.0  # sharpness of the motion memory's look at the same patch
+# The patch-position embedding enters the residual stream at this gain: trained weights'
+# streams are large (rms 5-17), and at the optimizer's step size a zero-started embedding
+# would take thousands of steps to count in them.
+POSITION_GAIN = 10.0
 
 
 def local_query_key(rope, head_dim: int, lag: int, gain: float):
@@ -234,6 +246,8 @@ class TinyVideoModel(nn.Module):
         if cfg.previous_frame_input:
             self.prev_embed = nn.Linear((2 * cfg.prev_reach + 1) ** 2 * cfg.patch_dim, w)
             self.no_prev = nn.Parameter(torch.zeros(w))  # frame 0 has no previous frame
+        if cfg.patch_position:
+            self.position_embed = nn.Parameter(torch.zeros(cfg.tokens_per_frame, w))
         self.time_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.cond_embed = nn.ModuleList(nn.Embedding(n, w) for n in CONDITION_VOCAB)
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))
@@ -250,6 +264,11 @@ class TinyVideoModel(nn.Module):
         for flag in ("motion_match", "motion_memory"):
             if getattr(cfg, flag) and not cfg.motion_reach:
                 raise ValueError(f"{flag} compares displacements: it needs motion_reach")
+        if cfg.motion_memory and cfg.head_dim < (2 * cfg.motion_reach + 1) ** 2:
+            raise ValueError(f"motion_memory carries one value per displacement in a head: head_dim "
+                             f"{cfg.head_dim} < {(2 * cfg.motion_reach + 1) ** 2} displacements")
+        if cfg.motion_refine and not cfg.motion_memory:
+            raise ValueError("motion_refine corrects what the motion memory reads: it needs motion_memory")
         if cfg.motion_reach:
             side = 2 * cfg.motion_reach + 1
             dy, dx = torch.meshgrid(torch.arange(side) - cfg.motion_reach,
@@ -263,6 +282,11 @@ class TinyVideoModel(nn.Module):
                 query, key = local_query_key(self.rope, cfg.head_dim, lag=1, gain=MEMORY_GAIN)
                 self.register_buffer("memory_query", query, persistent=False)
                 self.register_buffer("memory_key", key, persistent=False)
+            if cfg.motion_refine:
+                self.motion_refine = nn.Sequential(nn.Linear(w + side * side, w), nn.GELU(approximate="tanh"),
+                                                   nn.Linear(w, side * side))
+                nn.init.zeros_(self.motion_refine[2].weight)  # starts as the model it is added to
+                nn.init.zeros_(self.motion_refine[2].bias)
             if cfg.motion_match:
                 self.match_embed = nn.Linear(side * side, w)
                 nn.init.zeros_(self.match_embed.weight)  # starts as the model it is added to
@@ -410,6 +434,8 @@ class TinyVideoModel(nn.Module):
             if self.cfg.motion_memory:
                 memory = self.memory_inputs(match, first, t)
         h = h.view(B, -1, n_tok, self.cfg.width)  # by frame, for the per-frame modulation
+        if self.cfg.patch_position:
+            h = h + POSITION_GAIN * self.position_embed
         for i, block in enumerate(self.blocks):
             h = block(h, mod, cos, sin, mask=mask, write=write, meta=meta,
                       cache_layer=cache[i] if cache is not None else None,
@@ -423,7 +449,11 @@ class TinyVideoModel(nn.Module):
                 logits = self.motion(feat).view(B, N, -1)
                 if memory is not None:  # the motion read from the cache, as evidence
                     read = self.blocks[0].attn.memory_read[..., :logits.shape[-1]]
-                    logits = logits + self.memory_scale * logits.shape[-1] * read.float()
+                    evidence = logits.shape[-1] * read.float()
+                    logits = logits + self.memory_scale * evidence
+                    if self.cfg.motion_refine:
+                        logits = logits + self.motion_refine(
+                            torch.cat([feat.reshape(B, N, -1), evidence], -1))
                 weights = self.hook_motion(logits.softmax(-1))
                 if self.cfg.motion_pick:
                     index = weights.argmax(-1) if motion_index is None else motion_index

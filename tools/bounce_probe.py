@@ -1,0 +1,156 @@
+"""How often the model moves an object right from true frames, at bounces and elsewhere.
+
+    python tools/bounce_probe.py W [--scenes 32] [--frames 40] [--batches 6]
+
+Random scenes of the training grammar (seeds the training never draws), every frame
+generated from a cache of the 4 TRUE frames before it (the showcase's teacher-forced
+setting). For every object whole in view in a frame and the one before, the generated
+frame counts as right where the object reads exactly at its true position
+(``ffviz.teacher.read_positions``). Frames are split into bounces (the object's motion
+into this frame differs from its motion into the one before: it hit a wall) and the
+rest. A model that keeps moving as it moved is right elsewhere and wrong at bounces;
+free-running, one missed bounce pushes an object out of the view for good.
+
+Then the same split for the motion choice itself (a picking motion head): on
+training-like batches (seed 11, steps 300000+, 16-frame clips), every target frame
+from pure noise (t = 1, where the choice is made), the cross-entropy of the head's
+choice and how often its most likely displacement gives the patch, on patches where
+the choice matters, split by whether a bouncing object covers the patch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ffviz.sampling import palette_tensor, rollout  # noqa: E402
+from ffviz.scenes import Scene, random_spec  # noqa: E402
+from ffviz.teacher import FOUND, read_positions  # noqa: E402
+from ffviz.train import TrainConfig, draw, layout, motion_targets, previous_of_slots  # noqa: E402
+from ffviz.weights import load_tiny  # noqa: E402
+
+SEED_BASE = 900_000  # scene seeds far from the training's and the showcase's
+
+
+@torch.no_grad()
+def probe(model, scenes: int, frames: int, batch: int = 8) -> dict:
+    rng = np.random.default_rng(SEED_BASE)
+    counts = {"bounce": [0, 0], "plain": [0, 0]}  # [right, all]
+    for start in range(0, scenes, batch):
+        group = [Scene(random_spec(rng), SEED_BASE + start + i) for i in range(min(batch, scenes - start))]
+        truth = np.stack([s.render(np.arange(frames)) for s in group])
+        tokens = model.patchify(torch.from_numpy(truth).float() / 127.5 - 1)
+        cond = model.embed_condition(torch.from_numpy(np.stack([s.spec.condition_ids() for s in group])))
+        made = rollout(model, tokens, cond, model.cfg.sample_steps, 4,
+                       torch.Generator().manual_seed(start), palette=palette_tensor([s.spec for s in group]),
+                       horizon=1)
+        pixels = ((model.unpatchify(made) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        for scene, video in zip(group, pixels):
+            for kind, (right, total) in score(scene, video, max(2, model.cfg.given_frames)).items():
+                counts[kind][0] += right
+                counts[kind][1] += total
+    return counts
+
+
+def score(scene: Scene, video: np.ndarray, first: int) -> dict:
+    """{"bounce": [right, all], "plain": [right, all]} over the object-frames of
+    ``video`` (T, V, V, 3) from frame ``first`` on where the object is whole in view in
+    that frame and the one before."""
+    counts = {"bounce": [0, 0], "plain": [0, 0]}
+    T = len(video)
+    pos = scene.positions(np.arange(T))
+    whole = scene.visible_area(np.arange(T)) >= scene.full_area()[None]
+    for f in range(max(first, 2), T):
+        read, status = read_positions(scene, video[f], pos[f])
+        for i in range(len(scene.spec.objects)):
+            if not (whole[f, i] and whole[f - 1, i]):
+                continue
+            turned = (pos[f, i] - pos[f - 1, i] != pos[f - 1, i] - pos[f - 2, i]).any()
+            kind = "bounce" if turned else "plain"
+            counts[kind][0] += int(status[i] == FOUND and (read[i] == pos[f, i]).all())
+            counts[kind][1] += 1
+    return counts
+
+
+def bounce_patches(scene: Scene, frame: int, side: int, patch: int) -> np.ndarray:
+    """(side * side,) bool: patches of ``frame`` covered by an object whose move into it
+    differs from its move into the frame before."""
+    pos = scene.positions([frame - 2, frame - 1, frame])
+    masks, _ = scene.object_masks(pos[2:3])
+    covered = np.zeros(masks.shape[-2:], bool)
+    for i in range(len(scene.spec.objects)):
+        if (pos[2, i] - pos[1, i] != pos[1, i] - pos[0, i]).any():
+            covered |= masks[0, i]
+    return covered.reshape(side, patch, side, patch).any((1, 3)).reshape(-1)
+
+
+@torch.no_grad()
+def choice_by_kind(model, batches: int) -> dict:
+    """{"bounce"|"plain": [patches, summed cross-entropy, most likely right]} at t = 1."""
+    cfg = TrainConfig(switch_share=0.0, unnamed_share=0.0, curriculum=((0, 16),))
+    n, g = model.cfg.tokens_per_frame, model.cfg.given_frames
+    sums = {"bounce": [0, 0.0, 0], "plain": [0, 0.0, 0]}
+    for s in range(batches):
+        b = draw(11, 300_000 + s, cfg, model.cfg)
+        T, targets = len(b.frame_idx), torch.from_numpy(b.targets)
+        frames, mask = layout(torch.from_numpy(b.frame_idx), g, n, targets)
+        tokens = lambda px: model.patchify(torch.from_numpy(px).float() / 127.5 - 1)
+        truth = tokens(b.clips)
+        B = truth.shape[0]
+        prev = previous_of_slots(truth, None if b.before is None else tokens(b.before[:, None]), g, n)
+        pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
+        target, target_prev = pick(truth), pick(prev)
+        _, good, telling, _ = motion_targets(model, target_prev, target)
+        cond = model.embed_condition(torch.from_numpy(b.cond_ids))
+        noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(s))
+        levels = torch.cat([torch.zeros(B, T), torch.ones(B, len(targets))], 1)
+        _, logits = model(torch.cat([truth, noise], 1), levels, frames,
+                          torch.cat([cond, cond[:, targets]], 1),
+                          prev=torch.cat([prev, target_prev], 1), mask=mask, return_motion_logits=True)
+        logits = logits[:, T * n:]
+        nll = logits.logsumexp(-1) - logits.masked_fill(~good, float("-inf")).logsumexp(-1)
+        hit = good.gather(-1, logits.argmax(-1, keepdim=True))[..., 0]
+        for c, scene in enumerate(b.scenes):
+            for k, slot in enumerate(b.targets):
+                covered = torch.from_numpy(bounce_patches(scene, int(b.frame_idx[slot]),
+                                                          model.cfg.side, model.cfg.patch))
+                part = slice(k * n, (k + 1) * n)
+                for kind, where in (("bounce", telling[c, part] & covered),
+                                    ("plain", telling[c, part] & ~covered)):
+                    acc = sums[kind]
+                    acc[0] += int(where.sum())
+                    acc[1] += float(nll[c, part][where].sum())
+                    acc[2] += int(hit[c, part][where].sum())
+    return sums
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("weights", type=Path)
+    p.add_argument("--scenes", type=int, default=32)
+    p.add_argument("--frames", type=int, default=40)
+    p.add_argument("--batches", type=int, default=6,
+                   help="training-like batches for the motion choice's split (0: skip it)")
+    args = p.parse_args()
+    if args.scenes < 1 or args.frames < 4 or args.batches < 0:
+        raise SystemExit("--scenes must be >= 1, --frames >= 4 and --batches >= 0")
+    torch.set_num_threads(1)
+    model, card = load_tiny(args.weights)
+    counts = probe(model.eval(), args.scenes, args.frames)
+    print(f"{args.weights} (step {card.get('steps')}), {args.scenes} scenes x {args.frames} frames, "
+          "each from the 4 true frames before it")
+    for kind, (right, total) in counts.items():
+        print(f"{kind:7s} object-frames {total:5d}  moved right {right / max(total, 1):.3f}")
+    if args.batches and model.cfg.motion_pick:
+        print(f"the motion choice at t = 1 ({args.batches} training-like batches), patches where it matters")
+        for kind, (count, nll, hits) in choice_by_kind(model, args.batches).items():
+            print(f"{kind:7s} patches {count:6d}  cross-entropy {nll / max(count, 1):.3f}  "
+                  f"most likely gives it {hits / max(count, 1):.3f}")
+
+
+if __name__ == "__main__":
+    main()
