@@ -98,5 +98,6 @@ def test_the_bounce_probe_scores_exact_moves_and_tells_bounces_apart():
     # the cross-entropy split marks the patches a turning object covers, and only those
     bounce_patches = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bounce_probe.py"))["bounce_patches"]
     turns = [f for f in range(2, T) if (pos[f] - pos[f - 1] != pos[f - 1] - pos[f - 2]).any()]
-    assert turns and bounce_patches(scene, turns[0], 8, 4).sum() >= 4  # an 8-px square: 2x2 patches at least
+    marked = bounce_patches(scene, turns[0], 8, 4)
+    assert turns and (marked > 0).sum() >= 4 and set(marked[marked > 0]) == {8}  # the 8-px square
     assert not bounce_patches(scene, turns[0] - 1, 8, 4).any() or turns[0] - 1 in turns

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffviz.sampling import palette_tensor, rollout  # noqa: E402
-from ffviz.scenes import Scene, random_spec  # noqa: E402
+from ffviz.scenes import SIZES, Scene, random_spec  # noqa: E402
 from ffviz.teacher import FOUND, read_positions  # noqa: E402
 from ffviz.train import TrainConfig, draw, layout, motion_targets, previous_of_slots  # noqa: E402
 from ffviz.weights import load_tiny  # noqa: E402
@@ -77,23 +77,27 @@ def score(scene: Scene, video: np.ndarray, first: int) -> dict:
 
 
 def bounce_patches(scene: Scene, frame: int, side: int, patch: int) -> np.ndarray:
-    """(side * side,) bool: patches of ``frame`` covered by an object whose move into it
-    differs from its move into the frame before."""
+    """(side * side,) int: for each patch of ``frame``, the size in pixels of an object
+    covering it whose move into the frame differs from its move into the one before
+    (0: none)."""
     pos = scene.positions([frame - 2, frame - 1, frame])
     masks, _ = scene.object_masks(pos[2:3])
-    covered = np.zeros(masks.shape[-2:], bool)
+    sizes = np.zeros(side * side, int)
     for i in range(len(scene.spec.objects)):
         if (pos[2, i] - pos[1, i] != pos[1, i] - pos[0, i]).any():
-            covered |= masks[0, i]
-    return covered.reshape(side, patch, side, patch).any((1, 3)).reshape(-1)
+            covered = masks[0, i].reshape(side, patch, side, patch).any((1, 3)).reshape(-1)
+            sizes = np.where(covered & (sizes == 0), int(scene.side[i]), sizes)
+    return sizes
 
 
 @torch.no_grad()
 def choice_by_kind(model, batches: int) -> dict:
-    """{"bounce"|"plain": [patches, summed cross-entropy, most likely right]} at t = 1."""
+    """{"bounce" | "bounce, N px" | "plain": [patches, summed cross-entropy, most likely
+    right]} at t = 1 ("bounce, N px": patches a bouncing object of that size covers)."""
     cfg = TrainConfig(switch_share=0.0, unnamed_share=0.0, curriculum=((0, 16),))
     n, g = model.cfg.tokens_per_frame, model.cfg.given_frames
-    sums = {"bounce": [0, 0.0, 0], "plain": [0, 0.0, 0]}
+    sums = {"bounce": [0, 0.0, 0], **{f"bounce, {px} px": [0, 0.0, 0] for px in SIZES.values()},
+            "plain": [0, 0.0, 0]}
     for s in range(batches):
         b = draw(11, 300_000 + s, cfg, model.cfg)
         T, targets = len(b.frame_idx), torch.from_numpy(b.targets)
@@ -116,11 +120,13 @@ def choice_by_kind(model, batches: int) -> dict:
         hit = good.gather(-1, logits.argmax(-1, keepdim=True))[..., 0]
         for c, scene in enumerate(b.scenes):
             for k, slot in enumerate(b.targets):
-                covered = torch.from_numpy(bounce_patches(scene, int(b.frame_idx[slot]),
-                                                          model.cfg.side, model.cfg.patch))
+                sizes = torch.from_numpy(bounce_patches(scene, int(b.frame_idx[slot]),
+                                                        model.cfg.side, model.cfg.patch))
                 part = slice(k * n, (k + 1) * n)
-                for kind, where in (("bounce", telling[c, part] & covered),
-                                    ("plain", telling[c, part] & ~covered)):
+                kinds = [("bounce", sizes > 0), ("plain", sizes == 0)]
+                kinds += [(f"bounce, {px} px", sizes == px) for px in SIZES.values()]
+                for kind, covered in kinds:
+                    where = telling[c, part] & covered
                     acc = sums[kind]
                     acc[0] += int(where.sum())
                     acc[1] += float(nll[c, part][where].sum())
@@ -148,7 +154,7 @@ def main() -> None:
     if args.batches and model.cfg.motion_pick:
         print(f"the motion choice at t = 1 ({args.batches} training-like batches), patches where it matters")
         for kind, (count, nll, hits) in choice_by_kind(model, args.batches).items():
-            print(f"{kind:7s} patches {count:6d}  cross-entropy {nll / max(count, 1):.3f}  "
+            print(f"{kind:14s} patches {count:6d}  cross-entropy {nll / max(count, 1):.3f}  "
                   f"most likely gives it {hits / max(count, 1):.3f}")
 
 
