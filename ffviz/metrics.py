@@ -57,13 +57,62 @@ def _near(frames: np.ndarray, rgb) -> np.ndarray:
     return np.sqrt((d * d).sum(-1)) < COLOR_TOL
 
 
+def _blobs(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected blobs of ``mask`` (H, W) on the torus the world is (a blob crossing an
+    edge goes on at the opposite one): (labels, count), labels 1..count."""
+    labels, n = ndimage.label(mask)
+    if n < 2:
+        return labels, n
+    parent = np.arange(n + 1)
+
+    def root(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for a, b in zip(np.concatenate([labels[:, 0], labels[0]]), np.concatenate([labels[:, -1], labels[-1]])):
+        if a and b:
+            parent[root(a)] = root(b)
+    roots = np.array([root(a) for a in range(n + 1)])
+    _, dense = np.unique(roots, return_inverse=True)  # root 0 stays label 0
+    return dense[labels], int(dense.max())
+
+
+def _unwrapped(blob: np.ndarray) -> np.ndarray:
+    """``blob`` rolled so that it does not cross the view's edges (it leaves a row and a
+    column empty, as every object is smaller than the view)."""
+    for axis in (0, 1):
+        empty = np.nonzero(~blob.any(1 - axis))[0]
+        if len(empty):
+            blob = np.roll(blob, -int(empty[0]) - 1, axis)
+    return blob
+
+
+def _torus_centroid(blob: np.ndarray) -> np.ndarray:
+    """(y, x) centroid of ``blob`` (H, W) on the torus: the centroid of the unwrapped
+    blob, shifted back and taken modulo the view."""
+    shift = np.zeros(2)
+    for axis in (0, 1):
+        empty = np.nonzero(~blob.any(1 - axis))[0]
+        if len(empty):
+            shift[axis] = int(empty[0]) + 1
+    centre = np.array(ndimage.center_of_mass(_unwrapped(blob)))
+    return np.mod(centre + shift, blob.shape)
+
+
+def torus_distance(a: np.ndarray, b: np.ndarray, size: int = VIEW) -> float:
+    """Distance between two (y, x) points of the view, going round its edges."""
+    d = np.abs(np.asarray(a, float) - np.asarray(b, float)) % size
+    return float(np.hypot(*np.minimum(d, size - d)))
+
+
 def shape_features(mask: np.ndarray) -> np.ndarray:
     """(fill ratio of the bounding box, top-half share) of the largest blob."""
-    labels, n = ndimage.label(mask)
+    labels, n = _blobs(mask)
     if n == 0:
         return np.zeros(2)
-    sizes = ndimage.sum(mask, labels, range(1, n + 1))
-    blob = labels == (1 + int(np.argmax(sizes)))
+    sizes = np.bincount(labels.ravel())[1:]
+    blob = _unwrapped(labels == (1 + int(np.argmax(sizes))))
     ys, xs = np.nonzero(blob)
     h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     top = (ys < ys.min() + h / 2).sum() / ys.size
@@ -73,12 +122,12 @@ def shape_features(mask: np.ndarray) -> np.ndarray:
 def _largest_blob(mask: np.ndarray) -> tuple[int, np.ndarray | None]:
     """Size and (y, x) centroid of the largest blob of ``mask`` (0 and None when empty),
     from one labelling."""
-    labels, n = ndimage.label(mask)
+    labels, n = _blobs(mask)
     if n == 0:
         return 0, None
     sizes = np.bincount(labels.ravel())[1:]
     biggest = 1 + int(np.argmax(sizes))
-    return int(sizes[biggest - 1]), np.array(ndimage.center_of_mass(labels == biggest))
+    return int(sizes[biggest - 1]), _torus_centroid(labels == biggest)
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,8 +161,8 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
     palette = [bg_rgb] + [COLORS[o.color] for o in spec.objects] + \
               ([COLORS[spec.pillar]] if spec.pillar else [])
     is_bg_true = _near(truth, bg_rgb)
-    # background pixels well away from objects (a dilation by 2 px)
-    pad = np.pad(~is_bg_true, ((0, 0), (2, 2), (2, 2)))
+    # background pixels well away from objects (a dilation by 2 px, round the edges)
+    pad = np.pad(~is_bg_true, ((0, 0), (2, 2), (2, 2)), mode="wrap")
     near_obj = np.zeros_like(is_bg_true)
     for dy in range(5):
         for dx in range(5):
@@ -145,7 +194,7 @@ def consistency(frames: np.ndarray, scene: Scene, start: int = 0) -> dict:
         in_place = np.zeros(T, bool)  # present within TRACK_TOL of the true blob
         for t in np.nonzero(due)[0]:
             want, got = _largest_blob(truth_has[t])[1], (blobs[t][1] if present[t] else None)
-            hit = want is not None and got is not None and float(np.hypot(*(want - got))) <= TRACK_TOL
+            hit = want is not None and got is not None and torus_distance(want, got) <= TRACK_TOL
             in_place[t] = hit
             tracked.append(hit)
             track_hits[t] += hit

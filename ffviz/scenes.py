@@ -7,14 +7,17 @@ The world is built to be learnable by a small model on a CPU:
   least four 4x4 patches), in colours far apart (``COLORS``);
 * **integer velocities**: |vx| in {1, 2} and vy in {-1, 0, 1} pixels per frame,
   so the next frame follows exactly from the last two;
-* objects **bounce inside the view** (their edge touches the view's edge), or,
-  in scenes whose prompt says they leave the view, bounce off walls
-  ``EXIT_GAP`` pixels beyond it and come back after 8-17 frames out of sight;
+* objects **wrap around the view** (the view is a torus: what leaves at one edge
+  comes in at the opposite one, so an object crossing an edge shows in two parts),
+  and never turn: the next frame is the last one moved, exactly. In scenes whose
+  prompt says they leave the view, the horizontal torus is longer than the view
+  by the object's side plus ``EXIT_GAP``: an object leaves whole at one edge and
+  comes back at the other after 9-17 frames out of sight;
 * optionally a vertical pillar drawn in front of them (``wide``: 16 px, which
   hides an 8-px object for up to 9 frames; else 8 px, which never hides one
   whole).
 
-A scene's trajectories are closed-form (a triangle wave between its walls), so
+A scene's trajectories are closed-form (a position modulo its torus), so
 frame 1000 costs what frame 0 costs, and they are the ground truth of the
 consistency metrics (``ffviz.metrics``) and of training (``ffviz.train``).
 
@@ -34,7 +37,7 @@ import numpy as np
 
 VIEW = 32  # frame side in pixels
 MAX_OBJECTS = 3
-EXIT_GAP = 8  # walls this far beyond the view's edge in scenes whose objects leave it
+EXIT_GAP = 16  # pixels of world beyond the view (past the object's side) where a leaving object is out of sight
 MAX_PROMPT_CHARS = 2000
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -266,13 +269,6 @@ def _bitmap(shape: str, side: int) -> np.ndarray:
     return np.abs(x - side / 2) <= (row // 2 + 1)
 
 
-def _reflect(p: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Integer position after bouncing between walls lo and hi (triangle wave)."""
-    span = hi - lo
-    y = np.mod(p - lo, 2 * span)
-    return lo + np.where(y > span, 2 * span - y, y)
-
-
 class Scene:
     """A spec plus the integer initial state drawn from ``seed`` (at frame ``t0``)."""
 
@@ -282,10 +278,9 @@ class Scene:
         n = len(spec.objects)
         self.side = np.array([SIZES[o.size] for o in spec.objects])
         self.bitmaps = [_bitmap(o.shape, SIZES[o.size]) for o in spec.objects]
-        gap = EXIT_GAP + self.side if spec.exits else 0 * self.side
-        # walls of each object's top-left corner: (n, 2) for x and y
-        self.lo = np.stack([-gap, np.zeros(n, int)], -1)
-        self.hi = np.stack([VIEW - self.side + gap, VIEW - self.side], -1)
+        # each object's torus (n, 2) for x and y: top-left corners live in [0, period)
+        width = VIEW + (self.side + EXIT_GAP if spec.exits else 0 * self.side)
+        self.period = np.stack([width, np.full(n, VIEW)], -1)
         self.pos0 = np.stack([rng.integers(0, VIEW - self.side + 1),
                               rng.integers(0, VIEW - self.side + 1)], -1)  # starts in view
         speeds = SPEEDS[spec.speed]
@@ -295,37 +290,31 @@ class Scene:
         self.pillar_x = PILLARS["wide" if spec.wide_pillar else "narrow"] if spec.pillar else None
 
     def positions(self, frames) -> np.ndarray:
-        """Top-left corners (T, n, 2) as integer (x, y) pixels for frame indices ``frames``."""
+        """Top-left corners (T, n, 2) as integer (x, y) pixels in [0, period) for frame
+        indices ``frames``."""
         t = np.asarray(frames, dtype=np.int64)[:, None, None] - self.t0
-        return _reflect(self.pos0[None] + self.vel[None] * t, self.lo[None], self.hi[None])
+        return np.mod(self.pos0[None] + self.vel[None] * t, self.period[None])
 
     def continued(self, spec: SceneSpec, frame: int) -> "Scene":
         """The scene from ``frame`` on under another prompt: object i keeps object i's
-        position and motion (its top-left corner, kept inside its new walls), while the
-        looks and background follow ``spec``; an object the old scene lacks starts where
-        the seed puts it."""
+        position (on its new torus) and motion, while the looks and background follow
+        ``spec``; an object the old scene lacks starts where the seed puts it."""
         new = Scene(spec, self.seed)
         new.t0 = int(frame)
         pos, vel = self.positions([frame])[0], self.velocities(frame)
         k = min(len(pos), len(new.pos0))
-        new.pos0[:k] = np.clip(pos[:k], new.lo[:k], new.hi[:k])
+        new.pos0[:k] = np.mod(pos[:k], new.period[:k])
         new.vel[:k] = vel[:k]
         return new
 
     def velocities(self, frame: int) -> np.ndarray:
-        """(n, 2) velocities at ``frame``: signed, pointing where the next frame goes
-        (a bounce flips a sign)."""
-        p, nxt = self.positions([frame, frame + 1])
-        speed = np.abs(self.vel)
-        return np.where(self.step(p, speed)[0] == nxt, speed, -speed)
+        """(n, 2) velocities at ``frame`` (signed; nothing turns, so every frame's)."""
+        return self.vel.copy()
 
     def step(self, pos: np.ndarray, vel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One frame of motion of top-left corners ``pos`` (n, 2) at ``vel``, bouncing off
-        the walls: the new positions and velocities (the closed form, one step at a time)."""
-        p = pos + vel
-        over, under = p > self.hi, p < self.lo
-        p = np.where(over, 2 * self.hi - p, np.where(under, 2 * self.lo - p, p))
-        return p, np.where(over | under, -vel, vel)
+        """One frame of motion of top-left corners ``pos`` (n, 2) at ``vel``: the new
+        positions (around the torus) and velocities (the closed form, one step at a time)."""
+        return np.mod(pos + vel, self.period), vel
 
     def centres(self, frames) -> np.ndarray:
         """Object centres (T, n, 2) as (x, y) pixels."""
@@ -333,16 +322,20 @@ class Scene:
 
     def object_masks(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coverage of each object (T, n, V, V) bool for top-left ``positions`` (T, n, 2),
-        and of the pillar (V, V)."""
+        and of the pillar (V, V). An object is drawn on its torus, of which the view is
+        the top-left corner."""
         T, n = positions.shape[:2]
         masks = np.zeros((T, n, VIEW, VIEW), bool)
         for i, bm in enumerate(self.bitmaps):
             s = bm.shape[0]
+            width, height = (int(v) for v in self.period[i])
+            world = np.zeros((height, width), bool)
             for t in range(T):
                 x, y = int(positions[t, i, 0]), int(positions[t, i, 1])
-                x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + s, VIEW), min(y + s, VIEW)
-                if x0 < x1 and y0 < y1:
-                    masks[t, i, y0:y1, x0:x1] = bm[y0 - y:y1 - y, x0 - x:x1 - x]
+                rows, cols = (y + np.arange(s)) % height, (x + np.arange(s)) % width
+                world[:] = False
+                world[np.ix_(rows, cols)] = bm
+                masks[t, i] = world[:VIEW, :VIEW]
         pillar = np.zeros((VIEW, VIEW), bool)
         if self.pillar_x:
             pillar[:, self.pillar_x[0]:self.pillar_x[1]] = True

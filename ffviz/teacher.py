@@ -5,7 +5,7 @@ to paint what the truth shows whatever its context shows (a blurred object
 fades, a shifted one jumps back). Here the target follows from the rollout
 instead: every object is read from the model's frame (its integer position,
 by matching its shape near where it should be), moved one step by the world's
-rule (velocity, bounces), and rendered with hard edges. So the model learns to
+rule (velocity, round the torus), and rendered with hard edges. So the model learns to
 continue from its own frames, and to redraw each object whole and in its
 colour. Where the reading fails (something of the object's colour is drawn but
 not where or how it should be), the next frame gets no loss. Where nothing of its
@@ -35,19 +35,20 @@ def read_positions(scene: Scene, frame: np.ndarray, guess: np.ndarray):
     place) or MISSING (fewer than MIN_VISIBLE pixels of its colour in the whole frame))."""
     n = len(scene.spec.objects)
     pos, status = guess.copy(), np.full(n, HIDDEN)
-    pad = SEARCH + int(scene.side.max())
     masks, pillar = scene.object_masks(guess[None])
     for i, o in enumerate(scene.spec.objects):
         bm = scene.bitmaps[i].astype(np.int32)
         s = bm.shape[0]
         occluded = pillar | masks[0, i + 1:].any(0)  # the pillar and objects drawn after it
         seen = np.all(frame == np.asarray(COLORS[o.color], np.uint8), -1)  # frames are snapped
-        visible_map = np.pad(~occluded, pad).astype(np.int32)  # 0 outside the view
-        seen_map = np.pad(seen & ~occluded, pad).astype(np.int32)
-        x, y = int(guess[i, 0]) + pad - SEARCH, int(guess[i, 1]) + pad - SEARCH
-        if not (0 <= x and 0 <= y and x + s + 2 * SEARCH <= VIEW + 2 * pad
-                and y + s + 2 * SEARCH <= VIEW + 2 * pad):
-            continue  # far outside the view: hidden
+        # the object's torus, of which the view is the top-left corner (0 beyond the view),
+        # repeated around its edges so that a window may cross them
+        width, height = (int(v) for v in scene.period[i])
+        visible_map, seen_map = np.zeros((2, height, width), np.int32)
+        visible_map[:VIEW, :VIEW], seen_map[:VIEW, :VIEW] = ~occluded, seen & ~occluded
+        pad = SEARCH + s
+        visible_map, seen_map = (np.pad(m, pad, mode="wrap") for m in (visible_map, seen_map))
+        x, y = int(guess[i, 0]) % width + pad - SEARCH, int(guess[i, 1]) % height + pad - SEARCH
         win = (slice(y, y + s + 2 * SEARCH), slice(x, x + s + 2 * SEARCH))
         vis = np.einsum("abij,ij->ab", sliding_window_view(visible_map[win], (s, s)), bm)
         inter = np.einsum("abij,ij->ab", sliding_window_view(seen_map[win], (s, s)), bm)
@@ -58,7 +59,7 @@ def read_positions(scene: Scene, frame: np.ndarray, guess: np.ndarray):
         # ties (a half-hidden object reads the same at several places) go to the nearest
         dy, dx = np.unravel_index(int(np.argmax(iou - 1e-3 * (near[:, None] + near))), iou.shape)
         if iou[dy, dx] >= MIN_IOU:
-            pos[i] = guess[i] + np.array([dx - SEARCH, dy - SEARCH])
+            pos[i] = np.mod(guess[i] + np.array([dx - SEARCH, dy - SEARCH]), scene.period[i])
             status[i] = FOUND
         else:
             status[i] = MISSING if seen.sum() < MIN_VISIBLE else FAILED

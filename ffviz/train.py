@@ -46,7 +46,7 @@ from ffviz.scenes import COLORS, OBJECT_COLOUR_IDS, Scene, random_spec, restyled
 from ffviz.teacher import renderer_targets
 from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, load_tiny, save_weights
 
-DATA_VERSION = 2  # bump when scenes.py changes what a clip looks like
+DATA_VERSION = 3  # bump when scenes.py changes what a clip looks like (3: the view wraps)
 STATE_SUFFIX = ".state.pt"
 MAX_GAP = 200  # frames between the given frames and a clip's recent block, at most
 
@@ -245,6 +245,35 @@ def motion_targets(model, prev, target):
     return index, good, ~good.all(-1), best[..., 0] < 1e-4
 
 
+@dataclasses.dataclass
+class TrueSlots:
+    """A drawn batch's TRUE frames laid out as training lays them out (``true_slots``),
+    for probes that read the model on true frames: tokens (B, T*n, d) of the clip and
+    of each slot's previous frame, the target slots' (B, K*n, d), the layout and the
+    condition of every slot, noisy copies included (B, T + K, w)."""
+    frames: torch.Tensor
+    mask: torch.Tensor
+    truth: torch.Tensor
+    prev: torch.Tensor
+    target: torch.Tensor
+    target_prev: torch.Tensor
+    cond: torch.Tensor
+
+
+def true_slots(model, b: Batch) -> TrueSlots:
+    n, g = model.cfg.tokens_per_frame, model.cfg.given_frames
+    T, targets = len(b.frame_idx), torch.from_numpy(b.targets)
+    frames, mask = layout(torch.from_numpy(b.frame_idx), g, n, targets)
+    tokens = lambda px: model.patchify(torch.from_numpy(px).float() / 127.5 - 1)
+    truth = tokens(b.clips)
+    B = truth.shape[0]
+    prev = previous_of_slots(truth, None if b.before is None else tokens(b.before[:, None]), g, n)
+    pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
+    cond = model.embed_condition(torch.from_numpy(b.cond_ids))
+    return TrueSlots(frames, mask, truth, prev, pick(truth), pick(prev),
+                     torch.cat([cond, cond[:, targets]], 1))
+
+
 def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight, gen, mask,
                          frames, targets, motion_weight: float = 0.0, paint_weight: float = 1.0,
                          motion_focus: float = 0.0):
@@ -297,8 +326,10 @@ def state_path_for(weights: Path) -> Path:
     return Path(weights).with_suffix(STATE_SUFFIX)
 
 
-def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log=print, fresh: bool = False) -> dict:
-    """Train and save; returns the weights' card. Worker processes and the TF32
+def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log=print, fresh: bool = False,
+          new_world: bool = False) -> dict:
+    """Train and save; returns the weights' card. ``new_world``: resume weights trained
+    on an earlier world version (see ``_resume``). Worker processes and the TF32
     switch are undone however the run ends (an error or Ctrl-C included)."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     pool = None
@@ -306,28 +337,37 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log=print, fresh: 
         if cfg.workers > 0:
             import multiprocessing as mp
             pool = mp.get_context("spawn").Pool(cfg.workers, initializer=_worker_init)
-        return _train(cfg, model_cfg, Path(out), log, pool, fresh)
+        return _train(cfg, model_cfg, Path(out), log, pool, fresh, new_world)
     finally:
         if pool is not None:
             pool.terminate()
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool):
-    """(model, ema, optimizer state, progress) from ``out`` and its state file, or new."""
+def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool, new_world: bool = False):
+    """(model, ema, optimizer state, progress, world changes) from ``out`` and its state
+    file, or new. Weights of an earlier world version resume only with ``new_world``: they
+    carry over whole (optimizer and progress too), their moves wrap from then on, and
+    the step is recorded in the card's ``world_changes``."""
     state_path = state_path_for(out)
     if fresh or not out.exists():
         model = TinyVideoModel(model_cfg)
-        return model, copy.deepcopy(model), None, (0, 0, 0.0, [])
+        return model, copy.deepcopy(model), None, (0, 0, 0.0, []), []
     try:
         ema, card = load_tiny(out)
     except WeightsError as e:
         raise SystemExit(f"cannot resume from {out}: {e} (or start anew with --fresh)")
-    if card.get("data_version") != DATA_VERSION:
-        raise SystemExit(f"{out} was trained on data version {card.get('data_version')}, this "
-                         f"world is version {DATA_VERSION}: start anew with --fresh")
     progress = (card.get("steps", 0), card.get("clips_seen", 0), card.get("train_seconds", 0.0),
                 card.get("history", []))
+    changes = list(card.get("world_changes", []))
+    if card.get("data_version") != DATA_VERSION:
+        if not new_world:
+            raise SystemExit(f"{out} was trained on data version {card.get('data_version')}, this "
+                             f"world is version {DATA_VERSION}: go on in this world with --new-world, "
+                             f"or start anew with --fresh")
+        ema.cfg = dataclasses.replace(ema.cfg, wrap=True)  # no weights of its own
+        changes.append({"step": progress[0], "data_version": DATA_VERSION})
+        log(f"{out}: world version {card.get('data_version')} -> {DATA_VERSION} at step {progress[0]}")
     model, opt_state = copy.deepcopy(ema), None
     if state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -339,10 +379,11 @@ def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool):
         log(f"resumed exactly from {out} + {state_path.name} at step {progress[0]}")
     else:
         log(f"starting from {out} (step {progress[0]}) without optimizer state")
-    return model, ema, opt_state, progress
+    return model, ema, opt_state, progress, changes
 
 
-def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh: bool) -> dict:
+def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh: bool,
+           new_world: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -350,7 +391,8 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ample for this model
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
-    model, ema, opt_state, (step, clips_seen, seconds, history) = _resume(out, model_cfg, log, fresh)
+    model, ema, opt_state, (step, clips_seen, seconds, history), world_changes = _resume(
+        out, model_cfg, log, fresh, new_world)
     model_cfg = model.cfg
     model.to(device).train()
     ema.to(device).eval()
@@ -371,7 +413,8 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         tmp.replace(state_path)
         return save_weights(copy.deepcopy(ema).cpu(), out, {
             "steps": step, "clips_seen": clips_seen, "train_seconds": round(seconds, 1),
-            "data_version": DATA_VERSION, "train_config": dataclasses.asdict(cfg),
+            "data_version": DATA_VERSION, "world_changes": world_changes,
+            "train_config": dataclasses.asdict(cfg),
             "device": device, "history": history,
             "command": "python -m ffviz train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         })
@@ -526,6 +569,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS,
                    help="weights file (safetensors + .json card + .state.pt to resume exactly)")
     p.add_argument("--fresh", action="store_true", help="a new model, even if --out exists")
+    p.add_argument("--new-world", action="store_true",
+                   help="go on training weights of an earlier world version in this one "
+                        "(weights, optimizer and progress carry over; the card records the step)")
+    p.add_argument("--wrap", action=argparse.BooleanOptionalAction, default=True,
+                   help="a NEW model's moves wrap round the view's edges, as the world does "
+                        "(TinyConfig.wrap)")
     p.add_argument("--no-bf16", action="store_true",
                    help="train in float32 (default: bfloat16 autocast where the hardware has it)")
     p.add_argument("--width", type=int, default=TinyConfig.width, help="width of a NEW model")
@@ -614,11 +663,12 @@ def main(args: argparse.Namespace) -> int:
                            predict_change=args.predict_change, motion_reach=args.motion_reach,
                            motion_pick=args.motion_pick, motion_match=args.motion_match,
                            motion_memory=args.motion_memory, motion_refine=args.motion_refine,
-                           patch_position=args.patch_position)
+                           patch_position=args.patch_position, wrap=args.wrap)
     try:
         TinyVideoModel(model_cfg)  # a setting the model refuses, said before anything runs
     except ValueError as e:
         raise SystemExit(f"the model settings do not fit: {e}")
-    card = train(cfg, model_cfg, args.out, log=lambda s: print(s, flush=True), fresh=args.fresh)
+    card = train(cfg, model_cfg, args.out, log=lambda s: print(s, flush=True), fresh=args.fresh,
+                 new_world=args.new_world)
     print(json.dumps({k: card[k] for k in ("steps", "clips_seen", "train_seconds", "sha256")}))
     return 0

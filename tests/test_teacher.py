@@ -10,7 +10,7 @@ def _scene(prompt="a red circle and a blue square on a black background", seed=1
 
 
 def test_stepping_reproduces_the_closed_form_trajectories():
-    """Scene.step (what the teacher moves objects by) is the closed form, bounces included."""
+    """Scene.step (what the teacher moves objects by) is the closed form, round the torus included."""
     rng = np.random.default_rng(0)
     for i in range(40):
         scene = Scene(random_spec(rng), i)
@@ -18,6 +18,23 @@ def test_stepping_reproduces_the_closed_form_trajectories():
         for f in range(1, 120):
             pos, vel = scene.step(pos, vel)
             assert (pos == scene.positions([f])[0]).all(), (i, f)
+
+
+def test_an_object_is_read_across_the_view_edge_and_beyond_it():
+    """Split by the edge (the view wraps), or half out of the view in a scene whose
+    objects leave it: both read exactly, from a guess on either side of the edge."""
+    scene = _scene("a big red square on a black background")
+    scene.pos0[:] = (27, 3)
+    frame = scene.render([0])[0]
+    for guess in ((27, 3), (29, 5), (25, 1)):
+        got, status = read_positions(scene, frame, np.array([guess]))
+        assert status.tolist() == [FOUND] and got.tolist() == [[27, 3]]
+    leaving = _scene("a big red square on a black background, leaving the view")
+    leaving.pos0[:] = (leaving.period[0, 0] - 5, 3)  # 7 px show at the left edge
+    frame = leaving.render([0])[0]
+    assert (frame == (220, 40, 40)).all(-1).sum() == 7 * 12
+    got, status = read_positions(leaving, frame, leaving.pos0 + 2)
+    assert status.tolist() == [FOUND] and (got == leaving.pos0).all()
 
 
 def test_the_truth_is_its_own_target():
@@ -80,24 +97,32 @@ def test_reading_tells_hidden_missing_and_misread_objects():
     assert read_positions(scene, scene.render([0])[0], pos + 9)[1].tolist() == [FAILED]
 
 
-def test_the_bounce_probe_scores_exact_moves_and_tells_bounces_apart():
-    """tools/bounce_probe.py: the truth is right everywhere; a video that keeps every
-    object moving as it moved (no bounce) is right only away from the walls."""
+def test_the_bounce_probe_scores_exact_moves_and_tells_turns_apart():
+    """tools/bounce_probe.py: in this world nothing turns and the truth is right
+    everywhere; on a scene made to bounce (as the earlier world did), a video that keeps
+    every object moving as it moved is right only away from the turns."""
     import runpy
     from pathlib import Path
-    score = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bounce_probe.py"))["score"]
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bounce_probe.py"))
     scene = _scene("a small red square on a black background, fast", seed=4)
     T = 40
-    truth = scene.render(np.arange(T))
-    counts = score(scene, truth, 2)
+    counts = tool["score"](scene, scene.render(np.arange(T)), 2)
+    assert counts["bounce"][1] == 0 and counts["plain"][0] == counts["plain"][1] > 0
+    start, span = scene.pos0.copy(), 32 - 8
+
+    def bouncing(frames):  # a triangle wave between the view's edges
+        p = np.mod(start[None] + scene.vel[None] * np.asarray(frames)[:, None, None], 2 * span)
+        return np.where(p > span, 2 * span - p, p)
+
+    scene.positions = bouncing
+    pos = bouncing(np.arange(T))
+    counts = tool["score"](scene, scene.render_positions(pos), 2)
     assert counts["bounce"][1] > 0 and all(right == total for right, total in counts.values())
-    pos = scene.positions(np.arange(T))
     straight = pos[:1] + (pos[1] - pos[0])[None] * np.arange(T)[:, None, None]  # never turns
-    counts = score(scene, scene.render_positions(straight), 2)
+    counts = tool["score"](scene, scene.render_positions(straight), 2)
     assert counts["plain"][0] > 0 and counts["bounce"][0] == 0
     # the cross-entropy split marks the patches a turning object covers, and only those
-    bounce_patches = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bounce_probe.py"))["bounce_patches"]
     turns = [f for f in range(2, T) if (pos[f] - pos[f - 1] != pos[f - 1] - pos[f - 2]).any()]
-    marked = bounce_patches(scene, turns[0], 8, 4)
+    marked = tool["bounce_patches"](scene, turns[0], 8, 4)
     assert turns and (marked > 0).sum() >= 4 and set(marked[marked > 0]) == {8}  # the 8-px square
-    assert not bounce_patches(scene, turns[0] - 1, 8, 4).any() or turns[0] - 1 in turns
+    assert not tool["bounce_patches"](scene, turns[0] - 1, 8, 4).any() or turns[0] - 1 in turns

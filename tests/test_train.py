@@ -10,7 +10,7 @@ import torch
 
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.sampling import fill_cache
-from ffviz.train import (TrainConfig, _rollout_context, draw, layout, motion_targets,
+from ffviz.train import (DATA_VERSION, TrainConfig, _rollout_context, draw, layout, motion_targets,
                          previous_of_slots, rollout, state_path_for, teacher_forcing_loss, train)
 from ffviz.weights import load_tiny
 
@@ -102,8 +102,16 @@ def test_a_weights_file_of_another_world_is_refused(tmp_path):
     card = json.loads(card_file.read_text())
     card["data_version"] = 1
     card_file.write_text(json.dumps(card))
-    with pytest.raises(SystemExit, match="data version 1"):
+    with pytest.raises(SystemExit, match="data version 1.*--new-world"):
         train(_cfg(2), SMALL, tmp_path / "a.safetensors", log=quiet)
+    # going on in this world: weights, optimizer and progress carry over, moves wrap
+    lines = []
+    card = train(_cfg(2), dataclasses.replace(SMALL, wrap=False), tmp_path / "a.safetensors",
+                 log=lines.append, new_world=True)
+    assert card["steps"] == 2 and card["world_changes"] == [{"step": 1, "data_version": DATA_VERSION}]
+    assert card["config"]["wrap"] and any("resumed exactly" in line for line in lines)
+    assert train(_cfg(3), SMALL, tmp_path / "a.safetensors", log=quiet)["world_changes"] == \
+        card["world_changes"]  # kept, not repeated
     assert train(_cfg(1), SMALL, tmp_path / "a.safetensors", log=quiet, fresh=True)["steps"] == 1
 
 
@@ -249,8 +257,8 @@ def test_a_share_of_clips_names_no_colour_and_the_rest_of_the_batch_stays():
 
 
 def test_the_motion_head_moves_the_previous_frame_patch_by_patch():
-    """motion_reach: displacement (dy, dx) moves content down/right with edges repeated;
-    a new model starts as nearly a copy, and a head that picks one displacement moves
+    """motion_reach: displacement (dy, dx) moves content down/right with edges repeated
+    (or, with wrap, brought round from the opposite edge); a new model starts as nearly a copy, and a head that picks one displacement moves
     the whole frame by it."""
     torch.manual_seed(0)
     model = TinyVideoModel(TinyConfig(predict_change=True, motion_reach=2))
@@ -258,6 +266,11 @@ def test_the_motion_head_moves_the_previous_frame_patch_by_patch():
     moved = model.unpatchify(model.displaced(model.patchify(img))[:, :, (1 + 2) * 5 + (-2 + 2)])
     assert torch.equal(moved[:, :, 1:, :-2], img[:, :, :-1, 2:])  # dy = 1, dx = -2
     assert torch.equal(moved[:, :, 0], moved[:, :, 1]) and torch.equal(moved[:, :, :, -1], moved[:, :, :, -3])
+    torus = TinyVideoModel(TinyConfig(predict_change=True, motion_reach=2, prev_reach=1, wrap=True))
+    moved = torus.unpatchify(torus.displaced(torus.patchify(img))[:, :, (1 + 2) * 5 + (-2 + 2)])
+    assert torch.equal(moved, torch.roll(img, (1, -2), (2, 3)))
+    near = torus.neighbourhood(torus.patchify(img)).view(1, 2, 8, 8, 9, 48)
+    assert torch.equal(near[:, :, 0, 0, 0], torus.patchify(img).view(1, 2, 8, 8, 48)[:, :, -1, -1])
     x, prev = torch.randn(1, 2 * 64, 48), model.patchify(img)
     cond, frames = torch.zeros(1, 128), torch.tensor([1, 2])
     out = model(x, torch.ones(1, 2), frames, cond, prev=prev)

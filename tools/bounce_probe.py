@@ -9,7 +9,9 @@ frame counts as right where the object reads exactly at its true position
 (``ffviz.teacher.read_positions``). Frames are split into bounces (the object's motion
 into this frame differs from its motion into the one before: it hit a wall) and the
 rest. A model that keeps moving as it moved is right elsewhere and wrong at bounces;
-free-running, one missed bounce pushes an object out of the view for good.
+free-running, one missed bounce pushed an object out of the view for good. That was
+the world of data version 2; in today's world nothing turns (it wraps round the view),
+so every move is "plain" and the probe measures exact moves alone.
 
 Then the same split for the motion choice itself (a picking motion head): on
 training-like batches (seed 11, steps 300000+, 16-frame clips), every target frame
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffviz.sampling import palette_tensor, rollout  # noqa: E402
 from ffviz.scenes import SIZES, Scene, random_spec  # noqa: E402
 from ffviz.teacher import FOUND, read_positions  # noqa: E402
-from ffviz.train import TrainConfig, draw, layout, motion_targets, previous_of_slots  # noqa: E402
+from ffviz.train import TrainConfig, draw, motion_targets, true_slots  # noqa: E402
 from ffviz.weights import load_tiny  # noqa: E402
 
 SEED_BASE = 900_000  # scene seeds far from the training's and the showcase's
@@ -69,11 +71,17 @@ def score(scene: Scene, video: np.ndarray, first: int) -> dict:
         for i in range(len(scene.spec.objects)):
             if not (whole[f, i] and whole[f - 1, i]):
                 continue
-            turned = (pos[f, i] - pos[f - 1, i] != pos[f - 1, i] - pos[f - 2, i]).any()
+            turned = (moved(pos[f, i], pos[f - 1, i], scene.period[i])
+                      != moved(pos[f - 1, i], pos[f - 2, i], scene.period[i])).any()
             kind = "bounce" if turned else "plain"
             counts[kind][0] += int(status[i] == FOUND and (read[i] == pos[f, i]).all())
             counts[kind][1] += 1
     return counts
+
+
+def moved(to: np.ndarray, frm: np.ndarray, period: np.ndarray) -> np.ndarray:
+    """The move from top-left corner ``frm`` to ``to`` (round the torus: the shorter way)."""
+    return (to - frm + period // 2) % period - period // 2
 
 
 def bounce_patches(scene: Scene, frame: int, side: int, patch: int) -> np.ndarray:
@@ -84,7 +92,7 @@ def bounce_patches(scene: Scene, frame: int, side: int, patch: int) -> np.ndarra
     masks, _ = scene.object_masks(pos[2:3])
     sizes = np.zeros(side * side, int)
     for i in range(len(scene.spec.objects)):
-        if (pos[2, i] - pos[1, i] != pos[1, i] - pos[0, i]).any():
+        if (moved(pos[2, i], pos[1, i], scene.period[i]) != moved(pos[1, i], pos[0, i], scene.period[i])).any():
             covered = masks[0, i].reshape(side, patch, side, patch).any((1, 3)).reshape(-1)
             sizes = np.where(covered & (sizes == 0), int(scene.side[i]), sizes)
     return sizes
@@ -95,26 +103,19 @@ def choice_by_kind(model, batches: int) -> dict:
     """{"bounce" | "bounce, N px" | "plain": [patches, summed cross-entropy, most likely
     right]} at t = 1 ("bounce, N px": patches a bouncing object of that size covers)."""
     cfg = TrainConfig(switch_share=0.0, unnamed_share=0.0, curriculum=((0, 16),))
-    n, g = model.cfg.tokens_per_frame, model.cfg.given_frames
+    n = model.cfg.tokens_per_frame
     sums = {"bounce": [0, 0.0, 0], **{f"bounce, {px} px": [0, 0.0, 0] for px in SIZES.values()},
             "plain": [0, 0.0, 0]}
     for s in range(batches):
         b = draw(11, 300_000 + s, cfg, model.cfg)
-        T, targets = len(b.frame_idx), torch.from_numpy(b.targets)
-        frames, mask = layout(torch.from_numpy(b.frame_idx), g, n, targets)
-        tokens = lambda px: model.patchify(torch.from_numpy(px).float() / 127.5 - 1)
-        truth = tokens(b.clips)
-        B = truth.shape[0]
-        prev = previous_of_slots(truth, None if b.before is None else tokens(b.before[:, None]), g, n)
-        pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
-        target, target_prev = pick(truth), pick(prev)
-        _, good, telling, _ = motion_targets(model, target_prev, target)
-        cond = model.embed_condition(torch.from_numpy(b.cond_ids))
-        noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(s))
-        levels = torch.cat([torch.zeros(B, T), torch.ones(B, len(targets))], 1)
-        _, logits = model(torch.cat([truth, noise], 1), levels, frames,
-                          torch.cat([cond, cond[:, targets]], 1),
-                          prev=torch.cat([prev, target_prev], 1), mask=mask, return_motion_logits=True)
+        x = true_slots(model, b)
+        B, T, K = x.truth.shape[0], len(b.frame_idx), len(b.targets)
+        _, good, telling, _ = motion_targets(model, x.target_prev, x.target)
+        noise = torch.randn(x.target.shape, generator=torch.Generator().manual_seed(s))
+        levels = torch.cat([torch.zeros(B, T), torch.ones(B, K)], 1)
+        _, logits = model(torch.cat([x.truth, noise], 1), levels, x.frames, x.cond,
+                          prev=torch.cat([x.prev, x.target_prev], 1), mask=x.mask,
+                          return_motion_logits=True)
         logits = logits[:, T * n:]
         nll = logits.logsumexp(-1) - logits.masked_fill(~good, float("-inf")).logsumexp(-1)
         hit = good.gather(-1, logits.argmax(-1, keepdim=True))[..., 0]

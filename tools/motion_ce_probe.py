@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ffviz.train import TrainConfig, draw, layout, motion_targets, previous_of_slots  # noqa: E402
+from ffviz.train import TrainConfig, draw, motion_targets, true_slots  # noqa: E402
 from ffviz.weights import load_tiny  # noqa: E402
 
 LEVELS = (1.0, 0.75, 0.5, 0.1)
@@ -29,27 +29,20 @@ LEVELS = (1.0, 0.75, 0.5, 0.1)
 @torch.no_grad()
 def probe(model, batches: int) -> dict:
     cfg = TrainConfig(switch_share=0.0, unnamed_share=0.0)
-    n, g = model.cfg.tokens_per_frame, model.cfg.given_frames
+    n = model.cfg.tokens_per_frame
     sums = {}
     for s in range(batches):
         b = draw(7, 200_000 + s, cfg, model.cfg)
-        T, targets = len(b.frame_idx), torch.from_numpy(b.targets)
-        frames, mask = layout(torch.from_numpy(b.frame_idx), g, n, targets)
-        tokens = lambda px: model.patchify(torch.from_numpy(px).float() / 127.5 - 1)
-        truth = tokens(b.clips)
-        prev = previous_of_slots(truth, None if b.before is None else tokens(b.before[:, None]), g, n)
-        B = truth.shape[0]
-        pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
-        target, target_prev = pick(truth), pick(prev)
+        x = true_slots(model, b)
+        B, T, K = x.truth.shape[0], len(b.frame_idx), len(b.targets)
+        target, target_prev = x.target, x.target_prev
         _, good, telling, exact = motion_targets(model, target_prev, target)
-        cond = model.embed_condition(torch.from_numpy(b.cond_ids))
-        cond = torch.cat([cond, cond[:, targets]], 1)
         gen = torch.Generator().manual_seed(s)
         for t in LEVELS:
             noisy = (1 - t) * target + t * torch.randn(target.shape, generator=gen)
-            levels = torch.cat([torch.zeros(B, T), torch.full((B, len(targets)), t)], 1)
-            _, logits = model(torch.cat([truth, noisy], 1), levels, frames, cond,
-                              prev=torch.cat([prev, target_prev], 1), mask=mask,
+            levels = torch.cat([torch.zeros(B, T), torch.full((B, K), t)], 1)
+            _, logits = model(torch.cat([x.truth, noisy], 1), levels, x.frames, x.cond,
+                              prev=torch.cat([x.prev, target_prev], 1), mask=x.mask,
                               return_motion_logits=True)
             match = model.match(model.displaced(target_prev), noisy).clamp_min(1e-9).log()
             for source, lg in (("head", logits[:, T * n:]), ("match", match)):

@@ -88,6 +88,11 @@ class TinyConfig:
     # tells tokens only where they are relative to each other; an object bounces off
     # the view's edge, which a token can then know it is next to.
     patch_position: bool = False
+    # The world wraps around the view (ffviz.scenes): a displacement or a neighbourhood
+    # that crosses an edge takes the pixels of the opposite one, so a moved frame shows an
+    # object crossing an edge exactly. Off for weights of the earlier world, whose edges
+    # were repeated (objects bounced there).
+    wrap: bool = False
     prediction: str = "x0"  # what the head predicts: "x0" (clean frame) or "v" (velocity)
     # sampling defaults, stored with the weights
     sample_steps: int = 4
@@ -300,26 +305,32 @@ class TinyVideoModel(nn.Module):
 
     def neighbourhood(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each token's patch and the patches within ``prev_reach`` of it (zeros past the
-        edge): (B, T*n, d) -> (B, T*n, (2r+1)^2 d). With r = 1 every pixel an object can
-        bring into a patch in one frame (at most 2 px of a 4-px patch) is in its input."""
+        edge, or the opposite edge's patches with ``wrap``): (B, T*n, d) ->
+        (B, T*n, (2r+1)^2 d). With r = 1 every pixel an object can bring into a patch in one frame (at most 2 px of a 4-px patch) is in its input."""
         r = self.cfg.prev_reach
         if r == 0:
             return tokens
         B, N, d = tokens.shape
         rows, cols = self.cfg.grid
         x = tokens.view(B, -1, rows, cols, d)
-        x = F.pad(x, (0, 0, r, r, r, r))
+        if self.cfg.wrap:
+            x = torch.cat([x[:, :, -r:], x, x[:, :, :r]], 2)
+            x = torch.cat([x[:, :, :, -r:], x, x[:, :, :, :r]], 3)
+        else:
+            x = F.pad(x, (0, 0, r, r, r, r))
         parts = [x[:, :, dy:dy + rows, dx:dx + cols] for dy in range(2 * r + 1) for dx in range(2 * r + 1)]
         return torch.cat(parts, -1).view(B, N, -1)
 
     def displaced(self, tokens: torch.Tensor) -> torch.Tensor:
         """Every displacement (dy, dx) in [-r, r]^2 of each frame of ``tokens`` (B, N, d):
-        (B, N, (2r+1)^2, d); content moves by (dy, dx), edges are repeated. Row-major over
+        (B, N, (2r+1)^2, d); content moves by (dy, dx), and what comes in at an edge is the
+        opposite edge's (``wrap``) or the edge repeated. Row-major over
         (dy, dx), so the middle one is the frame itself."""
         r, S = self.cfg.motion_reach, self.cfg.frame_size
         img = self.unpatchify(tokens)  # (B, T, S, S, C)
         B, T = img.shape[:2]
-        pad = F.pad(img.permute(0, 1, 4, 2, 3).reshape(B * T, -1, S, S), (r, r, r, r), mode="replicate")
+        pad = F.pad(img.permute(0, 1, 4, 2, 3).reshape(B * T, -1, S, S), (r, r, r, r),
+                    mode="circular" if self.cfg.wrap else "replicate")
         pad = pad.view(B, T, -1, S + 2 * r, S + 2 * r).permute(0, 1, 3, 4, 2)
         shifts = [self.patchify(pad[:, :, r - dy:r - dy + S, r - dx:r - dx + S])
                   for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
