@@ -66,14 +66,17 @@ def read_positions(scene: Scene, frame: np.ndarray, guess: np.ndarray):
     return pos, status
 
 
-def renderer_targets(scene: Scene, frames: np.ndarray, given: int, start: int = 0):
+def renderer_targets(scene: Scene, frames: np.ndarray, given: int, start: int = 0,
+                     redraw_failed: bool = False):
     """Targets for a rollout ``frames`` (T, V, V, 3) uint8 of scene frames
     ``start .. start + T - 1`` whose first ``given`` frames are true.
 
     Returns (targets (T, V, V, 3) uint8, valid (T,) bool): target f is what follows
     from the rollout's frames before f (objects read from frame f - 1, moved one
     step; a missing object where the world puts it); the given frames are their own
-    targets. valid[f] is False where a reading of frame f - 1 failed."""
+    targets. valid[f] is False where a reading of frame f - 1 failed, unless
+    ``redraw_failed``: then a misread object is asked back whole where it should be (as
+    a missing one is), so a model that tears or smears an object is taught to repair it."""
     T = len(frames)
     pos = scene.positions([start + given - 1])[0]
     vel = scene.velocities(start + given - 1)
@@ -85,6 +88,6 @@ def renderer_targets(scene: Scene, frames: np.ndarray, given: int, start: int = 
         out[f] = pos
         if f + 1 < T:  # read frame f to continue from what the model drew
             read, status = read_positions(scene, frames[f], pos)
-            valid[f + 1] = not (status == FAILED).any()
+            valid[f + 1] = redraw_failed or not (status == FAILED).any()
             pos = np.where((status == FOUND)[:, None], read, pos)
     return scene.render_positions(out), valid

@@ -75,8 +75,12 @@ class TrainConfig:
     paint_weight: float = 1.0
     # focus of the motion cross-entropy on the patches the head gets wrong (a focal loss's
     # gamma: each patch's term times (1 - p_right)^focus; 0 = plain). Most patches move
-    # as they moved, which the motion memory already says; a bounce is where it is wrong.
+    # as they moved, which the motion memory already says; where it is wrong (a bounce in
+    # the earlier world, a torn object) is what the focus weighs up.
     motion_focus: float = 0.0
+    # a rollout object the teacher cannot read (torn, smeared) is asked back whole where
+    # it should be, instead of leaving the frames after it without a loss
+    redraw_failed: bool = False
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
@@ -347,8 +351,9 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log=print, fresh: 
 def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool, new_world: bool = False):
     """(model, ema, optimizer state, progress, world changes) from ``out`` and its state
     file, or new. Weights of an earlier world version resume only with ``new_world``: they
-    carry over whole (optimizer and progress too), their moves wrap from then on, and
-    the step is recorded in the card's ``world_changes``."""
+    carry over whole (optimizer and progress too), their moves wrap from then on, the
+    step is recorded in the card's ``world_changes``, and the EMA restarts from the
+    optimizer's weights (an average across the change would ship the old world's)."""
     state_path = state_path_for(out)
     if fresh or not out.exists():
         model = TinyVideoModel(model_cfg)
@@ -360,7 +365,8 @@ def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool, new_world: bool 
     progress = (card.get("steps", 0), card.get("clips_seen", 0), card.get("train_seconds", 0.0),
                 card.get("history", []))
     changes = list(card.get("world_changes", []))
-    if card.get("data_version") != DATA_VERSION:
+    entering = card.get("data_version") != DATA_VERSION  # a new world
+    if entering:
         if not new_world:
             raise SystemExit(f"{out} was trained on data version {card.get('data_version')}, this "
                              f"world is version {DATA_VERSION}: go on in this world with --new-world, "
@@ -377,6 +383,9 @@ def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool, new_world: bool 
         model.load_state_dict(st["model"])
         opt_state = st["opt"]
         log(f"resumed exactly from {out} + {state_path.name} at step {progress[0]}")
+        if entering:
+            ema = copy.deepcopy(model)
+            log("the EMA restarts from the optimizer's weights in the new world")
     else:
         log(f"starting from {out} (step {progress[0]}) without optimizer state")
     return model, ema, opt_state, progress, changes
@@ -440,7 +449,8 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         valid = torch.ones(cfg.batch, T, dtype=torch.bool, device=device)
         if step >= cfg.rollout_after and cfg.rollout_clips:
             context, target, valid = _rollout_context(model, batch, truth, before, cond_ids,
-                                                      frame_idx, gen, cfg.rollout_clips)
+                                                      frame_idx, gen, cfg.rollout_clips,
+                                                      cfg.redraw_failed)
             valid_share.append(valid[:cfg.rollout_clips, g + 1:].float().mean().item())
         prev = previous_of_slots(context, before, g, n)
         fg = model.patchify(torch.from_numpy(batch.foreground)[..., None].float()).amax(-1).to(device)
@@ -518,7 +528,8 @@ class _StopRequest:
         self._old = {}
 
 
-def _rollout_context(model, batch: Batch, truth, before, cond_ids, frame_idx, gen, clips: int):
+def _rollout_context(model, batch: Batch, truth, before, cond_ids, frame_idx, gen, clips: int,
+                     redraw_failed: bool = False):
     """Contexts, targets and valid masks with the first ``clips`` clips replaced by the
     model's own rollout and the renderer's targets for it (``ffviz.teacher``)."""
     n, g, device = model.cfg.tokens_per_frame, model.cfg.given_frames, truth.device
@@ -533,7 +544,8 @@ def _rollout_context(model, batch: Batch, truth, before, cond_ids, frame_idx, ge
     # the renderer reads the rollout on from its last true slot (the first recent frame
     # after a gap, else the last given frame)
     k = g if before is not None else g - 1
-    reads = [renderer_targets(s, p[k:], 1, int(frame_idx[k])) for s, p in zip(batch.scenes, pixels)]
+    reads = [renderer_targets(s, p[k:], 1, int(frame_idx[k]), redraw_failed)
+             for s, p in zip(batch.scenes, pixels)]
     target, context = truth.clone(), truth.clone()
     context[:clips] = rolled
     target[:clips, (k + 1) * n:] = model.patchify(
@@ -610,7 +622,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "such as an object coming back into view (--motion-pick; default 1)")
     p.add_argument("--motion-focus", type=float, default=d.motion_focus,
                    help="focal gamma of the motion cross-entropy: weigh each patch by "
-                        "(1 - p_right)^focus, so bounces outweigh what moves as it moved (0: plain)")
+                        "(1 - p_right)^focus, so the patches it gets wrong outweigh the rest (0: plain)")
+    p.add_argument("--redraw-failed", action="store_true",
+                   help="rollouts: an object the teacher cannot read is asked back whole where it "
+                        "should be (default: the frames after it get no loss)")
     p.add_argument("--rope-theta", type=float, default=TinyConfig.rope_theta,
                    help="spatial RoPE base of a NEW model: 10 gives every plane of the 8x8 grid a "
                         "turn that tells neighbouring patches apart (10000 leaves one)")
@@ -631,6 +646,7 @@ def main(args: argparse.Namespace) -> int:
                       rollout_after=args.rollout_after, rollout_clips=args.rollout_clips,
                       object_weight=args.object_weight, motion_weight=args.motion_weight,
                       paint_weight=args.paint_weight, motion_focus=args.motion_focus,
+                      redraw_failed=args.redraw_failed,
                       switch_share=args.switch_share,
                       unnamed_share=args.unnamed_share,
                       seed=args.seed, threads=args.threads,

@@ -83,6 +83,9 @@ def test_no_loss_after_an_object_drawn_where_it_cannot_be_read():
     frames = scene.render_positions(pos)
     _, valid = renderer_targets(scene, frames, 2)
     assert valid.tolist() == [True] * 7 + [False] * 3  # each frame follows from a misread one
+    # redraw_failed: the misread square is asked back whole where it should be
+    targets, valid = renderer_targets(scene, frames, 2, redraw_failed=True)
+    assert valid.all() and (targets == scene.render(np.arange(10))).all()
 
 
 def test_reading_tells_hidden_missing_and_misread_objects():

@@ -10,7 +10,7 @@ import torch
 
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.sampling import fill_cache
-from ffviz.train import (DATA_VERSION, TrainConfig, _rollout_context, draw, layout, motion_targets,
+from ffviz.train import (DATA_VERSION, TrainConfig, _resume, _rollout_context, draw, layout, motion_targets,
                          previous_of_slots, rollout, state_path_for, teacher_forcing_loss, train)
 from ffviz.weights import load_tiny
 
@@ -104,12 +104,18 @@ def test_a_weights_file_of_another_world_is_refused(tmp_path):
     card_file.write_text(json.dumps(card))
     with pytest.raises(SystemExit, match="data version 1.*--new-world"):
         train(_cfg(2), SMALL, tmp_path / "a.safetensors", log=quiet)
-    # going on in this world: weights, optimizer and progress carry over, moves wrap
+    # going on in this world: weights, optimizer and progress carry over, moves wrap, and
+    # the EMA restarts from the optimizer's weights
+    _, ema, _, _, _ = _resume(tmp_path / "a.safetensors", SMALL, quiet, False, True)
+    raw = torch.load(state_path_for(tmp_path / "a.safetensors"), weights_only=False)["model"]
+    assert all(torch.equal(v, raw[k]) for k, v in ema.state_dict().items())
+    assert not all(torch.equal(v, raw[k]) for k, v in load_tiny(tmp_path / "a.safetensors")[0].state_dict().items())
     lines = []
     card = train(_cfg(2), dataclasses.replace(SMALL, wrap=False), tmp_path / "a.safetensors",
                  log=lines.append, new_world=True)
     assert card["steps"] == 2 and card["world_changes"] == [{"step": 1, "data_version": DATA_VERSION}]
     assert card["config"]["wrap"] and any("resumed exactly" in line for line in lines)
+    assert any("EMA restarts" in line for line in lines)
     assert train(_cfg(3), SMALL, tmp_path / "a.safetensors", log=quiet)["world_changes"] == \
         card["world_changes"]  # kept, not repeated
     assert train(_cfg(1), SMALL, tmp_path / "a.safetensors", log=quiet, fresh=True)["steps"] == 1

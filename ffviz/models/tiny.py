@@ -82,11 +82,12 @@ class TinyConfig:
     motion_memory: bool = False
     # A small MLP over the head's features and what the memory read, whose output is
     # added to the motion choice (zero at the start). Memory says "as before"; where that
-    # is wrong (an object at a wall bounces) the correction has to depend on both.
+    # is wrong (in the earlier world, an object bouncing at a wall) the correction has
+    # to depend on both.
     motion_refine: bool = False
     # A learnt embedding of each patch's place in the frame (zero at the start). RoPE
-    # tells tokens only where they are relative to each other; an object bounces off
-    # the view's edge, which a token can then know it is next to.
+    # tells tokens only where they are relative to each other; in the earlier world an
+    # object bounced off the view's edge, which a token can then know it is next to.
     patch_position: bool = False
     # The world wraps around the view (ffviz.scenes): a displacement or a neighbourhood
     # that crosses an edge takes the pixels of the opposite one, so a moved frame shows an
