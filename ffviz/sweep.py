@@ -31,7 +31,7 @@ from ffviz.evaluate import (EvalConfig, EvalError, check_fits, describe_run, err
                             grid_runs, reference_query_bytes, run_key)
 from ffviz.generate import GenerationError
 from ffviz.models import ModelError, has_scenes
-from ffviz.scenes import PromptError
+from ffviz.scenes import WORLD_VERSION, PromptError
 from ffviz.sweep_backends import LocalBackend, RayBackend, RunFinished, Unit
 from ffviz.sweep_store import UnitStore
 
@@ -97,7 +97,9 @@ def run_sweep(model, config: EvalConfig, out_dir: Path, backend: str = "local",
     if not isinstance(model, str):
         check_fits(model, config)
     units = [Unit(p, s) for p in config.prompts for s in config.seeds]
+    # a stored run depends on the world its scenes are drawn in, too
     store = UnitStore(Path(out_dir) / "runs", {"model": label, "weights": weights,
+                                               "world": WORLD_VERSION,
                                                "frames": config.frames,
                                                "horizon": config.horizon,
                                                "query_steps": config.query_steps}, log)

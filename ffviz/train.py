@@ -42,11 +42,12 @@ import torch
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.sampling import (TRAIN_SEED_BASE, palette_tensor, previous_tokens, rollout, shifted,
                             sigma_schedule)
-from ffviz.scenes import COLORS, OBJECT_COLOUR_IDS, Scene, random_spec, restyled_spec
+from ffviz.scenes import (COLORS, OBJECT_COLOUR_IDS, WORLD_VERSION, Scene, random_spec,
+                          restyled_spec)
 from ffviz.teacher import renderer_targets
 from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, load_tiny, save_weights
 
-DATA_VERSION = 3  # bump when scenes.py changes what a clip looks like (3: the view wraps)
+DATA_VERSION = WORLD_VERSION  # what a clip looks like: weights say which world they learnt
 STATE_SUFFIX = ".state.pt"
 MAX_GAP = 200  # frames between the given frames and a clip's recent block, at most
 

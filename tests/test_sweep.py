@@ -91,6 +91,10 @@ def test_a_rerun_skips_what_is_stored(whole, model, tmp_path, monkeypatch):
     ran.clear()  # a third sweep finds everything done
     assert run_sweep(model, small_grid(), rerun, show_progress=False)["runs_resumed"] == 6
     assert ran == []
+    # stored runs belong to their world: after it changes, everything runs anew
+    monkeypatch.setattr(ffviz.sweep, "WORLD_VERSION", ffviz.sweep.WORLD_VERSION + 1)
+    assert run_sweep(model, small_grid(), rerun, show_progress=False)["runs_resumed"] == 0
+    assert len(ran) == 6
 
 
 def test_other_settings_start_fresh(whole, model, tmp_path):
