@@ -33,6 +33,9 @@ visible. Generated frames are compared with that truth per frame:
 Per-frame curves (``curves``): background, off_palette, color_presence, tracking
 and consistency (the mean of background and colour presence in that frame).
 
+The view wraps (``ffviz.scenes``): a blob that crosses an edge goes on at the
+opposite one, and centroid distances go round the edges.
+
 ``consistency`` is the mean of background, colour presence, shape and returns
 (those defined for the run). It does not compare positions: a free-running model
 may place an object slightly off and still keep it; ``tracking`` does, loosely.
@@ -78,26 +81,28 @@ def _blobs(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return dense[labels], int(dense.max())
 
 
-def _unwrapped(blob: np.ndarray) -> np.ndarray:
-    """``blob`` rolled so that it does not cross the view's edges (it leaves a row and a
-    column empty, as every object is smaller than the view)."""
+def _seam_shift(blob: np.ndarray) -> np.ndarray:
+    """(rows, columns) to roll ``blob`` back by so that it does not cross the view's
+    edges: to just past its first empty row and column (every object is smaller than
+    the view, so it leaves some empty)."""
+    shift = np.zeros(2, int)
     for axis in (0, 1):
         empty = np.nonzero(~blob.any(1 - axis))[0]
         if len(empty):
-            blob = np.roll(blob, -int(empty[0]) - 1, axis)
-    return blob
+            shift[axis] = int(empty[0]) + 1
+    return shift
+
+
+def _unwrapped(blob: np.ndarray) -> np.ndarray:
+    """``blob`` rolled so that it does not cross the view's edges."""
+    return np.roll(blob, tuple(-_seam_shift(blob)), (0, 1))
 
 
 def _torus_centroid(blob: np.ndarray) -> np.ndarray:
     """(y, x) centroid of ``blob`` (H, W) on the torus: the centroid of the unwrapped
     blob, shifted back and taken modulo the view."""
-    shift = np.zeros(2)
-    for axis in (0, 1):
-        empty = np.nonzero(~blob.any(1 - axis))[0]
-        if len(empty):
-            shift[axis] = int(empty[0]) + 1
     centre = np.array(ndimage.center_of_mass(_unwrapped(blob)))
-    return np.mod(centre + shift, blob.shape)
+    return np.mod(centre + _seam_shift(blob), blob.shape)
 
 
 def torus_distance(a: np.ndarray, b: np.ndarray, size: int = VIEW) -> float:

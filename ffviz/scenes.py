@@ -38,7 +38,8 @@ import numpy as np
 WORLD_VERSION = 3  # bump when what a scene looks like changes (3: the view wraps)
 VIEW = 32  # frame side in pixels
 MAX_OBJECTS = 3
-EXIT_GAP = 16  # pixels of world beyond the view (past the object's side) where a leaving object is out of sight
+# pixels of world beyond the view (past the object's side) where a leaving object is out of sight
+EXIT_GAP = 16
 MAX_PROMPT_CHARS = 2000
 
 COLORS: dict[str, tuple[int, int, int]] = {

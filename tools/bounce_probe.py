@@ -92,7 +92,8 @@ def bounce_patches(scene: Scene, frame: int, side: int, patch: int) -> np.ndarra
     masks, _ = scene.object_masks(pos[2:3])
     sizes = np.zeros(side * side, int)
     for i in range(len(scene.spec.objects)):
-        if (moved(pos[2, i], pos[1, i], scene.period[i]) != moved(pos[1, i], pos[0, i], scene.period[i])).any():
+        period = scene.period[i]
+        if (moved(pos[2, i], pos[1, i], period) != moved(pos[1, i], pos[0, i], period)).any():
             covered = masks[0, i].reshape(side, patch, side, patch).any((1, 3)).reshape(-1)
             sizes = np.where(covered & (sizes == 0), int(scene.side[i]), sizes)
     return sizes

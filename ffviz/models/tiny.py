@@ -307,7 +307,8 @@ class TinyVideoModel(nn.Module):
     def neighbourhood(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each token's patch and the patches within ``prev_reach`` of it (zeros past the
         edge, or the opposite edge's patches with ``wrap``): (B, T*n, d) ->
-        (B, T*n, (2r+1)^2 d). With r = 1 every pixel an object can bring into a patch in one frame (at most 2 px of a 4-px patch) is in its input."""
+        (B, T*n, (2r+1)^2 d). With r = 1 every pixel an object can bring into a patch in
+        one frame (at most 2 px of a 4-px patch) is in its input."""
         r = self.cfg.prev_reach
         if r == 0:
             return tokens
