@@ -97,12 +97,8 @@ def run_sweep(model, config: EvalConfig, out_dir: Path, backend: str = "local",
     if not isinstance(model, str):
         check_fits(model, config)
     units = [Unit(p, s) for p in config.prompts for s in config.seeds]
-    # a stored run depends on the world its scenes are drawn in, too
-    store = UnitStore(Path(out_dir) / "runs", {"model": label, "weights": weights,
-                                               "world": WORLD_VERSION,
-                                               "frames": config.frames,
-                                               "horizon": config.horizon,
-                                               "query_steps": config.query_steps}, log)
+    store = UnitStore(Path(out_dir) / "runs",
+                      store_settings(label, weights, config.frames, config.horizon, config.query_steps), log)
     missing = {u: [r for r in runs if run_key(r) not in store.done(u.prompt, u.seed)] for u in units}
     todo = [u for u in units if missing[u]]
     total, resumed = len(units) * len(runs), sum(len(runs) - len(missing[u]) for u in units)
@@ -122,6 +118,13 @@ def run_sweep(model, config: EvalConfig, out_dir: Path, backend: str = "local",
              "reference_query_bytes": None if isinstance(model, str)
              else reference_query_bytes(model.cfg, config)}
     return report(out_dir, rows, config, time.perf_counter() - started, about)
+
+
+def store_settings(label: str, weights, frames: int, horizon: int, query_steps: str) -> dict:
+    """What every stored row of a sweep depends on besides its prompt and seed: the model,
+    its weights, the world its scenes are drawn in, and the run settings."""
+    return {"model": label, "weights": weights, "world": WORLD_VERSION, "frames": frames,
+            "horizon": horizon, "query_steps": query_steps}
 
 
 def weights_identity(model) -> str | None:

@@ -99,11 +99,9 @@ def test_a_rerun_skips_what_is_stored(whole, model, tmp_path, monkeypatch):
 
 def test_other_settings_start_fresh(whole, model, tmp_path):
     out, _ = whole
-    from ffviz.scenes import WORLD_VERSION
-    store = UnitStore(out / "runs", {"model": model.name, "weights": None, "world": WORLD_VERSION,
-                                     "frames": 6, "horizon": 2, "query_steps": "all"})
-    other = UnitStore(out / "runs", {"model": model.name, "weights": None, "world": WORLD_VERSION,
-                                     "frames": 8, "horizon": 2, "query_steps": "all"})
+    from ffviz.sweep import store_settings
+    store = UnitStore(out / "runs", store_settings(model.name, None, 6, 2, "all"))
+    other = UnitStore(out / "runs", store_settings(model.name, None, 8, 2, "all"))
     assert len(store.done(PROMPT, 0)) == 3 and other.done(PROMPT, 0) == set()
     assert store.path(PROMPT, 0) != other.path(PROMPT, 0)
 
