@@ -165,7 +165,7 @@ def cmd_bench(args) -> int:
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
@@ -185,13 +185,13 @@ def cmd_showcase(args) -> int:
         summary = showcase(model, seeds, args.frames, Path(args.out), budget=args.budget,
                            progress=bar, also=also, steps=args.steps,
                            snap=args.snap)
-    print((Path(args.out) / "showcase.md").read_text())
+    print((Path(args.out) / "showcase.md").read_text(encoding="utf-8"))
     if args.card:  # the weights' card reports the free-running quality it was measured at
         card_file = Path(args.weights).with_suffix(".json")
-        card = json.loads(card_file.read_text())
+        card = json.loads(card_file.read_text(encoding="utf-8"))
         card["free_running"] = {"command": "python -m ffviz showcase " + " ".join(sys.argv[2:]),
                                 "frames": args.frames, "seeds": seeds, "summary": summary}
-        card_file.write_text(json.dumps(card, indent=2) + "\n")
+        card_file.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
@@ -380,6 +380,9 @@ def main(argv=None) -> int:
     p.set_defaults(run=cmd_heads)
 
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # tables carry "±" and "≈"; an ASCII terminal gets escapes, not a crash
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
     from ffviz.export import OutputError
     from ffviz.generate import GenerationError
     from ffviz.models import ModelError

@@ -123,5 +123,5 @@ def write_ablation(out_dir: Path, rows: list[dict], config: EvalConfig, command:
             "(fidelity.csv per layer and head). Returns − defaults: paired on (prompt, seed), "
             "95% interval over seeds; ≈ = cannot be told apart.", "",
             *ablation_table(rows, config), "", "Prompts:", "", *[f"- {p}" for p in config.prompts]]
-    path.write_text("\n".join(text) + "\n")
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path

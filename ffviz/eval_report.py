@@ -204,7 +204,7 @@ def _fmt(x) -> str:
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
@@ -378,7 +378,7 @@ def write_markdown(path: Path, table: list[dict], comparisons_: list[dict],
     if errors:
         lines += ["", "Failed runs:", ""] + [f"- {r['policy']} budget {r['budget']} seed {r['seed']}: "
                                              f"{r['errors']}" for r in errors]
-    Path(path).write_text("\n".join(lines) + "\n")
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def write_plots(out_dir: Path, table: list[dict], policies: list[str]) -> list[Path]:
@@ -436,5 +436,5 @@ def write_results(out_dir: Path, rows: list[dict], config: EvalConfig, seconds: 
                "runs": len(rows), "failed_runs": sum(bool(r["error"]) for r in rows), **about,
                "files": ["results.csv", "runs.csv", "intervals.csv", "comparisons.csv",
                          "fidelity.csv", "results.md", *[p.name for p in plots]]}
-    (out_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary

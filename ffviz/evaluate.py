@@ -244,7 +244,7 @@ def parse_seeds(text: str) -> list[int]:
 def parse_prompts(text: str) -> list[str]:
     """A file (one prompt a line; blank and # lines skipped) or ``;``-separated prompts."""
     if "\n" not in text and len(text) < 4096 and _is_file(Path(text)):
-        lines = Path(text).read_text().splitlines()
+        lines = Path(text).read_text(encoding="utf-8").splitlines()
     else:
         lines = text.split(";")
     prompts = [l.strip() for l in lines if l.strip() and not l.strip().startswith("#")]

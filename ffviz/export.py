@@ -149,7 +149,7 @@ class RunWriter:
         self._video = imageio.get_writer(self.dir / "video.mp4", fps=fps, codec="libx264",
                                          quality=8, macro_block_size=1,
                                          ffmpeg_log_level="error")
-        self._decisions = open(self.dir / "decisions.jsonl", "w")
+        self._decisions = open(self.dir / "decisions.jsonl", "w", encoding="utf-8")
 
     def add(self, step: Step) -> None:
         for frame in step.frames:
@@ -175,7 +175,8 @@ class RunWriter:
             recorder.to_npz(self.dir / "record.npz")
         else:
             np.savez_compressed(self.dir / "record.npz", frames=np.zeros(0, np.int64))
-        (self.dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+        (self.dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n",
+                                               encoding="utf-8")
 
     def abort(self) -> None:
         """A run that failed: close and remove what was written, so no half-written run

@@ -280,6 +280,6 @@ def write_heads(result: dict, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "heads.json", out_dir / "heads.png"]
-    paths[0].write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    paths[0].write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     plot_heads(result, paths[1])
     return paths

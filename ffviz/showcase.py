@@ -124,8 +124,8 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
     copy = float(np.mean(copy_mse))
     (out / "showcase.json").write_text(json.dumps({"frames": frames, "seeds": list(seeds),
                                                    "summary": summary, "copy_previous_mse": copy,
-                                                   "runs": rows}, indent=2))
-    (out / "showcase.md").write_text(_table(summary, rows, frames, list(seeds), copy))
+                                                   "runs": rows}, indent=2), encoding="utf-8")
+    (out / "showcase.md").write_text(_table(summary, rows, frames, list(seeds), copy), encoding="utf-8")
     return summary
 
 

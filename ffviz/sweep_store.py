@@ -45,7 +45,7 @@ class UnitStore:
         path = self.path(prompt, seed)
         if path.exists():
             try:
-                stored = json.loads(path.read_text())
+                stored = json.loads(path.read_text(encoding="utf-8"))
                 if {k: stored.get(k) for k in identity} != identity:
                     raise ValueError("its settings differ")
                 return {**identity, "rows": dict(stored["rows"]), "failed": dict(stored["failed"])}
@@ -84,7 +84,7 @@ class UnitStore:
         text = json.dumps(unit, indent=1, default=lambda x: x.item())
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".unit-", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, path)
         except BaseException:

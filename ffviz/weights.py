@@ -45,7 +45,7 @@ def save_weights(model: TinyVideoModel, path: Path, card: dict) -> dict:
     tmp.replace(path)  # atomic: a crash never leaves half a file under the real name
     card = {**card, "config": dataclasses.asdict(model.cfg), "file": path.name,
             "sha256": sha256(path), "bytes": path.stat().st_size}
-    card_path(path).write_text(json.dumps(card, indent=2) + "\n")
+    card_path(path).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return card
 
 
@@ -66,7 +66,7 @@ def read_card(path: Path = DEFAULT_WEIGHTS) -> dict:
     if not cp.exists():
         raise WeightsError(f"weights card not found: {cp} (it records the sha256 the weights are checked against)")
     try:
-        return json.loads(cp.read_text())
+        return json.loads(cp.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise WeightsError(f"weights card {cp} is not valid JSON: {e}") from None
 

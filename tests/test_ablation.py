@@ -35,7 +35,7 @@ def test_ablation_sweep_writes_one_table(tmp_path):
     summary = run_sweep(random_model(), config, tmp_path, show_progress=False,
                         report=ablation_report("python -m ffviz ablate --policy expected_attention"))
     assert summary["failed_runs"] == 0 and "ablation.md" in summary["files"]
-    md = (tmp_path / "ablation.md").read_text()
+    md = (tmp_path / "ablation.md").read_text(encoding="utf-8")
     assert "    python -m ffviz ablate --policy expected_attention" in md
     rows = {l.split(" | ")[1]: l.split(" | ") for l in md.splitlines() if l.startswith("| 3 |")}
     assert set(rows) == {"full", "window", *variants("expected_attention")}
@@ -43,7 +43,7 @@ def test_ablation_sweep_writes_one_table(tmp_path):
     assert merge_only[2] == "tau=4 (kept by recency)" and merge_only[3] == "0"  # nothing chosen
     assert rows["expected_attention:defaults"][3] == "64"  # budget 3: one frame beyond sink, newest
     assert "returns − defaults |" in md  # paired on (prompt, seed); no return in 6 frames here
-    stored = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("seed*.json")]
+    stored = [json.loads(p.read_text(encoding="utf-8")) for p in (tmp_path / "runs").glob("seed*.json")]
     assert len(stored) == 2 and all(len(u["rows"]) == len(config.policies) for u in stored)
     assert (tmp_path / "results.md").exists() and (tmp_path / "fidelity.csv").exists()
 

@@ -77,7 +77,7 @@ def test_policy_change_mid_run_shows_in_record(server):
     switch_frame = summary["switches"][0]["frame"]
     assert 2 <= switch_frame < 60 and summary["frames"] == 60
     decisions = [json.loads(l) for l in
-                 open([p for p in final[-2] if p.endswith("decisions.jsonl")][0])]
+                 open([p for p in final[-2] if p.endswith("decisions.jsonl")][0], encoding="utf-8")]
     policies = {d["policy"] for d in decisions}
     assert policies == {"window", "sink"}
     assert all(d["policy"] == "sink" for d in decisions if d["frames"][0] >= switch_frame)

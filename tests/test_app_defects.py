@@ -93,7 +93,7 @@ def test_oracle_reference_follows_a_stopped_run_and_stops(server):
     assert made < 250
     # the reference runs over the frames the run made (not 250): the oracle compares steps there
     _, msg, files = c.predict(2, "L3", "H0", api_name="/oracle")
-    oracle = strict_loads(open([f for f in files if f.endswith("oracle.json")][0]).read())
+    oracle = strict_loads(open([f for f in files if f.endswith("oracle.json")][0], encoding="utf-8").read())
     assert max(oracle["frames"]) < made
     # a long run, then Stop while the oracle's reference runs: it ends early
     job = c.submit(*run_args(frames=250, policy="window", budget=2), api_name="/run")
@@ -139,11 +139,11 @@ def test_exported_files_are_strict_json(server, app_module):
     final = finish(c.submit(*run_args(frames=8), api_name="/run"))[-1]
     _, _, files = c.predict(2, "L3", "H0", api_name="/oracle")
     for name in ("summary.json", "oracle.json"):
-        strict_loads(open([f for f in files if f.endswith(name)][0]).read())
+        strict_loads(open([f for f in files if f.endswith(name)][0], encoding="utf-8").read())
     params = [None] * len(app_module.SPECS)
     out = list(app_module.run_ab(PROMPT, 0, 6, "window", 2, "sink", "3", None, None, *params))[-1]
     ab = [f for f in out[app_module.ab_files] if f.endswith("ab.json")][0]
-    data = strict_loads(open(ab).read())
+    data = strict_loads(open(ab, encoding="utf-8").read())
     assert data["a"]["tag"]["policy"] == "window" and len(data["sweep"]) == 4
     for s in out[app_module.ab_state]:
         s.close()

@@ -57,7 +57,7 @@ def test_memory_test_runs_three_policies_until_every_object_is_back(app_module):
     runs = test.runs()
     assert [r["policy"] for r in runs] == list(MEMORY_POLICIES)
     out = test.export(test.sessions[0].dir / "memory_test.json")
-    data = strict_loads(open(out).read())
+    data = strict_loads(open(out, encoding="utf-8").read())
     assert [r["tag"]["policy"] for r in data["runs"]] == list(MEMORY_POLICIES)
     test.close()
 
@@ -110,9 +110,9 @@ def test_every_result_names_its_run(app_module):
     assert label in final[app_module.status]
     fig, msg, files = list(app_module.run_oracle(s, 2, "L3", "H0"))[-1]
     assert s.tag.run_id in fig.layout.title.text and msg.startswith(label)
-    oracle = strict_loads(open([f for f in files if f.endswith("oracle.json")][0]).read())
+    oracle = strict_loads(open([f for f in files if f.endswith("oracle.json")][0], encoding="utf-8").read())
     assert oracle["run"]["run_id"] == s.tag.run_id and oracle["steps"] >= 1
-    html = (s.dir / "plots.html").read_text()
+    html = (s.dir / "plots.html").read_text(encoding="utf-8")
     assert s.tag.run_id in html and "<h2>Oracle</h2>" in html
     s.close()
 
@@ -150,7 +150,7 @@ def test_reproduce_line_gives_the_same_run(app_module, tmp_path):
     cli = np.load(tmp_path / "cli" / "frames.npz")["frames"]
     app = np.load(s.dir / "frames.npz")["frames"]
     assert np.array_equal(cli, app)
-    summary = strict_loads((tmp_path / "cli" / "summary.json").read_text())  # strict from the CLI
+    summary = strict_loads((tmp_path / "cli" / "summary.json").read_text(encoding="utf-8"))  # strict from the CLI
     assert summary["reproduce"] == cmd and summary["frames"] == 8
     assert "reproduce" in final[app_module.reproduce]
     s.close()

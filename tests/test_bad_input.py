@@ -92,7 +92,7 @@ def _corrupt(kind, good, tmp_path):
     shutil.copy(good, bad)
     shutil.copy(good.with_suffix(".json"), bad.with_suffix(".json"))
     data = bad.read_bytes()
-    card = json.loads(bad.with_suffix(".json").read_text())
+    card = json.loads(bad.with_suffix(".json").read_text(encoding="utf-8"))
     if kind == "truncated":
         bad.write_bytes(data[: len(data) // 2])
     elif kind == "flipped bytes":
@@ -109,7 +109,7 @@ def _corrupt(kind, good, tmp_path):
         bad.with_suffix(".json").unlink()
         return bad
     elif kind == "card not json":
-        bad.with_suffix(".json").write_text("{not json")
+        bad.with_suffix(".json").write_text("{not json", encoding="utf-8")
         return bad
     elif kind == "not safetensors":
         bad.write_bytes(b"hello" * 1000)
@@ -117,7 +117,7 @@ def _corrupt(kind, good, tmp_path):
         card["sha256"] = sha256(bad)
     elif kind == "file missing":
         bad.unlink()
-    bad.with_suffix(".json").write_text(json.dumps(card))
+    bad.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
     return bad
 
 
@@ -146,7 +146,7 @@ def test_cli_refuses_unwritable_outputs_before_any_work(where, command, tmp_path
                                                         tiny_weights):
     import os
     a_file = tmp_path / "file"
-    a_file.write_text("x")
+    a_file.write_text("x", encoding="utf-8")
     out = {"a file": a_file, "under a file": a_file / "out",
            "read-only filesystem": "/proc/ffviz-out"}[where]
     if where == "read-only filesystem" and not os.path.isdir("/proc/self"):
@@ -159,7 +159,7 @@ def test_cli_refuses_unwritable_outputs_before_any_work(where, command, tmp_path
     code, err = _run(argv + ["--weights", str(tiny_weights)], capsys)
     assert code == 2 and "error:" in err and "Traceback" not in err, err
     assert str(out) in err
-    assert a_file.read_text() == "x"
+    assert a_file.read_text(encoding="utf-8") == "x"
 
 
 API_CASES = [

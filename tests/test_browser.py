@@ -46,7 +46,7 @@ def app_url(tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "app.log"
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
            "GRADIO_ANALYTICS_ENABLED": "False", "FFVIZ_TRACE": "1"}
-    with open(log, "w") as out:
+    with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -54,21 +54,21 @@ def app_url(tmp_path_factory):
         deadline = time.time() + 180
         ready = False
         while time.time() < deadline:  # served, warmed up (queue and UMAP)
-            assert proc.poll() is None, log.read_text()
+            assert proc.poll() is None, log.read_text(encoding="utf-8")
             try:
                 urllib.request.urlopen(url, timeout=2)
                 ready = ready or True
             except OSError:
                 ready = False
-            text = log.read_text()
+            text = log.read_text(encoding="utf-8")
             if ready and "UMAP warmed up" in text and "ffviz: ready" in text:
                 break
             time.sleep(0.5)
         else:
-            pytest.fail("app did not start in time:\n" + log.read_text())
+            pytest.fail("app did not start in time:\n" + log.read_text(encoding="utf-8"))
         yield url
     finally:
-        print("".join(l for l in log.read_text().splitlines(True) if "trace" in l))
+        print("".join(l for l in log.read_text(encoding="utf-8").splitlines(True) if "trace" in l))
         proc.terminate()
         try:
             proc.wait(20)
@@ -101,7 +101,7 @@ def test_browser_run_switch_screenshot(app_url, tmp_path):
             first_frame_s = time.perf_counter() - t0
             print(f"frame visible at {time.time():.3f}")
             print(f"\ntime to first frame in the browser: {first_frame_s:.2f} s")
-            (tmp_path / "first_frame_s.txt").write_text(f"{first_frame_s:.3f}\n")
+            (tmp_path / "first_frame_s.txt").write_text(f"{first_frame_s:.3f}\n", encoding="utf-8")
 
             # switch the policy while the run goes on
             expect(page.locator("#status")).to_contain_text("running", timeout=60_000)

@@ -20,7 +20,7 @@ def test_generate_writes_every_file(tmp_path):
     assert "frame" in r.stderr  # the progress bar
     for name in ("video.mp4", "frames.npz", "record.npz", "decisions.jsonl", "summary.json"):
         assert (out / name).stat().st_size > 0, name
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     for key in ("frames", "seconds", "fps", "policy", "budget_frames", "tokens_per_frame",
                 "peak_cache_tokens", "recorder_bytes", "metrics"):
         assert key in summary
@@ -30,7 +30,7 @@ def test_generate_writes_every_file(tmp_path):
     assert frames.dtype == np.uint8 and frames.shape == (10, 32, 32, 3)
     record = np.load(out / "record.npz")
     assert record["mean_pre"].shape[0] == 8  # the 8 generated frames were recorded
-    decisions = [json.loads(l) for l in (out / "decisions.jsonl").read_text().splitlines()]
+    decisions = [json.loads(l) for l in (out / "decisions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(decisions) == 10 - 4 and all(d["tokens_after"] == 4 * 64 for d in decisions)
     assert 0 <= summary["metrics"]["consistency"] <= 1
 
@@ -53,7 +53,7 @@ def test_bench_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = ffviz("bench", "--frames", "6", "--repeats", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     assert result["full"]["fps"] > 0 and "recorder_overhead" in result["full"]
 
 
@@ -62,7 +62,7 @@ def test_bench_policies_reports_each_policys_share_of_a_step(tmp_path):
     r = ffviz("bench", "--policies", "window,future_forcing,future_forcing:rank=2:tau=0",
               "--budget", "2", "--frames", "8", "--repeats", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    result = json.loads(out.read_text())["policies"]
+    result = json.loads(out.read_text(encoding="utf-8"))["policies"]
     for name in ("window", "future_forcing", "future_forcing:rank=2:tau=0"):
         row = result[name]
         assert row["compressions"] == 8 - 2  # every generated frame (the 2 given ones fill the budget)

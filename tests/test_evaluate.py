@@ -47,7 +47,7 @@ def grid(model, tmp_path_factory):
     config = EvalConfig(policies=list(POLICIES), budgets=[2, 4], seeds=[0, 3], frames=FRAMES,
                         prompts=[PROMPT], horizon=3)
     summary = run_sweep(model, config, out, show_progress=False)
-    with open(out / "results.csv") as f:
+    with open(out / "results.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return out, config, summary, {(r["policy"], int(r["budget"]), int(r["seed"])): r for r in rows}, rows
 
@@ -64,7 +64,7 @@ def test_one_row_per_policy_budget_seed_with_every_column(grid):
             assert r[col] != "", (key, col)
             assert not math.isnan(float(r[col])), (key, col)
     assert summary["failed_runs"] == 0
-    assert (out / "runs.csv").read_text().count("\n") == 1 + len(rows)  # one prompt
+    assert (out / "runs.csv").read_text(encoding="utf-8").count("\n") == 1 + len(rows)  # one prompt
 
 
 def test_full_is_exact_and_window_is_not(grid, model):
@@ -102,7 +102,7 @@ def test_oracle_scores_agree_with_the_truth_and_proxies_are_filled(grid):
 
 def test_markdown_and_plots_exist(grid):
     out, config, summary, _, _ = grid
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     sections = md.split("\n## ")
     for title in ("Quality", "Own-cache fidelity and cost"):
         section = next(s for s in sections if s.startswith(title))
@@ -193,7 +193,7 @@ def test_bad_settings_are_clear_errors(model, kw, err, msg):
 
 def test_small_parsers(tmp_path):
     f = tmp_path / "suite.txt"
-    f.write_text("# a comment\na red circle\n\na blue square\n")
+    f.write_text("# a comment\na red circle\n\na blue square\n", encoding="utf-8")
     assert parse_prompts(str(f)) == ["a red circle", "a blue square"]
     assert parse_prompts("a red circle; a blue square") == ["a red circle", "a blue square"]
     long = ";".join(["a small red circle on a blue background with a wide gray pillar"] * 5)
@@ -238,7 +238,7 @@ def test_cli_writes_results(tmp_path):
               "--frames", "5", "--prompts", "a red circle on a green background", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "2/2 [" in r.stderr  # the progress bar: runs done / total [elapsed<left]
-    with open(out / "results.csv") as f:
+    with open(out / "results.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [(x["policy"], x["budget"], x["seed"]) for x in rows] == [("full", "2", "0"), ("window", "2", "0")]
     assert (out / "plot_consistency.png").exists() and (out / "results.md").exists()
@@ -253,11 +253,11 @@ def test_cli_variants_evaluate_a_policy_under_other_settings(tmp_path):
               "--frames", "6", "--prompts", "a red circle on a green background",
               "--fidelity-reference", "none", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    with open(out / "results.csv") as f:
+    with open(out / "results.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [x["policy"] for x in rows] == ["future_forcing", "ff_adaptive"]
     (unit,) = (out / "runs").glob("*.json")
-    keys = json.loads(unit.read_text())["rows"]
+    keys = json.loads(unit.read_text(encoding="utf-8"))["rows"]
     assert any(k.startswith("ff_adaptive|3|") and '"head_budget": "adaptive"' in k for k in keys)
     assert any(k.startswith("future_forcing|3|") and '"head_budget": "uniform"' in k for k in keys)
 
@@ -281,7 +281,7 @@ def test_score_chosen_tokens_are_the_kept_beyond_the_protected_frames(grid, mode
 
 def test_shared_cache_fidelity_rates_one_cache_for_every_scorer(grid):
     out, config, _, by_key, _ = grid
-    with open(out / "fidelity.csv") as f:
+    with open(out / "fidelity.csv", encoding="utf-8") as f:
         fid = list(csv.DictReader(f))
     overall = {(r["scorer"], int(r["budget"])): r for r in fid if r["layer"] == "all"}
     # every scored policy but sink (it ranks by recency: left to "recency"), and the two plain ones
@@ -316,11 +316,11 @@ def test_a_scorer_on_its_own_cache_is_its_own_fidelity(model):
 
 def test_intervals_and_comparisons_files(grid):
     out, config, _, _, _ = grid
-    with open(out / "intervals.csv") as f:
+    with open(out / "intervals.csv", encoding="utf-8") as f:
         intervals = {(r["policy"], r["budget"], r["metric"]): r for r in csv.DictReader(f)}
     r = intervals[("window", "2", "attn_rel_err")]
     assert int(r["seeds"]) == 2 and float(r["ci95_low"]) <= float(r["mean"]) <= float(r["ci95_high"])
-    with open(out / "comparisons.csv") as f:
+    with open(out / "comparisons.csv", encoding="utf-8") as f:
         pairs = list(csv.DictReader(f))
     n = len(config.policies)
     assert len(pairs) == 2 * n * (n - 1) // 2 * 6  # budgets x pairs x compared metrics

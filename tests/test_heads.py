@@ -76,7 +76,7 @@ def test_measure_heads_and_its_files(tmp_path):
         assert row["score_min"] <= row["score"] <= row["score_max"]
     assert 0 <= result["summary"]["static_share"] <= 1
     paths = write_heads(result, tmp_path)
-    assert json.loads(paths[0].read_text())["heads"] == result["heads"] and paths[1].stat().st_size > 0
+    assert json.loads(paths[0].read_text(encoding="utf-8"))["heads"] == result["heads"] and paths[1].stat().st_size > 0
     m = head_matrices(result)
     assert m["score"].shape == (2, 2) and m["static"].dtype == bool
     with pytest.raises(HeadsError, match="frames"):
@@ -92,7 +92,7 @@ def test_heads_command_on_the_committed_weights(tmp_path, capsys):
     out = tmp_path / "heads"
     assert main(["heads", "--frames", "8", "--seeds", "0", "--prompts",
                  "a red circle on a blue background", "--out", str(out)]) == 0
-    data = json.loads((out / "heads.json").read_text())
+    data = json.loads((out / "heads.json").read_text(encoding="utf-8"))
     assert len(data["heads"]) == 16 and data["model"] == "tiny"
     assert all({"layer", "head", "score", "role"} <= set(h) for h in data["heads"])
     assert (out / "heads.png").stat().st_size > 0 and "heads static" in capsys.readouterr().out
@@ -146,7 +146,8 @@ def heads_file(tmp_path, scores) -> str:
     L, H = len(scores), len(scores[0])
     path = tmp_path / "heads.json"
     path.write_text(json.dumps({"model": "test", "layers": L, "heads_per_layer": H, "heads": [
-        {"layer": l, "head": h, "score": scores[l][h], "role": "?"} for l in range(L) for h in range(H)]}))
+        {"layer": l, "head": h, "score": scores[l][h], "role": "?"} for l in range(L) for h in range(H)]}),
+        encoding="utf-8")
     return str(path)
 
 
@@ -224,7 +225,7 @@ def test_forcing_kv_bad_parameters_are_policy_errors(params, match):
 
 def test_forcing_kv_errors_on_a_budget_too_small_and_a_file_of_another_model(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
+    bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(PolicyError, match="is not a heads.json"):
         make_policy("forcing_kv", roles_from=str(bad))
     model = random_model()
@@ -248,9 +249,9 @@ def test_cli_generate_with_forcing_kv_and_with_adaptive_budgets(tmp_path):
         out = tmp_path / args[1]
         assert main(["generate", "--frames", "8", "--budget", "3", "--out", str(out), "--no-record",
                      *args]) == 0
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         assert summary["peak_cache_tokens"] <= 4 * 64
-        decisions = [json.loads(l) for l in (out / "decisions.jsonl").read_text().splitlines()]
+        decisions = [json.loads(l) for l in (out / "decisions.jsonl").read_text(encoding="utf-8").splitlines()]
         for d in decisions:
             assert d["tokens_after"] <= 3 * 64
             for layer in d["layers"]:

@@ -48,7 +48,7 @@ def test_huggingface_stack_imports_beside_the_kernels():
 
 def _pins() -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, _, version = line.partition("==")
@@ -64,7 +64,7 @@ def _canonical(name: str) -> str:
 def test_every_requirement_is_pinned_within_its_range():
     from packaging.requirements import Requirement
     pins = _pins()
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
+    for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines():
         line = line.split("#")[0].strip()
         if not line:
             continue

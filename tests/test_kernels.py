@@ -318,7 +318,7 @@ def test_bench_kernels_cli_on_cpu(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "k.json"
     assert main(["bench", "--kernels", "--repeats", "1", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     assert result["gpu"] is False and "no GPU found" in result["note"]
     assert result["size"]["tokens"] == 40 and result["size"]["dtype"] == "float32"
     for name in ("future_score", "merge_neighbour", "attention"):

@@ -43,7 +43,7 @@ def test_cli_records_the_switch_and_refuses_bad_ones(tmp_path, capsys):
     assert main(["generate", "--prompt", RED_ON_BLACK, "--frames", "12", "--no-record",
                  "--switch-prompt", f"6:{RED_ON_WHITE}", "--recache", "recent",
                  "--out", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     (switch,) = summary["prompt_switches"]
     assert (switch["frame"], switch["prompt"], switch["recache"]) == (6, RED_ON_WHITE, "recent")
     assert switch["rerun_chunks"] >= 1
@@ -52,7 +52,7 @@ def test_cli_records_the_switch_and_refuses_bad_ones(tmp_path, capsys):
     assert "white background" in segments[1]["prompt"]
     for s in segments:  # each prompt graded on its own frames
         assert 0 <= s["background"] <= 1 and 0 <= s["consistency"] <= 1
-    marks = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()
+    marks = [json.loads(line) for line in (out / "decisions.jsonl").read_text(encoding="utf-8").splitlines()
              if "prompt_switch" in line]
     assert len(marks) == 1 and marks[0]["prompt_switch"]["frame"] == 6
     for bad in ("40:" + RED_ON_WHITE, "6:hello world", "six:" + RED_ON_WHITE):
@@ -69,7 +69,7 @@ def test_the_switch_shows_the_new_background(tmp_path):
     out = tmp_path / "run"
     assert main(["generate", "--prompt", RED_ON_BLACK, "--frames", "48", "--no-record",
                  "--switch-prompt", f"16:{RED_ON_WHITE}", "--out", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert [s["frame"] for s in summary["prompt_switches"]] == [16]
     before, after = summary["metrics"]["segments"]
     assert after["from_frame"] == 16 and "white" in after["prompt"]
@@ -183,7 +183,7 @@ def test_bench_times_each_recache_mode(tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "--recache", "--frames", "10", "--budget", "3", "--repeats", "1",
                  "--out", str(out)]) == 0
-    modes = json.loads(out.read_text())["modes"]
+    modes = json.loads(out.read_text(encoding="utf-8"))["modes"]
     assert set(modes) == {"none", "recent", "all"}
     assert modes["none"]["rerun_chunks"] == 0 and modes["all"]["rerun_chunks"] >= 3
     assert all(m["recache_over_step"] >= 0 for m in modes.values())

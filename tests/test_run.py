@@ -41,7 +41,7 @@ def test_a_run_writes_its_files_and_steps_once(tmp_path, tiny_random):
         if step.index == 2:
             controls.set("sink", 3)
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(FILES)
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text(encoding="utf-8"))
     assert summary == run.summary and summary["frames"] == 6 and not summary["stopped_early"]
     [switch] = summary["switches"]  # the same fields as the app's
     assert switch == {"frame": 4, "policy": "sink", "params": switch["params"], "budget_frames": 3}
@@ -94,7 +94,7 @@ def test_viz_only_draws():
     banned = {"generate", "hooks", "policies", "cache", "run", "train", "evaluate", "reference",
               "app", "models", "export"}
     for path in (ROOT / "ffviz" / "viz").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:

@@ -14,9 +14,9 @@ from tests.conftest import random_model
 def test_showcase_writes_table_strip_and_json(tmp_path):
     summary = showcase(random_model(), [0, 1], frames=6, out=tmp_path, stride=2, strip_seeds=1)
     assert set(summary) == {"window 4 (default)", "full cache", "window 1"}
-    data = json.loads((tmp_path / "showcase.json").read_text())
+    data = json.loads((tmp_path / "showcase.json").read_text(encoding="utf-8"))
     assert len(data["runs"]["full cache"]) == 2
-    assert "| window 1 |" in (tmp_path / "showcase.md").read_text()
+    assert "| window 1 |" in (tmp_path / "showcase.md").read_text(encoding="utf-8")
     from ffviz.scenes import Scene
     truths = [Scene(parse_prompt(showcase_prompt(s))[0], s).render(np.arange(6)) for s in (0, 1)]
     want = np.mean([np.mean(((t[2:].astype(float) - t[1:-1]) / 127.5) ** 2) for t in truths])

@@ -31,7 +31,7 @@ def small_grid(**kw) -> EvalConfig:
 
 
 def read_rows(path) -> list[dict]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -54,7 +54,7 @@ def test_every_run_is_stored_under_runs(whole):
     assert summary["backend"] == "local"
     units = sorted((out / "runs").glob("*.json"))
     assert len(units) == 2  # one per (prompt, seed)
-    stored = [json.loads(p.read_text()) for p in units]
+    stored = [json.loads(p.read_text(encoding="utf-8")) for p in units]
     assert sorted(u["seed"] for u in stored) == [0, 1]
     assert all(len(u["rows"]) == 3 and not u["failed"] for u in stored)
     assert not list((out / "runs").glob(".unit-*"))  # no temporary file left
@@ -69,10 +69,10 @@ def test_a_rerun_skips_what_is_stored(whole, model, tmp_path, monkeypatch):
     shutil.copytree(out / "runs", rerun / "runs")
     seed0, seed1 = (next(p for p in (rerun / "runs").glob(f"seed{s}-*.json")) for s in (0, 1))
     seed1.unlink()
-    unit = json.loads(seed0.read_text())
+    unit = json.loads(seed0.read_text(encoding="utf-8"))
     dropped = next(k for k in unit["rows"] if k.startswith("window|"))
     del unit["rows"][dropped]
-    seed0.write_text(json.dumps(unit))
+    seed0.write_text(json.dumps(unit), encoding="utf-8")
 
     ran = []
     real = ffviz.sweep_backends.evaluate_unit
@@ -115,7 +115,7 @@ def test_an_unreadable_unit_file_is_redone(tmp_path):
     store.add(PROMPT, 0, row)
     back = UnitStore(tmp_path, settings).row(PROMPT, 0, row)
     assert back["rollout_psnr_vs_full"] == float("inf") and back["step_ms"] != back["step_ms"]
-    store.path(PROMPT, 0).write_text("{not json")
+    store.path(PROMPT, 0).write_text("{not json", encoding="utf-8")
     assert UnitStore(tmp_path, settings, log=heard.append).done(PROMPT, 0) == set()
     assert "unreadable" in heard[0]
 
@@ -164,7 +164,7 @@ def test_a_unit_that_fails_twice_is_recorded_and_the_sweep_goes_on(whole, model,
         assert rows[("0", name)]["consistency"] == ""
     assert all(rows[("1", n)]["error"] == "" for n in ("full", "window", "oracle"))
     assert summary["failed_runs"] == 2 and "recorded as failed" in heard[-1]
-    stored = json.loads(next((tmp_path / "runs").glob("seed0-*.json")).read_text())
+    stored = json.loads(next((tmp_path / "runs").glob("seed0-*.json")).read_text(encoding="utf-8"))
     assert len(stored["rows"]) == 1 and len(stored["failed"]) == 2
 
     # a rerun tries the failed runs again (only those), and they now succeed
@@ -248,7 +248,7 @@ def test_cli_ray_backend_gives_the_same_rows(weights, local_cli, tmp_path):
     for table in ("results.csv", "runs.csv"):
         ray_rows, local_rows = read_rows(tmp_path / table), read_rows(local_cli / table)
         assert len(ray_rows) == 4 and quality(ray_rows) == quality(local_rows), table
-    assert json.loads((tmp_path / "eval.json").read_text())["backend"] == "ray"
+    assert json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["backend"] == "ray"
 
 
 def test_cli_killed_sweep_resumes(weights, local_cli, tmp_path):
@@ -257,7 +257,7 @@ def test_cli_killed_sweep_resumes(weights, local_cli, tmp_path):
     deadline = time.time() + 240
     stored = 0
     while time.time() < deadline and p.poll() is None:
-        units = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("seed*.json")] \
+        units = [json.loads(f.read_text(encoding="utf-8")) for f in (tmp_path / "runs").glob("seed*.json")] \
             if (tmp_path / "runs").is_dir() else []
         stored = sum(len(u["rows"]) for u in units)
         if stored:
@@ -268,7 +268,7 @@ def test_cli_killed_sweep_resumes(weights, local_cli, tmp_path):
     assert stored >= 1
     r = cli(weights, tmp_path)
     assert r.returncode == 0, r.stderr
-    summary = json.loads((tmp_path / "eval.json").read_text())
+    summary = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     assert summary["runs_resumed"] >= stored
     assert quality(read_rows(tmp_path / "runs.csv")) == quality(read_rows(local_cli / "runs.csv"))
 
@@ -287,13 +287,13 @@ def test_new_weights_do_not_resume_the_old_weights_runs(weights, tmp_path):
     for expected in (0, 4):
         r = cli(mine, folder)
         assert r.returncode == 0, r.stderr
-        assert json.loads((folder / "eval.json").read_text())["runs_resumed"] == expected
+        assert json.loads((folder / "eval.json").read_text(encoding="utf-8"))["runs_resumed"] == expected
     changed = random_model(width=32, layers=1)
     changed.head.bias.data += 0.01  # new weights under the same name
     save_weights(changed, mine, {"steps": 1})
     r = cli(mine, folder)
     assert r.returncode == 0, r.stderr
-    assert json.loads((folder / "eval.json").read_text())["runs_resumed"] == 0
+    assert json.loads((folder / "eval.json").read_text(encoding="utf-8"))["runs_resumed"] == 0
 
 
 def test_cli_exit_code_says_a_run_failed(weights, tmp_path):

@@ -129,3 +129,34 @@ def test_the_bounce_probe_scores_exact_moves_and_tells_turns_apart():
     marked = tool["bounce_patches"](scene, turns[0], 8, 4)
     assert turns and (marked > 0).sum() >= 4 and set(marked[marked > 0]) == {8}  # the 8-px square
     assert not tool["bounce_patches"](scene, turns[0] - 1, 8, 4).any() or turns[0] - 1 in turns
+
+
+def test_the_probe_splits_pixels_into_held_emerging_and_left_behind():
+    """tools/bounce_probe.py pixel_score: the truth is right on every kind; a video that
+    freezes the object fails the pixels it leaves; one that never paints an object back
+    from behind the wide pillar fails the emerging pixels and only those."""
+    import runpy
+    from pathlib import Path
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bounce_probe.py"))
+    scene = _scene("a small red square passing behind a wide blue pillar on a black background, fast", seed=2)
+    T = 48
+    truth = scene.render(np.arange(T))
+    counts = tool["pixel_score"](scene, truth, 2)
+    assert all(right == total > 0 for right, total in counts.values()), counts
+    pos = scene.positions(np.arange(T))
+    vis = scene.visibleobject_masks(pos)[:, 0]
+    smeared = truth.copy()  # the object stays where it was as well: every pixel it leaves is wrong
+    for f in range(1, T):
+        smeared[f][vis[f - 1]] = truth[f - 1][vis[f - 1]]
+    got = tool["pixel_score"](scene, smeared, 2)
+    assert got["left behind"][0] == 0 and got["held"][0] == got["held"][1], got
+    _, pillar = scene.object_masks(pos[:1])
+    hidden = (vis.sum((1, 2)) == 0).nonzero()[0]
+    assert len(hidden) and pillar.any()  # the object does go behind the pillar
+    # never painted back: from the frame it was hidden on, the video shows the background where it is
+    lost = truth.copy()
+    after = np.arange(T) >= hidden[0]
+    bg = truth[0][~(vis[0] | pillar[0])][0]
+    lost[after[:, None, None] & vis] = bg
+    got = tool["pixel_score"](scene, lost, 2)
+    assert got["emerging"][0] < got["emerging"][1] and got["left behind"][0] == got["left behind"][1], got

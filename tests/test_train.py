@@ -99,9 +99,9 @@ def test_worker_processes_draw_the_same_batches(tmp_path):
 def test_a_weights_file_of_another_world_is_refused(tmp_path):
     train(_cfg(1), SMALL, tmp_path / "a.safetensors", log=quiet)
     card_file = (tmp_path / "a.json")
-    card = json.loads(card_file.read_text())
+    card = json.loads(card_file.read_text(encoding="utf-8"))
     card["data_version"] = 1
-    card_file.write_text(json.dumps(card))
+    card_file.write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(SystemExit, match="data version 1.*--new-world"):
         train(_cfg(2), SMALL, tmp_path / "a.safetensors", log=quiet)
     # going on in this world: weights, optimizer and progress carry over, moves wrap, and
@@ -174,7 +174,7 @@ def test_cli_checks_its_arguments(tmp_path):
     args = ["train", "--steps", "1", "--batch", "1", "--width", "32", "--layers", "1",
             "--out", str(out)]
     assert main([*args, "--rope-theta", "10", "--rope-theta-time", "5000"]) == 0
-    cfg = json.loads(out.with_suffix(".json").read_text())["config"]
+    cfg = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["config"]
     assert cfg["rope_theta"] == 10 and cfg["rope_theta_time"] == 5000
     for bad, msg in ((["--rope-theta", "1"], "--rope-theta must be > 1"),
                      (["--rollout-clips", "2"], "--rollout-clips must be in \\[0, --batch\\], got 2"),
@@ -422,7 +422,7 @@ def test_new_models_predict_the_change_and_see_the_neighbourhood(tmp_path):
     out = tmp_path / "w.safetensors"
     assert main(["train", "--fresh", "--steps", "1", "--width", "32", "--layers", "1",
                  "--out", str(out)]) == 0
-    cfg = json.loads(out.with_suffix(".json").read_text())["config"]
+    cfg = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["config"]
     assert cfg["predict_change"] is True and cfg["prev_reach"] == 1
 
 
@@ -446,7 +446,7 @@ def test_a_stopped_training_saves_a_checkpoint_that_resumes(tmp_path):
         proc.kill()
     assert proc.returncode == 0, stderr
     assert "saved" in stdout and "Traceback" not in stderr
-    card = json.loads(out.with_suffix(".json").read_text())
+    card = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     state = torch.load(out.with_name("w.state.pt"), weights_only=False)
     assert 0 < card["steps"] < 100000 and state["step"] == card["steps"]
 

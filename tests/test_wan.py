@@ -182,7 +182,7 @@ def test_cli_generate_writes_its_files(tmp_path):
                  "--prompt", "a corgi surfing at sunset"]) == 0
     for f in ("video.mp4", "frames.npz", "record.npz", "decisions.jsonl", "summary.json"):
         assert (out / f).stat().st_size > 0, f
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["model"] == "wan:tiny-random" and summary["frames"] == 6
     assert summary["metrics"]["computed"] is False
     assert summary["peak_cache_tokens"] <= (2 + 3) * 16

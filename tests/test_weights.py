@@ -35,6 +35,6 @@ def test_truncated_file_with_matching_card_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     card_file = path.with_suffix(".json")
     card["sha256"] = __import__("ffviz.weights", fromlist=["sha256"]).sha256(path)
-    card_file.write_text(json.dumps(card))
+    card_file.write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(WeightsError, match="cannot read weights"):
         load_tiny(path)

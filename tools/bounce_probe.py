@@ -13,6 +13,12 @@ free-running, one missed bounce pushed an object out of the view for good. That 
 the world of data version 2; in today's world nothing turns (it wraps round the view),
 so every move is "plain" and the probe measures exact moves alone.
 
+Then, pixel by pixel on the same frames (``pixel_score``): of each object's visible
+pixels, those a move of the frame before can give ("held") and those it cannot
+("emerging": coming out from behind the pillar, or into the view at an exit), and the
+pixels an object leaves to the background ("left behind", its trailing edge): the
+share the model gets right. Free-running, objects fail there first.
+
 Then the same split for the motion choice itself (a picking motion head): on
 training-like batches (seed 11, steps 300000+, 16-frame clips), every target frame
 from pure noise (t = 1, where the choice is made), the cross-entropy of the head's
@@ -42,6 +48,7 @@ SEED_BASE = 900_000  # scene seeds far from the training's and the showcase's
 def probe(model, scenes: int, frames: int, batch: int = 8) -> dict:
     rng = np.random.default_rng(SEED_BASE)
     counts = {"bounce": [0, 0], "plain": [0, 0]}  # [right, all]
+    pixels_right = {kind: [0, 0] for kind in PIXEL_KINDS}
     for start in range(0, scenes, batch):
         group = [Scene(random_spec(rng), SEED_BASE + start + i) for i in range(min(batch, scenes - start))]
         truth = np.stack([s.render(np.arange(frames)) for s in group])
@@ -55,6 +62,47 @@ def probe(model, scenes: int, frames: int, batch: int = 8) -> dict:
             for kind, (right, total) in score(scene, video, max(2, model.cfg.given_frames)).items():
                 counts[kind][0] += right
                 counts[kind][1] += total
+            for kind, (right, total) in pixel_score(scene, video, max(2, model.cfg.given_frames)).items():
+                pixels_right[kind][0] += right
+                pixels_right[kind][1] += total
+    return {**counts, **pixels_right}
+
+
+PIXEL_KINDS = ("held", "emerging", "left behind")
+
+
+def shifted(mask: np.ndarray, move: np.ndarray, period: np.ndarray) -> np.ndarray:
+    """``mask`` (V, V) moved by ``move`` (x, y): round the view on an axis whose torus
+    is the view, off it (and lost) on a longer one."""
+    out = mask
+    for axis, (d, p) in ((1, (int(move[0]), int(period[0]))), (0, (int(move[1]), int(period[1])))):
+        out = np.roll(out, d, axis)
+        if p != out.shape[axis] and d:
+            edge = [slice(None)] * 2
+            edge[axis] = slice(0, d) if d > 0 else slice(d, None)
+            out[tuple(edge)] = False
+    return out
+
+
+def pixel_score(scene: Scene, video: np.ndarray, first: int) -> dict:
+    """{kind: [right, all]} over pixels of frames ``first``.. of ``video`` (T, V, V, 3),
+    kinds ``PIXEL_KINDS``; right = the generated pixel is the true one."""
+    T = len(video)
+    truth = scene.render(np.arange(T))
+    pos = scene.positions(np.arange(T))
+    visible = scene.visibleobject_masks(pos)
+    objects, pillar = scene.object_masks(pos)
+    background = ~objects.any(1) & ~pillar[None]
+    counts = {kind: [0, 0] for kind in PIXEL_KINDS}
+    for f in range(max(first, 1), T):
+        same = (video[f] == truth[f]).all(-1)
+        for i in range(len(scene.spec.objects)):
+            copyable = shifted(visible[f - 1, i], moved(pos[f, i], pos[f - 1, i], scene.period[i]),
+                               scene.period[i])
+            for kind, where in (("held", visible[f, i] & copyable), ("emerging", visible[f, i] & ~copyable),
+                                ("left behind", visible[f - 1, i] & background[f])):
+                counts[kind][0] += int(same[where].sum())
+                counts[kind][1] += int(where.sum())
     return counts
 
 
@@ -152,7 +200,8 @@ def main() -> None:
     print(f"{args.weights} (step {card.get('steps')}), {args.scenes} scenes x {args.frames} frames, "
           "each from the 4 true frames before it")
     for kind, (right, total) in counts.items():
-        print(f"{kind:7s} object-frames {total:5d}  moved right {right / max(total, 1):.3f}")
+        unit = "pixels" if kind in PIXEL_KINDS else "object-frames"
+        print(f"{kind:11s} {unit:13s} {total:6d}  right {right / max(total, 1):.3f}")
     if args.batches and model.cfg.motion_pick:
         print(f"the motion choice at t = 1 ({args.batches} training-like batches), patches where it matters")
         for kind, (count, nll, hits) in choice_by_kind(model, args.batches).items():

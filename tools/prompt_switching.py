@@ -48,7 +48,7 @@ def after_switch(setting, seed: int, args, scratch: Path) -> dict:
         argv += ["--policy-arg", p]
     if ffviz(argv) != 0:
         raise SystemExit(f"generate failed: {' '.join(argv)}")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     return {**summary["metrics"]["segments"][-1], **drift_at_switch(out, args.switch_frame)}
 
 
@@ -97,7 +97,7 @@ def main() -> None:
         print(f"| {setting} | " + " | ".join(f"{row[k]:.3f}" for k in DRIFTS) + " |")
     if args.out:
         args.out.write_text(json.dumps({"command": "python tools/prompt_switching.py "
-                                        + " ".join(sys.argv[1:]), "table": table}, indent=2) + "\n")
+                                        + " ".join(sys.argv[1:]), "table": table}, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

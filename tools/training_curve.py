@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path, help="PNG to write")
     p.add_argument("--every", type=int, default=20, help="table rows: every n-th logged entry")
     args = p.parse_args(argv)
-    card = json.loads(args.card.read_text())
+    card = json.loads(args.card.read_text(encoding="utf-8"))
     hist = card.get("history", [])
     if not hist:
         raise SystemExit(f"{args.card} has no training history")

@@ -171,7 +171,7 @@ def oracle_summary(result: dict, tag) -> dict:
 
 def write_json(path, data: dict) -> str:
     """Strict JSON (NaN becomes null; a NaN that slipped through fails here, not in a reader)."""
-    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return str(path)
 
 
@@ -179,5 +179,5 @@ def write_plots_html(session: RunSession, path, extra: dict | None = None,
                      log: QualityLog | None = None) -> str:
     figs = {k.capitalize(): v for k, v in plot_views(session, log=log).items() if k in PLOT_NAMES}
     figs.update(extra or {})
-    path.write_text(F.plots_html(figs))
+    path.write_text(F.plots_html(figs), encoding="utf-8")
     return str(path)

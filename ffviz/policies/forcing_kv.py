@@ -44,7 +44,7 @@ def read_head_scores(path: str) -> tuple[torch.Tensor, str]:
     """(L, H) float64 Forcing-KV scores from a heads.json (``python -m ffviz heads``),
     and the model it was measured on; ``PolicyError`` saying what is wrong."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
         L, H = int(data["layers"]), int(data["heads_per_layer"])
         scores = torch.full((L, H), math.nan, dtype=torch.float64)
         for head in data["heads"]:
