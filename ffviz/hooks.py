@@ -7,8 +7,9 @@ and after RoPE) and ``hook_k_pre`` / ``hook_k_post``. Tensors are
 may return a replacement tensor; ``hook.ctx`` tells which frames the tokens
 belong to, the noise level and the phase ("denoise" or "cache"). A tiny model with a
 motion head also calls ``hook_motion``: per patch, its weights (batch, tokens,
-(2r+1)^2) over the previous frame's displacements (a picking head takes the most
-likely of the weights the hook returns).
+(2r+1)^2) over the previous frame's displacements, or per pixel (batch, tokens,
+patch^2, (2r+1)^2) with ``motion_per_pixel`` (a picking head takes the most likely of
+the weights the hook returns).
 
 ``QueryTap`` is how everything reads queries while the model denoises (the
 policies' inputs in ``generate``, the recorder, the reference run of ``reference``).

@@ -79,6 +79,10 @@ class TrainConfig:
     # as they moved, which the motion memory already says; where it is wrong (a bounce in
     # the earlier world, a torn object) is what the focus weighs up.
     motion_focus: float = 0.0
+    # weight of the motion cross-entropy on patches where staying put is wrong (an object
+    # moves through them, or leaves them): few among the patches where the choice
+    # matters, and a trailing edge chosen wrong is where free-running objects smear
+    move_weight: float = 1.0
     # a rollout object the teacher cannot read (torn, smeared) is asked back whole where
     # it should be, instead of leaving the frames after it without a loss
     redraw_failed: bool = False
@@ -242,8 +246,15 @@ def motion_targets(model, prev, target):
     (index (B, M): the shortest of the best ones, good (B, M, K) bool: every displacement
     as good as the best, telling (B, M) bool: patches where the choice matters at all,
     exact (B, M) bool: patches some displacement gives exactly; the others hold
-    something new, such as an object coming back from behind the pillar)."""
-    err = (model.displaced(prev.float()) - target.float()[:, :, None]).pow(2).mean(-1)
+    something new, such as an object coming back from behind the pillar). With
+    ``motion_per_pixel`` all of them are per pixel: (B, M, P), good (B, M, P, K)."""
+    moved = model.displaced(prev.float())
+    if model.cfg.motion_per_pixel:
+        B, M, K, _ = moved.shape
+        P = model.choices_per_token
+        err = (moved.view(B, M, K, P, -1) - target.float().view(B, M, 1, P, -1)).pow(2).mean(-1).transpose(2, 3)
+    else:
+        err = (moved - target.float()[:, :, None]).pow(2).mean(-1)
     best = err.min(-1, keepdim=True).values
     good = err <= best + 1e-4
     index = (good * 1e3 - model.displacement_length).argmax(-1)
@@ -281,7 +292,7 @@ def true_slots(model, b: Batch) -> TrueSlots:
 
 def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight, gen, mask,
                          frames, targets, motion_weight: float = 0.0, paint_weight: float = 1.0,
-                         motion_focus: float = 0.0):
+                         motion_focus: float = 0.0, move_weight: float = 1.0):
     """x0 loss of the noisy copies. context/prev/target: tokens (B, T*n, d) (the clean
     frames, each one's previous frame, and what each frame should be); valid (B, T) bool;
     levels (B, K) of the target slots ``targets`` (K,); weight (B, T*n); frames, mask
@@ -290,7 +301,8 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
     cross-entropy over the displacements that give the target (weight ``motion_weight``),
     and patches no displacement gives (what must be painted, not moved) weigh
     ``paint_weight`` times more: they are few, and they are where memory shows.
-    ``motion_focus`` > 0 weighs each patch's cross-entropy by (1 - p_right)^focus."""
+    ``motion_focus`` > 0 weighs each patch's cross-entropy by (1 - p_right)^focus;
+    ``move_weight`` weighs it on patches where the zero displacement is wrong."""
     n = model.cfg.tokens_per_frame
     B, T = valid.shape
     pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
@@ -308,16 +320,19 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
         ce = None
     else:
         index, good, telling, exact = motion_targets(model, pick(prev), tgt)
-        centre = torch.full((B, T * n), good.shape[-1] // 2, dtype=torch.long, device=x.device)
+        centre = torch.full((B, T * n, *index.shape[2:]), good.shape[-1] // 2, dtype=torch.long,
+                            device=x.device)
         out, logits = model(x, t, frames, cond, prev=prev_all, mask=mask,
                             motion_index=torch.cat([centre, index], 1), return_motion_logits=True)
         logits = logits[:, T * n:].float()
         nll = logits.logsumexp(-1) - logits.masked_fill(~good, float("-inf")).logsumexp(-1)
-        w_ce = (telling & valid_tok).float()
+        per_pixel = telling.dim() == 3  # motion_per_pixel: (B, K * n, P)
+        w_ce = (telling & (valid_tok[..., None] if per_pixel else valid_tok)).float()
         ce = (nll * w_ce).sum() / w_ce.sum().clamp_min(1.0)  # what the log shows
         focal = (1 - torch.exp(-nll.detach())).pow(motion_focus) if motion_focus else 1.0
-        ce_term = (nll * w_ce * focal).sum() / w_ce.sum().clamp_min(1.0)
-        w = w * torch.where(exact, 1.0, paint_weight)
+        moves = torch.where(good[..., good.shape[-1] // 2], 1.0, move_weight)
+        ce_term = (nll * w_ce * focal * moves).sum() / w_ce.sum().clamp_min(1.0)
+        w = w * torch.where(exact.all(-1) if per_pixel else exact, 1.0, paint_weight)
     err = (out[:, T * n:].float() - tgt).pow(2).mean(-1)  # (B, K * n), float32 under autocast too
     loss = (err * w).sum() / w.sum().clamp_min(1e-6)
     return (loss if ce is None else loss + motion_weight * ce_term), ce
@@ -465,7 +480,7 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
             loss, motion_ce = teacher_forcing_loss(model, context, prev, target, valid, levels,
                                                    cond, weight, gen, mask, frames, targets,
                                                    cfg.motion_weight, cfg.paint_weight,
-                                                   cfg.motion_focus)
+                                                   cfg.motion_focus, cfg.move_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -624,6 +639,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--motion-focus", type=float, default=d.motion_focus,
                    help="focal gamma of the motion cross-entropy: weigh each patch by "
                         "(1 - p_right)^focus, so the patches it gets wrong outweigh the rest (0: plain)")
+    p.add_argument("--move-weight", type=float, default=d.move_weight,
+                   help="weight of the motion cross-entropy on patches where staying put is wrong "
+                        "(an object moves through them or leaves them; 1: as the others)")
     p.add_argument("--redraw-failed", action="store_true",
                    help="rollouts: an object the teacher cannot read is asked back whole where it "
                         "should be (default: the frames after it get no loss)")
@@ -647,7 +665,7 @@ def main(args: argparse.Namespace) -> int:
                       rollout_after=args.rollout_after, rollout_clips=args.rollout_clips,
                       object_weight=args.object_weight, motion_weight=args.motion_weight,
                       paint_weight=args.paint_weight, motion_focus=args.motion_focus,
-                      redraw_failed=args.redraw_failed,
+                      move_weight=args.move_weight, redraw_failed=args.redraw_failed,
                       switch_share=args.switch_share,
                       unnamed_share=args.unnamed_share,
                       seed=args.seed, threads=args.threads,
@@ -675,6 +693,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--paint-weight must be > 0, got {args.paint_weight}")
     if not args.motion_focus >= 0:
         raise SystemExit(f"--motion-focus must be >= 0, got {args.motion_focus}")
+    if not args.move_weight > 0:
+        raise SystemExit(f"--move-weight must be > 0, got {args.move_weight}")
     model_cfg = TinyConfig(width=args.width, layers=args.layers, rope_theta=args.rope_theta,
                            rope_theta_time=args.rope_theta_time, prev_reach=args.prev_reach,
                            predict_change=args.predict_change, motion_reach=args.motion_reach,

@@ -188,6 +188,7 @@ def test_cli_checks_its_arguments(tmp_path):
                      (["--motion-weight", "-1"], "--motion-weight must be >= 0"),
                      (["--paint-weight", "0"], "--paint-weight must be > 0"),
                      (["--motion-focus", "-1"], "--motion-focus must be >= 0"),
+                     (["--move-weight", "0"], "--move-weight must be > 0"),
                      (["--fresh", "--motion-reach", "2", "--motion-refine"],
                       "--motion-refine corrects what the motion memory reads"),
                      (["--batch", "0"], "--batch and --steps")):
@@ -363,6 +364,30 @@ def test_paint_weight_weighs_only_what_no_displacement_gives():
     assert loss(appeared, 5.0) > 1.5 * loss(appeared, 1.0)  # the new patch's error dominates
 
 
+def test_move_weight_weighs_the_choice_only_where_staying_put_is_wrong():
+    """move_weight scales the motion cross-entropy of patches an object moved through or
+    left; on a still clip (staying put is right everywhere) it changes nothing."""
+    torch.manual_seed(0)
+    model = TinyVideoModel(TinyConfig(width=32, layers=1, heads=2, predict_change=True,
+                                      motion_reach=2, motion_pick=True))
+    img = torch.zeros(1, 1, 32, 32, 3) - 1
+    img[:, :, 8:16, 8:16] = 1
+    frames, mask = layout(torch.tensor([0, 1, 2]), 2, 64, torch.tensor([2]))
+
+    def ce_term(last, move_weight):
+        context = model.patchify(torch.cat([img, img, last], 1))
+        prev_tok = torch.cat([torch.zeros_like(context[:, :64]), context[:, :-64]], 1)
+        common = (model, context, prev_tok, context, torch.ones(1, 3, dtype=torch.bool),
+                  torch.full((1, 1), 0.9), torch.zeros(1, 4, 32), torch.ones(1, 3 * 64),
+                  torch.Generator().manual_seed(0), mask, frames, torch.tensor([2]))
+        without = teacher_forcing_loss(*common, motion_weight=0.0)[0]
+        return (teacher_forcing_loss(*common, motion_weight=1.0, move_weight=move_weight)[0] - without).item()
+
+    moved, still = torch.roll(img, 1, 3), img
+    assert ce_term(moved, 4.0) > 2.0 * ce_term(moved, 1.0) > 0  # the edges the square moved through
+    assert ce_term(still, 4.0) == pytest.approx(ce_term(still, 1.0), rel=1e-6)
+
+
 def test_the_match_input_says_how_each_patch_moved():
     """motion_match: on a clean frame the match is one-hot on the displacements that give
     each patch exactly (a patch the square moved through picks dx = +1 alone); a match
@@ -519,3 +544,65 @@ def test_the_motion_tool_carries_the_training_state_over(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(tool), str(dst), "--pick", "--refine", "--out", str(tmp_path / "x.safetensors")])
     with pytest.raises(SystemExit, match="not one checkpoint"):
         runpy.run_path(str(tool), run_name="__main__")
+
+
+def test_a_per_pixel_pick_moves_two_motions_in_one_patch():
+    """A square moving right beside a still pillar inside the same patches: one
+    displacement per patch cannot give the next frame, one per pixel gives it exactly."""
+    torch.manual_seed(0)
+    img = torch.zeros(1, 1, 32, 32, 3) - 1
+    img[:, :, :, 14:16] = 0.5  # a still pillar: columns 14-15 (patch column 3)
+    nxt = img.clone()
+    img[:, :, 8:16, 4:13] = 1  # a square ending in patch column 3 ...
+    nxt[:, :, 8:16, 5:14] = 1  # ... moved right by one: it now meets the pillar inside that column
+    for per_pixel in (False, True):
+        model = TinyVideoModel(TinyConfig(width=32, layers=1, heads=2, predict_change=True, motion_reach=2,
+                                          motion_pick=True, motion_per_pixel=per_pixel))
+        prev, target = model.patchify(img), model.patchify(nxt)
+        index, good, telling, exact = motion_targets(model, prev, target)
+        assert index.shape == ((1, 64, 16) if per_pixel else (1, 64))
+        out = model(torch.randn(1, 64, 48), torch.ones(1, 1), torch.tensor([1]), torch.zeros(1, 32), prev=prev,
+                    motion_index=index)
+        assert torch.allclose(out, target, atol=1e-5) == per_pixel
+        assert bool(exact.all()) == per_pixel
+    with pytest.raises(ValueError, match="needs motion_pick"):
+        TinyVideoModel(TinyConfig(predict_change=True, motion_reach=2, motion_per_pixel=True))
+
+
+def test_the_motion_tool_makes_a_picking_head_per_pixel_and_starts_where_it_was(tmp_path, monkeypatch):
+    """--per-pixel on picking weights with a training state: every pixel starts with its
+    patch's choice (same frames out), the optimizer moments are repeated with the rows, and
+    the per-pixel model trains on (its cross-entropy is per pixel)."""
+    import runpy
+    import sys
+    from ffviz.__main__ import main
+    from ffviz.train import state_path_for
+    src, dst = tmp_path / "w.safetensors", tmp_path / "p" / "w.safetensors"
+    assert main(["train", "--fresh", "--steps", "2", "--width", "128", "--layers", "1", "--motion-reach",
+                 "2", "--motion-pick", "--motion-memory", "--motion-weight", "0.5", "--out", str(src)]) == 0
+    tool = Path(__file__).resolve().parents[1] / "tools" / "add_motion_head.py"
+    monkeypatch.setattr(sys, "argv", [str(tool), str(src), "--refine", "--per-pixel", "--out", str(dst)])
+    with pytest.raises(SystemExit, match="has a motion head already"):  # a picking head needs --pick again
+        runpy.run_path(str(tool), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", [str(tool), str(src), "--pick", "--refine", "--per-pixel", "--out", str(dst)])
+    runpy.run_path(str(tool), run_name="__main__")
+    old, _ = load_tiny(src)
+    new, card = load_tiny(dst)
+    assert new.cfg.motion_per_pixel and new.motion.out_features == 16 * 25 and card["steps"] == 2
+    x, prev = torch.rand(2, 64, 48) * 2 - 1, torch.rand(2, 64, 48) * 2 - 1
+    with torch.no_grad():
+        args = (x, torch.full((2, 1), 0.5), torch.tensor([3]), torch.zeros(2, 128))
+        assert torch.allclose(old(*args, prev=prev), new(*args, prev=prev), atol=1e-6)
+    before = torch.load(state_path_for(src), weights_only=False)
+    after = torch.load(state_path_for(dst), weights_only=False)
+    names = [n for n, _ in TinyVideoModel(new.cfg).named_parameters()]
+    old_names = [n for n, _ in TinyVideoModel(old.cfg).named_parameters()]
+    i, j = old_names.index("motion.weight"), names.index("motion.weight")
+    assert torch.equal(after["opt"]["state"][j]["exp_avg"], before["opt"]["state"][i]["exp_avg"].repeat(16, 1))
+    lines = []
+    from ffviz.train import TrainConfig as TC, train as run_train
+    run_train(TC(steps=4, batch=2, curriculum=((0, 5),), warmup=2, rollout_after=3, rollout_clips=1,
+                 motion_weight=0.5, save_every_s=1e9), new.cfg, dst, log=lines.append)
+    assert any("resumed exactly" in line for line in lines)
+    trained, card = load_tiny(dst)
+    assert card["steps"] == 4 and not torch.equal(trained.motion.weight, new.motion.weight)

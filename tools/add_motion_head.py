@@ -9,6 +9,10 @@ goes on from there (with a fresh optimizer, which warms up again). Where the wei
 have a training state beside them (``tiny.state.pt``), it is carried over instead: the
 raw weights and the optimizer's moments of every part they had, so training resumes
 exactly, with only the new parts starting afresh.
+
+``--per-pixel`` makes a picking head choose per pixel (``TinyConfig.motion_per_pixel``):
+every pixel of a patch starts with its patch's choice (the head's rows repeated, the
+optimizer's moments too), so the model starts as the one it was.
 """
 from __future__ import annotations
 
@@ -39,13 +43,27 @@ def grown(old_model, cfg, state_dict):
     return model
 
 
+def per_pixel_rows(state_dict: dict, pixels: int) -> dict:
+    """``state_dict`` with the motion head's rows repeated for each of ``pixels`` pixels
+    (row p * K + k: pixel p, displacement k), so each pixel starts with its patch's choice."""
+    return {k: v.repeat(pixels, *([1] * (v.dim() - 1))) if k in ("motion.weight", "motion.bias") else v
+            for k, v in state_dict.items()}
+
+
 def carried_state(old_model, raw, state: dict) -> dict:
     """The training state for ``raw`` (the old raw weights, grown): its weights and the old
-    optimizer state with each parameter's moments moved to its index in ``raw``."""
+    optimizer state with each parameter's moments moved to its index in ``raw`` (a
+    motion head made per pixel: its moments repeated as its rows are)."""
     old_names = [name for name, _ in old_model.named_parameters()]
     new_index = {name: i for i, (name, _) in enumerate(raw.named_parameters())}
+    shapes = [p.shape for p in raw.parameters()]
     opt = state["opt"]
-    moments = {new_index[old_names[i]]: v for i, v in opt["state"].items()}
+
+    def fitted(moment: dict, shape) -> dict:
+        return {k: v.repeat(shape[0] // v.shape[0], *([1] * (v.dim() - 1)))
+                if torch.is_tensor(v) and v.dim() and v.shape != shape else v for k, v in moment.items()}
+    moments = {new_index[old_names[i]]: fitted(v, shapes[new_index[old_names[i]]])
+               for i, v in opt["state"].items()}
     groups = [{**opt["param_groups"][0], "params": list(range(len(new_index)))}]
     return {"model": raw.state_dict(), "opt": {"state": moments, "param_groups": groups},
             "step": state["step"]}
@@ -69,6 +87,8 @@ def main() -> None:
     p.add_argument("--position", action="store_true",
                    help="each patch learns where in the frame it is (TinyConfig.patch_position), "
                         "so tokens can know the view's edge (bounces)")
+    p.add_argument("--per-pixel", action="store_true",
+                   help="a picking head chooses per pixel, not per patch (TinyConfig.motion_per_pixel)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     old, card = load_tiny(args.weights)
@@ -80,12 +100,18 @@ def main() -> None:
     memory = args.memory or cfg.motion_memory
     if args.refine and not memory:
         raise SystemExit("--refine corrects what the motion memory reads: add --memory too")
-    new_cfg = dataclasses.replace(cfg, motion_reach=args.reach, motion_pick=args.pick,
+    if args.per_pixel and not (args.pick or cfg.motion_pick):
+        raise SystemExit("--per-pixel makes the pick per pixel: add --pick too")
+    new_cfg = dataclasses.replace(cfg, motion_reach=args.reach, motion_pick=args.pick or cfg.motion_pick,
+                                  motion_per_pixel=args.per_pixel or cfg.motion_per_pixel,
                                   motion_match=args.match or cfg.motion_match, motion_memory=memory,
                                   motion_refine=args.refine or cfg.motion_refine,
                                   patch_position=args.position or cfg.patch_position)
+    pixels = cfg.patch ** 2
+    adapted = (lambda sd: per_pixel_rows(sd, pixels)) if new_cfg.motion_per_pixel and not cfg.motion_per_pixel \
+        else (lambda sd: sd)
     try:
-        model = grown(old, new_cfg, old.state_dict())
+        model = grown(old, new_cfg, adapted(old.state_dict()))
     except ValueError as e:
         raise SystemExit(f"{args.weights}: {e}")
     keep = training_progress(card)
@@ -97,7 +123,7 @@ def main() -> None:
                              f"{keep.get('steps')}: they are not one checkpoint")
         raw_old = TinyVideoModel(cfg)
         raw_old.load_state_dict(state["model"])
-        raw = grown(raw_old, new_cfg, state["model"])
+        raw = grown(raw_old, new_cfg, adapted(state["model"]))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(carried_state(raw_old, raw, state), state_path_for(args.out))
     elif state_path_for(args.out).exists():  # another run's state: it must not resume these weights
@@ -105,7 +131,7 @@ def main() -> None:
     save_weights(model.eval(), args.out, {**keep, "motion_head_added_at": card.get("motion_head_added_at", keep.get("steps"))})
     print(f"wrote {args.out}: motion reach {args.reach}, pick {args.pick}, match "
           f"{new_cfg.motion_match}, memory {new_cfg.motion_memory}, refine {new_cfg.motion_refine}, "
-          f"position {new_cfg.patch_position} "
+          f"position {new_cfg.patch_position}, per pixel {new_cfg.motion_per_pixel} "
           f"on {args.weights} (step {keep.get('steps')})"
           + (", its training state carried over" if state_in.exists() else ""))
 

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffviz.sampling import palette_tensor, rollout  # noqa: E402
-from ffviz.scenes import SIZES, Scene, random_spec  # noqa: E402
+from ffviz.scenes import SIZES, VIEW, Scene, random_spec  # noqa: E402
 from ffviz.teacher import FOUND, read_positions  # noqa: E402
 from ffviz.train import TrainConfig, draw, motion_targets, true_slots  # noqa: E402
 from ffviz.weights import load_tiny  # noqa: E402
@@ -147,6 +147,21 @@ def bounce_patches(scene: Scene, frame: int, side: int, patch: int) -> np.ndarra
     return sizes
 
 
+def pixel_patches(scene: Scene, frame: int, side: int, patch: int) -> dict:
+    """{"emerging" | "left behind": (side * side,) bool}: the patches of ``frame`` with
+    a pixel of that kind (``pixel_score``)."""
+    pos = scene.positions([frame - 1, frame])
+    visible = scene.visibleobject_masks(pos)
+    objects, pillar = scene.object_masks(pos)
+    background = ~objects[1].any(0) & ~pillar
+    found = {"emerging": np.zeros((VIEW, VIEW), bool), "left behind": np.zeros((VIEW, VIEW), bool)}
+    for i in range(len(scene.spec.objects)):
+        found["emerging"] |= visible[1, i] & ~shifted(visible[0, i], moved(pos[1, i], pos[0, i], scene.period[i]),
+                                                      scene.period[i])
+        found["left behind"] |= visible[0, i] & background
+    return {k: v.reshape(side, patch, side, patch).any((1, 3)).reshape(-1) for k, v in found.items()}
+
+
 @torch.no_grad()
 def choice_by_kind(model, batches: int) -> dict:
     """{"bounce" | "bounce, N px" | "plain": [patches, summed cross-entropy, most likely
@@ -154,7 +169,7 @@ def choice_by_kind(model, batches: int) -> dict:
     cfg = TrainConfig(switch_share=0.0, unnamed_share=0.0, curriculum=((0, 16),))
     n = model.cfg.tokens_per_frame
     sums = {"bounce": [0, 0.0, 0], **{f"bounce, {px} px": [0, 0.0, 0] for px in SIZES.values()},
-            "plain": [0, 0.0, 0]}
+            "plain": [0, 0.0, 0], "emerging": [0, 0.0, 0], "left behind": [0, 0.0, 0]}
     for s in range(batches):
         b = draw(11, 300_000 + s, cfg, model.cfg)
         x = true_slots(model, b)
@@ -175,7 +190,11 @@ def choice_by_kind(model, batches: int) -> dict:
                 part = slice(k * n, (k + 1) * n)
                 kinds = [("bounce", sizes > 0), ("plain", sizes == 0)]
                 kinds += [(f"bounce, {px} px", sizes == px) for px in SIZES.values()]
+                kinds += [(k, torch.from_numpy(m)) for k, m in pixel_patches(
+                    scene, int(b.frame_idx[slot]), model.cfg.side, model.cfg.patch).items()]
                 for kind, covered in kinds:
+                    if telling.dim() == 3:  # a per-pixel pick: every pixel of a marked patch
+                        covered = covered[:, None]
                     where = telling[c, part] & covered
                     acc = sums[kind]
                     acc[0] += int(where.sum())

@@ -76,6 +76,9 @@ def main() -> None:
     trained, card = load_tiny(args.weights)
     if not trained.cfg.motion_pick:
         raise SystemExit(f"{args.weights} has no picking motion head (TinyConfig.motion_pick)")
+    if trained.cfg.motion_per_pixel:
+        raise SystemExit(f"{args.weights} picks per pixel (TinyConfig.motion_per_pixel); this probe reads "
+                         "per-patch choices")
     model = MomentumProbe(trained.cfg, args.beta)
     model.load_state_dict(trained.state_dict())
     summary = showcase(model.eval(), parse_seeds(args.seeds), args.frames, args.out,

@@ -65,6 +65,9 @@ def main() -> None:
     model, card = load_tiny(args.weights)
     if not model.cfg.motion_pick:
         raise SystemExit(f"{args.weights} has no picking motion head (TinyConfig.motion_pick)")
+    if model.cfg.motion_per_pixel:
+        raise SystemExit(f"{args.weights} picks per pixel (TinyConfig.motion_per_pixel); this probe reads "
+                         "per-patch choices")
     sums = probe(model.eval(), args.batches)
     print(f"{args.weights} (step {card.get('steps')})")
     print("source  patches      t  patches  cross-entropy  most likely gives it")

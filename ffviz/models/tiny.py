@@ -69,6 +69,11 @@ class TinyConfig:
     # the true one (read from the target) in training, where cross-entropy teaches the
     # choice. A blend is the mean of the possible futures, which breaks shapes.
     motion_pick: bool = False
+    # The pick is made per pixel, not per patch: a 4x4 patch often holds two motions (an
+    # object's edge beside the still pillar, two objects that overlap, a trailing edge),
+    # and one displacement for the whole patch tears one of them. What the motion memory
+    # and its correction say stays per patch, added to every pixel's choice.
+    motion_per_pixel: bool = False
     # Each token also sees how well each displacement of its previous frame explains its
     # own patch (a correlation input, as optical-flow networks have). A cached frame's
     # tokens so carry how that frame moved, and the next frame reads it through attention:
@@ -275,6 +280,8 @@ class TinyVideoModel(nn.Module):
                              f"{cfg.head_dim} < {(2 * cfg.motion_reach + 1) ** 2} displacements")
         if cfg.motion_refine and not cfg.motion_memory:
             raise ValueError("motion_refine corrects what the motion memory reads: it needs motion_memory")
+        if cfg.motion_per_pixel and not cfg.motion_pick:
+            raise ValueError("motion_per_pixel makes the pick per pixel: it needs motion_pick")
         if cfg.motion_reach:
             side = 2 * cfg.motion_reach + 1
             dy, dx = torch.meshgrid(torch.arange(side) - cfg.motion_reach,
@@ -282,7 +289,7 @@ class TinyVideoModel(nn.Module):
             # squared length of each displacement, row-major like displaced()
             self.register_buffer("displacement_length", (dy ** 2 + dx ** 2).flatten().float(),
                                  persistent=False)
-            self.motion = nn.Linear(w, side * side)
+            self.motion = nn.Linear(w, self.choices_per_token * side * side)
             if cfg.motion_memory:
                 self.memory_scale = nn.Parameter(torch.tensor(1.0))
                 query, key = local_query_key(self.rope, cfg.head_dim, lag=1, gain=MEMORY_GAIN)
@@ -297,12 +304,18 @@ class TinyVideoModel(nn.Module):
                 self.match_embed = nn.Linear(side * side, w)
                 nn.init.zeros_(self.match_embed.weight)  # starts as the model it is added to
                 nn.init.zeros_(self.match_embed.bias)
-            self.hook_motion = HookPoint(self.hook_ctx)  # (B, N, (2r+1)^2) displacement weights
+            # (B, N, (2r+1)^2) displacement weights; (B, N, patch^2, (2r+1)^2) per pixel
+            self.hook_motion = HookPoint(self.hook_ctx)
             nn.init.zeros_(self.motion.weight)
             with torch.no_grad():  # starts as (nearly) a copy: 94% on no displacement
-                self.motion.bias.zero_()[side * side // 2] = 6.0
+                self.motion.bias.zero_().view(-1, side * side)[:, side * side // 2] = 6.0
         nn.init.zeros_(self.time_proj[1].weight)
         nn.init.zeros_(self.time_proj[1].bias)
+
+    @property
+    def choices_per_token(self) -> int:
+        """Motion choices per token: one, or one per pixel (``motion_per_pixel``)."""
+        return self.cfg.patch ** 2 if self.cfg.motion_per_pixel else 1
 
     def neighbourhood(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each token's patch and the patches within ``prev_reach`` of it (zeros past the
@@ -416,8 +429,9 @@ class TinyVideoModel(nn.Module):
         cache: read before this call's own keys; extended with them when ``write``
         mask: (N, N) bool block-causal mask for whole-clip training (no cache)
         motion_index: (B, N) displacement of each token under ``motion_pick`` (training
-        passes the true one); None = the most likely. ``return_motion_logits`` also
-        returns the motion head's logits (B, N, (2r+1)^2).
+        passes the true one), (B, N, patch^2) one per pixel with ``motion_per_pixel``;
+        None = the most likely. ``return_motion_logits`` also returns the motion head's
+        logits (B, N, (2r+1)^2), or (B, N, patch^2, (2r+1)^2) per pixel.
         """
         B, N, _ = x.shape
         n_tok = self.cfg.tokens_per_frame
@@ -458,17 +472,25 @@ class TinyVideoModel(nn.Module):
         out = self.head(feat).view(B, N, -1)
         if self.cfg.predict_change and prev is not None:
             base = prev.masked_fill(first, 0)  # frame 0 has nothing to change from
-            if self.cfg.motion_reach:  # the previous frame moved, patch by patch
-                logits = self.motion(feat).view(B, N, -1)
-                if memory is not None:  # the motion read from the cache, as evidence
-                    read = self.blocks[0].attn.memory_read[..., :logits.shape[-1]]
-                    evidence = logits.shape[-1] * read.float()
-                    logits = logits + self.memory_scale * evidence
+            if self.cfg.motion_reach:  # the previous frame moved, patch by patch (or pixel by pixel)
+                K = moved.shape[2]
+                logits = self.motion(feat).view(B, N, self.choices_per_token, K)
+                if memory is not None:  # the motion read from the cache, as evidence (per patch)
+                    read = self.blocks[0].attn.memory_read[..., :K]
+                    evidence = K * read.float()
+                    logits = logits + self.memory_scale * evidence[:, :, None]
                     if self.cfg.motion_refine:
                         logits = logits + self.motion_refine(
-                            torch.cat([feat.reshape(B, N, -1), evidence], -1))
+                            torch.cat([feat.reshape(B, N, -1), evidence], -1))[:, :, None]
+                if not self.cfg.motion_per_pixel:
+                    logits = logits[:, :, 0]
                 weights = self.hook_motion(logits.softmax(-1))
-                if self.cfg.motion_pick:
+                if self.cfg.motion_per_pixel:  # (B, N, P): each pixel takes its own displacement
+                    index = weights.argmax(-1) if motion_index is None else motion_index
+                    pixels = moved.view(B, N, K, self.choices_per_token, -1)
+                    index = index[:, :, None, :, None].expand(-1, -1, 1, -1, pixels.shape[-1])
+                    base = pixels.gather(2, index)[:, :, 0].reshape(B, N, -1)
+                elif self.cfg.motion_pick:
                     index = weights.argmax(-1) if motion_index is None else motion_index
                     index = index[..., None, None].expand(-1, -1, 1, moved.shape[-1])
                     base = moved.gather(2, index)[:, :, 0]

@@ -16,10 +16,10 @@ trusted only where it is accurate: an exact decomposition is made
   * when a step leaves pairs whose residual |Sigma u_i - lambda_i u_i| exceeds
     ``RESIDUAL`` x lambda_1 in some head.
 Measured against a full decomposition at every call (score error: max |a - a_exact|
-/ max a_exact): on the default weights (64 frames, two prompts, budget 3) rank 1 stays
-within 0.3 degrees and 0.09% (steps alone: 2.3 degrees, 0.5%; 1-17 of 61 calls
-decomposed); at rank 2 its heads have eigenvalues within 20%, so every call
-decomposes (steps alone: 88 degrees, 1.6%). On the synthetic streams of
+/ max a_exact; ``python tools/eigen_tracking_error.py``): on the default weights (64
+frames, two prompts, budget 3) rank 1 stays within 0.82 degrees and 0.23%, rank 2
+within 1.2 degrees and 0.51%, with about half the calls decomposed (steps alone: 7.5
+degrees, 6% and 12 degrees, 4.4%). On the synthetic streams of
 ``tests/test_policies.py`` (``tracking_errors``): lambda_1 / lambda_2 = 1.18, exact
 (steps alone: 46%); = 2, 0.7 degrees and 4.1% (steps alone: 14 degrees, 44%).
 """
