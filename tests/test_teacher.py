@@ -142,7 +142,9 @@ def test_the_probe_splits_pixels_into_held_emerging_and_left_behind():
     T = 48
     truth = scene.render(np.arange(T))
     counts = tool["pixel_score"](scene, truth, 2)
-    assert all(right == total > 0 for right, total in counts.values()), counts
+    assert all(right == total for right, total in counts.values()), counts
+    assert all(counts[kind][1] > 0 for kind in tool["PIXEL_KINDS"])
+    assert counts["held" + tool["OVERLAP"]][1] == 0  # one object: nothing to overlap
     pos = scene.positions(np.arange(T))
     vis = scene.visibleobject_masks(pos)[:, 0]
     smeared = truth.copy()  # the object stays where it was as well: every pixel it leaves is wrong
@@ -160,3 +162,20 @@ def test_the_probe_splits_pixels_into_held_emerging_and_left_behind():
     lost[after[:, None, None] & vis] = bg
     got = tool["pixel_score"](scene, lost, 2)
     assert got["emerging"][0] < got["emerging"][1] and got["left behind"][0] == got["left behind"][1], got
+
+
+def test_the_probe_counts_overlapping_objects_apart_as_well():
+    """Where two objects overlap, their pixels count under the kind and under the kind's
+    "objects overlap" twin; the twin is a subset (never more pixels than the kind)."""
+    import runpy
+    from pathlib import Path
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bounce_probe.py"))
+    for seed in range(40):
+        scene = _scene("a big red circle and a big blue square on a black background", seed=seed)
+        counts = tool["pixel_score"](scene, scene.render(np.arange(48)), 2)
+        if counts["left behind" + tool["OVERLAP"]][1]:
+            break
+    assert counts["left behind" + tool["OVERLAP"]][1] > 0, "no overlapping pair in 40 seeds"
+    for kind in tool["PIXEL_KINDS"]:
+        assert counts[kind + tool["OVERLAP"]][1] <= counts[kind][1]
+        assert counts[kind + tool["OVERLAP"]][0] == counts[kind + tool["OVERLAP"]][1]

@@ -48,7 +48,7 @@ SEED_BASE = 900_000  # scene seeds far from the training's and the showcase's
 def probe(model, scenes: int, frames: int, batch: int = 8) -> dict:
     rng = np.random.default_rng(SEED_BASE)
     counts = {"bounce": [0, 0], "plain": [0, 0]}  # [right, all]
-    pixels_right = {kind: [0, 0] for kind in PIXEL_KINDS}
+    pixels_right = {kind: [0, 0] for kind in (*PIXEL_KINDS, *(k + OVERLAP for k in PIXEL_KINDS))}
     for start in range(0, scenes, batch):
         group = [Scene(random_spec(rng), SEED_BASE + start + i) for i in range(min(batch, scenes - start))]
         truth = np.stack([s.render(np.arange(frames)) for s in group])
@@ -69,6 +69,7 @@ def probe(model, scenes: int, frames: int, batch: int = 8) -> dict:
 
 
 PIXEL_KINDS = ("held", "emerging", "left behind")
+OVERLAP = ", objects overlap"  # the same kinds where the object overlaps another one
 
 
 def shifted(mask: np.ndarray, move: np.ndarray, period: np.ndarray) -> np.ndarray:
@@ -86,23 +87,29 @@ def shifted(mask: np.ndarray, move: np.ndarray, period: np.ndarray) -> np.ndarra
 
 def pixel_score(scene: Scene, video: np.ndarray, first: int) -> dict:
     """{kind: [right, all]} over pixels of frames ``first``.. of ``video`` (T, V, V, 3),
-    kinds ``PIXEL_KINDS``; right = the generated pixel is the true one."""
+    kinds ``PIXEL_KINDS`` and the same again among them where the object overlaps
+    another one in that frame or the one before (kind + ``OVERLAP``): what comes out
+    from under another object, or is left where one was, needs that object's hidden
+    shape; right = the generated pixel is the true one."""
     T = len(video)
     truth = scene.render(np.arange(T))
     pos = scene.positions(np.arange(T))
     visible = scene.visibleobject_masks(pos)
     objects, pillar = scene.object_masks(pos)
     background = ~objects.any(1) & ~pillar[None]
-    counts = {kind: [0, 0] for kind in PIXEL_KINDS}
+    counts = {kind: [0, 0] for kind in (*PIXEL_KINDS, *(k + OVERLAP for k in PIXEL_KINDS))}
     for f in range(max(first, 1), T):
         same = (video[f] == truth[f]).all(-1)
         for i in range(len(scene.spec.objects)):
             copyable = shifted(visible[f - 1, i], moved(pos[f, i], pos[f - 1, i], scene.period[i]),
                                scene.period[i])
+            others = np.delete(objects[f - 1:f + 1], i, 1).any(1)
+            overlaps = bool((objects[f - 1:f + 1, i] & others).any())
             for kind, where in (("held", visible[f, i] & copyable), ("emerging", visible[f, i] & ~copyable),
                                 ("left behind", visible[f - 1, i] & background[f])):
-                counts[kind][0] += int(same[where].sum())
-                counts[kind][1] += int(where.sum())
+                for name in (kind, kind + OVERLAP) if overlaps else (kind,):
+                    counts[name][0] += int(same[where].sum())
+                    counts[name][1] += int(where.sum())
     return counts
 
 
@@ -219,8 +226,8 @@ def main() -> None:
     print(f"{args.weights} (step {card.get('steps')}), {args.scenes} scenes x {args.frames} frames, "
           "each from the 4 true frames before it")
     for kind, (right, total) in counts.items():
-        unit = "pixels" if kind in PIXEL_KINDS else "object-frames"
-        print(f"{kind:11s} {unit:13s} {total:6d}  right {right / max(total, 1):.3f}")
+        unit = "object-frames" if kind in ("bounce", "plain") else "pixels"
+        print(f"{kind:33s} {unit:13s} {total:6d}  right {right / max(total, 1):.3f}")
     if args.batches and model.cfg.motion_pick:
         print(f"the motion choice at t = 1 ({args.batches} training-like batches), patches where it matters")
         for kind, (count, nll, hits) in choice_by_kind(model, args.batches).items():
