@@ -338,27 +338,34 @@ def test_a_picking_motion_head_moves_by_one_displacement_and_learns_which():
     assert ces[-1] < 0.3 * ces[0]
 
 
-def test_paint_weight_weighs_only_what_no_displacement_gives():
-    """paint_weight scales the loss of patches that hold something new (an object coming
-    back into view) and leaves a clip where everything moved as it was."""
+def _square_clip():
+    """A picking model and a white 8-px square on black (1, 1, 32, 32, 3)."""
     torch.manual_seed(0)
     model = TinyVideoModel(TinyConfig(width=32, layers=1, heads=2, predict_change=True,
                                       motion_reach=2, motion_pick=True))
     img = torch.zeros(1, 1, 32, 32, 3) - 1
     img[:, :, 8:16, 8:16] = 1
+    return model, img
+
+
+def _last_frame_loss(model, img, last, **weights) -> float:
+    """teacher_forcing_loss of the clip (img, img, last) with ``last`` the one target."""
     frames, mask = layout(torch.tensor([0, 1, 2]), 2, 64, torch.tensor([2]))
+    context = model.patchify(torch.cat([img, img, last], 1))
+    prev_tok = torch.cat([torch.zeros_like(context[:, :64]), context[:, :-64]], 1)
+    return teacher_forcing_loss(model, context, prev_tok, context, torch.ones(1, 3, dtype=torch.bool),
+                                torch.full((1, 1), 0.9), torch.zeros(1, 4, 32), torch.ones(1, 3 * 64),
+                                torch.Generator().manual_seed(0), mask, frames, torch.tensor([2]),
+                                **weights)[0].item()
+
+
+def test_paint_weight_weighs_only_what_no_displacement_gives():
+    """paint_weight scales the loss of patches that hold something new (an object coming
+    back into view) and leaves a clip where everything moved as it was."""
+    model, img = _square_clip()
     appeared = torch.roll(img, 1, 3).clone()
     appeared[:, :, 24:28, 28:32] = 1  # a corner of an object coming in from the right
-
-    def loss(last, paint_weight):
-        context = model.patchify(torch.cat([img, img, last], 1))
-        prev_tok = torch.cat([torch.zeros_like(context[:, :64]), context[:, :-64]], 1)
-        return teacher_forcing_loss(model, context, prev_tok, context,
-                                    torch.ones(1, 3, dtype=torch.bool), torch.full((1, 1), 0.9),
-                                    torch.zeros(1, 4, 32), torch.ones(1, 3 * 64),
-                                    torch.Generator().manual_seed(0), mask, frames,
-                                    torch.tensor([2]), paint_weight=paint_weight)[0].item()
-
+    loss = lambda last, w: _last_frame_loss(model, img, last, paint_weight=w)
     moved = torch.roll(img, 1, 3)
     assert loss(moved, 5.0) == pytest.approx(loss(moved, 1.0), rel=1e-6)
     assert loss(appeared, 5.0) > 1.5 * loss(appeared, 1.0)  # the new patch's error dominates
@@ -367,21 +374,11 @@ def test_paint_weight_weighs_only_what_no_displacement_gives():
 def test_move_weight_weighs_the_choice_only_where_staying_put_is_wrong():
     """move_weight scales the motion cross-entropy of patches an object moved through or
     left; on a still clip (staying put is right everywhere) it changes nothing."""
-    torch.manual_seed(0)
-    model = TinyVideoModel(TinyConfig(width=32, layers=1, heads=2, predict_change=True,
-                                      motion_reach=2, motion_pick=True))
-    img = torch.zeros(1, 1, 32, 32, 3) - 1
-    img[:, :, 8:16, 8:16] = 1
-    frames, mask = layout(torch.tensor([0, 1, 2]), 2, 64, torch.tensor([2]))
+    model, img = _square_clip()
 
     def ce_term(last, move_weight):
-        context = model.patchify(torch.cat([img, img, last], 1))
-        prev_tok = torch.cat([torch.zeros_like(context[:, :64]), context[:, :-64]], 1)
-        common = (model, context, prev_tok, context, torch.ones(1, 3, dtype=torch.bool),
-                  torch.full((1, 1), 0.9), torch.zeros(1, 4, 32), torch.ones(1, 3 * 64),
-                  torch.Generator().manual_seed(0), mask, frames, torch.tensor([2]))
-        without = teacher_forcing_loss(*common, motion_weight=0.0)[0]
-        return (teacher_forcing_loss(*common, motion_weight=1.0, move_weight=move_weight)[0] - without).item()
+        without = _last_frame_loss(model, img, last, motion_weight=0.0)
+        return _last_frame_loss(model, img, last, motion_weight=1.0, move_weight=move_weight) - without
 
     moved, still = torch.roll(img, 1, 3), img
     assert ce_term(moved, 4.0) > 2.0 * ce_term(moved, 1.0) > 0  # the edges the square moved through
