@@ -249,12 +249,11 @@ def motion_targets(model, prev, target):
     something new, such as an object coming back from behind the pillar). With
     ``motion_per_pixel`` all of them are per pixel: (B, M, P), good (B, M, P, K)."""
     moved = model.displaced(prev.float())
-    if model.cfg.motion_per_pixel:
-        B, M, K, _ = moved.shape
-        P = model.choices_per_token
-        err = (moved.view(B, M, K, P, -1) - target.float().view(B, M, 1, P, -1)).pow(2).mean(-1).transpose(2, 3)
-    else:
-        err = (moved - target.float()[:, :, None]).pow(2).mean(-1)
+    B, M, K, _ = moved.shape
+    P = model.choices_per_token
+    err = (moved.view(B, M, K, P, -1) - target.float().view(B, M, 1, P, -1)).pow(2).mean(-1).transpose(2, 3)
+    if not model.cfg.motion_per_pixel:
+        err = err[:, :, 0]
     best = err.min(-1, keepdim=True).values
     good = err <= best + 1e-4
     index = (good * 1e3 - model.displacement_length).argmax(-1)
@@ -326,7 +325,7 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
                             motion_index=torch.cat([centre, index], 1), return_motion_logits=True)
         logits = logits[:, T * n:].float()
         nll = logits.logsumexp(-1) - logits.masked_fill(~good, float("-inf")).logsumexp(-1)
-        per_pixel = telling.dim() == 3  # motion_per_pixel: (B, K * n, P)
+        per_pixel = model.cfg.motion_per_pixel  # telling, exact: (B, K * n, P)
         w_ce = (telling & (valid_tok[..., None] if per_pixel else valid_tok)).float()
         ce = (nll * w_ce).sum() / w_ce.sum().clamp_min(1.0)  # what the log shows
         focal = (1 - torch.exp(-nll.detach())).pow(motion_focus) if motion_focus else 1.0

@@ -85,6 +85,22 @@ def shifted(mask: np.ndarray, move: np.ndarray, period: np.ndarray) -> np.ndarra
     return out
 
 
+def pixel_kinds(scene: Scene, pos: np.ndarray) -> list[tuple[dict, bool]]:
+    """For top-left positions ``pos`` (2, n, 2) of a frame before and the frame: per
+    object, its pixels of each kind ``PIXEL_KINDS`` ((V, V) bool), and whether it
+    overlaps another object in either frame."""
+    visible = scene.visibleobject_masks(pos)
+    objects, pillar = scene.object_masks(pos)
+    background = ~objects[1].any(0) & ~pillar
+    found = []
+    for i in range(len(scene.spec.objects)):
+        copyable = shifted(visible[0, i], moved(pos[1, i], pos[0, i], scene.period[i]), scene.period[i])
+        overlaps = bool((objects[:, i] & np.delete(objects, i, 1).any(1)).any())
+        found.append(({"held": visible[1, i] & copyable, "emerging": visible[1, i] & ~copyable,
+                       "left behind": visible[0, i] & background}, overlaps))
+    return found
+
+
 def pixel_score(scene: Scene, video: np.ndarray, first: int) -> dict:
     """{kind: [right, all]} over pixels of frames ``first``.. of ``video`` (T, V, V, 3),
     kinds ``PIXEL_KINDS`` and the same again among them where the object overlaps
@@ -94,19 +110,11 @@ def pixel_score(scene: Scene, video: np.ndarray, first: int) -> dict:
     T = len(video)
     truth = scene.render(np.arange(T))
     pos = scene.positions(np.arange(T))
-    visible = scene.visibleobject_masks(pos)
-    objects, pillar = scene.object_masks(pos)
-    background = ~objects.any(1) & ~pillar[None]
     counts = {kind: [0, 0] for kind in (*PIXEL_KINDS, *(k + OVERLAP for k in PIXEL_KINDS))}
     for f in range(max(first, 1), T):
         same = (video[f] == truth[f]).all(-1)
-        for i in range(len(scene.spec.objects)):
-            copyable = shifted(visible[f - 1, i], moved(pos[f, i], pos[f - 1, i], scene.period[i]),
-                               scene.period[i])
-            others = np.delete(objects[f - 1:f + 1], i, 1).any(1)
-            overlaps = bool((objects[f - 1:f + 1, i] & others).any())
-            for kind, where in (("held", visible[f, i] & copyable), ("emerging", visible[f, i] & ~copyable),
-                                ("left behind", visible[f - 1, i] & background[f])):
+        for kinds, overlaps in pixel_kinds(scene, pos[f - 1:f + 1]):
+            for kind, where in kinds.items():
                 for name in (kind, kind + OVERLAP) if overlaps else (kind,):
                     counts[name][0] += int(same[where].sum())
                     counts[name][1] += int(where.sum())
@@ -156,16 +164,11 @@ def bounce_patches(scene: Scene, frame: int, side: int, patch: int) -> np.ndarra
 
 def pixel_patches(scene: Scene, frame: int, side: int, patch: int) -> dict:
     """{"emerging" | "left behind": (side * side,) bool}: the patches of ``frame`` with
-    a pixel of that kind (``pixel_score``)."""
-    pos = scene.positions([frame - 1, frame])
-    visible = scene.visibleobject_masks(pos)
-    objects, pillar = scene.object_masks(pos)
-    background = ~objects[1].any(0) & ~pillar
+    a pixel of that kind (``pixel_kinds``)."""
     found = {"emerging": np.zeros((VIEW, VIEW), bool), "left behind": np.zeros((VIEW, VIEW), bool)}
-    for i in range(len(scene.spec.objects)):
-        found["emerging"] |= visible[1, i] & ~shifted(visible[0, i], moved(pos[1, i], pos[0, i], scene.period[i]),
-                                                      scene.period[i])
-        found["left behind"] |= visible[0, i] & background
+    for kinds, _ in pixel_kinds(scene, scene.positions([frame - 1, frame])):
+        for kind in found:
+            found[kind] |= kinds[kind]
     return {k: v.reshape(side, patch, side, patch).any((1, 3)).reshape(-1) for k, v in found.items()}
 
 

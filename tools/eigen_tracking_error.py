@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ffviz import kernels  # noqa: E402
 from ffviz.generate import Controls, RunSettings, generate  # noqa: E402
 from ffviz.policies.eigen_tracking import EigenTracker  # noqa: E402
 from ffviz.policies.future_forcing import FutureForcing  # noqa: E402
@@ -65,25 +64,6 @@ class CountingTracker(EigenTracker):
         return super()._exact(stats, frame, r)
 
 
-class SteppingTracker(CountingTracker):
-    """The refresh disabled: exact only where the shipped tracker must (no vectors yet,
-    a new rank or run, every ``every`` calls), one subspace step at every other call
-    whatever the eigenvalue gap or the step's residual."""
-
-    def eigenpairs(self, stats, frame, r):
-        if self._exact_due(stats, frame, r):
-            return self._exact(stats, frame, r)
-        weight, _, m2 = stats.moments()
-        basis, lam, _ = kernels.subspace_step(self.vectors, weight, m2)
-        self.vectors, self.frame, self.calls = basis, frame, self.calls + 1
-        return lam, basis
-
-    def _exact(self, stats, frame, r):
-        lam, u = super()._exact(stats, frame, r)
-        self.close = False  # no refresh for close eigenvalues
-        return lam, u
-
-
 class Given:
     """A stand-in tracker answering with fixed eigenpairs (to score them through the policy)."""
 
@@ -112,7 +92,8 @@ class MeasuredFutureForcing(FutureForcing):
     def __post_init__(self):
         super().__post_init__()
         self._tracker = CountingTracker(self.eig_every)
-        self.stepping = SteppingTracker(self.eig_every)
+        # the refresh disabled: exact only when due by count, one step at every other call
+        self.stepping = CountingTracker(self.eig_every, close_gap=0.0, residual_limit=math.inf)
         self.calls, self.worst = 0, {"angle": 0.0, "error": 0.0, "step_angle": 0.0, "step_error": 0.0}
 
     def compress(self, cache, budget_tokens, ctx):
@@ -136,17 +117,13 @@ class MeasuredFutureForcing(FutureForcing):
             self.worst[key + "error"] = max(self.worst[key + "error"], error.max().item())
 
     def _share(self, cache, ctx, k, mass, lam, u) -> torch.Tensor:
-        """The policy's score a (L, B, H, N) of the cache's tokens from the eigenpairs
-        (lam, u), as ``compress`` computes it."""
+        """The policy's score (L, B, H, N) of the cache's tokens from the eigenpairs
+        (lam, u) (``FutureForcing.scores``, as ``compress`` computes it)."""
         tracker, self._tracker = self._tracker, Given(lam, u)
         try:
-            w, P = self.proxies(ctx, k.shape[-1])
+            return self.scores(cache, ctx, k, mass)[0]
         finally:
             self._tracker = tracker
-        score = self.future_share(k, mass, w.to(k.device), P)
-        if self.value_norm:
-            score = score * torch.stack([l.v.norm(dim=-1) for l in cache.layers])
-        return score
 
 
 @torch.no_grad()

@@ -485,15 +485,11 @@ class TinyVideoModel(nn.Module):
                 if not self.cfg.motion_per_pixel:
                     logits = logits[:, :, 0]
                 weights = self.hook_motion(logits.softmax(-1))
-                if self.cfg.motion_per_pixel:  # (B, N, P): each pixel takes its own displacement
+                if self.cfg.motion_pick:  # one displacement per patch, or per pixel (P of them)
                     index = weights.argmax(-1) if motion_index is None else motion_index
                     pixels = moved.view(B, N, K, self.choices_per_token, -1)
-                    index = index[:, :, None, :, None].expand(-1, -1, 1, -1, pixels.shape[-1])
+                    index = index.reshape(B, N, 1, -1, 1).expand(-1, -1, -1, -1, pixels.shape[-1])
                     base = pixels.gather(2, index)[:, :, 0].reshape(B, N, -1)
-                elif self.cfg.motion_pick:
-                    index = weights.argmax(-1) if motion_index is None else motion_index
-                    index = index[..., None, None].expand(-1, -1, 1, moved.shape[-1])
-                    base = moved.gather(2, index)[:, :, 0]
                 else:
                     base = torch.einsum("bnk,bnkd->bnd", weights, moved)
             out = out + base

@@ -37,8 +37,12 @@ RESIDUAL = 0.003  # a step's largest residual, relative to the head's largest ei
 
 @dataclasses.dataclass
 class EigenTracker:
-    """every: an exact decomposition at least every this many calls."""
+    """every: an exact decomposition at least every this many calls; close_gap and
+    residual_limit: the refresh rules (``CLOSE``, ``RESIDUAL``; 0 and inf turn them off,
+    which is how a measurement compares steps alone)."""
     every: int
+    close_gap: float = CLOSE
+    residual_limit: float = RESIDUAL
     vectors: torch.Tensor | None = None  # (L, H, r, d) of the last call
     frame: int = -1  # the frame of the last call (an earlier one: a new run)
     calls: int = 0  # calls since the last exact decomposition
@@ -51,7 +55,7 @@ class EigenTracker:
             return self._exact(stats, frame, r)
         weight, _, m2 = stats.moments()
         basis, lam, residual = kernels.subspace_step(self.vectors, weight, m2)
-        if bool((residual > RESIDUAL).any()):
+        if bool((residual > self.residual_limit).any()):
             return self._exact(stats, frame, r)
         self.vectors, self.frame, self.calls = basis, frame, self.calls + 1
         return lam, basis
@@ -65,7 +69,7 @@ class EigenTracker:
         # one more eigenvalue than used: the gap below the last one counts too
         lam, u = stats.top_eig(None, min(r + 1, stats.dim) if r else 0)
         above, below = lam[..., :-1], lam[..., 1:]
-        self.close = bool((below > (1 - CLOSE) * above).any())  # 0 = 0 is not close
+        self.close = bool((below > (1 - self.close_gap) * above).any())  # 0 = 0 is not close
         fitted = bool((stats.weight > 0).all())  # no data yet: decompose again next time
         lam, u = lam[..., :r].contiguous(), u[..., :r, :].contiguous()
         self.vectors, self.frame, self.calls = (u if fitted else None), frame, 1

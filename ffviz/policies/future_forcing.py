@@ -82,11 +82,7 @@ class FutureForcing(StatisticsAtSwitch, ScoredPolicy):
                 and self.head_budget == "uniform" and not cache.has_dead()):  # the kernel: K per head
             return self._compress_compiled(cache, budget_tokens, ctx)
         k, mass, frame = stack_layers(cache, "k", "mass", "frame")  # (L, B, H, N, ...)
-        w, P = self.proxies(ctx, k.shape[-1])  # built on the host, from the host statistics
-        w = w.to(k.device)
-        score = self.future_share(k, mass, w, P)
-        if self.value_norm:
-            score = score * torch.stack([l.v.norm(dim=-1) for l in cache.layers])
+        score, w, P = self.scores(cache, ctx, k, mass)
         sel = self.select(score, frame, budget_tokens, ctx, mass > 0)
         # M = mean_p R(p) (mu mu^T + Sigma_r) R(p)^T = F^T F with F = w / sqrt(P): the
         # proxies are the metric's factor, so with (1 + r) P < d the search runs on w.k
@@ -94,6 +90,16 @@ class FutureForcing(StatisticsAtSwitch, ScoredPolicy):
                                    target=sel.live, candidate=sel.candidate)
                   if self.tau > 0 else None)
         return self.merging_decision(cache, ctx, score, sel, merges)
+
+    def scores(self, cache, ctx, k, mass):
+        """The future share of every cached token (L, B, H, N) (x ||v|| with
+        ``value_norm``), and the proxies (w, P) it was computed from."""
+        w, P = self.proxies(ctx, k.shape[-1])  # built on the host, from the host statistics
+        w = w.to(k.device)
+        score = self.future_share(k, mass, w, P)
+        if self.value_norm:
+            score = score * torch.stack([l.v.norm(dim=-1) for l in cache.layers])
+        return score, w, P
 
     def merging_decision(self, cache, ctx, score, sel, merges, prepared=None) -> Decision:
         """The decision for the ``Selection`` sel, with the merges (merge_into, distance)
