@@ -5,14 +5,16 @@ The world is built to be learnable by a small model on a CPU:
 * a plain background and one to three shapes with **hard edges** (no
   anti-aliasing), drawn at **integer positions**, of 8, 10 or 12 pixels (at
   least four 4x4 patches), in colours far apart (``COLORS``);
-* **integer velocities**: |vx| in {1, 2} and vy in {-1, 0, 1} pixels per frame,
-  so the next frame follows exactly from the last two;
+* **one integer velocity per scene**: |vx| in {1, 2} and vy in {-1, 0, 1} pixels
+  per frame, shared by every object (the objects move as one, as under a panning
+  camera), so objects never overlap and the next frame follows exactly from the
+  last two;
 * objects **wrap around the view** (the view is a torus: what leaves at one edge
   comes in at the opposite one, so an object crossing an edge shows in two parts),
   and never turn: the next frame is the last one moved, exactly. In scenes whose
   prompt says they leave the view, the horizontal torus is longer than the view
-  by the object's side plus ``EXIT_GAP``: an object leaves whole at one edge and
-  comes back at the other after 9-17 frames out of sight;
+  by the largest side plus ``EXIT_GAP``: an object leaves whole at one edge and
+  comes back at the other after 9-21 frames out of sight;
 * optionally a vertical pillar drawn in front of them (``wide``: 16 px, which
   hides an 8-px object for up to 9 frames; else 8 px, which never hides one
   whole).
@@ -35,7 +37,7 @@ import re
 
 import numpy as np
 
-WORLD_VERSION = 3  # bump when what a scene looks like changes (3: the view wraps)
+WORLD_VERSION = 4  # bump when what a scene looks like changes (3: the view wraps; 4: one motion)
 VIEW = 32  # frame side in pixels
 MAX_OBJECTS = 3
 # pixels of world beyond the view (past the object's side) where a leaving object is out of sight
@@ -271,6 +273,25 @@ def _bitmap(shape: str, side: int) -> np.ndarray:
     return np.abs(x - side / 2) <= (row // 2 + 1)
 
 
+def _overlap(a: np.ndarray, b: np.ndarray, side_a: int, side_b: int, period: np.ndarray) -> bool:
+    """Whether two objects' boxes at top-left corners ``a`` and ``b`` overlap on the torus."""
+    d = np.mod(b - a, period)
+    return bool(np.all((d < side_a) | (np.mod(-d, period) < side_b)))
+
+
+def _apart(rng: np.random.Generator, side: np.ndarray, period: np.ndarray) -> np.ndarray:
+    """Top-left corners (n, 2) in view whose boxes do not overlap on the torus: drawn
+    until they are apart; failing that, corners (0, 0), (12, 0), (0, 12) moved together."""
+    n = len(side)
+    for _ in range(1000):
+        pos = np.stack([rng.integers(0, VIEW - side + 1), rng.integers(0, VIEW - side + 1)], -1)
+        if not any(_overlap(pos[i], pos[j], side[i], side[j], period)
+                   for i in range(n) for j in range(i + 1, n)):
+            return pos
+    corner = np.array([[0, 0], [12, 0], [0, 12]])[:n]  # apart for sides up to 12
+    return np.mod(corner + rng.integers(0, VIEW - 12 + 1, size=2), period)
+
+
 class Scene:
     """A spec plus the integer initial state drawn from ``seed`` (at frame ``t0``)."""
 
@@ -280,15 +301,13 @@ class Scene:
         n = len(spec.objects)
         self.side = np.array([SIZES[o.size] for o in spec.objects])
         self.bitmaps = [_bitmap(o.shape, SIZES[o.size]) for o in spec.objects]
-        # each object's torus (n, 2) for x and y: top-left corners live in [0, period)
-        width = VIEW + (self.side + EXIT_GAP if spec.exits else 0 * self.side)
-        self.period = np.stack([width, np.full(n, VIEW)], -1)
-        self.pos0 = np.stack([rng.integers(0, VIEW - self.side + 1),
-                              rng.integers(0, VIEW - self.side + 1)], -1)  # starts in view
-        speeds = SPEEDS[spec.speed]
-        vx = rng.choice(speeds, size=n) * rng.choice([-1, 1], size=n)
-        vy = rng.integers(-1, 2, size=n)
-        self.vel = np.stack([vx, vy], -1)
+        # one torus for all objects (n, 2) for x and y: top-left corners live in [0, period)
+        width = VIEW + (max(SIZES.values()) + EXIT_GAP if spec.exits else 0)
+        self.period = np.tile([width, VIEW], (n, 1))
+        self.pos0 = _apart(rng, self.side, self.period[0])
+        # one velocity for the scene: objects move as one, so they never overlap
+        vx = rng.choice(SPEEDS[spec.speed]) * rng.choice([-1, 1])
+        self.vel = np.tile([vx, rng.integers(-1, 2)], (n, 1))
         self.pillar_x = PILLARS["wide" if spec.wide_pillar else "narrow"] if spec.pillar else None
 
     def positions(self, frames) -> np.ndarray:
@@ -306,7 +325,8 @@ class Scene:
         pos, vel = self.positions([frame])[0], self.velocities(frame)
         k = min(len(pos), len(new.pos0))
         new.pos0[:k] = np.mod(pos[:k], new.period[:k])
-        new.vel[:k] = vel[:k]
+        if len(vel):  # the scene keeps its one motion
+            new.vel[:] = vel[0]
         return new
 
     def velocities(self, frame: int) -> np.ndarray:

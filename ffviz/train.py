@@ -71,9 +71,10 @@ class TrainConfig:
     # then comes back only from the frames before, which is what the cache is for
     unnamed_share: float = 0.25
     object_weight: float = 2.0  # loss weight of patches showing an object or the pillar
-    motion_weight: float = 0.05  # weight of the motion choice's cross-entropy (motion_pick)
-    # loss weight of patches no displacement of the previous frame gives (motion_pick)
-    paint_weight: float = 1.0
+    motion_weight: float = 0.5  # weight of the motion choice's cross-entropy (motion_pick)
+    # loss weight of patches no displacement of the previous frame gives (motion_pick): an
+    # object coming out from behind the pillar or back into view, rare and what memory is for
+    paint_weight: float = 4.0
     # focus of the motion cross-entropy on the patches the head gets wrong (a focal loss's
     # gamma: each patch's term times (1 - p_right)^focus; 0 = plain). Most patches move
     # as they moved, which the motion memory already says; where it is wrong (a bounce in
@@ -85,7 +86,7 @@ class TrainConfig:
     move_weight: float = 1.0
     # a rollout object the teacher cannot read (torn, smeared) is asked back whole where
     # it should be, instead of leaving the frames after it without a loss
-    redraw_failed: bool = False
+    redraw_failed: bool = True
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     workers: int = 0  # processes drawing batches ahead; 0 = in the training process
@@ -364,15 +365,16 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log=print, fresh: 
 
 
 def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool, new_world: bool = False):
-    """(model, ema, optimizer state, progress, world changes) from ``out`` and its state
-    file, or new. Weights of an earlier world version resume only with ``new_world``: they
+    """(model, ema, optimizer state, progress, lineage) from ``out`` and its state
+    file, or new; lineage is the card's ``world_changes`` and ``grafts`` (heads added by
+    tools/add_motion_head.py), carried on. Weights of an earlier world version resume only with ``new_world``: they
     carry over whole (optimizer and progress too), their moves wrap from then on, the
     step is recorded in the card's ``world_changes``, and the EMA restarts from the
     optimizer's weights (an average across the change would ship the old world's)."""
     state_path = state_path_for(out)
     if fresh or not out.exists():
         model = TinyVideoModel(model_cfg)
-        return model, copy.deepcopy(model), None, (0, 0, 0.0, []), []
+        return model, copy.deepcopy(model), None, (0, 0, 0.0, []), {"world_changes": [], "grafts": []}
     try:
         ema, card = load_tiny(out)
     except WeightsError as e:
@@ -403,7 +405,7 @@ def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool, new_world: bool 
             log("the EMA restarts from the optimizer's weights in the new world")
     else:
         log(f"starting from {out} (step {progress[0]}) without optimizer state")
-    return model, ema, opt_state, progress, changes
+    return model, ema, opt_state, progress, {"world_changes": changes, "grafts": card.get("grafts", [])}
 
 
 def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh: bool,
@@ -415,7 +417,7 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ample for this model
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
-    model, ema, opt_state, (step, clips_seen, seconds, history), world_changes = _resume(
+    model, ema, opt_state, (step, clips_seen, seconds, history), lineage = _resume(
         out, model_cfg, log, fresh, new_world)
     model_cfg = model.cfg
     model.to(device).train()
@@ -437,7 +439,7 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         tmp.replace(state_path)
         return save_weights(copy.deepcopy(ema).cpu(), out, {
             "steps": step, "clips_seen": clips_seen, "train_seconds": round(seconds, 1),
-            "data_version": DATA_VERSION, "world_changes": world_changes,
+            "data_version": DATA_VERSION, **lineage,
             "train_config": dataclasses.asdict(cfg),
             "device": device, "history": history,
             "command": "python -m ffviz train " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
@@ -544,7 +546,7 @@ class _StopRequest:
 
 
 def _rollout_context(model, batch: Batch, truth, before, cond_ids, frame_idx, gen, clips: int,
-                     redraw_failed: bool = False):
+                     redraw_failed: bool = True):
     """Contexts, targets and valid masks with the first ``clips`` clips replaced by the
     model's own rollout and the renderer's targets for it (``ffviz.teacher``)."""
     n, g, device = model.cfg.tokens_per_frame, model.cfg.given_frames, truth.device
@@ -634,16 +636,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="weight of the motion choice's cross-entropy in the loss (--motion-pick)")
     p.add_argument("--paint-weight", type=float, default=d.paint_weight,
                    help="loss weight of patches no displacement of the previous frame gives, "
-                        "such as an object coming back into view (--motion-pick; default 1)")
+                        "such as an object coming back into view (--motion-pick)")
     p.add_argument("--motion-focus", type=float, default=d.motion_focus,
                    help="focal gamma of the motion cross-entropy: weigh each patch by "
                         "(1 - p_right)^focus, so the patches it gets wrong outweigh the rest (0: plain)")
     p.add_argument("--move-weight", type=float, default=d.move_weight,
                    help="weight of the motion cross-entropy on patches where staying put is wrong "
                         "(an object moves through them or leaves them; 1: as the others)")
-    p.add_argument("--redraw-failed", action="store_true",
+    p.add_argument("--redraw-failed", action=argparse.BooleanOptionalAction, default=d.redraw_failed,
                    help="rollouts: an object the teacher cannot read is asked back whole where it "
-                        "should be (default: the frames after it get no loss)")
+                        "should be (--no-redraw-failed: the frames after it get no loss)")
     p.add_argument("--rope-theta", type=float, default=TinyConfig.rope_theta,
                    help="spatial RoPE base of a NEW model: 10 gives every plane of the 8x8 grid a "
                         "turn that tells neighbouring patches apart (10000 leaves one)")

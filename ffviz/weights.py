@@ -52,8 +52,8 @@ def save_weights(model: TinyVideoModel, path: Path, card: dict) -> dict:
 def training_progress(card: dict) -> dict:
     """What of a card a training run goes on from (steps, clips seen, seconds, data
     version, history): to carry over when weights are changed outside training."""
-    return {k: card[k] for k in ("steps", "clips_seen", "train_seconds", "data_version", "history")
-            if k in card}
+    return {k: card[k] for k in ("steps", "clips_seen", "train_seconds", "data_version",
+                                 "world_changes", "grafts", "history") if k in card}
 
 
 def read_card(path: Path = DEFAULT_WEIGHTS) -> dict:

@@ -65,7 +65,7 @@ def test_cli_records_the_switch_and_refuses_bad_ones(tmp_path, capsys):
 def test_the_switch_shows_the_new_background(tmp_path):
     """The issue's command on the committed weights: the switch is recorded at frame 16
     and the frames after it, graded against the new prompt, show its white background
-    (0.88 measured; a model that ignored the switch would keep black, near 0)."""
+    (1.0 measured; a model that ignored the switch would keep black, near 0)."""
     out = tmp_path / "run"
     assert main(["generate", "--prompt", RED_ON_BLACK, "--frames", "48", "--no-record",
                  "--switch-prompt", f"16:{RED_ON_WHITE}", "--out", str(out)]) == 0

@@ -98,7 +98,7 @@ def test_objects_wrap_round_the_view_or_leave_it_whole_and_come_back():
             starts = np.nonzero(gone[1:] & ~gone[:-1])[0] + 1
             ends = np.nonzero(~gone[1:] & gone[:-1])[0] + 1
             for a, b in zip(starts, ends[ends > starts[0]] if len(starts) else []):
-                assert 8 <= b - a <= 17  # out of sight for 8-17 frames, then back
+                assert 8 <= b - a <= 21  # out of sight for 8-21 frames, then back
                 returned += 1
     assert returned >= 10 and split > 0
 
@@ -183,9 +183,10 @@ def test_returns_tracked_needs_the_object_back_in_place():
             at_left = np.zeros((len(truth), n, 2), int)
             at_left[:, :, 1] = 11 * np.arange(n)  # at the left edge, one under the other
             painted_events += consistency(scene.render_positions(at_left), scene, start=2)["return_events"]
-    # on the torus a frozen object is now and then where the moving one is: counted over events
+    # on the torus a frozen object is now and then where the moving one is: counted over events;
+    # the frozen frame lacks what the pillar hid in it, so it shows only some colours back
     share = lambda events, key: np.mean([e[key] for e in events])
-    assert share(frozen_events, "recovered") >= 0.75 and share(frozen_events, "in_place") <= 1 / 3
+    assert share(frozen_events, "recovered") >= 0.5 and share(frozen_events, "in_place") <= 1 / 4
     assert share(painted_events, "recovered") == 1.0 and share(painted_events, "in_place") <= 1 / 3
 
 

@@ -518,6 +518,8 @@ def test_the_motion_tool_carries_the_training_state_over(tmp_path, monkeypatch):
     old, _ = load_tiny(src)
     new, card = load_tiny(dst)
     assert new.cfg.motion_refine and new.cfg.patch_position and card["steps"] == 2
+    # the card records each graft, in order, with the step it was made at
+    assert card["grafts"] == [{"step": 2, "added": ["pick"]}, {"step": 2, "added": ["pick", "refine", "position"]}]
     x, prev = torch.rand(1, 64, 48) * 2 - 1, torch.rand(1, 64, 48) * 2 - 1
     cond = torch.zeros(1, 128)
     with torch.no_grad():
@@ -603,3 +605,4 @@ def test_the_motion_tool_makes_a_picking_head_per_pixel_and_starts_where_it_was(
     assert any("resumed exactly" in line for line in lines)
     trained, card = load_tiny(dst)
     assert card["steps"] == 4 and not torch.equal(trained.motion.weight, new.motion.weight)
+    assert card["grafts"] == [{"step": 2, "added": ["pick", "per-pixel", "refine"]}]  # training keeps it

@@ -128,6 +128,10 @@ def main() -> None:
         torch.save(carried_state(raw_old, raw, state), state_path_for(args.out))
     elif state_path_for(args.out).exists():  # another run's state: it must not resume these weights
         state_path_for(args.out).unlink()
+    added = [name for name, on in (("pick", args.pick), ("per-pixel", args.per_pixel), ("match", args.match),
+                                   ("memory", args.memory), ("refine", args.refine),
+                                   ("position", args.position)) if on]
+    keep["grafts"] = keep.get("grafts", []) + [{"step": keep.get("steps", 0), "added": added}]
     save_weights(model.eval(), args.out, {**keep, "motion_head_added_at": card.get("motion_head_added_at", keep.get("steps"))})
     print(f"wrote {args.out}: motion reach {args.reach}, pick {args.pick}, match "
           f"{new_cfg.motion_match}, memory {new_cfg.motion_memory}, refine {new_cfg.motion_refine}, "
