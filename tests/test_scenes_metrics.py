@@ -201,3 +201,23 @@ def test_a_continued_scene_keeps_motion_and_takes_the_new_looks():
     bigger = scene.continued(parse_prompt("a big red circle on a black background")[0], 30)
     pos = bigger.positions(np.arange(30, 90))
     assert ((pos >= 0) & (pos < bigger.period)).all()  # on its own torus
+
+
+def test_objects_start_apart_and_move_as_one():
+    """A scene's objects share one velocity and start with boxes apart on the torus, so
+    they never overlap; where drawing fails a thousand times, a fixed layout is apart."""
+    from ffviz.scenes import _apart, _overlap
+    for seed in range(300):
+        scene = Scene(random_spec(np.random.default_rng(seed)), seed)
+        assert (scene.vel == scene.vel[0]).all()
+        masks, _ = scene.object_masks(scene.positions(np.arange(0, 120, 3)))
+        assert masks.sum(1).max() <= 1, seed
+
+    class Stuck:  # every draw puts all objects at the same corner
+        def integers(self, low, high, size=None):
+            return np.zeros(size, int) if size is not None else 0
+
+    sides, period = np.array([12, 12, 12]), np.array([60, 32])
+    pos = _apart(Stuck(), sides, period)
+    assert not any(_overlap(pos[i], pos[j], 12, 12, period) for i in range(3) for j in range(i + 1, 3))
+    assert _overlap(np.array([0, 0]), np.array([30, 31]), 12, 12, np.array([32, 32]))  # round the torus
