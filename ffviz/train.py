@@ -367,7 +367,8 @@ def train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log=print, fresh: 
 def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool, new_world: bool = False):
     """(model, ema, optimizer state, progress, lineage) from ``out`` and its state
     file, or new; lineage is the card's ``world_changes`` and ``grafts`` (heads added by
-    tools/add_motion_head.py), carried on. Weights of an earlier world version resume only with ``new_world``: they
+    tools/add_motion_head.py), carried on. Weights of an earlier world version resume
+    only with ``new_world``: they
     carry over whole (optimizer and progress too), their moves wrap from then on, the
     step is recorded in the card's ``world_changes``, and the EMA restarts from the
     optimizer's weights (an average across the change would ship the old world's)."""
