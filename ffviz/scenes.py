@@ -281,15 +281,16 @@ def _overlap(a: np.ndarray, b: np.ndarray, side_a: int, side_b: int, period: np.
 
 def _apart(rng: np.random.Generator, side: np.ndarray, period: np.ndarray) -> np.ndarray:
     """Top-left corners (n, 2) in view whose boxes do not overlap on the torus: drawn
-    until they are apart; failing that, corners (0, 0), (12, 0), (0, 12) moved together."""
-    n = len(side)
+    until they are apart; failing that, corners (0, 0), (s, 0), (0, s) moved together,
+    s the largest side."""
+    n, s = len(side), max(SIZES.values())
     for _ in range(1000):
         pos = np.stack([rng.integers(0, VIEW - side + 1), rng.integers(0, VIEW - side + 1)], -1)
         if not any(_overlap(pos[i], pos[j], side[i], side[j], period)
                    for i in range(n) for j in range(i + 1, n)):
             return pos
-    corner = np.array([[0, 0], [12, 0], [0, 12]])[:n]  # apart for sides up to 12
-    return np.mod(corner + rng.integers(0, VIEW - 12 + 1, size=2), period)
+    corner = np.array([[0, 0], [s, 0], [0, s]])[:n]
+    return np.mod(corner + rng.integers(0, VIEW - s + 1, size=2), period)
 
 
 class Scene:

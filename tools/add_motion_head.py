@@ -132,7 +132,7 @@ def main() -> None:
                                    ("memory", args.memory), ("refine", args.refine),
                                    ("position", args.position)) if on]
     keep["grafts"] = keep.get("grafts", []) + [{"step": keep.get("steps", 0), "added": added}]
-    save_weights(model.eval(), args.out, {**keep, "motion_head_added_at": card.get("motion_head_added_at", keep.get("steps"))})
+    save_weights(model.eval(), args.out, keep)
     print(f"wrote {args.out}: motion reach {args.reach}, pick {args.pick}, match "
           f"{new_cfg.motion_match}, memory {new_cfg.motion_memory}, refine {new_cfg.motion_refine}, "
           f"position {new_cfg.patch_position}, per pixel {new_cfg.motion_per_pixel} "

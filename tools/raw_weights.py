@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ffviz.train import STATE_SUFFIX
+from ffviz.train import state_path_for
 from ffviz.weights import load_tiny, save_weights
 
 
@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     p.add_argument("weights", type=Path, help="a run's weights file, with its .state.pt beside it")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    state_file = args.weights.with_suffix(STATE_SUFFIX)
+    state_file = state_path_for(args.weights)
     if not state_file.exists():
         raise SystemExit(f"no training state beside {args.weights}: {state_file}")
     if args.out.resolve() == args.weights.resolve():
