@@ -296,6 +296,18 @@ class Observer:
         """The policy's decision was applied."""
 
 
+def scene_motion(model, given: torch.Tensor | None) -> torch.Tensor | None:
+    """The scene's motion (1, 2) for a model that recalls along it (``TinyConfig.recall``),
+    measured from the given frames' tokens; (0, 0) with fewer than two given frames
+    (nothing is generated after them then); None for other models."""
+    if not getattr(model.cfg, "recall", False):
+        return None
+    n = model.cfg.tokens_per_frame
+    if given is None or given.shape[1] < 2 * n:
+        return torch.zeros(1, 2, dtype=torch.long)
+    return model.measure_motion(given[:, -2 * n:])
+
+
 def cuda_device(model) -> torch.device | None:
     """The CUDA device the model's weights are on, or None (CPU, or no weights)."""
     p = next(model.parameters(), None)
@@ -347,8 +359,12 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
     try:
         # no torch.no_grad() around the loop: a generator suspended inside it would leave
         # grad mode off in its caller's thread; the model calls below are no_grad themselves
+        given = None
+        if scenes and g:  # the frames given from the scene
+            given = model.patchify(torch.from_numpy(scene.render(np.arange(g)))[None].float() / 127.5 - 1)
+        motion = scene_motion(model, given)
         with torch.no_grad():
-            cond = (model.embed_condition(torch.from_numpy(spec.condition_ids())[None]) if scenes
+            cond = (model.embed_condition(torch.from_numpy(spec.condition_ids())[None], motion) if scenes
                     else model.encode_prompt(settings.prompt))
         f, index, last = 0, 0, None  # last: the newest frame's tokens (the previous-frame input)
         while f < settings.frames and not controls.stop_requested:
@@ -365,7 +381,7 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
                 with torch.no_grad():
                     if scenes:
                         spec = parse_prompt(new_prompt, settings.seed)[0]
-                        cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
+                        cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None], motion)
                         palette = palette_tensor([spec], device) if snap else None
                     else:
                         cond = model.encode_prompt(new_prompt)
@@ -374,9 +390,7 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
                 prompt_switch = {"frame": f, "prompt": new_prompt, "recache": mode,
                                  "rerun_chunks": rerun, "recache_seconds": round(clock() - t0, 4)}
             if f == 0 and g:  # the frames given from the scene
-                frames = torch.arange(g)
-                given = torch.from_numpy(scene.render(np.arange(g)))[None].float()
-                x0 = model.patchify(given / 127.5 - 1)
+                frames, x0 = torch.arange(g), given
             else:
                 frames = torch.arange(f, min(f + cfg.chunk_frames, settings.frames))
                 noise = torch.randn(1, frames.numel() * n, cfg.patch_dim, generator=gen)

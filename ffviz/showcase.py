@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings
+from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings, scene_motion
 from ffviz.metrics import consistency
 from ffviz.policies import PolicyError, make_policy, parse_policy_args
 from ffviz.run import Run
@@ -78,7 +78,8 @@ def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: in
                          f"chunks hold {cfg.chunk_frames} frames")
     truth = torch.from_numpy(Scene(spec, seed).render(np.arange(frames)))[None].float()
     with torch.no_grad():
-        cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None])
+        given = model.patchify(truth[:, :cfg.given_frames] / 127.5 - 1)
+        cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None], scene_motion(model, given))
     palette = palette_tensor([spec]) if (cfg.snap if snap is None else snap) else None
     out = rollout(model, model.patchify(truth / 127.5 - 1), cond, steps or cfg.sample_steps,
                   budget, torch.Generator().manual_seed(seed), palette=palette, horizon=1)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ffviz.generate import scene_motion
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.sampling import (TRAIN_SEED_BASE, palette_tensor, previous_tokens, rollout, shifted,
                             sigma_schedule)
@@ -276,6 +277,12 @@ class TrueSlots:
     cond: torch.Tensor
 
 
+def given_motion(model, truth: torch.Tensor) -> torch.Tensor | None:
+    """Each clip's scene motion (B, 2) from its given frames, as generation measures it
+    (``scene_motion``), for a model with recall; else None."""
+    return scene_motion(model, truth[:, :model.cfg.given_frames * model.cfg.tokens_per_frame])
+
+
 def true_slots(model, b: Batch) -> TrueSlots:
     n, g = model.cfg.tokens_per_frame, model.cfg.given_frames
     T, targets = len(b.frame_idx), torch.from_numpy(b.targets)
@@ -285,14 +292,15 @@ def true_slots(model, b: Batch) -> TrueSlots:
     B = truth.shape[0]
     prev = previous_of_slots(truth, None if b.before is None else tokens(b.before[:, None]), g, n)
     pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
-    cond = model.embed_condition(torch.from_numpy(b.cond_ids))
+    cond = model.embed_condition(torch.from_numpy(b.cond_ids), given_motion(model, truth))
     return TrueSlots(frames, mask, truth, prev, pick(truth), pick(prev),
                      torch.cat([cond, cond[:, targets]], 1))
 
 
 def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight, gen, mask,
                          frames, targets, motion_weight: float = 0.0, paint_weight: float = 1.0,
-                         motion_focus: float = 0.0, move_weight: float = 1.0):
+                         motion_focus: float = 0.0, move_weight: float = 1.0,
+                         recall_weight: float = 1.0):
     """x0 loss of the noisy copies. context/prev/target: tokens (B, T*n, d) (the clean
     frames, each one's previous frame, and what each frame should be); valid (B, T) bool;
     levels (B, K) of the target slots ``targets`` (K,); weight (B, T*n); frames, mask
@@ -322,17 +330,27 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
         index, good, telling, exact = motion_targets(model, pick(prev), tgt)
         centre = torch.full((B, T * n, *index.shape[2:]), good.shape[-1] // 2, dtype=torch.long,
                             device=x.device)
+        recall = model.cfg.recall
         out, logits = model(x, t, frames, cond, prev=prev_all, mask=mask,
-                            motion_index=torch.cat([centre, index], 1), return_motion_logits=True)
+                            motion_index=torch.cat([centre, index], 1), return_motion_logits=True,
+                            recall_target=torch.cat([context, tgt], 1) if recall else None)
         logits = logits[:, T * n:].float()
+        if recall:  # recall is the one good choice where it gives the patch better than any displacement
+            used = model.recall_used[:, T * n:]
+            good = torch.cat([good & ~used[..., None], used[..., None]], -1)
+            telling = telling | used
         nll = logits.logsumexp(-1) - logits.masked_fill(~good, float("-inf")).logsumexp(-1)
         per_pixel = model.cfg.motion_per_pixel  # telling, exact: (B, K * n, P)
         w_ce = (telling & (valid_tok[..., None] if per_pixel else valid_tok)).float()
         ce = (nll * w_ce).sum() / w_ce.sum().clamp_min(1.0)  # what the log shows
         focal = (1 - torch.exp(-nll.detach())).pow(motion_focus) if motion_focus else 1.0
-        moves = torch.where(good[..., good.shape[-1] // 2], 1.0, move_weight)
+        moves = torch.where(good[..., model.displacement_length.numel() // 2], 1.0, move_weight)
         ce_term = (nll * w_ce * focal * moves).sum() / w_ce.sum().clamp_min(1.0)
         w = w * torch.where(exact.all(-1) if per_pixel else exact, 1.0, paint_weight)
+        if recall:  # what recall reads, taught where no displacement gives the patch
+            w_rec = (~exact & valid_tok).float()
+            rec_err = (model.recall_pixels[:, T * n:].float() - tgt).pow(2).mean(-1)
+            ce_term = ce_term + recall_weight * (rec_err * w_rec).sum() / w_rec.sum().clamp_min(1.0)
     err = (out[:, T * n:].float() - tgt).pow(2).mean(-1)  # (B, K * n), float32 under autocast too
     loss = (err * w).sum() / w.sum().clamp_min(1e-6)
     return (loss if ce is None else loss + motion_weight * ce_term), ce
@@ -477,7 +495,7 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         for group in opt.param_groups:
             group["lr"] = lr
         with cfg.autocast(device):
-            cond = model.embed_condition(cond_ids)  # (B, T, w): each frame's prompt
+            cond = model.embed_condition(cond_ids, given_motion(model, truth))  # (B, T, w): each frame's prompt
             cond = torch.cat([cond, cond[:, targets]], 1)  # the noisy copies' too
             loss, motion_ce = teacher_forcing_loss(model, context, prev, target, valid, levels,
                                                    cond, weight, gen, mask, frames, targets,
@@ -554,7 +572,8 @@ def _rollout_context(model, batch: Batch, truth, before, cond_ids, frame_idx, ge
     model.eval()
     with torch.no_grad():
         pal = palette_tensor([s.spec for s in batch.scenes[:clips]], device)
-        rolled = rollout(model, truth[:clips], model.embed_condition(cond_ids[:clips, 0]),
+        cond = model.embed_condition(cond_ids[:clips, 0], given_motion(model, truth[:clips]))
+        rolled = rollout(model, truth[:clips], cond,
                          model.cfg.sample_steps, len(frame_idx), gen, palette=pal,
                          frame_idx=frame_idx, before=None if before is None else before[:clips])
     model.train()

@@ -28,7 +28,8 @@ from ffviz.models.tiny import TinyVideoModel  # noqa: E402
 from ffviz.train import state_path_for  # noqa: E402
 from ffviz.weights import load_tiny, save_weights, training_progress  # noqa: E402
 
-NEW_PARTS = ("motion", "match_embed", "memory_scale", "motion_refine", "position_embed")
+NEW_PARTS = ("motion", "match_embed", "memory_scale", "motion_refine", "position_embed", "recall_trust",
+             "recall_choice")
 
 
 def grown(old_model, cfg, state_dict):
@@ -36,7 +37,14 @@ def grown(old_model, cfg, state_dict):
     as initialised; the memory head's share of layer 0's output at zero when new)."""
     model = TinyVideoModel(cfg)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    assert not unexpected and all(k.split(".")[0] in NEW_PARTS for k in missing), (missing, unexpected)
+    new_block = f"blocks.{old_model.cfg.layers}." if cfg.layers > old_model.cfg.layers else None
+    assert not unexpected and all(k.split(".")[0] in NEW_PARTS or (new_block and k.startswith(new_block))
+                                  for k in missing), (missing, unexpected)
+    if new_block:  # the recall block starts as no block at all: nothing it computes enters the stream
+        with torch.no_grad():
+            for part in (model.blocks[-1].attn.out, model.blocks[-1].mlp[2]):
+                part.weight.zero_()
+                part.bias.zero_()
     if cfg.motion_memory and not old_model.cfg.motion_memory:  # its values must not enter the stream
         with torch.no_grad():
             model.blocks[0].attn.out.weight[:, :cfg.head_dim] = 0.0
@@ -87,6 +95,9 @@ def main() -> None:
     p.add_argument("--position", action="store_true",
                    help="each patch learns where in the frame it is (TinyConfig.patch_position), "
                         "so tokens can know the view's edge (bounces)")
+    p.add_argument("--recall", action="store_true",
+                   help="one more block, whose first heads recall each patch from the frames the "
+                        "scene's motion carried it from (TinyConfig.recall); it starts adding nothing")
     p.add_argument("--per-pixel", action="store_true",
                    help="a picking head chooses per pixel, not per patch (TinyConfig.motion_per_pixel)")
     p.add_argument("--out", type=Path, required=True)
@@ -106,7 +117,9 @@ def main() -> None:
                                   motion_per_pixel=args.per_pixel or cfg.motion_per_pixel,
                                   motion_match=args.match or cfg.motion_match, motion_memory=memory,
                                   motion_refine=args.refine or cfg.motion_refine,
-                                  patch_position=args.position or cfg.patch_position)
+                                  patch_position=args.position or cfg.patch_position,
+                                  recall=args.recall or cfg.recall,
+                                  layers=cfg.layers + int(args.recall and not cfg.recall))
     pixels = cfg.patch ** 2
     adapted = (lambda sd: per_pixel_rows(sd, pixels)) if new_cfg.motion_per_pixel and not cfg.motion_per_pixel \
         else (lambda sd: sd)
@@ -130,12 +143,12 @@ def main() -> None:
         state_path_for(args.out).unlink()
     added = [name for name, on in (("pick", args.pick), ("per-pixel", args.per_pixel), ("match", args.match),
                                    ("memory", args.memory), ("refine", args.refine),
-                                   ("position", args.position)) if on]
+                                   ("position", args.position), ("recall", args.recall)) if on]
     keep["grafts"] = keep.get("grafts", []) + [{"step": keep.get("steps", 0), "added": added}]
     save_weights(model.eval(), args.out, keep)
     print(f"wrote {args.out}: motion reach {args.reach}, pick {args.pick}, match "
           f"{new_cfg.motion_match}, memory {new_cfg.motion_memory}, refine {new_cfg.motion_refine}, "
-          f"position {new_cfg.patch_position}, per pixel {new_cfg.motion_per_pixel} "
+          f"position {new_cfg.patch_position}, per pixel {new_cfg.motion_per_pixel}, recall {new_cfg.recall} "
           f"on {args.weights} (step {keep.get('steps')})"
           + (", its training state carried over" if state_in.exists() else ""))
 

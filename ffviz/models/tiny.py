@@ -99,6 +99,14 @@ class TinyConfig:
     # object crossing an edge exactly. Off for weights of the earlier world, whose edges
     # were repeated (objects bounced there).
     wrap: bool = False
+    # Recall: one more block, the last, whose heads 0 and 1 look back along the scene's
+    # motion: a patch at frame f reads the cached tokens at the place the motion carried it
+    # from, RECALL_LAGS frames back (content-free queries and keys; values: the cached
+    # patch's pixels and how far it is to be trusted, learnt). What it reads is one more
+    # choice next to the displacements of the previous frame, so an object coming out from
+    # behind the pillar is painted from the frames that still showed it. The scene's motion
+    # is measured once from the given frames (``measure_motion``) and rides on the condition.
+    recall: bool = False
     prediction: str = "x0"  # what the head predicts: "x0" (clean frame) or "v" (velocity)
     # sampling defaults, stored with the weights
     sample_steps: int = 4
@@ -133,6 +141,16 @@ MEMORY_GAIN = 4.0  # sharpness of the motion memory's look at the same patch
 # streams are large (rms 5-17), and at the optimizer's step size a zero-started embedding
 # would take thousands of steps to count in them.
 POSITION_GAIN = 10.0
+# Recall looks this many frames back: multiples of the patch side, so every integer motion
+# lands on whole patches (a 4-px patch moved 1 px a frame is a whole patch 4 frames later).
+RECALL_LAGS = (4, 8, 12, 16, 20, 24)
+RECALL_HEADS = 2  # heads of the recall block that carry the pixels (each: part of them and trust)
+# Sharpness of the recall's look: a key one frame or one patch off the place looked at
+# scores 0.46 or 0.77 below a perfect one (of 16, the RoPE planes of a 32-dim head) ...
+RECALL_GAIN = 30.0
+# ... and a null key scores this far below perfect (half the nearest miss), so where the
+# place is not cached (evicted, before the run) attention goes to the null, not elsewhere.
+RECALL_MARGIN = 0.23
 
 
 def local_query_key(rope, head_dim: int, lag: int, gain: float):
@@ -184,8 +202,9 @@ class Attention(nn.Module):
         cache_layer: a ``LayerCache`` to read (its keys come first, all visible),
         and to extend with this call's keys and values when ``write``;
         meta = (frame, row, col) of the N tokens, needed to write.
-        memory: (query, key, value) of head 0, each (B, N, d), instead of its own (the
-        motion memory); what the head reads is left in ``memory_read`` (B, N, d).
+        memory: (query, key, value) pre-RoPE of heads 0..m-1, each (B, m, N, d), instead
+        of their own (the motion memory, the recall); what head 0 reads is left in
+        ``memory_read`` (B, N, d).
         """
         B, N, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, -1)
@@ -193,7 +212,7 @@ class Attention(nn.Module):
         split = lambda t: t.view(B, N, self.heads, self.head_dim).transpose(1, 2)
         q, k, v = split(q), split(k), split(v)  # (B, H, N, d)
         if memory is not None:
-            q, k, v = (torch.cat([m[:, None].to(a.dtype), a[:, 1:]], 1)
+            q, k, v = (torch.cat([m.to(a.dtype), a[:, m.shape[1]:]], 1)
                        for m, a in zip(memory, (q, k, v)))
         q = self.hook_q_post(apply_rotation(self.hook_q_pre(q), cos, sin))
         k = self.hook_k_post(apply_rotation(self.hook_k_pre(k), cos, sin))
@@ -309,6 +328,30 @@ class TinyVideoModel(nn.Module):
             nn.init.zeros_(self.motion.weight)
             with torch.no_grad():  # starts as (nearly) a copy: 94% on no displacement
                 self.motion.bias.zero_().view(-1, side * side)[:, side * side // 2] = 6.0
+        if cfg.recall:
+            if not cfg.motion_pick or cfg.motion_per_pixel:
+                raise ValueError("recall is one more choice of a per-patch pick: it needs motion_pick "
+                                 "without motion_per_pixel")
+            if cfg.layers < 2 or cfg.heads < RECALL_HEADS:
+                raise ValueError(f"recall takes the last of several blocks and {RECALL_HEADS} of its heads")
+            if RECALL_HEADS * (cfg.head_dim - 1) < cfg.patch_dim:
+                raise ValueError(f"recall carries a patch's {cfg.patch_dim} pixels in {RECALL_HEADS} heads "
+                                 f"of {cfg.head_dim - 1} values")
+            if any(lag % cfg.patch for lag in RECALL_LAGS):
+                raise ValueError(f"recall lags {RECALL_LAGS} must be multiples of the patch side {cfg.patch}")
+            key = torch.zeros(cfg.head_dim)
+            key[0::2] = 1.0  # every RoPE plane (1, 0): the key is its position alone
+            self.register_buffer("recall_key", key, persistent=False)
+            # how far a cached patch is to be trusted (a pillar's patch hides what recall looks for)
+            self.recall_trust = nn.Linear(w, 1)
+            nn.init.zeros_(self.recall_trust.weight)
+            nn.init.zeros_(self.recall_trust.bias)
+            # the logit of recall among the displacements, from the features, what recall read,
+            # how much it found, and the patch's own previous pixels; it starts never chosen
+            self.recall_choice = nn.Sequential(nn.Linear(w + 2 * cfg.patch_dim + 1, w),
+                                               nn.GELU(approximate="tanh"), nn.Linear(w, 1))
+            nn.init.zeros_(self.recall_choice[2].weight)
+            nn.init.constant_(self.recall_choice[2].bias, -8.0)
         nn.init.zeros_(self.time_proj[1].weight)
         nn.init.zeros_(self.time_proj[1].bias)
 
@@ -359,7 +402,107 @@ class TinyVideoModel(nn.Module):
         clean = (1 - t).repeat_interleave(self.cfg.tokens_per_frame, 1)[..., None]
         value = torch.where(first, 0.0, (match - 1.0 / K) * clean)
         value = F.pad(value, (0, self.cfg.head_dim - K))
-        return (self.memory_query.expand(B, N, -1), self.memory_key.expand(B, N, -1), value)
+        return (self.memory_query.expand(B, 1, N, -1), self.memory_key.expand(B, 1, N, -1), value[:, None])
+
+    def measure_motion(self, given: torch.Tensor) -> torch.Tensor:
+        """The scene's motion (B, 2) long (dy, dx) pixels a frame, from its first two frames
+        ``given`` (B, 2n, d): the displacement of frame 0 that explains the most pixels that
+        changed into frame 1 (the shortest of equals; (0, 0) when nothing changed)."""
+        n, r = self.cfg.tokens_per_frame, self.cfg.motion_reach
+        B = given.shape[0]
+        f0, f1 = given[:, :n].float(), given[:, n:2 * n].float()
+        px = lambda t: t.reshape(*t.shape[:-1], -1, self.cfg.channels)
+        changed = (px(f1) - px(f0)).abs().amax(-1) > 1e-3  # (B, n, P)
+        same = (px(self.displaced(f0)) - px(f1)[:, :, None]).abs().amax(-1) < 1e-3  # (B, n, K, P)
+        count = (same & changed[:, :, None]).sum((1, 3)).float()  # (B, K)
+        best = (count * 1e3 - self.displacement_length).argmax(-1)
+        best = torch.where(count.amax(-1) > 0, best, torch.full_like(best, count.shape[-1] // 2))
+        side = 2 * r + 1
+        return torch.stack([best // side - r, best % side - r], -1)
+
+    def recall_queries(self, frame, row, col, motion) -> torch.Tensor:
+        """Post-RoPE queries (B, lags, N, d) of tokens at (frame, row, col) (N,): each looks
+        at the place ``motion`` (B, 2) carried it from, each of RECALL_LAGS frames back
+        (on the torus of the view)."""
+        lags = torch.tensor(RECALL_LAGS).view(1, -1, 1)
+        dy, dx = (motion[:, i].cpu().view(-1, 1, 1) for i in (0, 1))
+        side, p = self.cfg.side, self.cfg.patch
+        cos, sin = self.rope.cos_sin(frame.view(1, 1, -1) - lags,
+                                     torch.remainder(row.view(1, 1, -1) - lags * dy // p, side),
+                                     torch.remainder(col.view(1, 1, -1) - lags * dx // p, side))
+        return apply_rotation(self.recall_key.cpu().expand(*cos.shape[:-1], -1), cos, sin)
+
+    def recall_values(self, x: torch.Tensor, trust: torch.Tensor) -> torch.Tensor:
+        """The recall heads' values (B, RECALL_HEADS, N, d): each head a slice of the patch
+        pixels ``x`` (B, N, patch_dim) and the trust (B, N, 1), zeros after."""
+        d, P = self.cfg.head_dim, self.cfg.patch_dim
+        per = -(-P // RECALL_HEADS)
+        heads = [torch.cat([x[..., i * per:(i + 1) * per], trust], -1) for i in range(RECALL_HEADS)]
+        return torch.stack([F.pad(h, (0, d - h.shape[-1])) for h in heads], 1)
+
+    def recall_read(self, queries, keys, values, log_mass=None, allowed=None):
+        """What recall reads: queries (B, lags, N, d); per recall head the keys (B, H', M, d)
+        and values (B, H', M, d) of M cached tokens, log_mass (B, H', M) or None, allowed
+        (N, M) bool or None. Each head attends on its own (a policy may keep other tokens in
+        each), per lag against a null key; what the lags found is averaged, weighted by
+        trust. Returns pixels (B, N, patch_dim) and found (B, N): the trusted attention
+        mass (per lag, the least of the heads)."""
+        P, H = self.cfg.patch_dim, RECALL_HEADS
+        per = -(-P // H)
+        perfect = float(self.recall_key.pow(2).sum())
+        q = queries.to(keys.device).float()
+        pixels, found = [], None
+        with torch.autocast(keys.device.type, enabled=False):  # logits of ~500: float32
+            for h in range(H):
+                logits = RECALL_GAIN * (torch.einsum("blnd,bmd->blnm", q, keys[:, h].float()) - perfect)
+                if log_mass is not None:
+                    logits = logits + log_mass[:, h, None, None].float()
+                if allowed is not None:
+                    logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+                null = logits.new_full((*logits.shape[:-1], 1), -RECALL_GAIN * RECALL_MARGIN)
+                attn = torch.cat([logits, null], -1).softmax(-1)[..., :-1].sum(1)  # (B, N, M) over lags
+                width = min(per, P - h * per)
+                val = values[:, h].float()
+                trust = val[..., width:width + 1]
+                mass = attn @ trust  # (B, N, 1)
+                pixels.append((attn @ (val[..., :width] * trust)) / mass.clamp_min(1e-3))
+                found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
+        return torch.cat(pixels, -1).clamp(-1, 1), found / len(RECALL_LAGS)
+
+    def recall_gather(self, meta, motion, values, mask):
+        """``recall_read`` for whole-clip training, where the keys are whole clean frames at
+        their own places: there every key but the one at the place looked at scores at
+        least 0.46 x RECALL_GAIN below it (e^-13), so the read is that key's value against
+        the null, a gather. meta: (frame, row, col) (N,) of the clip's tokens; values (B,
+        RECALL_HEADS, N, d); mask (N, N) bool, the clip's layout (a key no token may see,
+        such as a noisy copy, is never recalled). Returns like ``recall_read``."""
+        frame, row, col = (m.to(values.device) for m in meta)
+        B, H, N, _ = values.shape
+        side, p, P = self.cfg.side, self.cfg.patch, self.cfg.patch_dim
+        per = -(-P // H)
+        allowed = mask & (frame[None] < frame[:, None])
+        # the first token of each frame's clean slot (-1: no such slot)
+        first = torch.full((int(frame.max()) + 1,), -1, dtype=torch.long, device=values.device)
+        keyed = allowed.any(0) & (row == 0) & (col == 0)
+        first[frame[keyed]] = keyed.nonzero()[:, 0]
+        lags = torch.tensor(RECALL_LAGS, device=values.device).view(1, -1, 1)
+        dy, dx = (motion[:, i].to(values.device).view(-1, 1, 1) for i in (0, 1))
+        at = frame.view(1, 1, -1) - lags  # (1, L, N)
+        base = torch.where(at >= 0, first[at.clamp_min(0)], -1)
+        key = (base + torch.remainder(row - lags * dy // p, side) * side
+               + torch.remainder(col - lags * dx // p, side))  # (B, L, N)
+        present = (base >= 0) & allowed.gather(1, key.clamp_min(0).view(-1, N).T.reshape(N, -1)).T.view(key.shape)
+        weight = present.float() / (1 + math.exp(-RECALL_GAIN * RECALL_MARGIN))  # against the null
+        pixels, found = [], None
+        for h in range(H):
+            width = min(per, P - h * per)
+            val = values[:, h].float().gather(1, key.clamp_min(0).view(B, -1, 1).expand(-1, -1, values.shape[-1]))
+            val = val.view(B, len(RECALL_LAGS), N, -1)
+            trusted = weight[..., None] * val[..., width:width + 1]  # (B, L, N, 1)
+            mass = trusted.sum(1)
+            pixels.append((trusted * val[..., :width]).sum(1) / mass.clamp_min(1e-3))
+            found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
+        return torch.cat(pixels, -1).clamp(-1, 1), found / len(RECALL_LAGS)
 
     @staticmethod
     def match(moved: torch.Tensor, x: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
@@ -390,10 +533,18 @@ class TinyVideoModel(nn.Module):
         return ((img + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
     # -- conditioning ------------------------------------------------------
-    def embed_condition(self, cond_ids: torch.Tensor) -> torch.Tensor:
+    def embed_condition(self, cond_ids: torch.Tensor, motion: torch.Tensor | None = None) -> torch.Tensor:
         """(B, len(CONDITION_VOCAB)) ids from ``SceneSpec.condition_ids`` -> (B, width);
-        (B, T, ...) ids (a prompt per frame) -> (B, T, width)."""
-        return sum(emb(cond_ids[..., i]) for i, emb in enumerate(self.cond_embed))
+        (B, T, ...) ids (a prompt per frame) -> (B, T, width). With ``recall`` the scene's
+        motion (B, 2) from ``measure_motion`` rides along as two trailing numbers."""
+        e = sum(emb(cond_ids[..., i]) for i, emb in enumerate(self.cond_embed))
+        if not self.cfg.recall:
+            return e
+        if motion is None:
+            raise ValueError("this model recalls along the scene's motion: pass embed_condition(ids, "
+                             "motion) with motion = measure_motion(the two given frames' tokens)")
+        m = motion.to(e.device, e.dtype).view(-1, *([1] * (e.dim() - 2)), 2)
+        return torch.cat([e, m.expand(*e.shape[:-1], 2)], -1)
 
     def encode_prompt(self, prompt: str):
         raise TypeError("the tiny model is conditioned on a scene: use embed_condition(ids)")
@@ -414,10 +565,34 @@ class TinyVideoModel(nn.Module):
         return tok_chunk[:, None] >= tok_chunk[None, :]
 
     # -- the network --------------------------------------------------------
+    def recall_inputs(self, h, x, meta, motion, mask, cache_layer, cos, sin, write=False):
+        """The recall block's fixed heads (query, key, value, pre-RoPE, each (B, RECALL_HEADS,
+        N, d)) and what recall reads for each token: (pixels (B, N, patch_dim), found (B, N)),
+        from the cache before this call (generation) or from the clip's earlier frames
+        (``mask``: whole-clip training). h: the stream entering the block (B, F, n, w)."""
+        B, N = x.shape[:2]
+        H, P = RECALL_HEADS, self.cfg.patch_dim
+        trust = torch.sigmoid(self.recall_trust(h.reshape(B, N, -1)))
+        values = self.recall_values(x, trust.to(x.dtype))
+        queries = self.recall_queries(*meta, motion).to(x.device)
+        if mask is not None:
+            read = self.recall_gather(meta, motion, values, mask)
+        elif write:  # the cache-filling pass: its output is not used, only its keys and values
+            read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
+        elif cache_layer is not None and cache_layer.size:
+            log_mass = None if cache_layer.bias() is None else cache_layer.mass[:, :H].log()
+            read = self.recall_read(queries, cache_layer.k[:, :H], cache_layer.v[:, :H], log_mass)
+        else:  # nothing cached: nothing to recall
+            read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
+        # the heads' own query (what hooks and policies see): the mean of the lags' queries
+        q_pre = apply_rotation(queries.mean(1), cos, -sin)[:, None].expand(-1, H, -1, -1)
+        return (q_pre, self.recall_key.expand(B, H, N, -1), values), read
+
     def forward(self, x, t, frames, cond, prev: torch.Tensor | None = None,
                 cache: KVCache | None = None, write: bool = False,
                 mask: torch.Tensor | None = None, phase: str = "train", step: int = -1,
-                motion_index: torch.Tensor | None = None, return_motion_logits: bool = False):
+                motion_index: torch.Tensor | None = None, return_motion_logits: bool = False,
+                recall_target: torch.Tensor | None = None):
         """Clean-frame (or velocity, ``cfg.prediction``) prediction.
 
         x: (B, T * tokens_per_frame, patch_dim) noisy tokens of frames ``frames``
@@ -431,7 +606,10 @@ class TinyVideoModel(nn.Module):
         motion_index: (B, N) displacement of each token under ``motion_pick`` (training
         passes the true one), (B, N, patch^2) one per pixel with ``motion_per_pixel``;
         None = the most likely. ``return_motion_logits`` also returns the motion head's
-        logits (B, N, (2r+1)^2), or (B, N, patch^2, (2r+1)^2) per pixel.
+        logits (B, N, (2r+1)^2), or (B, N, patch^2, (2r+1)^2) per pixel; with ``recall`` one
+        more, last: recall's (index (2r+1)^2 picks it).
+        recall_target: training's true tokens like ``x``: where recall gives a token better
+        than its ``motion_index`` displacement, the pick is recall (``recall_used``).
         """
         B, N, _ = x.shape
         n_tok = self.cfg.tokens_per_frame
@@ -442,6 +620,10 @@ class TinyVideoModel(nn.Module):
         ctx.t = float(t.flatten()[0])  # before the move: reading a GPU tensor waits for it
         t = t.to(dev)
         cos, sin = (c.to(dev) for c in self.rope.cos_sin(*meta))  # float64 angles on the host
+        motion = None
+        if self.cfg.recall:  # the scene's motion rides on the condition (embed_condition)
+            cond, motion = cond[..., :-2], cond[..., -2:]
+            motion = (motion[:, 0] if motion.dim() == 3 else motion).round().long()
         per_frame = cond[:, None] if cond.dim() == 2 else cond  # one prompt, or one per frame
         e = self.time_embed(timestep_embedding(t, self.cfg.width)) + per_frame  # (B, T, w)
         mod = self.time_proj(e).view(B, -1, 6, self.cfg.width)
@@ -463,10 +645,15 @@ class TinyVideoModel(nn.Module):
         h = h.view(B, -1, n_tok, self.cfg.width)  # by frame, for the per-frame modulation
         if self.cfg.patch_position:
             h = h + POSITION_GAIN * self.position_embed
+        recalled = None
         for i, block in enumerate(self.blocks):
+            fixed = memory if i == 0 else None
+            if self.cfg.recall and i == len(self.blocks) - 1:
+                fixed, recalled = self.recall_inputs(h, x, meta, motion, mask,
+                                                     cache[i] if cache is not None else None, cos, sin,
+                                                     write)
             h = block(h, mod, cos, sin, mask=mask, write=write, meta=meta,
-                      cache_layer=cache[i] if cache is not None else None,
-                      memory=memory if i == 0 else None)
+                      cache_layer=cache[i] if cache is not None else None, memory=fixed)
         shift, scale = (e[:, :, None] + self.head_mod)[:, :, :, None].unbind(2)
         feat = self.head_norm(h) * (1 + scale) + shift
         out = self.head(feat).view(B, N, -1)
@@ -484,10 +671,23 @@ class TinyVideoModel(nn.Module):
                             torch.cat([feat.reshape(B, N, -1), evidence], -1))[:, :, None]
                 if not self.cfg.motion_per_pixel:
                     logits = logits[:, :, 0]
+                candidates = moved
+                if recalled is not None:  # recall: one more choice, after the displacements
+                    pixels, found = recalled
+                    choice = torch.cat([feat.reshape(B, N, -1), pixels.to(feat.dtype),
+                                        moved[:, :, K // 2].to(feat.dtype), found[..., None].to(feat.dtype)], -1)
+                    logits = torch.cat([logits, self.recall_choice(choice).to(logits.dtype)], -1)
+                    candidates = torch.cat([moved, pixels[:, :, None].to(moved.dtype)], 2)
+                    self.recall_pixels = pixels
+                    if recall_target is not None and motion_index is not None:
+                        err = lambda a: (a.float() - recall_target.float()).pow(2).mean(-1)
+                        taught = moved.gather(2, motion_index[:, :, None, None].expand(-1, -1, 1, moved.shape[-1]))
+                        self.recall_used = err(pixels) < err(taught[:, :, 0]) - 1e-3
+                        motion_index = torch.where(self.recall_used, K, motion_index)
                 weights = self.hook_motion(logits.softmax(-1))
                 if self.cfg.motion_pick:  # one displacement per patch, or per pixel (P of them)
                     index = weights.argmax(-1) if motion_index is None else motion_index
-                    pixels = moved.view(B, N, K, self.choices_per_token, -1)
+                    pixels = candidates.view(B, N, candidates.shape[2], self.choices_per_token, -1)
                     index = index.reshape(B, N, 1, -1, 1).expand(-1, -1, -1, -1, pixels.shape[-1])
                     base = pixels.gather(2, index)[:, :, 0].reshape(B, N, -1)
                 else:
