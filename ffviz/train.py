@@ -335,10 +335,14 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
                             motion_index=torch.cat([centre, index], 1), return_motion_logits=True,
                             recall_target=torch.cat([context, tgt], 1) if recall else None)
         logits = logits[:, T * n:].float()
-        if recall:  # recall is the one good choice where it gives the patch better than any displacement
+        if recall:  # recall is the one good choice where it gives the patch better than any
+            # displacement, one of the good ones where it gives it as well as the best; where it
+            # gives it worse, the choice matters even on a plain patch (every displacement alike)
             used = model.recall_used[:, T * n:]
-            good = torch.cat([good & ~used[..., None], used[..., None]], -1)
-            telling = telling | used
+            best = (model.displaced(pick(prev).float()) - tgt[:, :, None]).pow(2).mean(-1).amin(-1)
+            rec_err = (model.recall_pixels[:, T * n:].float() - tgt).pow(2).mean(-1)
+            good = torch.cat([good & ~used[..., None], (used | (rec_err <= best + 1e-4))[..., None]], -1)
+            telling = ~good.all(-1)
         nll = logits.logsumexp(-1) - logits.masked_fill(~good, float("-inf")).logsumexp(-1)
         per_pixel = model.cfg.motion_per_pixel  # telling, exact: (B, K * n, P)
         w_ce = (telling & (valid_tok[..., None] if per_pixel else valid_tok)).float()
@@ -349,7 +353,6 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
         w = w * torch.where(exact.all(-1) if per_pixel else exact, 1.0, paint_weight)
         if recall:  # what recall reads, taught where no displacement gives the patch
             w_rec = (~exact & valid_tok).float()
-            rec_err = (model.recall_pixels[:, T * n:].float() - tgt).pow(2).mean(-1)
             ce_term = ce_term + recall_weight * (rec_err * w_rec).sum() / w_rec.sum().clamp_min(1.0)
     err = (out[:, T * n:].float() - tgt).pow(2).mean(-1)  # (B, K * n), float32 under autocast too
     loss = (err * w).sum() / w.sum().clamp_min(1e-6)
