@@ -151,6 +151,10 @@ RECALL_GAIN = 30.0
 # ... and a null key scores this far below perfect (half the nearest miss), so where the
 # place is not cached (evicted, before the run) attention goes to the null, not elsewhere.
 RECALL_MARGIN = 0.23
+# Training picks recall where it gives the patch: a mean squared error (pixels in [-1, 1])
+# under this, about one pixel of 16 off by a small colour step; better but wrong (a prompt
+# switch's old colours) is not taught.
+RECALL_GIVES = 0.01
 
 
 def local_query_key(rope, head_dim: int, lag: int, gain: float):
@@ -608,8 +612,9 @@ class TinyVideoModel(nn.Module):
         None = the most likely. ``return_motion_logits`` also returns the motion head's
         logits (B, N, (2r+1)^2), or (B, N, patch^2, (2r+1)^2) per pixel; with ``recall`` one
         more, last: recall's (index (2r+1)^2 picks it).
-        recall_target: training's true tokens like ``x``: where recall gives a token better
-        than its ``motion_index`` displacement, the pick is recall (``recall_used``).
+        recall_target: training's true tokens like ``x``: where recall gives a token (error
+        under RECALL_GIVES) better than its ``motion_index`` displacement, the pick is
+        recall (``recall_used``).
         """
         B, N, _ = x.shape
         n_tok = self.cfg.tokens_per_frame
@@ -682,7 +687,8 @@ class TinyVideoModel(nn.Module):
                     if recall_target is not None and motion_index is not None:
                         err = lambda a: (a.float() - recall_target.float()).pow(2).mean(-1)
                         taught = moved.gather(2, motion_index[:, :, None, None].expand(-1, -1, 1, moved.shape[-1]))
-                        self.recall_used = err(pixels) < err(taught[:, :, 0]) - 1e-3
+                        # recall gives the patch (all but a stray pixel), better than the displacement
+                        self.recall_used = (err(pixels) < RECALL_GIVES) & (err(pixels) < err(taught[:, :, 0]) - 1e-3)
                         motion_index = torch.where(self.recall_used, K, motion_index)
                 weights = self.hook_motion(logits.softmax(-1))
                 if self.cfg.motion_pick:  # one displacement per patch, or per pixel (P of them)
