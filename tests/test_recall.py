@@ -170,3 +170,21 @@ def test_the_recall_graft_starts_as_the_model_it_grew_from(tmp_path):
     runs = [np.array(Run(m, RunSettings(PILLAR, frames=12, seed=2, record=False),
                          Controls(make_policy("full"), 12)).finish().frames.all()) for m in (old, new)]
     assert np.array_equal(*runs)
+
+
+def test_recall_is_no_choice_where_it_found_nothing():
+    """A window of 3 frames holds nothing 4 or more frames back: however much the model
+    wants recall, the pick is a displacement."""
+    model = recall_model()
+    with torch.no_grad():
+        model.recall_choice[2].bias.fill_(1e3)  # recall wanted everywhere
+    scene = Scene(parse_prompt(PILLAR, 3)[0], 3)
+    truth = tokens(model, scene.render(np.arange(30)))
+    motion = model.measure_motion(truth[:, :128])
+    cond = model.embed_condition(torch.zeros(1, len(model.cond_embed), dtype=torch.long), motion)
+    x, prev = truth[:, 29 * 64:], truth[:, 28 * 64:29 * 64]
+    for frames, picked in ((range(26, 29), False), (range(29), True)):
+        cache = cached(model, truth, motion, frames)
+        _, logits = model(x, torch.full((1, 1), 0.5), torch.tensor([29]), cond, prev=prev, cache=cache,
+                          return_motion_logits=True)
+        assert bool((logits.argmax(-1) == logits.shape[-1] - 1).all()) == picked

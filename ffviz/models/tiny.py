@@ -155,6 +155,9 @@ RECALL_MARGIN = 0.23
 # under this, about one pixel of 16 off by a small colour step; better but wrong (a prompt
 # switch's old colours) is not taught.
 RECALL_GIVES = 0.01
+# Recall is a choice only where it found this much (trusted attention mass per lag); with
+# nothing cached at the places it looks, the null takes all but about 1e-4.
+RECALL_FOUND = 0.01
 
 
 def local_query_key(rope, head_dim: int, lag: int, gain: float):
@@ -681,14 +684,19 @@ class TinyVideoModel(nn.Module):
                     pixels, found = recalled
                     choice = torch.cat([feat.reshape(B, N, -1), pixels.to(feat.dtype),
                                         moved[:, :, K // 2].to(feat.dtype), found[..., None].to(feat.dtype)], -1)
-                    logits = torch.cat([logits, self.recall_choice(choice).to(logits.dtype)], -1)
+                    # where recall found nothing (a window that evicted the frames, the run's start)
+                    # it is no choice: what it read is no content
+                    recall_logit = self.recall_choice(choice).to(logits.dtype)
+                    recall_logit = recall_logit.masked_fill(found[..., None] < RECALL_FOUND, -1e4)
+                    logits = torch.cat([logits, recall_logit], -1)
                     candidates = torch.cat([moved, pixels[:, :, None].to(moved.dtype)], 2)
                     self.recall_pixels = pixels
                     if recall_target is not None and motion_index is not None:
                         err = lambda a: (a.float() - recall_target.float()).pow(2).mean(-1)
                         taught = moved.gather(2, motion_index[:, :, None, None].expand(-1, -1, 1, moved.shape[-1]))
                         # recall gives the patch (all but a stray pixel), better than the displacement
-                        self.recall_used = (err(pixels) < RECALL_GIVES) & (err(pixels) < err(taught[:, :, 0]) - 1e-3)
+                        self.recall_used = ((err(pixels) < RECALL_GIVES) & (found >= RECALL_FOUND)
+                                            & (err(pixels) < err(taught[:, :, 0]) - 1e-3))
                         motion_index = torch.where(self.recall_used, K, motion_index)
                 weights = self.hook_motion(logits.softmax(-1))
                 if self.cfg.motion_pick:  # one displacement per patch, or per pixel (P of them)
