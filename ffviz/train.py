@@ -472,6 +472,7 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
                        depth=2 * cfg.workers)
     card = None
     stop = _StopRequest()  # Ctrl-C or SIGTERM: finish the step, save, stop (nothing lost)
+    log(f"training from step {step} (Ctrl-C or SIGTERM: the step in flight finishes and saves)")
     while step < cfg.steps and not stop.asked:
         t0 = time.time()
         batch = next(batches)

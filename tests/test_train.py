@@ -2,6 +2,7 @@
 deterministic and resumes exactly (tiny settings)."""
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -459,9 +460,11 @@ def test_a_stopped_training_saves_a_checkpoint_that_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ffviz", "train", "--fresh", "--threads", "1",
                              "--steps", "100000", "--width", "32", "--layers", "1", "--batch", "2",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        time.sleep(8)  # past the start-up, into the steps
+        started = proc.stdout.readline()  # the loop has begun: its stop handler is in place
+        assert "training from step 0" in started, started
+        time.sleep(2)  # into the steps
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
