@@ -35,6 +35,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -243,13 +244,20 @@ def previous_of_slots(context, before, given: int, n: int):
     return prev
 
 
-def motion_targets(model, prev, target):
-    """Which displacements of ``prev`` give ``target`` (tokens (B, M, d)), patch by patch:
-    (index (B, M): the shortest of the best ones, good (B, M, K) bool: every displacement
-    as good as the best, telling (B, M) bool: patches where the choice matters at all,
-    exact (B, M) bool: patches some displacement gives exactly; the others hold
-    something new, such as an object coming back from behind the pillar). With
-    ``motion_per_pixel`` all of them are per pixel: (B, M, P), good (B, M, P, K)."""
+class MotionTargets(NamedTuple):
+    """What ``motion_targets`` finds, patch by patch (B, M), or per pixel (B, M, P) with
+    ``motion_per_pixel``."""
+    index: torch.Tensor  # the shortest of the best displacements
+    good: torch.Tensor  # (..., K) bool: every displacement as good as the best
+    telling: torch.Tensor  # bool: patches where the choice matters at all
+    exact: torch.Tensor  # bool: some displacement gives the patch exactly; the others hold
+    # something new, such as an object coming back from behind the pillar
+    best: torch.Tensor  # the best displacement's mean squared error
+
+
+def motion_targets(model, prev, target) -> MotionTargets:
+    """Which displacements of ``prev`` give ``target`` (tokens (B, M, d)), patch by patch
+    (or pixel by pixel with ``motion_per_pixel``)."""
     moved = model.displaced(prev.float())
     B, M, K, _ = moved.shape
     P = model.choices_per_token
@@ -259,7 +267,7 @@ def motion_targets(model, prev, target):
     best = err.min(-1, keepdim=True).values
     good = err <= best + 1e-4
     index = (good * 1e3 - model.displacement_length).argmax(-1)
-    return index, good, ~good.all(-1), best[..., 0] < 1e-4
+    return MotionTargets(index, good, ~good.all(-1), best[..., 0] < 1e-4, best[..., 0])
 
 
 @dataclasses.dataclass
@@ -277,12 +285,6 @@ class TrueSlots:
     cond: torch.Tensor
 
 
-def given_motion(model, truth: torch.Tensor) -> torch.Tensor | None:
-    """Each clip's scene motion (B, 2) from its given frames, as generation measures it
-    (``scene_motion``), for a model with recall; else None."""
-    return scene_motion(model, truth[:, :model.cfg.given_frames * model.cfg.tokens_per_frame])
-
-
 def true_slots(model, b: Batch) -> TrueSlots:
     n, g = model.cfg.tokens_per_frame, model.cfg.given_frames
     T, targets = len(b.frame_idx), torch.from_numpy(b.targets)
@@ -292,7 +294,7 @@ def true_slots(model, b: Batch) -> TrueSlots:
     B = truth.shape[0]
     prev = previous_of_slots(truth, None if b.before is None else tokens(b.before[:, None]), g, n)
     pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
-    cond = model.embed_condition(torch.from_numpy(b.cond_ids), given_motion(model, truth))
+    cond = model.embed_condition(torch.from_numpy(b.cond_ids), scene_motion(model, truth[:, :g * n]))
     return TrueSlots(frames, mask, truth, prev, pick(truth), pick(prev),
                      torch.cat([cond, cond[:, targets]], 1))
 
@@ -327,7 +329,7 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
         out = model(x, t, frames, cond, prev=prev_all, mask=mask)
         ce = None
     else:
-        index, good, telling, exact = motion_targets(model, pick(prev), tgt)
+        index, good, telling, exact, best = motion_targets(model, pick(prev), tgt)
         centre = torch.full((B, T * n, *index.shape[2:]), good.shape[-1] // 2, dtype=torch.long,
                             device=x.device)
         recall = model.cfg.recall
@@ -339,7 +341,6 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
             # displacement, one of the good ones where it gives it as well as the best; where it
             # gives it worse, the choice matters even on a plain patch (every displacement alike)
             used = model.recall_used[:, T * n:]
-            best = (model.displaced(pick(prev).float()) - tgt[:, :, None]).pow(2).mean(-1).amin(-1)
             rec_err = (model.recall_pixels[:, T * n:].float() - tgt).pow(2).mean(-1)
             good = torch.cat([good & ~used[..., None], (used | (rec_err <= best + 1e-4))[..., None]], -1)
             telling = ~good.all(-1)
@@ -499,7 +500,8 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         for group in opt.param_groups:
             group["lr"] = lr
         with cfg.autocast(device):
-            cond = model.embed_condition(cond_ids, given_motion(model, truth))  # (B, T, w): each frame's prompt
+            # (B, T, w): each frame's prompt, and the scene's motion from the given frames
+            cond = model.embed_condition(cond_ids, scene_motion(model, truth[:, :g * n]))
             cond = torch.cat([cond, cond[:, targets]], 1)  # the noisy copies' too
             loss, motion_ce = teacher_forcing_loss(model, context, prev, target, valid, levels,
                                                    cond, weight, gen, mask, frames, targets,
@@ -576,7 +578,7 @@ def _rollout_context(model, batch: Batch, truth, before, cond_ids, frame_idx, ge
     model.eval()
     with torch.no_grad():
         pal = palette_tensor([s.spec for s in batch.scenes[:clips]], device)
-        cond = model.embed_condition(cond_ids[:clips, 0], given_motion(model, truth[:clips]))
+        cond = model.embed_condition(cond_ids[:clips, 0], scene_motion(model, truth[:clips, :g * n]))
         rolled = rollout(model, truth[:clips], cond,
                          model.cfg.sample_steps, len(frame_idx), gen, palette=pal,
                          frame_idx=frame_idx, before=None if before is None else before[:clips])

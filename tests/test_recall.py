@@ -1,6 +1,5 @@
 """Recall (TinyConfig.recall): the last block's fixed heads read each patch back from the
 frames the scene's motion carried it from, through the KV cache."""
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +9,10 @@ import pytest
 import torch
 
 from ffviz.generate import Controls, RunSettings, scene_motion
-from ffviz.models.tiny import RECALL_LAGS, TinyConfig, TinyVideoModel
+from ffviz.models.recall import RECALL_LAGS
 from ffviz.policies import make_policy
 from ffviz.run import Run
-from ffviz.sampling import fill_cache, previous_tokens
+from ffviz.sampling import fill_cache
 from ffviz.scenes import Scene, parse_prompt
 from ffviz.train import TrainConfig, draw, teacher_forcing_loss, true_slots
 from ffviz.weights import load_tiny, save_weights
@@ -52,7 +51,7 @@ def cached(model, frames_tokens, motion, frames):
 def read_at(model, cache, frame, motion):
     meta = model.token_positions(torch.tensor([frame]))
     layer = cache.layers[-1]
-    return model.recall_read(model.recall_queries(*meta, motion), layer.k[:, :2], layer.v[:, :2])
+    return model.recall.read(model.recall.queries(*meta, motion), layer.k[:, :2], layer.v[:, :2])
 
 
 def test_the_scene_motion_is_measured_from_the_given_frames():
@@ -108,6 +107,25 @@ def test_recall_finds_nothing_where_the_cache_was_evicted():
     assert read_at(model, full, 29, motion)[1].min() > 0.45  # every lag, trust 0.5
 
 
+def test_the_read_is_kept_for_a_frames_steps_and_redone_when_the_cache_changes():
+    """A frame's denoising steps read the same cache at the same places: the read is made
+    once. A cache that changed (new tensors: a write, a compression) is read again."""
+    model = recall_model()
+    scene = Scene(parse_prompt(PILLAR, 3)[0], 3)
+    truth = tokens(model, scene.render(np.arange(30)))
+    motion = model.measure_motion(truth[:, :128])
+    cache = cached(model, truth, motion, range(29))
+    layer, meta = cache.layers[-1], model.token_positions(torch.tensor([29]))
+    first = model.recall.read_cache(layer, *meta, motion)
+    assert model.recall.read_cache(layer, *meta, motion) is first
+    assert all(torch.equal(a, b) for a, b in zip(first, read_at(model, cache, 29, motion)))
+    other = model.recall.read_cache(layer, *model.token_positions(torch.tensor([28])), motion)
+    assert other is not first  # another frame's places
+    layer.v = torch.zeros_like(layer.v)  # a changed cache: nothing trusted is left
+    again = model.recall.read_cache(layer, *meta, motion)
+    assert again is not first and again[1].max() < 1e-6 < first[1].min()
+
+
 def test_training_gather_reads_as_the_cache_does():
     """Whole-clip training gathers what generation's attention over the cache reads."""
     model = recall_model()
@@ -116,14 +134,14 @@ def test_training_gather_reads_as_the_cache_does():
     frame_idx = torch.from_numpy(batch.frame_idx)
     meta = model.token_positions(frame_idx)
     mask = model.block_causal_mask(frame_idx)
-    values = model.recall_values(x, torch.rand(2, x.shape[1], 1))
+    values = model.recall.values(x, torch.rand(2, x.shape[1], 1))
     motion = torch.tensor([[1, -2], [0, 1]])
-    gathered = model.recall_gather(meta, motion, values, mask)
+    gathered = model.recall.gather(meta, motion, values, mask)
     cos, sin = model.rope.cos_sin(*meta)
     from ffviz.models.rope import apply_rotation
-    keys = apply_rotation(model.recall_key.expand(x.shape[1], -1), cos, sin).expand(2, 2, -1, -1)
+    keys = apply_rotation(model.recall.key.expand(x.shape[1], -1), cos, sin).expand(2, 2, -1, -1)
     frame = meta[0]
-    dense = model.recall_read(model.recall_queries(*meta, motion), keys, values,
+    dense = model.recall.read(model.recall.queries(*meta, motion), keys, values,
                               allowed=mask & (frame[None] < frame[:, None]))
     assert torch.allclose(gathered[1], dense[1], atol=1e-4)
     found = dense[1] > 0.05

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffviz.models.tiny import TinyConfig, TinyVideoModel
+from ffviz.models.tiny import TinyConfig, TinyVideoModel, masked_attention
 from ffviz.sampling import fill_cache
 from ffviz.train import (DATA_VERSION, TrainConfig, _resume, _rollout_context, draw, layout, motion_targets,
                          previous_of_slots, rollout, state_path_for, teacher_forcing_loss, train)
@@ -71,6 +71,27 @@ def test_teacher_forcing_is_what_generation_computes(motion):
                                prev=slot(prev, i), cache=cache)
                 torch.testing.assert_close(cached, slot(out[:, T * n:], j), atol=2e-5, rtol=0)
     assert seen_gap and seen_touching and switched  # prompt switches inside a clip too
+
+
+@pytest.mark.parametrize("bands", [1, 3, 4])
+def test_masked_attention_in_bands_is_the_masked_attention(bands, monkeypatch):
+    """The banded attention of whole-clip training gives SDPA's values and gradients,
+    on a clip's layout (the bands skip keys) and on a mask with no prefix structure."""
+    monkeypatch.setattr("ffviz.models.tiny.ATTENTION_BANDS", bands)
+    g = torch.Generator().manual_seed(0)
+    batch = draw(0, 6000, TrainConfig(batch=1, curriculum=((0, 8),)), TinyConfig())
+    _, layout_mask = layout(torch.from_numpy(batch.frame_idx), 2, 4, torch.from_numpy(batch.targets))
+    scattered = torch.rand(40, 40, generator=g) > 0.5
+    scattered.fill_diagonal_(True)
+    for mask in (layout_mask, scattered):
+        N = mask.shape[0]
+        q, k, v = (torch.randn(2, 3, N, 8, generator=g, requires_grad=True) for _ in range(3))
+        ours = masked_attention(q, k, v, mask)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert torch.allclose(ours, sdpa, atol=1e-6)
+        weights = torch.randn(ours.shape, generator=g)
+        grads = [torch.autograd.grad((y * weights).sum(), (q, k, v)) for y in (ours, sdpa)]
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
 
 
 def test_training_is_deterministic_and_resumes_exactly(tmp_path):
@@ -302,14 +323,14 @@ def test_a_picking_motion_head_moves_by_one_displacement_and_learns_which():
     img[:, :, 8:16, 8:16] = 1  # a white square on black
     shifted = torch.roll(img, 1, 3)  # dx = +1
     prev, target = model.patchify(img), model.patchify(shifted)
-    index, good, telling, exact = motion_targets(model, prev, target)
+    index, good, telling, exact, _ = motion_targets(model, prev, target)
     right = (0 + 2) * 5 + (1 + 2)
     assert telling.sum() > 0 and good[..., right].all() and (index == right).sum() == 4  # the two edges x two rows
     assert (index[~telling] == 12).all()  # where nothing tells, no displacement
     assert exact.all()  # a moved square: every patch is some displacement of the last frame
     appeared = target.clone()
     appeared[0, 63] = 0.5  # something new in the last patch: no displacement gives it
-    assert motion_targets(model, prev, appeared)[3].tolist()[0] == [True] * 63 + [False]
+    assert motion_targets(model, prev, appeared).exact.tolist()[0] == [True] * 63 + [False]
     with torch.no_grad():
         model.motion.bias.zero_()[right] = 3.0  # most likely, not certain: still one pick
     x, cond, frames = torch.randn(1, 64, 48), torch.zeros(1, 128), torch.tensor([1])
@@ -561,7 +582,7 @@ def test_a_per_pixel_pick_moves_two_motions_in_one_patch():
         model = TinyVideoModel(TinyConfig(width=32, layers=1, heads=2, predict_change=True, motion_reach=2,
                                           motion_pick=True, motion_per_pixel=per_pixel))
         prev, target = model.patchify(img), model.patchify(nxt)
-        index, good, telling, exact = motion_targets(model, prev, target)
+        index, good, telling, exact, _ = motion_targets(model, prev, target)
         assert index.shape == ((1, 64, 16) if per_pixel else (1, 64))
         out = model(torch.randn(1, 64, 48), torch.ones(1, 1), torch.tensor([1]), torch.zeros(1, 32), prev=prev,
                     motion_index=index)

@@ -36,7 +36,7 @@ def probe(model, batches: int) -> dict:
         x = true_slots(model, b)
         B, T, K = x.truth.shape[0], len(b.frame_idx), len(b.targets)
         target, target_prev = x.target, x.target_prev
-        _, good, telling, exact = motion_targets(model, target_prev, target)
+        _, good, telling, exact, _ = motion_targets(model, target_prev, target)
         gen = torch.Generator().manual_seed(s)
         for t in LEVELS:
             noisy = (1 - t) * target + t * torch.randn(target.shape, generator=gen)

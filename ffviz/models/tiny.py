@@ -38,6 +38,7 @@ from torch import nn
 from ffviz import kernels
 from ffviz.cache import KVCache
 from ffviz.hooks import HookContext, HookPoint
+from ffviz.models.recall import RECALL_FOUND, RECALL_GIVES, RECALL_HEADS, RecallLookup, check_config
 from ffviz.models.rope import Rope3D, apply_rotation
 from ffviz.scenes import CONDITION_VOCAB
 
@@ -141,23 +142,7 @@ MEMORY_GAIN = 4.0  # sharpness of the motion memory's look at the same patch
 # streams are large (rms 5-17), and at the optimizer's step size a zero-started embedding
 # would take thousands of steps to count in them.
 POSITION_GAIN = 10.0
-# Recall looks this many frames back: multiples of the patch side, so every integer motion
-# lands on whole patches (a 4-px patch moved 1 px a frame is a whole patch 4 frames later).
-RECALL_LAGS = (4, 8, 12, 16, 20, 24)
-RECALL_HEADS = 2  # heads of the recall block that carry the pixels (each: part of them and trust)
-# Sharpness of the recall's look: a key one frame or one patch off the place looked at
-# scores 0.46 or 0.77 below a perfect one (of 16, the RoPE planes of a 32-dim head) ...
-RECALL_GAIN = 30.0
-# ... and a null key scores this far below perfect (half the nearest miss), so where the
-# place is not cached (evicted, before the run) attention goes to the null, not elsewhere.
-RECALL_MARGIN = 0.23
-# Training picks recall where it gives the patch: a mean squared error (pixels in [-1, 1])
-# under this, about one pixel of 16 off by a small colour step; better but wrong (a prompt
-# switch's old colours) is not taught.
-RECALL_GIVES = 0.01
-# Recall is a choice only where it found this much (trusted attention mass per lag); with
-# nothing cached at the places it looks, the null takes all but about 1e-4.
-RECALL_FOUND = 0.01
+ATTENTION_BANDS = 4  # bands of query rows of whole-clip training's attention (masked_attention)
 
 
 def local_query_key(rope, head_dim: int, lag: int, gain: float):
@@ -179,6 +164,24 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
     args = (t.float() * 1000.0)[..., None] * freqs
     return torch.cat([args.cos(), args.sin()], -1)
+
+
+def masked_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA under a bool ``mask`` (N, N), run in ATTENTION_BANDS bands of query rows,
+    each against the keys up to the last one any of its rows may see. Rows of a
+    block-causal clip see a prefix of the keys, so the early bands skip most of them;
+    the CPU kernel costs by the keys it is given, not by the ones the mask lets through
+    (a training step's teacher-forcing pass: ``tools/train_step_time.py``), and the
+    numbers are the same."""
+    N = mask.shape[0]
+    last = N - mask.flip(1).int().argmax(1)  # one past each row's last allowed key
+    bounds = torch.linspace(0, N, min(ATTENTION_BANDS, N) + 1).long().tolist()
+    out = []
+    for a, z in zip(bounds[:-1], bounds[1:]):
+        end = int(last[a:z].max())
+        out.append(F.scaled_dot_product_attention(q[:, :, a:z], k[:, :, :end], v[:, :, :end],
+                                                  attn_mask=mask[a:z, :end]))
+    return torch.cat(out, 2)
 
 
 class RMSNorm(nn.Module):
@@ -224,7 +227,7 @@ class Attention(nn.Module):
         q = self.hook_q_post(apply_rotation(self.hook_q_pre(q), cos, sin))
         k = self.hook_k_post(apply_rotation(self.hook_k_pre(k), cos, sin))
         if mask is not None:  # whole-clip training: the block-causal mask, no cache
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = masked_attention(q, k, v, mask)
         else:
             log_mass = None
             if cache_layer is not None and cache_layer.size:
@@ -336,19 +339,8 @@ class TinyVideoModel(nn.Module):
             with torch.no_grad():  # starts as (nearly) a copy: 94% on no displacement
                 self.motion.bias.zero_().view(-1, side * side)[:, side * side // 2] = 6.0
         if cfg.recall:
-            if not cfg.motion_pick or cfg.motion_per_pixel:
-                raise ValueError("recall is one more choice of a per-patch pick: it needs motion_pick "
-                                 "without motion_per_pixel")
-            if cfg.layers < 2 or cfg.heads < RECALL_HEADS:
-                raise ValueError(f"recall takes the last of several blocks and {RECALL_HEADS} of its heads")
-            if RECALL_HEADS * (cfg.head_dim - 1) < cfg.patch_dim:
-                raise ValueError(f"recall carries a patch's {cfg.patch_dim} pixels in {RECALL_HEADS} heads "
-                                 f"of {cfg.head_dim - 1} values")
-            if any(lag % cfg.patch for lag in RECALL_LAGS):
-                raise ValueError(f"recall lags {RECALL_LAGS} must be multiples of the patch side {cfg.patch}")
-            key = torch.zeros(cfg.head_dim)
-            key[0::2] = 1.0  # every RoPE plane (1, 0): the key is its position alone
-            self.register_buffer("recall_key", key, persistent=False)
+            check_config(cfg)
+            self.recall = RecallLookup(cfg, self.rope)  # the lookup's geometry (no weights)
             # how far a cached patch is to be trusted (a pillar's patch hides what recall looks for)
             self.recall_trust = nn.Linear(w, 1)
             nn.init.zeros_(self.recall_trust.weight)
@@ -416,7 +408,6 @@ class TinyVideoModel(nn.Module):
         ``given`` (B, 2n, d): the displacement of frame 0 that explains the most pixels that
         changed into frame 1 (the shortest of equals; (0, 0) when nothing changed)."""
         n, r = self.cfg.tokens_per_frame, self.cfg.motion_reach
-        B = given.shape[0]
         f0, f1 = given[:, :n].float(), given[:, n:2 * n].float()
         px = lambda t: t.reshape(*t.shape[:-1], -1, self.cfg.channels)
         changed = (px(f1) - px(f0)).abs().amax(-1) > 1e-3  # (B, n, P)
@@ -426,90 +417,6 @@ class TinyVideoModel(nn.Module):
         best = torch.where(count.amax(-1) > 0, best, torch.full_like(best, count.shape[-1] // 2))
         side = 2 * r + 1
         return torch.stack([best // side - r, best % side - r], -1)
-
-    def recall_queries(self, frame, row, col, motion) -> torch.Tensor:
-        """Post-RoPE queries (B, lags, N, d) of tokens at (frame, row, col) (N,): each looks
-        at the place ``motion`` (B, 2) carried it from, each of RECALL_LAGS frames back
-        (on the torus of the view)."""
-        lags = torch.tensor(RECALL_LAGS).view(1, -1, 1)
-        dy, dx = (motion[:, i].cpu().view(-1, 1, 1) for i in (0, 1))
-        side, p = self.cfg.side, self.cfg.patch
-        cos, sin = self.rope.cos_sin(frame.view(1, 1, -1) - lags,
-                                     torch.remainder(row.view(1, 1, -1) - lags * dy // p, side),
-                                     torch.remainder(col.view(1, 1, -1) - lags * dx // p, side))
-        return apply_rotation(self.recall_key.cpu().expand(*cos.shape[:-1], -1), cos, sin)
-
-    def recall_values(self, x: torch.Tensor, trust: torch.Tensor) -> torch.Tensor:
-        """The recall heads' values (B, RECALL_HEADS, N, d): each head a slice of the patch
-        pixels ``x`` (B, N, patch_dim) and the trust (B, N, 1), zeros after."""
-        d, P = self.cfg.head_dim, self.cfg.patch_dim
-        per = -(-P // RECALL_HEADS)
-        heads = [torch.cat([x[..., i * per:(i + 1) * per], trust], -1) for i in range(RECALL_HEADS)]
-        return torch.stack([F.pad(h, (0, d - h.shape[-1])) for h in heads], 1)
-
-    def recall_read(self, queries, keys, values, log_mass=None, allowed=None):
-        """What recall reads: queries (B, lags, N, d); per recall head the keys (B, H', M, d)
-        and values (B, H', M, d) of M cached tokens, log_mass (B, H', M) or None, allowed
-        (N, M) bool or None. Each head attends on its own (a policy may keep other tokens in
-        each), per lag against a null key; what the lags found is averaged, weighted by
-        trust. Returns pixels (B, N, patch_dim) and found (B, N): the trusted attention
-        mass (per lag, the least of the heads)."""
-        P, H = self.cfg.patch_dim, RECALL_HEADS
-        per = -(-P // H)
-        perfect = float(self.recall_key.pow(2).sum())
-        q = queries.to(keys.device).float()
-        pixels, found = [], None
-        with torch.autocast(keys.device.type, enabled=False):  # logits of ~500: float32
-            for h in range(H):
-                logits = RECALL_GAIN * (torch.einsum("blnd,bmd->blnm", q, keys[:, h].float()) - perfect)
-                if log_mass is not None:
-                    logits = logits + log_mass[:, h, None, None].float()
-                if allowed is not None:
-                    logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-                null = logits.new_full((*logits.shape[:-1], 1), -RECALL_GAIN * RECALL_MARGIN)
-                attn = torch.cat([logits, null], -1).softmax(-1)[..., :-1].sum(1)  # (B, N, M) over lags
-                width = min(per, P - h * per)
-                val = values[:, h].float()
-                trust = val[..., width:width + 1]
-                mass = attn @ trust  # (B, N, 1)
-                pixels.append((attn @ (val[..., :width] * trust)) / mass.clamp_min(1e-3))
-                found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
-        return torch.cat(pixels, -1).clamp(-1, 1), found / len(RECALL_LAGS)
-
-    def recall_gather(self, meta, motion, values, mask):
-        """``recall_read`` for whole-clip training, where the keys are whole clean frames at
-        their own places: there every key but the one at the place looked at scores at
-        least 0.46 x RECALL_GAIN below it (e^-13), so the read is that key's value against
-        the null, a gather. meta: (frame, row, col) (N,) of the clip's tokens; values (B,
-        RECALL_HEADS, N, d); mask (N, N) bool, the clip's layout (a key no token may see,
-        such as a noisy copy, is never recalled). Returns like ``recall_read``."""
-        frame, row, col = (m.to(values.device) for m in meta)
-        B, H, N, _ = values.shape
-        side, p, P = self.cfg.side, self.cfg.patch, self.cfg.patch_dim
-        per = -(-P // H)
-        allowed = mask & (frame[None] < frame[:, None])
-        # the first token of each frame's clean slot (-1: no such slot)
-        first = torch.full((int(frame.max()) + 1,), -1, dtype=torch.long, device=values.device)
-        keyed = allowed.any(0) & (row == 0) & (col == 0)
-        first[frame[keyed]] = keyed.nonzero()[:, 0]
-        lags = torch.tensor(RECALL_LAGS, device=values.device).view(1, -1, 1)
-        dy, dx = (motion[:, i].to(values.device).view(-1, 1, 1) for i in (0, 1))
-        at = frame.view(1, 1, -1) - lags  # (1, L, N)
-        base = torch.where(at >= 0, first[at.clamp_min(0)], -1)
-        key = (base + torch.remainder(row - lags * dy // p, side) * side
-               + torch.remainder(col - lags * dx // p, side))  # (B, L, N)
-        present = (base >= 0) & allowed.gather(1, key.clamp_min(0).view(-1, N).T.reshape(N, -1)).T.view(key.shape)
-        weight = present.float() / (1 + math.exp(-RECALL_GAIN * RECALL_MARGIN))  # against the null
-        pixels, found = [], None
-        for h in range(H):
-            width = min(per, P - h * per)
-            val = values[:, h].float().gather(1, key.clamp_min(0).view(B, -1, 1).expand(-1, -1, values.shape[-1]))
-            val = val.view(B, len(RECALL_LAGS), N, -1)
-            trusted = weight[..., None] * val[..., width:width + 1]  # (B, L, N, 1)
-            mass = trusted.sum(1)
-            pixels.append((trusted * val[..., :width]).sum(1) / mass.clamp_min(1e-3))
-            found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
-        return torch.cat(pixels, -1).clamp(-1, 1), found / len(RECALL_LAGS)
 
     @staticmethod
     def match(moved: torch.Tensor, x: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
@@ -580,20 +487,19 @@ class TinyVideoModel(nn.Module):
         B, N = x.shape[:2]
         H, P = RECALL_HEADS, self.cfg.patch_dim
         trust = torch.sigmoid(self.recall_trust(h.reshape(B, N, -1)))
-        values = self.recall_values(x, trust.to(x.dtype))
-        queries = self.recall_queries(*meta, motion).to(x.device)
+        values = self.recall.values(x, trust.to(x.dtype))
+        queries = self.recall.queries(*meta, motion).to(x.device)
         if mask is not None:
-            read = self.recall_gather(meta, motion, values, mask)
+            read = self.recall.gather(meta, motion, values, mask)
         elif write:  # the cache-filling pass: its output is not used, only its keys and values
             read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
         elif cache_layer is not None and cache_layer.size:
-            log_mass = None if cache_layer.bias() is None else cache_layer.mass[:, :H].log()
-            read = self.recall_read(queries, cache_layer.k[:, :H], cache_layer.v[:, :H], log_mass)
+            read = self.recall.read_cache(cache_layer, *meta, motion)
         else:  # nothing cached: nothing to recall
             read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
         # the heads' own query (what hooks and policies see): the mean of the lags' queries
         q_pre = apply_rotation(queries.mean(1), cos, -sin)[:, None].expand(-1, H, -1, -1)
-        return (q_pre, self.recall_key.expand(B, H, N, -1), values), read
+        return (q_pre, self.recall.key.to(x.device).expand(B, H, N, -1), values), read
 
     def forward(self, x, t, frames, cond, prev: torch.Tensor | None = None,
                 cache: KVCache | None = None, write: bool = False,

@@ -1,0 +1,173 @@
+"""Recall: the embedded model's lookup along the scene's motion through the KV cache.
+
+A scene moves as one (docs/model.md), so what a patch shows now is what the patch the
+motion carried it from showed some frames back, wherever that was not hidden. Two heads
+of the model's last block (``TinyConfig.recall``) are fixed to that lookup:
+
+* their keys are content-free (every RoPE plane (1, 0)): a cached key is its position;
+* a token at frame f, row r, column c asks, for each lag in RECALL_LAGS, for the place
+  (f - lag, r - lag dy / patch, c - lag dx / patch) on the view's torus: the query of
+  each lag is the content-free vector rotated there with the model's own 3D RoPE;
+* their values carry the cached patch's pixels (half of them a head) and a learnt trust
+  (a pillar's patch hides what recall looks for).
+
+What the lags read, weighted by trust, is one more choice beside the displacements of
+the previous frame (``TinyVideoModel.forward``). The lookup holds no weights: the trust
+and the choice are the model's own layers; this module is the geometry of the read.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ffviz.models.rope import apply_rotation
+
+# Recall looks this many frames back: multiples of the patch side, so every integer motion
+# lands on whole patches (a 4-px patch moved 1 px a frame is a whole patch 4 frames later).
+RECALL_LAGS = (4, 8, 12, 16, 20, 24)
+RECALL_HEADS = 2  # heads of the recall block that carry the pixels (each: part of them and trust)
+# Sharpness of the recall's look: a key one frame or one patch off the place looked at
+# scores 0.46 or 0.77 below a perfect one (of 16, the RoPE planes of a 32-dim head) ...
+RECALL_GAIN = 30.0
+# ... and a null key scores this far below perfect (half the nearest miss), so where the
+# place is not cached (evicted, before the run) attention goes to the null, not elsewhere.
+RECALL_MARGIN = 0.23
+# Training picks recall where it gives the patch: a mean squared error (pixels in [-1, 1])
+# under this, about one pixel of 16 off by a small colour step; better but wrong (a prompt
+# switch's old colours) is not taught.
+RECALL_GIVES = 0.01
+# Recall is a choice only where it found this much (trusted attention mass per lag); with
+# nothing cached at the places it looks, the null takes all but about 1e-4.
+RECALL_FOUND = 0.01
+
+
+def check_config(cfg) -> None:
+    """ValueError where a ``TinyConfig`` cannot carry the lookup."""
+    if not cfg.motion_pick or cfg.motion_per_pixel:
+        raise ValueError("recall is one more choice of a per-patch pick: it needs motion_pick "
+                         "without motion_per_pixel")
+    if cfg.layers < 2 or cfg.heads < RECALL_HEADS:
+        raise ValueError(f"recall takes the last of several blocks and {RECALL_HEADS} of its heads")
+    if RECALL_HEADS * (cfg.head_dim - 1) < cfg.patch_dim:
+        raise ValueError(f"recall carries a patch's {cfg.patch_dim} pixels in {RECALL_HEADS} heads "
+                         f"of {cfg.head_dim - 1} values")
+    if any(lag % cfg.patch for lag in RECALL_LAGS):
+        raise ValueError(f"recall lags {RECALL_LAGS} must be multiples of the patch side {cfg.patch}")
+
+
+class RecallLookup:
+    """The read of the recall heads for one model: ``queries``, ``values``, ``read``
+    (attention over a cache, as generation runs it), ``gather`` (the same read for
+    whole-clip training) and ``read_cache`` (``read`` kept for a frame's denoising steps)."""
+
+    def __init__(self, cfg, rope):
+        self.cfg, self.rope = cfg, rope
+        self.key = torch.zeros(cfg.head_dim)
+        self.key[0::2] = 1.0  # every RoPE plane (1, 0): the key is its position alone
+        self.per_head = -(-cfg.patch_dim // RECALL_HEADS)  # pixel values a head carries
+        self._kept = None  # the last ``read_cache``: what it read from, and the read
+
+    def __getstate__(self):  # a copied or pickled model keeps no read (weak references do not pickle)
+        return {**self.__dict__, "_kept": None}
+
+    def queries(self, frame, row, col, motion) -> torch.Tensor:
+        """Post-RoPE queries (B, lags, N, d) of tokens at (frame, row, col) (N,): each looks
+        at the place ``motion`` (B, 2) carried it from, each of RECALL_LAGS frames back
+        (on the torus of the view)."""
+        lags = torch.tensor(RECALL_LAGS).view(1, -1, 1)
+        dy, dx = (motion[:, i].cpu().view(-1, 1, 1) for i in (0, 1))
+        side, p = self.cfg.side, self.cfg.patch
+        cos, sin = self.rope.cos_sin(frame.view(1, 1, -1) - lags,
+                                     torch.remainder(row.view(1, 1, -1) - lags * dy // p, side),
+                                     torch.remainder(col.view(1, 1, -1) - lags * dx // p, side))
+        return apply_rotation(self.key.expand(*cos.shape[:-1], -1), cos, sin)
+
+    def values(self, x: torch.Tensor, trust: torch.Tensor) -> torch.Tensor:
+        """The recall heads' values (B, RECALL_HEADS, N, d): each head a slice of the patch
+        pixels ``x`` (B, N, patch_dim) and the trust (B, N, 1), zeros after."""
+        d, per = self.cfg.head_dim, self.per_head
+        heads = [torch.cat([x[..., i * per:(i + 1) * per], trust], -1) for i in range(RECALL_HEADS)]
+        return torch.stack([F.pad(h, (0, d - h.shape[-1])) for h in heads], 1)
+
+    def _widths(self):
+        P, per = self.cfg.patch_dim, self.per_head
+        return [min(per, P - h * per) for h in range(RECALL_HEADS)]
+
+    def read(self, queries, keys, values, log_mass=None, allowed=None):
+        """What recall reads: queries (B, lags, N, d); per recall head the keys (B, H', M, d)
+        and values (B, H', M, d) of M cached tokens, log_mass (B, H', M) or None, allowed
+        (N, M) bool or None. Each head attends on its own (a policy may keep other tokens in
+        each), per lag against a null key; what the lags found is averaged, weighted by
+        trust. Returns pixels (B, N, patch_dim) and found (B, N): the trusted attention
+        mass (per lag, the least of the heads)."""
+        perfect = float(self.key.pow(2).sum())
+        q = queries.to(keys.device).float()
+        pixels, found = [], None
+        with torch.autocast(keys.device.type, enabled=False):  # logits of ~500: float32
+            for h, width in enumerate(self._widths()):
+                logits = RECALL_GAIN * (torch.einsum("blnd,bmd->blnm", q, keys[:, h].float()) - perfect)
+                if log_mass is not None:
+                    logits = logits + log_mass[:, h, None, None].float()
+                if allowed is not None:
+                    logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+                null = logits.new_full((*logits.shape[:-1], 1), -RECALL_GAIN * RECALL_MARGIN)
+                attn = torch.cat([logits, null], -1).softmax(-1)[..., :-1].sum(1)  # (B, N, M) over lags
+                val = values[:, h].float()
+                trust = val[..., width:width + 1]
+                mass = attn @ trust  # (B, N, 1)
+                pixels.append((attn @ (val[..., :width] * trust)) / mass.clamp_min(1e-3))
+                found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
+        return torch.cat(pixels, -1).clamp(-1, 1), found / len(RECALL_LAGS)
+
+    def read_cache(self, layer, frame, row, col, motion):
+        """``read`` of tokens at (frame, row, col) over a cache layer. The read is the same
+        at every denoising step of a frame (the same cache, and queries that depend on the
+        place and the motion alone), so the last one is kept and given back while the
+        layer's tensors are the same objects (a cache never changes a tensor in place: a
+        write or a compression puts new ones). Weak references: nothing is kept alive."""
+        H = RECALL_HEADS
+        tensors = (layer.k, layer.v, layer.mass)
+        kept = self._kept
+        if (kept is not None and all(ref() is t for ref, t in zip(kept[0], tensors))
+                and torch.equal(kept[1], frame) and torch.equal(kept[2], motion.cpu())):
+            return kept[3]
+        log_mass = None if layer.bias() is None else layer.mass[:, :H].log()
+        out = self.read(self.queries(frame, row, col, motion), layer.k[:, :H], layer.v[:, :H], log_mass)
+        self._kept = (tuple(weakref.ref(t) for t in tensors), frame.clone(), motion.cpu().clone(), out)
+        return out
+
+    def gather(self, meta, motion, values, mask):
+        """``read`` for whole-clip training, where the keys are whole clean frames at
+        their own places: there every key but the one at the place looked at scores at
+        least 0.46 x RECALL_GAIN below it (e^-13), so the read is that key's value against
+        the null, a gather. meta: (frame, row, col) (N,) of the clip's tokens; values (B,
+        RECALL_HEADS, N, d); mask (N, N) bool, the clip's layout (a key no token may see,
+        such as a noisy copy, is never recalled). Returns like ``read``."""
+        frame, row, col = (m.to(values.device) for m in meta)
+        B, H, N, _ = values.shape
+        side, p = self.cfg.side, self.cfg.patch
+        allowed = mask & (frame[None] < frame[:, None])
+        # the first token of each frame's clean slot (-1: no such slot)
+        first = torch.full((int(frame.max()) + 1,), -1, dtype=torch.long, device=values.device)
+        keyed = allowed.any(0) & (row == 0) & (col == 0)
+        first[frame[keyed]] = keyed.nonzero()[:, 0]
+        lags = torch.tensor(RECALL_LAGS, device=values.device).view(1, -1, 1)
+        dy, dx = (motion[:, i].to(values.device).view(-1, 1, 1) for i in (0, 1))
+        at = frame.view(1, 1, -1) - lags  # (1, L, N)
+        base = torch.where(at >= 0, first[at.clamp_min(0)], -1)
+        key = (base + torch.remainder(row - lags * dy // p, side) * side
+               + torch.remainder(col - lags * dx // p, side))  # (B, L, N)
+        present = (base >= 0) & allowed.gather(1, key.clamp_min(0).view(-1, N).T.reshape(N, -1)).T.view(key.shape)
+        weight = present.float() / (1 + math.exp(-RECALL_GAIN * RECALL_MARGIN))  # against the null
+        pixels, found = [], None
+        for h, width in enumerate(self._widths()):
+            val = values[:, h].float().gather(1, key.clamp_min(0).view(B, -1, 1).expand(-1, -1, values.shape[-1]))
+            val = val.view(B, len(RECALL_LAGS), N, -1)
+            trusted = weight[..., None] * val[..., width:width + 1]  # (B, L, N, 1)
+            mass = trusted.sum(1)
+            pixels.append((trusted * val[..., :width]).sum(1) / mass.clamp_min(1e-3))
+            found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
+        return torch.cat(pixels, -1).clamp(-1, 1), found / len(RECALL_LAGS)
