@@ -116,13 +116,14 @@ def test_the_read_is_kept_for_a_frames_steps_and_redone_when_the_cache_changes()
     motion = model.measure_motion(truth[:, :128])
     cache = cached(model, truth, motion, range(29))
     layer, meta = cache.layers[-1], model.token_positions(torch.tensor([29]))
-    first = model.recall.read_cache(layer, *meta, motion)
-    assert model.recall.read_cache(layer, *meta, motion) is first
+    read = lambda meta: model.recall.read_cache(layer, model.recall.queries(*meta, motion), meta[0], motion)
+    first = read(meta)
+    assert read(meta) is first
     assert all(torch.equal(a, b) for a, b in zip(first, read_at(model, cache, 29, motion)))
-    other = model.recall.read_cache(layer, *model.token_positions(torch.tensor([28])), motion)
+    other = read(model.token_positions(torch.tensor([28])))
     assert other is not first  # another frame's places
     layer.v = torch.zeros_like(layer.v)  # a changed cache: nothing trusted is left
-    again = model.recall.read_cache(layer, *meta, motion)
+    again = read(meta)
     assert again is not first and again[1].max() < 1e-6 < first[1].min()
 
 

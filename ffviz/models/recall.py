@@ -122,8 +122,9 @@ class RecallLookup:
                 found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
         return torch.cat(pixels, -1).clamp(-1, 1), found / len(RECALL_LAGS)
 
-    def read_cache(self, layer, frame, row, col, motion):
-        """``read`` of tokens at (frame, row, col) over a cache layer. The read is the same
+    def read_cache(self, layer, queries, frame, motion):
+        """``read`` of ``queries`` (from ``queries``: tokens of frames ``frame`` (N,) and
+        ``motion``) over a cache layer. The read is the same
         at every denoising step of a frame (the same cache, and queries that depend on the
         place and the motion alone), so the last one is kept and given back while the
         layer's tensors are the same objects (a cache never changes a tensor in place: a
@@ -135,7 +136,7 @@ class RecallLookup:
                 and torch.equal(kept[1], frame) and torch.equal(kept[2], motion.cpu())):
             return kept[3]
         log_mass = None if layer.bias() is None else layer.mass[:, :H].log()
-        out = self.read(self.queries(frame, row, col, motion), layer.k[:, :H], layer.v[:, :H], log_mass)
+        out = self.read(queries, layer.k[:, :H], layer.v[:, :H], log_mass)
         self._kept = (tuple(weakref.ref(t) for t in tensors), frame.clone(), motion.cpu().clone(), out)
         return out
 

@@ -494,7 +494,7 @@ class TinyVideoModel(nn.Module):
         elif write:  # the cache-filling pass: its output is not used, only its keys and values
             read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
         elif cache_layer is not None and cache_layer.size:
-            read = self.recall.read_cache(cache_layer, *meta, motion)
+            read = self.recall.read_cache(cache_layer, queries, meta[0], motion)  # queries made once
         else:  # nothing cached: nothing to recall
             read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
         # the heads' own query (what hooks and policies see): the mean of the lags' queries
