@@ -37,7 +37,8 @@ import re
 
 import numpy as np
 
-WORLD_VERSION = 4  # bump when what a scene looks like changes (3: the view wraps; 4: one motion)
+WORLD_VERSION = 5  # bump when what a scene looks like changes (3: the view wraps; 4: one motion;
+# 5: objects start whole in the given frames)
 VIEW = 32  # frame side in pixels
 MAX_OBJECTS = 3
 # pixels of world beyond the view (past the object's side) where a leaving object is out of sight
@@ -279,16 +280,47 @@ def _overlap(a: np.ndarray, b: np.ndarray, side_a: int, side_b: int, period: np.
     return bool(np.all((d < side_a) | (np.mod(-d, period) < side_b)))
 
 
-def _apart(rng: np.random.Generator, side: np.ndarray, period: np.ndarray) -> np.ndarray:
+def _apart(rng: np.random.Generator, side: np.ndarray, period: np.ndarray,
+           shown: np.ndarray | None = None, vx: int = 0, across_edge: bool = False) -> np.ndarray:
     """Top-left corners (n, 2) in view whose boxes do not overlap on the torus: drawn
-    until they are apart; failing that, corners (0, 0), (s, 0), (0, s) moved together,
-    s the largest side."""
+    until they are apart and, with ``shown`` ((period_x,) bool: the world's columns the
+    view shows, the pillar's not), until every object is whole in the given frames
+    (frames 0 and 1, moving ``vx`` px between them); the best draw where none is (a
+    wide pillar in a scene leaving the view leaves no room). ``across_edge``:
+    a corner may put the box across the view's right edge (a view that wraps: it shows
+    in two parts), the only room beside a wide pillar for an object of 10 or 12 px.
+    Failing to draw apart a thousand times, corners (0, 0), (s, 0), (0, s) moved
+    together, s the largest side."""
     n, s = len(side), max(SIZES.values())
+
+    def seen(x, w):  # which of the columns an object at x covers in frames 0 and 1 are shown
+        return shown[(x + np.arange(min(0, vx), w + max(0, vx))) % len(shown)]
+
+    # each object's columns to draw from: those where it is whole (all of them if none is)
+    starts = []
+    for w in side:
+        xs = np.arange(VIEW if across_edge else VIEW - w + 1)
+        if shown is not None:
+            whole = np.array([seen(x, w).all() for x in xs])
+            xs = xs[whole] if whole.any() else xs
+        starts.append(xs)
+    best, best_shown = None, -1.0
     for _ in range(1000):
-        pos = np.stack([rng.integers(0, VIEW - side + 1), rng.integers(0, VIEW - side + 1)], -1)
-        if not any(_overlap(pos[i], pos[j], side[i], side[j], period)
-                   for i in range(n) for j in range(i + 1, n)):
+        pick = rng.integers(0, [len(xs) for xs in starts])
+        pos = np.stack([np.array([xs[k] for xs, k in zip(starts, pick)]),
+                        rng.integers(0, VIEW - side + 1)], -1)
+        if any(_overlap(pos[i], pos[j], side[i], side[j], period)
+               for i in range(n) for j in range(i + 1, n)):
+            continue
+        if shown is None:
             return pos
+        share = min(seen(x, w).mean() for x, w in zip(pos[:, 0], side))
+        if share == 1.0:
+            return pos
+        if share > best_shown:
+            best, best_shown = pos, share
+    if best is not None:
+        return best
     corner = np.array([[0, 0], [s, 0], [0, s]])[:n]
     return np.mod(corner + rng.integers(0, VIEW - s + 1, size=2), period)
 
@@ -305,11 +337,18 @@ class Scene:
         # one torus for all objects (n, 2) for x and y: top-left corners live in [0, period)
         width = VIEW + (max(SIZES.values()) + EXIT_GAP if spec.exits else 0)
         self.period = np.tile([width, VIEW], (n, 1))
-        self.pos0 = _apart(rng, self.side, self.period[0])
+        self.pillar_x = PILLARS["wide" if spec.wide_pillar else "narrow"] if spec.pillar else None
+        # every object starts whole in the given frames (image-to-video: what the model is
+        # to hold is shown first; an object that starts behind the pillar or out of view
+        # would have to be invented, not remembered), apart from the others
+        shown = np.arange(width) < VIEW
+        if self.pillar_x:
+            shown[self.pillar_x[0]:self.pillar_x[1]] = False
         # one velocity for the scene: objects move as one, so they never overlap
         vx = rng.choice(SPEEDS[spec.speed]) * rng.choice([-1, 1])
         self.vel = np.tile([vx, rng.integers(-1, 2)], (n, 1))
-        self.pillar_x = PILLARS["wide" if spec.wide_pillar else "narrow"] if spec.pillar else None
+        self.pos0 = _apart(rng, self.side, self.period[0], shown, int(vx),
+                           across_edge=bool(spec.pillar) and not spec.exits)
 
     def positions(self, frames) -> np.ndarray:
         """Top-left corners (T, n, 2) as integer (x, y) pixels in [0, period) for frame

@@ -59,7 +59,9 @@ class TrainConfig:
     steps: int = 100_000  # total optimizer steps (a resumed run stops here too)
     minutes: float = 0.0  # wall-clock budget of this invocation; 0 = none
     batch: int = 8
-    curriculum: tuple = ((0, 6), (1500, 12), (5000, 16))  # (from step, clip frames)
+    # (from step, clip frames): 24 frames from 7,200, so recall's longer lags (16-20 frames
+    # back, 24 without a gap) are trained, as a full cache offers them free-running
+    curriculum: tuple = ((0, 6), (1500, 12), (5000, 16), (7200, 24))
     lr: float = 1e-3
     warmup: int = 200
     decay_from: int = 2000  # lr x sqrt(decay_from / step) from here on
