@@ -142,7 +142,9 @@ def test_concurrent_users_are_isolated(server, app_module):
     assert len(results) == 4
     assert results["a"]["metrics"] == solo["metrics"] == results["c"]["metrics"]
     assert results["a"]["prompt"] == PROMPT and results["b"]["prompt"] == other
-    assert results["a"]["metrics"] != results["b"]["metrics"]
+    # each got its own run: its own scene (metrics can coincide: both scenes held whole)
+    assert results["a"]["scene"] == solo["scene"] != results["b"]["scene"]
+    assert results["b"]["seed"] == 3 and results["d"]["seed"] == 5
 
 
 def test_cancelled_run_frees_its_session(server):
