@@ -1,5 +1,7 @@
 """tools/raw_weights.py: a run's raw (optimizer) weights written as a weights file."""
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,10 @@ def test_writes_the_state_weights_not_the_ema(tmp_path):
         main([str(tmp_path / "run" / "tiny.safetensors"), "--out", str(tmp_path / "run" / "tiny.safetensors")])
     with pytest.raises(SystemExit, match="no training state"):
         main([str(tmp_path / "raw" / "tiny.safetensors"), "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_runs_as_a_script_from_another_folder(tmp_path):
+    """As docs/README.md calls it (``python tools/raw_weights.py W --out W2``), where the
+    script's folder, not the repository, is first on the import path."""
+    done = subprocess.run([sys.executable, str(TOOL), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and "--out" in done.stdout, done.stderr

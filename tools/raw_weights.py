@@ -9,12 +9,14 @@ raw weights its ``.state.pt`` holds:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-from ffviz.train import state_path_for
-from ffviz.weights import load_tiny, save_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from ffviz.train import state_path_for  # noqa: E402
+from ffviz.weights import load_tiny, save_weights  # noqa: E402
 
 
 def main(argv=None) -> None:
