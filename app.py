@@ -185,13 +185,14 @@ class App:
             return self.models[name]
 
     def _split(self, rest):
-        """The policy parameter values, the snap choice and the model (the last input
-        when the model choice is offered) from the inputs that follow the named ones."""
+        """The policy parameter values, the snap and one-motion choices and the model (the
+        last input when the model choice is offered) from the inputs after the named ones."""
         rest = list(rest)
         n = len(SPECS)
-        snap = rest[n] if len(rest) > n else None
-        model = self.get_model(rest[n + 1] if len(rest) > n + 1 else None)
-        return rest[:n], (None if snap is None else bool(snap)), model
+        snap, one_motion = (None if len(rest) <= i or rest[i] is None else bool(rest[i])
+                            for i in (n, n + 1))
+        model = self.get_model(rest[n + 2] if len(rest) > n + 2 else None)
+        return rest[:n], snap, one_motion, model
 
     # -- the main run ------------------------------------------------------------------
 
@@ -209,9 +210,9 @@ class App:
         ui = ui if ui is not None else {}
         log = log if log is not None else QualityLog()
         try:
-            params, snap, model = self._split(rest)
+            params, snap, one_motion, model = self._split(rest)
             settings = check_inputs(prompt, frames, budget, seed, self.MAX_FRAMES, model.has_scenes,
-                                    snap)
+                                    snap, one_motion)
             pol = _policy(policy, params)
             preflight(model, pol, int(budget))
         except (*InputError, gr.Error) as e:
@@ -406,9 +407,9 @@ class App:
             s.close()
         log = log if log is not None else QualityLog()
         try:
-            params, snap, model = self._split(rest)
+            params, snap, one_motion, model = self._split(rest)
             settings = check_inputs(prompt, frames, budget, seed, self.MAX_FRAMES, model.has_scenes,
-                                    snap)
+                                    snap, one_motion)
             pa = _policy(policy, params)
             pb = _policy(policy_b, [None] * len(SPECS))  # B runs with its defaults
             budgets = _budgets(sweep, int(budget), settings.frames)
@@ -471,7 +472,7 @@ class App:
 
     # -- the memory test -----------------------------------------------------------------
 
-    def run_memory(self, seed, budget, old, log, snap):
+    def run_memory(self, seed, budget, old, log, snap, one_motion=None):
         """Full, window and Future Forcing on the scene where objects leave and return,
         side by side; then which one brought each object back."""
         if old is not None:
@@ -479,7 +480,8 @@ class App:
         log = log if log is not None else QualityLog()
         try:
             test = MemoryTest(self.MODEL, seed, budget, self.MAX_FRAMES,
-                              None if snap is None else bool(snap))
+                              None if snap is None else bool(snap),
+                              None if one_motion is None else bool(one_motion))
             for s in test.sessions:
                 preflight(self.MODEL, s.controls.snapshot()[0], test.budget)
         except InputError as e:
@@ -656,6 +658,9 @@ class App:
                     snap = gr.Checkbox(bool(getattr(cfg, "snap", False)), label="snap to palette",
                                        info="snap each generated frame to the scene's colours (the "
                                             "model card's default)", elem_id="snap")
+                    one_motion = gr.Checkbox(bool(getattr(cfg, "one_motion", False)), label="one motion",
+                                             info="each patch moves with the scene or stands still (the "
+                                                  "model card's default)", elem_id="one-motion")
                     recache = gr.Dropdown(list(RECACHE_MODES), value="none", elem_id="recache",
                                           label="re-cache at a prompt switch",
                                           info="edit the prompt mid-run and press Enter: none keeps "
@@ -806,7 +811,8 @@ class App:
             # -- wiring ---------------------------------------------------------------
             model_in = [self.model_choice] if self.MULTI_MODEL else []  # unset: the API stays as it was
             run_inputs = [prompt, seed, frames, policy, budget, layer, head, metric, reference,
-                          self.state, self.ui, self.log, *self.param_widgets, snap, *model_in]
+                          self.state, self.ui, self.log, *self.param_widgets, snap, one_motion,
+                          *model_in]
             run_outputs = [self.state, self.log, self.status, self.frame_img, self.strip_img,
                            self.quality_plot, self.cache_plot, self.cache_step, self.drift_plot,
                            self.proj_plot, self.scores_plot, self.timeline_plot, self.metrics_plot,
@@ -852,7 +858,8 @@ class App:
                              concurrency_id="run", concurrency_limit=4, api_visibility="undocumented",
                              api_name="oracle")
             ab_btn.click(self.run_ab, [prompt, seed, frames, policy, budget, policy_b, sweep,
-                                       self.ab_state, self.log, *self.param_widgets, snap, *model_in],
+                                       self.ab_state, self.log, *self.param_widgets, snap, one_motion,
+                                       *model_in],
                          [self.ab_state, self.ab_img_a, self.ab_img_b, self.ab_status, self.ab_table,
                           self.ab_plot, self.ab_quality, self.ab_video_a, self.ab_video_b,
                           self.ab_files, self.log],
@@ -862,7 +869,7 @@ class App:
             mem_btn.click(None, None, None, js="() => { document.querySelector('#memory-status')"
                                                "?.scrollIntoView({behavior: 'smooth'}); }")
             mem_btn.click(lambda: gr.Tabs(selected="memory"), None, self.tabs, **private).then(
-                self.run_memory, [seed, budget, self.mem_state, self.log, snap],
+                self.run_memory, [seed, budget, self.mem_state, self.log, snap, one_motion],
                 [self.mem_state, self.mem_status, self.mem_img, self.mem_plot, self.mem_verdict,
                  self.mem_files, self.log, self.quality_plot],
                 concurrency_id="run", concurrency_limit=4, api_visibility="undocumented",

@@ -43,7 +43,7 @@ def cmd_generate(args) -> int:
     switches = tuple(PromptSwitch.parse(text, args.recache) for text in args.switch_prompt)
     settings = RunSettings(args.prompt, frames=args.frames, seed=args.seed, steps=args.steps,
                            context_noise=args.context_noise, record=not args.no_record,
-                           snap=args.snap, switches=switches)
+                           snap=args.snap, one_motion=args.one_motion, switches=switches)
     settings.validate(scenes=has_scenes(args.model))  # bad prompt or settings fail before the model loads
     check_output_dir(args.out)
     model = _load_model(args)
@@ -184,7 +184,7 @@ def cmd_showcase(args) -> int:
     with tqdm(total=(3 + len(also)) * len(seeds), unit="run", desc="showcase", file=sys.stderr) as bar:
         summary = showcase(model, seeds, args.frames, Path(args.out), budget=args.budget,
                            progress=bar, also=also, steps=args.steps,
-                           snap=args.snap)
+                           snap=args.snap, one_motion=args.one_motion)
     print((Path(args.out) / "showcase.md").read_text(encoding="utf-8"))
     if args.card:  # the weights' card reports the free-running quality it was measured at
         card_file = Path(args.weights).with_suffix(".json")
@@ -264,6 +264,9 @@ def cmd_heads(args) -> int:
 
 SNAP_HELP = ("snap each generated frame to the scene's palette before it enters the cache "
              "(--no-snap: keep it as the model made it; default: the model card's setting)")
+ONE_MOTION_HELP = ("each patch moves with the scene's motion (measured from the given frames), "
+                   "stands still or is recalled: the only moves of this world (--no-one-motion: "
+                   "any displacement the model picks; default: the model card's setting)")
 THREADS_HELP = ("torch CPU threads (default 1: the tiny model's ops are too small to gain from "
                 "more, and on a busy machine extra threads stall each other)")
 
@@ -289,6 +292,7 @@ def main(argv=None) -> int:
                    help="noise level of the cache-filling pass (default: the model card's)")
     p.add_argument("--no-record", action="store_true", help="do not record query statistics")
     p.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None, help=SNAP_HELP)
+    p.add_argument("--one-motion", action=argparse.BooleanOptionalAction, default=None, help=ONE_MOTION_HELP)
     p.add_argument("--switch-prompt", action="append", default=[], metavar="FRAME:PROMPT",
                    help="follow PROMPT from frame FRAME on (repeatable)")
     p.add_argument("--recache", choices=RECACHE_MODES, default="none",
@@ -355,6 +359,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps per frame for every setting (default: the card's)")
     p.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None, help=SNAP_HELP)
+    p.add_argument("--one-motion", action=argparse.BooleanOptionalAction, default=None, help=ONE_MOTION_HELP)
     p.add_argument("--card", action="store_true",
                    help="also write the summary into the weights' card (the .json next to them)")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)

@@ -57,6 +57,8 @@ def reproduce_command(settings, policy, budget_frames: int, model_name: str, fra
             args += [flag, str(value)]
     if settings.snap is not None:
         args.append("--snap" if settings.snap else "--no-snap")
+    if settings.one_motion is not None:
+        args.append("--one-motion" if settings.one_motion else "--no-one-motion")
     if not settings.record:
         args.append("--no-record")
     kind, _, spec = model_name.partition(":")

@@ -148,6 +148,7 @@ class RunSettings:
     context_noise: float | None = None
     record: bool = True
     snap: bool | None = None  # snap frames to the scene's palette; None: the model card's setting
+    one_motion: bool | None = None  # picks keep to the scene's motion; None: the model card's setting
     switches: tuple[PromptSwitch, ...] = ()  # scheduled prompt switches
 
     def validate(self, scenes: bool = True) -> tuple[SceneSpec | None, list[str]]:
@@ -161,8 +162,10 @@ class RunSettings:
             raise GenerationError(f"steps must be in [1, 50], got {self.steps}")
         if self.context_noise is not None and not 0 <= self.context_noise < 1:
             raise GenerationError(f"context noise must be in [0, 1), got {self.context_noise}")
-        if self.snap is not None and not isinstance(self.snap, (bool, np.bool_)):
-            raise GenerationError(f"snap must be true or false, got {self.snap!r}")
+        for name in ("snap", "one_motion"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (bool, np.bool_)):
+                raise GenerationError(f"{name.replace('_', ' ')} must be true or false, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
                 or not 0 <= self.seed < 2 ** 32:
             raise GenerationError(f"seed must be a whole number in [0, 2^32), got {self.seed!r}")
@@ -297,15 +300,25 @@ class Observer:
 
 
 def scene_motion(model, given: torch.Tensor | None) -> torch.Tensor | None:
-    """The scene's motion (1, 2) for a model that recalls along it (``TinyConfig.recall``),
-    measured from the given frames' tokens; (0, 0) with fewer than two given frames
-    (nothing is generated after them then); None for other models."""
-    if not getattr(model.cfg, "recall", False):
+    """The scene's motion (B, 2) for a model that picks displacements (``carries_motion``:
+    it recalls along the motion or keeps to it), measured from the given frames' tokens;
+    (0, 0) with fewer than two given frames (nothing is generated after them then); None
+    for other models."""
+    if not getattr(model, "carries_motion", False):
         return None
     n = model.cfg.tokens_per_frame
     if given is None or given.shape[1] < 2 * n:
         return torch.zeros(1, 2, dtype=torch.long)
     return model.measure_motion(given[:, -2 * n:])
+
+
+def scene_condition(model, spec: SceneSpec, motion: torch.Tensor | None, one_motion: bool | None):
+    """The condition of a scene model for ``spec``: with the scene's ``motion`` and, for a
+    model that picks displacements, whether the picks keep to it (None: the card's)."""
+    ids = torch.from_numpy(spec.condition_ids())[None]
+    if getattr(model, "carries_motion", False):
+        return model.embed_condition(ids, motion, one_motion)
+    return model.embed_condition(ids)
 
 
 def cuda_device(model) -> torch.device | None:
@@ -364,7 +377,7 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
             given = model.patchify(torch.from_numpy(scene.render(np.arange(g)))[None].float() / 127.5 - 1)
         motion = scene_motion(model, given)
         with torch.no_grad():
-            cond = (model.embed_condition(torch.from_numpy(spec.condition_ids())[None], motion) if scenes
+            cond = (scene_condition(model, spec, motion, settings.one_motion) if scenes
                     else model.encode_prompt(settings.prompt))
         f, index, last = 0, 0, None  # last: the newest frame's tokens (the previous-frame input)
         while f < settings.frames and not controls.stop_requested:
@@ -381,7 +394,7 @@ def generate(model: VideoModel, settings: RunSettings, controls: Controls,
                 with torch.no_grad():
                     if scenes:
                         spec = parse_prompt(new_prompt, settings.seed)[0]
-                        cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None], motion)
+                        cond = scene_condition(model, spec, motion, settings.one_motion)
                         palette = palette_tensor([spec], device) if snap else None
                     else:
                         cond = model.encode_prompt(new_prompt)

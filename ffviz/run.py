@@ -86,6 +86,8 @@ class Run:
         self.spec, self.prompt_notes = settings.validate(model.has_scenes)
         self.model, self.settings, self.controls = model, settings, controls
         self.cfg, self.model_name, self.has_scenes = model.cfg, model.name, model.has_scenes
+        one = getattr(model.cfg, "one_motion", False) if settings.one_motion is None else settings.one_motion
+        self.one_motion = bool(getattr(model, "carries_motion", False) and one)  # what the run does
         self.observer = _Fanout(observers) if observers else None
         self.future_queries = future_queries
         self.writer = RunWriter(out_dir, fps=model.fps) if out_dir is not None else None
@@ -181,6 +183,7 @@ class Run:
             "seed": self.settings.seed, "frames": frames, "given_frames": g,
             "snap": bool(self.has_scenes and (self.cfg.snap if self.settings.snap
                                               is None else self.settings.snap)),
+            "one_motion": self.one_motion,
             "seconds": round(self.seconds, 3), "fps": round(frames / max(self.seconds, 1e-9), 2),
             "policy": policy.name, "policy_params": policy.params(), "budget_frames": budget,
             **({"policy_report": report} if (report := policy.report()) is not None else {}),

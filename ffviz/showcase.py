@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ffviz.generate import DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings, scene_motion
+from ffviz.generate import (DEFAULT_BUDGET, DEFAULT_POLICY, Controls, RunSettings, scene_condition,
+                            scene_motion)
 from ffviz.metrics import consistency
 from ffviz.policies import PolicyError, make_policy, parse_policy_args
 from ffviz.run import Run
@@ -59,14 +60,16 @@ def parse_setting(spec: str) -> tuple[str, str, dict, int]:
 
 def run_frames(model, prompt: str, seed: int, frames: int, policy: str, budget: int,
                params: dict | None = None, steps: int | None = None,
-               snap: bool | None = None) -> np.ndarray:
-    settings = RunSettings(prompt, frames=frames, seed=seed, record=False, steps=steps, snap=snap)
+               snap: bool | None = None, one_motion: bool | None = None) -> np.ndarray:
+    settings = RunSettings(prompt, frames=frames, seed=seed, record=False, steps=steps, snap=snap,
+                           one_motion=one_motion)
     controls = Controls(make_policy(policy, **(params or {})), budget)  # a fresh policy per run
     return np.array(Run(model, settings, controls).finish().frames.all())
 
 
 def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: int,
-                          steps: int | None = None, snap: bool | None = None) -> np.ndarray:
+                          steps: int | None = None, snap: bool | None = None,
+                          one_motion: bool | None = None) -> np.ndarray:
     """Every frame generated as in a run (same sampler, same noise seed) but from a cache
     of the TRUE previous frames (the newest ``budget``), never of its own output: what
     the model can do without its own errors to build on. A diagnostic, not a policy:
@@ -79,7 +82,7 @@ def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: in
     truth = torch.from_numpy(Scene(spec, seed).render(np.arange(frames)))[None].float()
     with torch.no_grad():
         given = model.patchify(truth[:, :cfg.given_frames] / 127.5 - 1)
-        cond = model.embed_condition(torch.from_numpy(spec.condition_ids())[None], scene_motion(model, given))
+        cond = scene_condition(model, spec, scene_motion(model, given), one_motion)
     palette = palette_tensor([spec]) if (cfg.snap if snap is None else snap) else None
     out = rollout(model, model.patchify(truth / 127.5 - 1), cond, steps or cfg.sample_steps,
                   budget, torch.Generator().manual_seed(seed), palette=palette, horizon=1)
@@ -88,11 +91,11 @@ def teacher_forced_frames(model, prompt: str, seed: int, frames: int, budget: in
 
 def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds: int = 2,
              budget: int = DEFAULT_BUDGET, progress=None, also=(), steps: int | None = None,
-             snap: bool | None = None) -> dict:
+             snap: bool | None = None, one_motion: bool | None = None) -> dict:
     """Run every setting on every seed's scene, score it against the scene's truth and
     write the table, JSON and strip to ``out``. ``steps``: denoising steps per frame for
     every setting, the teacher-forced diagnostic included (None: the card's); ``snap``:
-    palette snapping (None: the card's)."""
+    palette snapping, ``one_motion``: picks kept to the scene's motion (None: the card's)."""
     out.mkdir(parents=True, exist_ok=True)
     g = model.cfg.given_frames
     rows, strips, copy_mse = {}, [], []
@@ -105,9 +108,9 @@ def showcase(model, seeds, frames: int, out: Path, stride: int = 8, strip_seeds:
         if i < strip_seeds:
             strips.append(("truth", seed, truth))
         for name, policy, params, b in settings_list(budget, also=also):
-            video = (teacher_forced_frames(model, prompt, seed, frames, b, steps, snap)
+            video = (teacher_forced_frames(model, prompt, seed, frames, b, steps, snap, one_motion)
                      if policy == TEACHER else
-                     run_frames(model, prompt, seed, frames, policy, b, params, steps, snap))
+                     run_frames(model, prompt, seed, frames, policy, b, params, steps, snap, one_motion))
             m = consistency(video[g:], scene, start=g)
             m.pop("curves")
             m["mse"] = pixel_mse(video[g:], truth[g:])

@@ -20,6 +20,8 @@ frames the model cannot take) stop the sweep: no retry would help.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -129,9 +131,10 @@ def store_settings(label: str, weights, frames: int, horizon: int, query_steps: 
 
 def weights_identity(model) -> str | None:
     """What a stored run depends on in the model besides its name: the embedded model's
-    weights, by the sha256 of its card, so that a rerun after new weights runs anew
-    instead of mixing their rows with the old ones; None where unknown (a model passed
-    loaded: the caller keeps its folders apart)."""
+    weights, by the sha256 of its card, and the card's config (its sampling settings:
+    steps, snapping, one motion, recall's bias), so that a rerun after new weights or
+    settings runs anew instead of mixing their rows with the old ones; None where
+    unknown (a model passed loaded: the caller keeps its folders apart)."""
     if not isinstance(model, str):
         return None
     kind, _, spec = model.partition(":")
@@ -139,9 +142,11 @@ def weights_identity(model) -> str | None:
         return None
     from ffviz.weights import DEFAULT_WEIGHTS, WeightsError, read_card
     try:
-        return read_card(Path(spec) if spec else DEFAULT_WEIGHTS).get("sha256")
+        card = read_card(Path(spec) if spec else DEFAULT_WEIGHTS)
     except (WeightsError, OSError):
         return None  # loading it fails with its own message
+    config = json.dumps(card.get("config"), sort_keys=True)
+    return f"{card.get('sha256')}:{hashlib.sha256(config.encode()).hexdigest()[:16]}"
 
 
 def _torch_threads() -> int:

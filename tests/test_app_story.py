@@ -180,3 +180,13 @@ def test_snap_checkbox_reaches_the_run(app_module, snap):
     s = final[app_module.state]
     assert s.settings.snap is snap
     s.close()
+
+
+@pytest.mark.parametrize("one_motion", [True, False])
+def test_one_motion_checkbox_reaches_the_run(app_module, one_motion):
+    params = [None] * len(app_module.SPECS)
+    final = list(app_module.start_run(PROMPT, 0, 5, "window", 2, "L3", "H0", "frechet", "first",
+                                      None, {}, None, *params, True, one_motion))[-1]
+    s = final[app_module.state]
+    assert s.settings.one_motion is one_motion and s.settings.snap is True
+    s.close()

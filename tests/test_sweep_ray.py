@@ -41,11 +41,11 @@ class FlakyModel(TinyVideoModel):
     """Fails the first run that any worker starts (a marker file says one did)."""
     marker: str
 
-    def embed_condition(self, cond_ids, motion=None):
+    def embed_condition(self, cond_ids, motion=None, one_motion=None):
         try:
             os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
         except FileExistsError:
-            return super().embed_condition(cond_ids, motion)
+            return super().embed_condition(cond_ids, motion, one_motion)
         raise RuntimeError("a worker fell over")
 
 

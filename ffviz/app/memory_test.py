@@ -40,10 +40,12 @@ def memory_test_frames(spec, seed: int, given: int, max_frames: int) -> int:
 class MemoryTest:
     """Three runs (``MEMORY_POLICIES``) of ``MEMORY_PROMPT``: build, iterate ``run()``."""
 
-    def __init__(self, template, seed, budget, max_frames: int, snap: bool | None = None):
+    def __init__(self, template, seed, budget, max_frames: int, snap: bool | None = None,
+                 one_motion: bool | None = None):
         spec, _ = parse_prompt(MEMORY_PROMPT, int(seed))
         frames = memory_test_frames(spec, int(seed), template.cfg.given_frames, max_frames)
-        self.settings = check_inputs(MEMORY_PROMPT, frames, budget, seed, max_frames, True, snap)
+        self.settings = check_inputs(MEMORY_PROMPT, frames, budget, seed, max_frames, True, snap,
+                                     one_motion)
         self.budget = int(budget)
         self.sessions = [RunSession(template, self.settings, make_policy(p), self.budget,
                                     keep_oracle_keys=False, kind="memory test")

@@ -44,11 +44,13 @@ InputError = (GenerationError, PromptError, PolicyError)
 
 
 def check_inputs(prompt, frames, budget, seed, max_frames: int = APP_MAX_FRAMES,
-                 scenes: bool = True, snap: bool | None = None) -> RunSettings:
+                 scenes: bool = True, snap: bool | None = None,
+                 one_motion: bool | None = None) -> RunSettings:
     """Settings from raw widget values; raises one of ``InputError`` with a message
     a user can act on (empty prompt, budget 0 or beyond the run, frames over the cap).
     ``scenes``: the model's ``has_scenes`` (False: free text, no scene grammar);
-    ``snap``: snap frames to the palette (None: the model card's setting)."""
+    ``snap``: snap frames to the palette, ``one_motion``: picks keep to the scene's motion
+    (None: the model card's setting)."""
     if prompt is None or not str(prompt).strip():
         raise PromptError("the prompt is empty: describe shapes and a background, "
                           "e.g. 'a red circle on a blue background'" if scenes else
@@ -65,7 +67,8 @@ def check_inputs(prompt, frames, budget, seed, max_frames: int = APP_MAX_FRAMES,
     if seed_i < 0:
         raise GenerationError(f"seed must be >= 0 (got {seed_i})")
     settings = RunSettings(str(prompt), frames=frames_i, seed=seed_i,
-                           snap=None if snap is None else bool(snap))
+                           snap=None if snap is None else bool(snap),
+                           one_motion=None if one_motion is None else bool(one_motion))
     settings.validate(scenes)  # parses the prompt (scene models): PromptError with the reason
     return settings
 

@@ -38,7 +38,8 @@ from torch import nn
 from ffviz import kernels
 from ffviz.cache import KVCache
 from ffviz.hooks import HookContext, HookPoint
-from ffviz.models.recall import RECALL_FOUND, RECALL_GIVES, RECALL_HEADS, RecallLookup, check_config
+from ffviz.models.recall import (RECALL_FOUND, RECALL_GIVES, RECALL_HEADS, RECALL_LAGS, RecallLookup,
+                                 check_config)
 from ffviz.models.rope import Rope3D, apply_rotation
 from ffviz.scenes import CONDITION_VOCAB
 
@@ -114,6 +115,18 @@ class TinyConfig:
     shift: float = 3.0
     context_noise: float = 0.0  # noise level of the cache-filling pass
     snap: bool = True  # snap each generated frame to the scene's palette before it is cached
+    # At sampling, each patch's pick gives what one of the moves this world has gives: the
+    # scene's motion (measured from the given frames), standing still (the pillar, a plain
+    # background), or recall (``keep_to_motion``). The learnt choice still decides between
+    # them; training is unchanged (it teaches every displacement). Free-running, the other
+    # displacements are where objects tear (docs/experiments/sampling_choice.md).
+    one_motion: bool = False
+    # Added to recall's logit at sampling (not in training). Recall is taught only where it
+    # alone gives the patch, a small share, so the choice learns a prior that underrates it
+    # where it is right (an object coming out from behind the pillar: recall reads it back,
+    # the choice gives it about 0.05); the logit adjustment for a rare class
+    # (docs/experiments/sampling_choice.md).
+    recall_bias: float = 0.0
 
     @property
     def side(self) -> int:
@@ -142,6 +155,7 @@ MEMORY_GAIN = 4.0  # sharpness of the motion memory's look at the same patch
 # streams are large (rms 5-17), and at the optimizer's step size a zero-started embedding
 # would take thousands of steps to count in them.
 POSITION_GAIN = 10.0
+RECALL_BIAS_LAGS = 2  # recall_bias applies where recall found this many lags' worth (trusted)
 ATTENTION_BANDS = 4  # bands of query rows of whole-clip training's attention (masked_attention)
 
 
@@ -418,6 +432,30 @@ class TinyVideoModel(nn.Module):
         side = 2 * r + 1
         return torch.stack([best // side - r, best % side - r], -1)
 
+    def keep_to_motion(self, logits: torch.Tensor, motion: torch.Tensor, one: torch.Tensor,
+                       moved: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, N, K[+1]) over the displacements ``moved`` (B, N, K, d) and
+        recall (last), kept where ``one`` (B,) to this world's moves. A patch keeps the
+        model's own pick where that is recall or gives the patch that moving with the
+        scene's ``motion`` (B, 2) or standing still gives (a pillar's edge moved along
+        itself is the pillar standing still); elsewhere it gets the better of those two
+        (or recall). Not a sum over the displacements that give the same patch: a plain
+        background's many equals would outvote an object's leading edge."""
+        r, K = self.cfg.motion_reach, moved.shape[2]
+        side = 2 * r + 1
+        scene = ((motion[:, 0] + r) * side + motion[:, 1] + r).to(logits.device)
+        allowed = torch.zeros(logits.shape[0], logits.shape[-1], dtype=torch.bool, device=logits.device)
+        allowed[:, K // 2] = True
+        allowed[torch.arange(len(motion)), scene] = True
+        allowed[:, K:] = True  # recall
+        top = logits.argmax(-1, keepdim=True)  # (B, N, 1)
+        gives = moved.gather(2, top.clamp_max(K - 1)[..., None].expand(-1, -1, 1, moved.shape[-1]))
+        ways = torch.stack([moved[:, :, K // 2], moved.gather(2, scene.view(-1, 1, 1, 1).expand(
+            -1, moved.shape[1], 1, moved.shape[-1]))[:, :, 0]], 2)  # (B, N, 2, d)
+        fits = ((ways - gives).abs().amax(-1) < 1e-4).any(-1) | (top[..., 0] >= K)  # (B, N)
+        keep = one.to(logits.device)[:, None] & ~fits
+        return torch.where(keep[..., None] & ~allowed[:, None], torch.finfo(logits.dtype).min, logits)
+
     @staticmethod
     def match(moved: torch.Tensor, x: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
         """How well each displacement ``moved`` (B, N, K, d) explains each token ``x``
@@ -447,18 +485,33 @@ class TinyVideoModel(nn.Module):
         return ((img + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
     # -- conditioning ------------------------------------------------------
-    def embed_condition(self, cond_ids: torch.Tensor, motion: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def carries_motion(self) -> bool:
+        """The condition carries the scene's motion and ``one_motion`` (a model that picks a
+        displacement per patch): three trailing numbers after the prompt's embedding."""
+        return bool(self.cfg.motion_reach and self.cfg.motion_pick and not self.cfg.motion_per_pixel)
+
+    def embed_condition(self, cond_ids: torch.Tensor, motion: torch.Tensor | None = None,
+                        one_motion: bool | None = None) -> torch.Tensor:
         """(B, len(CONDITION_VOCAB)) ids from ``SceneSpec.condition_ids`` -> (B, width);
-        (B, T, ...) ids (a prompt per frame) -> (B, T, width). With ``recall`` the scene's
-        motion (B, 2) from ``measure_motion`` rides along as two trailing numbers."""
+        (B, T, ...) ids (a prompt per frame) -> (B, T, width). A model that picks
+        displacements (``carries_motion``) also gets the scene's motion (B, 2) from
+        ``measure_motion`` and whether picks keep to it (``one_motion``; None: the card's)
+        as three trailing numbers. Recall needs the motion; without it others get (0, 0)
+        and no restriction."""
         e = sum(emb(cond_ids[..., i]) for i, emb in enumerate(self.cond_embed))
-        if not self.cfg.recall:
+        if not self.carries_motion:
             return e
+        one = self.cfg.one_motion if one_motion is None else bool(one_motion)
         if motion is None:
-            raise ValueError("this model recalls along the scene's motion: pass embed_condition(ids, "
-                             "motion) with motion = measure_motion(the two given frames' tokens)")
+            if self.cfg.recall or (one_motion and one):
+                raise ValueError("this model recalls along or keeps to the scene's motion: pass "
+                                 "embed_condition(ids, motion) with motion = measure_motion(the two "
+                                 "given frames' tokens)")
+            motion, one = torch.zeros(cond_ids.shape[0], 2), False
         m = motion.to(e.device, e.dtype).view(-1, *([1] * (e.dim() - 2)), 2)
-        return torch.cat([e, m.expand(*e.shape[:-1], 2)], -1)
+        extra = torch.cat([m, torch.full_like(m[..., :1], float(one))], -1)
+        return torch.cat([e, extra.expand(*e.shape[:-1], 3)], -1)
 
     def encode_prompt(self, prompt: str):
         raise TypeError("the tiny model is conditioned on a scene: use embed_condition(ids)")
@@ -534,10 +587,16 @@ class TinyVideoModel(nn.Module):
         ctx.t = float(t.flatten()[0])  # before the move: reading a GPU tensor waits for it
         t = t.to(dev)
         cos, sin = (c.to(dev) for c in self.rope.cos_sin(*meta))  # float64 angles on the host
-        motion = None
-        if self.cfg.recall:  # the scene's motion rides on the condition (embed_condition)
-            cond, motion = cond[..., :-2], cond[..., -2:]
-            motion = (motion[:, 0] if motion.dim() == 3 else motion).round().long()
+        motion, one_motion = None, None
+        if self.carries_motion and cond.shape[-1] == self.cfg.width + 3:
+            # the scene's motion rides on the condition (embed_condition); a prompt's embedding
+            # alone (width numbers) is a scene without it: nothing to recall along or keep to
+            cond, extra = cond[..., :-3], cond[..., -3:]
+            extra = extra[:, 0] if extra.dim() == 3 else extra
+            motion, one_motion = extra[:, :2].round().long(), extra[:, 2] > 0.5
+        if self.cfg.recall and motion is None:
+            raise ValueError("this model recalls along the scene's motion: its condition comes from "
+                             "embed_condition(ids, motion)")
         per_frame = cond[:, None] if cond.dim() == 2 else cond  # one prompt, or one per frame
         e = self.time_embed(timestep_embedding(t, self.cfg.width)) + per_frame  # (B, T, w)
         mod = self.time_proj(e).view(B, -1, 6, self.cfg.width)
@@ -593,6 +652,11 @@ class TinyVideoModel(nn.Module):
                     # where recall found nothing (a window that evicted the frames, the run's start)
                     # it is no choice: what it read is no content
                     recall_logit = self.recall_choice(choice).to(logits.dtype)
+                    if motion_index is None:  # sampling: the rare choice's prior adjusted, where
+                        # at least two frames were found along the motion (one frame found, as in
+                        # a short window, is most often the pillar read as if it moved)
+                        seen = found[..., None] >= (RECALL_BIAS_LAGS - 0.5) / len(RECALL_LAGS)
+                        recall_logit = recall_logit + self.cfg.recall_bias * seen
                     recall_logit = recall_logit.masked_fill(found[..., None] < RECALL_FOUND, -1e4)
                     logits = torch.cat([logits, recall_logit], -1)
                     candidates = torch.cat([moved, pixels[:, :, None].to(moved.dtype)], 2)
@@ -604,6 +668,8 @@ class TinyVideoModel(nn.Module):
                         self.recall_used = ((err(pixels) < RECALL_GIVES) & (found >= RECALL_FOUND)
                                             & (err(pixels) < err(taught[:, :, 0]) - 1e-3))
                         motion_index = torch.where(self.recall_used, K, motion_index)
+                if motion_index is None and one_motion is not None and bool(one_motion.any()):
+                    logits = self.keep_to_motion(logits, motion, one_motion, moved)
                 weights = self.hook_motion(logits.softmax(-1))
                 if self.cfg.motion_pick:  # one displacement per patch, or per pixel (P of them)
                     index = weights.argmax(-1) if motion_index is None else motion_index
