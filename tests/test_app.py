@@ -18,6 +18,7 @@ from gradio_client import Client  # noqa: E402
 from ffviz.policies import PolicyError, make_policy  # noqa: E402
 from ffviz.scenes import PromptError  # noqa: E402
 from ffviz.generate import GenerationError  # noqa: E402
+from ffviz.weights import DEFAULT_WEIGHTS, read_card  # noqa: E402
 
 PROMPT = "a red circle and a blue square on a green background"
 
@@ -58,7 +59,8 @@ def test_short_run_streams_frames_and_writes_files(server):
     video = final[-3]  # an update: opened at the last frame (not frame 0)
     assert video["value"].endswith(".mp4") and video["playback_position"] > 0
     record = np.load([p for p in final[-2] if p.endswith("record.npz")][0])
-    assert record["mean_pre"].shape[1:] == (4, 4, 32)
+    cfg = read_card(DEFAULT_WEIGHTS)["config"]  # the served model's
+    assert record["mean_pre"].shape[1:] == (cfg["layers"], cfg["heads"], cfg["width"] // cfg["heads"])
 
 
 def test_policy_change_mid_run_shows_in_record(server):
@@ -233,7 +235,8 @@ def test_session_views_and_figures(app_module):
     assert np.allclose(share.sum(-1).numpy(), 1, atol=1e-5)
     ref = reference_run(app_module.MODEL, s.settings, horizon=2)
     res = fidelity(s.oracle_steps, ref, horizon=2)
-    assert res["steps"] >= 1 and res["spearman"].shape[1:] == (4, 4)
+    cfg = app_module.MODEL.cfg
+    assert res["steps"] >= 1 and res["spearman"].shape[1:] == (cfg.layers, cfg.heads)
     assert isinstance(F.oracle_figure(res, 3, 0), go.Figure)
     s.close()
     assert not s.dir.exists()
@@ -324,7 +327,7 @@ app = entry.build()
 assert app.MULTI_MODEL and app.model_choice.visible is not False
 params = [None] * len(app.SPECS)
 outs = list(app.start_run("a cat surfing a wave at dusk", 0, 6, "window", 2, "L3", "H0",
-                          "frechet", "first", None, {}, None, *params, False, "wan:tiny-random"))
+                          "frechet", "first", None, {}, None, *params, False, None, "wan:tiny-random"))
 final = outs[-1]
 s = final[app.state]
 assert final[app.frame_img]["value"].shape == (256, 256, 3) and final[app.cache_plot] is not None

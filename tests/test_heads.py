@@ -93,7 +93,7 @@ def test_heads_command_on_the_committed_weights(tmp_path, capsys):
     assert main(["heads", "--frames", "8", "--seeds", "0", "--prompts",
                  "a red circle on a blue background", "--out", str(out)]) == 0
     data = json.loads((out / "heads.json").read_text(encoding="utf-8"))
-    assert len(data["heads"]) == 16 and data["model"] == "tiny"
+    assert len(data["heads"]) == data["layers"] * data["heads_per_layer"] == 20 and data["model"] == "tiny"
     assert all({"layer", "head", "score", "role"} <= set(h) for h in data["heads"])
     assert (out / "heads.png").stat().st_size > 0 and "heads static" in capsys.readouterr().out
     assert main(["heads", "--sink", "-1", "--out", str(tmp_path / "bad")]) == 2
