@@ -504,7 +504,7 @@ class TinyVideoModel(nn.Module):
             return e
         one = self.cfg.one_motion if one_motion is None else bool(one_motion)
         if motion is None:
-            if self.cfg.recall or (one_motion and one):
+            if self.cfg.recall or one_motion:  # asked for what cannot be done without it
                 raise ValueError("this model recalls along or keeps to the scene's motion: pass "
                                  "embed_condition(ids, motion) with motion = measure_motion(the two "
                                  "given frames' tokens)")
