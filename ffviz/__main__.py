@@ -159,9 +159,12 @@ def cmd_bench(args) -> int:
         model = _load_model(args)
         result = bench_policies(model, policies, args.budget, frames=args.frames, repeats=args.repeats)
     else:
-        from ffviz.bench import bench_generation
+        from ffviz.bench import bench_generation, bench_latency
+        from ffviz.scenes import EXAMPLE_PROMPTS
+        args.weights = Path(args.weights).resolve()  # the cold start runs from the repository root
         model = _load_model(args)
         result = bench_generation(model, frames=args.frames, repeats=args.repeats)
+        result["latency"] = bench_latency(model, _model_name(args), EXAMPLE_PROMPTS[0], args.repeats)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +332,7 @@ def main(argv=None) -> int:
     train.add_args(p)
     p.set_defaults(run=train.main)
 
-    p = sub.add_parser("bench", help="frames per second and recorder overhead")
+    p = sub.add_parser("bench", help="frames per second, recorder overhead and the first frame's latency")
     p.add_argument("--frames", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--policies", default=None, metavar="A,B,...",

@@ -6,7 +6,10 @@ import copy
 import itertools
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -14,6 +17,7 @@ from ffviz.generate import Controls, RunSettings, cuda_device
 from ffviz.run import Run
 
 BENCH_PROMPT = "a red circle and a blue square on a green background"
+_ROOT = Path(__file__).resolve().parents[1]  # where ``import ffviz`` works
 
 
 def _paired_run(model, twin, frames: int, policy: str, budget: int) -> tuple[float, float]:
@@ -41,11 +45,12 @@ def _paired_run(model, twin, frames: int, policy: str, budget: int) -> tuple[flo
 
 
 def bench_generation(model, frames: int = 64, repeats: int = 3) -> dict:
-    """Frames/s with the full cache and the default window, with and without the
-    recorder (the two in lockstep, ``_paired_run``); per configuration, frames/s from
-    the fastest of ``repeats`` runs and the recorder's overhead as the median over
-    repeats of each pair's time ratio."""
-    configs = {"full": ("full", frames), "window4": ("window", 4)}
+    """Frames/s with the full cache, the default window and future_forcing at the
+    default budget, with and without the recorder (the two in lockstep,
+    ``_paired_run``); per configuration, frames/s from the fastest of ``repeats`` runs
+    and the recorder's overhead as the median over repeats of each pair's time ratio."""
+    configs = {"full": ("full", frames), "window4": ("window", 4),
+               "future_forcing4": ("future_forcing", 4)}
     twin = copy.deepcopy(model)
     _paired_run(model, twin, 8, "window", 4)  # warm-up
     pairs: dict[str, list] = {name: [] for name in configs}
@@ -59,6 +64,64 @@ def bench_generation(model, frames: int = 64, repeats: int = 3) -> dict:
         out[name] = {"fps": round(frames / plain, 2), "fps_recording": round(frames / rec, 2),
                      "recorder_overhead": round(statistics.median(r / p - 1 for p, r in runs), 4)}
     return out
+
+
+def first_frame_seconds(model, prompt: str, policy: str = "future_forcing", budget: int = 4,
+                        repeats: int = 3) -> float:
+    """Seconds from starting a recording run of ``prompt`` (what the app's Generate
+    does with its model loaded and warmed up) to its first generated frame; the
+    fastest of ``repeats``."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run = iter(Run(model, RunSettings(prompt, frames=8, seed=0, record=True), Controls(policy, budget)))
+        try:
+            given = model.cfg.given_frames
+            for step in run:  # the given frames are rendered, not generated
+                if step.frame_indices[-1] >= given:
+                    break
+            best = min(best, time.perf_counter() - t0)
+        finally:
+            run.close()
+    return best
+
+
+# What a fresh process does before its first frame: start Python, import, read the
+# weights (hash checked), warm nothing, generate. Prints the seconds since ``start``.
+_COLD_START = """
+import sys, time
+import torch
+torch.set_num_threads(int(sys.argv[4]))
+from ffviz.bench import first_frame_seconds
+from ffviz.models import load_model
+model = load_model(sys.argv[1])
+first_frame_seconds(model, sys.argv[2], repeats=1)
+print(time.time() - float(sys.argv[3]))
+"""
+
+
+def cold_start_seconds(model_name: str, prompt: str, repeats: int = 3) -> float:
+    """Seconds from launching a fresh ``python`` to its first generated frame of
+    ``prompt`` (import, loading the weights, the first run's first calls) with this
+    process's torch threads; the fastest of ``repeats``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.time()
+        done = subprocess.run([sys.executable, "-c", _COLD_START, model_name, prompt, repr(start),
+                               str(torch.get_num_threads())],
+                              capture_output=True, text=True, encoding="utf-8", cwd=_ROOT)
+        if done.returncode:
+            raise RuntimeError(f"the cold-start run failed: {done.stderr.strip()[-2000:]}")
+        best = min(best, float(done.stdout.split()[-1]))
+    return best
+
+
+def bench_latency(model, model_name: str, prompt: str, repeats: int = 3) -> dict:
+    """The first frame's latency with future_forcing at budget 4 and recording on:
+    from a click in a running app (model loaded and warm) and from a fresh process."""
+    return {"prompt": prompt, "policy": "future_forcing", "budget_frames": 4, "repeats": repeats,
+            "first_frame_seconds": round(first_frame_seconds(model, prompt, repeats=repeats), 3),
+            "cold_start_first_frame_seconds": round(cold_start_seconds(model_name, prompt, repeats), 3)}
 
 
 def bench_policies(model, policies: list[str], budget: int, frames: int = 64,

@@ -54,7 +54,12 @@ def test_bench_writes_json(tmp_path):
     r = ffviz("bench", "--frames", "6", "--repeats", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text(encoding="utf-8"))
-    assert result["full"]["fps"] > 0 and "recorder_overhead" in result["full"]
+    for config in ("full", "window4", "future_forcing4"):
+        assert result[config]["fps"] > 0 and result[config]["fps_recording"] > 0
+        assert "recorder_overhead" in result[config]
+    latency = result["latency"]
+    # a fresh process also starts Python, imports torch and reads the weights
+    assert 0 < latency["first_frame_seconds"] < latency["cold_start_first_frame_seconds"]
 
 
 def test_bench_policies_reports_each_policys_share_of_a_step(tmp_path):
@@ -97,3 +102,30 @@ def test_bench_pairs_plain_and_recording_steps_on_separate_models(monkeypatch):
     assert list(seen[0].frames) == [2, 3, 4]  # each generated frame of the twin's run, once
     for m in (model, twin):
         assert all(not p.fns for p in hook_points(m).values())
+
+
+def test_first_frame_latency_waits_for_a_generated_frame(monkeypatch):
+    """The given frames are rendered from the scene; the latency ends at the first
+    frame the model generates, and the run is closed there."""
+    from ffviz import bench
+    from tests.conftest import random_model
+    model = random_model()
+    taken, closed = [], []
+
+    class FakeRun:
+        def __init__(self, *a):
+            pass
+
+        def __iter__(self):
+            def steps():
+                try:
+                    for frames in ([0, 1], [2], [3], [4]):
+                        taken.append(frames)
+                        yield type("Step", (), {"frame_indices": frames})
+                finally:
+                    closed.append(True)
+            return steps()
+
+    monkeypatch.setattr(bench, "Run", FakeRun)
+    assert bench.first_frame_seconds(model, "a red circle on a black background", repeats=1) > 0
+    assert model.cfg.given_frames == 2 and taken == [[0, 1], [2]] and closed == [True]
