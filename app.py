@@ -742,7 +742,7 @@ class App:
                         elem_id="heads-table", label="role and score per head (click to pick)")
                 with gr.Tab("Metrics", id="metrics") as t_metrics:
                     self.metrics_plot = _plot(F.metrics_figure([]))
-                    self.summary_json = gr.JSON(label="run summary")
+                    self.summary_json = gr.JSON(label="run summary", elem_id="run-summary")
                 with gr.Tab("Oracle", id="oracle") as t_oracle:
                     gr.Markdown("Offline, after a run: a full-cache reference run over the frames "
                                 "the run made gives the real future queries; each compression "

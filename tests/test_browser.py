@@ -3,8 +3,9 @@ no browser download) loads the page, starts a run at default settings, sees a
 frame appear (time to first frame is measured and reported), switches the
 policy mid-run, sees the switch, and saves a screenshot. Then: the first view
 explains itself, the memory test shows three policies side by side (its
-screenshots go to FFVIZ_SCREENSHOT_DIR when set: docs/memory_test.png and
-docs/app.png), a second Generate restarts with the new prompt, the prompt's notes
+screenshot goes to FFVIZ_SCREENSHOT_DIR when set: docs/memory_test.png), the first
+example prompt holds its scene for 256 frames (its screenshot: docs/app.png), a
+second Generate restarts with the new prompt, the prompt's notes
 appear next to it, and RoPE 101 follows a run started while it is open."""
 from __future__ import annotations
 
@@ -189,6 +190,36 @@ def test_memory_test_shows_three_policies_side_by_side(browser, app_url, tmp_pat
     page.screenshot(path=str(full), full_page=True)
     assert tab.stat().st_size > 10_000 and full.stat().st_size > 10_000
     save_shot(tab, "memory_test.png")
+    page.close()
+
+
+def test_first_example_prompt_holds_its_scene_for_the_whole_run(browser, app_url, tmp_path):
+    """The page's first example, as long as the app runs (256 frames) at default
+    settings: its objects move and keep their shape to the end (the run's summary), and
+    the screenshot of that run is README's picture."""
+    from playwright.sync_api import expect
+
+    from ffviz.scenes import EXAMPLE_PROMPTS
+    page = open_page(browser, app_url)
+    expect(page.locator("#prompt textarea")).to_have_value(EXAMPLE_PROMPTS[0])
+    page.fill("#frames input", "256")
+    page.click("#generate")
+    status = page.locator("#status")
+    expect(status).to_contain_text("done", timeout=300_000)
+    expect(status).to_contain_text("frame 256/256")
+    page.get_by_role("tab", name="Metrics").click()
+    summary = page.locator("#run-summary")
+    expect(summary).to_contain_text("tracking", timeout=30_000)
+    text = summary.inner_text()
+    print(text)
+    for metric in ("tracking", "shape", "background", "color_presence"):
+        value = float(re.search(rf'{metric}\W+([0-9.]+)', text).group(1))
+        assert value >= 0.9, f"{metric} {value} over the first example's 256 frames"
+    expect(page.locator("#video video")).to_be_visible(timeout=60_000)
+    page.wait_for_timeout(1500)  # let the plots catch up for the screenshot
+    full = tmp_path / "app.png"
+    page.screenshot(path=str(full), full_page=True)
+    assert full.stat().st_size > 10_000
     save_shot(full, "app.png")
     page.close()
 
