@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Every result folder in docs/ written again from the weights in assets/, each by the
 # command docs/README.md lists for it (run after the shipped weights change):
-#   showcase, the README policy grid, memory-unnamed, heads, prompt switching, speed,
-#   the training curve and the browser screenshots.
-# Usage: bash tools/refresh_results.sh [part ...]   (parts: showcase eval unnamed heads
-#        switch bench curve screenshots; default all). EVAL_ARGS adds to both evals
+#   the showcase (held-out seeds, and fresh ones), the README policy grid,
+#   memory-unnamed, heads, prompt switching, speed, the training curve and the
+#   browser screenshots.
+# Usage: bash tools/refresh_results.sh [part ...]   (parts: showcase fresh eval unnamed
+#        heads switch bench curve screenshots; default all). EVAL_ARGS adds to both evals
 #        (e.g. "--backend ray --ray-cpus 2").
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 EVAL_ARGS=${EVAL_ARGS:-}
-parts=${*:-showcase eval unnamed heads switch bench curve screenshots}
+parts=${*:-showcase fresh eval unnamed heads switch bench curve screenshots}
 log() { echo "== $(date +%T) $*"; }
 
 for part in $parts; do
@@ -18,6 +19,8 @@ for part in $parts; do
     case $part in
         showcase) $PY -m ffviz showcase --seeds 200-207 --frames 160 --also teacher-forced:4 \
                       --out docs/showcase ;;
+        fresh) $PY -m ffviz showcase --seeds 300-307 --frames 160 --also teacher-forced:4 \
+                   --out docs/showcase_fresh ;;
         eval) $PY -m ffviz eval --policies full,window,sink,expected_attention,future_forcing,forcing_kv \
                   --variant ff_adaptive=future_forcing --policy-arg ff_adaptive:head_budget=adaptive \
                   --variant ea_adaptive=expected_attention --policy-arg ea_adaptive:head_budget=adaptive \
@@ -31,7 +34,7 @@ for part in $parts; do
                $PY -m ffviz bench --recache --out docs/speed/bench_recache.json ;;
         curve) $PY tools/training_curve.py assets/tiny.json docs/training_curve.png ;;
         screenshots) FFVIZ_SCREENSHOT_DIR=docs $PY -m pytest -q tests/test_browser.py ;;
-        *) echo "unknown part: $part (showcase eval unnamed heads switch bench curve screenshots)" >&2
+        *) echo "unknown part: $part (showcase fresh eval unnamed heads switch bench curve screenshots)" >&2
            exit 2 ;;
     esac
 done

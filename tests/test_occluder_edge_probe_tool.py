@@ -1,0 +1,70 @@
+"""tools/occluder_edge_probe.py: which patches one move cannot give, and the model's
+error on them from true frames."""
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ffviz.weights import save_weights
+from tests.conftest import random_model
+from tests.test_one_motion import MOTION, PROMPT
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "occluder_edge_probe.py"
+GRAY, YELLOW, BLUE = (128, 128, 128), (240, 220, 40), (40, 60, 220)
+
+
+def two_frames() -> np.ndarray:
+    """8x8 frames, 4x4 patches: a 2-px pillar at columns 0-1 and a 2x2 object right of
+    it, which moves 2 px right: it leaves background where it was, next to the pillar."""
+    truth = np.zeros((2, 8, 8, 3), np.uint8)
+    truth[:] = BLUE
+    truth[:, :, 0:2] = GRAY
+    truth[0, 0:2, 2:4] = YELLOW
+    truth[1, 0:2, 4:6] = YELLOW
+    return truth
+
+
+def test_each_patch_is_classed_by_the_move_that_gives_it():
+    probe = runpy.run_path(str(TOOL))
+    classes = probe["patch_classes"](two_frames(), (0, 2), (0, 2), 4)
+    names = [[probe["CLASSES"][i] for i in row] for row in classes[0]]
+    # top left: the object left background behind it, next to the pillar: moving brings
+    # the pillar in, standing still keeps the object; top right: the object moved there
+    assert names == [["pillar edge", "moved"], ["still", "still"]]
+    no_pillar = probe["patch_classes"](two_frames(), (0, 2), None, 4)
+    assert probe["CLASSES"][no_pillar[0, 0, 0]] == "view edge"
+
+
+def test_wrong_pixels_is_the_share_off_per_patch():
+    probe = runpy.run_path(str(TOOL))
+    truth = two_frames()
+    assert probe["wrong_pixels"](truth[1:], truth[1:], 4).sum() == 0
+    share = probe["wrong_pixels"](truth[:1], truth[1:], 4)[0]  # copying the previous frame
+    assert share[0, 0] == pytest.approx(4 / 16) and share[0, 1] == pytest.approx(4 / 16)
+    assert share[1].sum() == 0
+
+
+def test_the_tool_reports_every_class_and_refuses_what_it_cannot_measure(tmp_path, capsys):
+    path = tmp_path / "tiny.safetensors"
+    save_weights(random_model(**MOTION), path, {"steps": 3})
+    main = runpy.run_path(str(TOOL))["main"]
+    main([str(path), "--seeds", "0", "--frames", "5", "--prompt", PROMPT])
+    line = json.loads(capsys.readouterr().out)
+    assert line["steps"] == 3 and set(line["classes"]) == {"still", "moved", "pillar edge", "view edge"}
+    counted = sum(c["patches"] for c in line["classes"].values())
+    assert counted == 3 * 64  # 3 generated frames of 8x8 patches, each in one class
+    for c in line["classes"].values():
+        for key in ("wrong", "copy_wrong", "best_world_move_wrong", "same_place_8_back_wrong"):
+            assert c[key] is None or 0 <= c[key] <= 1
+    still = line["classes"]["still"]  # copying gives a still patch, so the better move does
+    assert still["patches"] == 0 or still["copy_wrong"] == still["best_world_move_wrong"] == 0
+    with pytest.raises(SystemExit):
+        main([str(path), "--frames", "2"])
+    with pytest.raises(SystemExit):
+        main([str(path), "--seeds", "x"])
+    plain = tmp_path / "plain" / "tiny.safetensors"
+    save_weights(random_model(), plain, {"steps": 1})
+    with pytest.raises(SystemExit):
+        main([str(plain), "--frames", "4"])

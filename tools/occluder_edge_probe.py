@@ -1,0 +1,134 @@
+"""Where one move per patch cannot give the next frame, and how often the model gets
+those patches wrong from true frames.
+
+    python tools/occluder_edge_probe.py assets/tiny.safetensors --seeds 0-7 --frames 48
+
+Every frame after the given ones is generated teacher-forced (from a cache of true
+frames, ``showcase.teacher_forced_frames``) on the tuning suite's scenes
+(``memory-tuning``; ``--prompt`` for one of your own). Each 4x4 patch of the truth is
+put in one class by what gives it from the true previous frame:
+
+- ``still``: the previous frame's patch (background, the pillar, a resting object);
+- ``moved``: the previous frame moved by the scene's motion (an object in the open);
+- ``pillar edge``: neither, within a patch of the pillar: an object going behind the
+  pillar or coming out from behind it, or the background it leaves behind;
+- ``view edge``: neither, elsewhere: an object leaving or entering the view.
+
+Prints one JSON line: per class the number of patches and the share of their pixels the
+model got wrong, next to three predictors that read the truth: copying the previous
+frame, the better of standing still and moving with the scene for each patch (what a
+perfect pick between the world's two moves gives), and the same place 8 frames back
+(what a read of the cache there gives: the background an object uncovers, from before
+it came). Tune on seeds below 200 (docs/model.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from ffviz.evaluate import parse_seeds  # noqa: E402
+from ffviz.scenes import Scene, parse_prompt  # noqa: E402
+from ffviz.showcase import teacher_forced_frames  # noqa: E402
+from ffviz.suites import SUITES  # noqa: E402
+from ffviz.weights import load_tiny  # noqa: E402
+
+CLASSES = ("still", "moved", "pillar edge", "view edge")
+WRONG = 24  # a pixel is wrong where a channel is off by more than this (of 255)
+BACK = 8  # frames back of the same-place predictor
+PREDICTORS = ("copy", "best_world_move", f"same_place_{BACK}_back")
+
+
+def patch_classes(truth: np.ndarray, motion: tuple[int, int], pillar: tuple[int, int] | None,
+                  patch: int) -> np.ndarray:
+    """(T-1, g, g) class index (``CLASSES``) of every patch of frames 1.. of ``truth``
+    (T, S, S, 3) uint8; ``motion`` (dy, dx) pixels a frame (the view wraps, as the
+    model's displacements do); ``pillar`` its columns [x0, x1) or None."""
+    T, S = truth.shape[:2]
+    g = S // patch
+    prev, now = truth[:-1].astype(int), truth[1:].astype(int)
+    moved = np.roll(prev, motion, axis=(1, 2))
+    per_patch = lambda same: same.all(-1).reshape(T - 1, g, patch, g, patch).all((2, 4))
+    still, by_move = per_patch(prev == now), per_patch(moved == now)
+    near = np.zeros((g, g), bool)
+    if pillar is not None:  # a patch that holds pillar columns, or touches them
+        x0, x1 = pillar
+        cols = np.arange(g)
+        near[:, (cols * patch < x1 + patch) & ((cols + 1) * patch > x0 - patch)] = True
+    out = np.full((T - 1, g, g), 3)
+    out[near[None] & ~still & ~by_move] = 2
+    out[by_move & ~still] = 1
+    out[still] = 0
+    return out
+
+
+def wrong_pixels(frames: np.ndarray, truth: np.ndarray, patch: int) -> np.ndarray:
+    """(T, g, g) share of each patch's pixels off by more than ``WRONG``."""
+    T, S = truth.shape[:2]
+    g = S // patch
+    off = (np.abs(frames.astype(int) - truth.astype(int)) > WRONG).any(-1)
+    return off.reshape(T, g, patch, g, patch).mean((2, 4))
+
+
+def measure(model, prompts, seeds, frames: int, budget: int = 4) -> dict:
+    cfg, p = model.cfg, model.cfg.patch
+    given = cfg.given_frames
+    sums = {c: {"patches": 0, "model": 0.0, **{k: 0.0 for k in PREDICTORS}} for c in CLASSES}
+    for prompt in prompts:
+        for seed in seeds:
+            spec = parse_prompt(prompt, seed)[0]
+            scene = Scene(spec, seed)
+            truth = scene.render(np.arange(frames))
+            video = teacher_forced_frames(model, prompt, seed, frames, budget)
+            tokens = model.patchify(torch.from_numpy(truth[:given])[None].float() / 127.5 - 1)
+            motion = tuple(int(v) for v in model.measure_motion(tokens)[0])
+            pillar = scene.pillar_x
+            cls = patch_classes(truth, motion, pillar, p)[given - 1:]  # the generated frames
+            err = wrong_pixels(video[given:], truth[given:], p)
+            now, before = truth[given:], truth[given - 1:-1]
+            copy = wrong_pixels(before, now, p)
+            moved = wrong_pixels(np.roll(before, motion, axis=(1, 2)), now, p)
+            back = wrong_pixels(truth[np.maximum(np.arange(given, frames) - BACK, 0)], now, p)
+            for i, name in enumerate(CLASSES):
+                at = cls == i
+                sums[name]["patches"] += int(at.sum())
+                sums[name]["model"] += float(err[at].sum())
+                for key, wrong in zip(PREDICTORS, (copy, np.minimum(copy, moved), back)):
+                    sums[name][key] += float(wrong[at].sum())
+    share = lambda s, key: round(s[key] / s["patches"], 4) if s["patches"] else None
+    return {name: {"patches": s["patches"], "wrong": share(s, "model"),
+                   **{f"{key}_wrong": share(s, key) for key in PREDICTORS}}
+            for name, s in sums.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("weights", type=Path)
+    ap.add_argument("--seeds", default="0-7")
+    ap.add_argument("--frames", type=int, default=48)
+    ap.add_argument("--prompt", default=None, help="one prompt instead of the tuning suite's")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        ap.error(f"seeds: {e}")
+    model, card = load_tiny(args.weights)
+    if args.frames <= model.cfg.given_frames:
+        ap.error(f"frames must be more than the {model.cfg.given_frames} given ones")
+    if not model.cfg.motion_reach:
+        ap.error("these weights move no patches (motion_reach 0): there is no move to classify by")
+    prompts = [args.prompt] if args.prompt else list(SUITES["memory-tuning"].prompts)
+    torch.set_num_threads(args.threads)
+    result = measure(model, prompts, seeds, args.frames)
+    print(json.dumps({"weights": str(args.weights), "steps": card.get("steps"), "seeds": args.seeds,
+                      "frames": args.frames, "prompts": len(prompts), "classes": result}))
+
+
+if __name__ == "__main__":
+    main()
