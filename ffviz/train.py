@@ -84,6 +84,9 @@ class TrainConfig:
     # as they moved, which the motion memory already says; where it is wrong (a bounce in
     # the earlier world, a torn object) is what the focus weighs up.
     motion_focus: float = 0.0
+    # patches no displacement gives are taught against the better of standing still and
+    # the scene's motion, the moves sampling with one_motion makes (world_move_targets)
+    world_moves: bool = False
     # weight of the motion cross-entropy on patches where staying put is wrong (an object
     # moves through them, or leaves them): few among the patches where the choice
     # matters, and a trailing edge chosen wrong is where free-running objects smear
@@ -272,6 +275,28 @@ def motion_targets(model, prev, target) -> MotionTargets:
     return MotionTargets(index, good, ~good.all(-1), best[..., 0] < 1e-4, best[..., 0])
 
 
+def world_move_targets(model, prev, target, motion, t: MotionTargets) -> MotionTargets:
+    """``t`` with the patches no displacement gives exactly taught as the better of the
+    world's two moves: standing still or the scene's ``motion`` (B, 2) (with every
+    displacement that gives the same patch as it). Elsewhere the best displacement of
+    such a patch is most often one the world never makes (the pillar's edge moved one
+    pixel), which sampling with ``one_motion`` does not pick; the patch's change is
+    then learnt against a base the sampler never gives."""
+    moved = model.displaced(prev.float())  # (B, M, K, d)
+    B, M, K, d = moved.shape
+    r = model.cfg.motion_reach
+    scene = ((motion[:, 0] + r) * (2 * r + 1) + motion[:, 1] + r).long().to(moved.device)
+    err = (moved - target.float()[:, :, None]).pow(2).mean(-1)  # (B, M, K)
+    still_err, scene_err = err[..., K // 2], err.gather(2, scene.view(B, 1, 1).expand(B, M, 1))[..., 0]
+    world = torch.where(scene_err < still_err, scene[:, None], K // 2)  # (B, M)
+    gives = moved.gather(2, world[..., None, None].expand(B, M, 1, d))
+    same = (moved - gives).abs().amax(-1) < 1e-4  # (B, M, K): displacements giving that patch
+    index = torch.where(t.exact, t.index, world)
+    good = torch.where(t.exact[..., None], t.good, same)
+    best = torch.where(t.exact, t.best, torch.minimum(still_err, scene_err))
+    return MotionTargets(index, good, ~good.all(-1), t.exact, best)
+
+
 @dataclasses.dataclass
 class TrueSlots:
     """A drawn batch's TRUE frames laid out as training lays them out (``true_slots``),
@@ -304,7 +329,7 @@ def true_slots(model, b: Batch) -> TrueSlots:
 def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weight, gen, mask,
                          frames, targets, motion_weight: float = 0.0, paint_weight: float = 1.0,
                          motion_focus: float = 0.0, move_weight: float = 1.0,
-                         recall_weight: float = 1.0):
+                         recall_weight: float = 1.0, world_moves: bool = False):
     """x0 loss of the noisy copies. context/prev/target: tokens (B, T*n, d) (the clean
     frames, each one's previous frame, and what each frame should be); valid (B, T) bool;
     levels (B, K) of the target slots ``targets`` (K,); weight (B, T*n); frames, mask
@@ -314,7 +339,9 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
     and patches no displacement gives (what must be painted, not moved) weigh
     ``paint_weight`` times more: they are few, and they are where memory shows.
     ``motion_focus`` > 0 weighs each patch's cross-entropy by (1 - p_right)^focus;
-    ``move_weight`` weighs it on patches where the zero displacement is wrong."""
+    ``move_weight`` weighs it on patches where the zero displacement is wrong.
+    ``world_moves``: patches no displacement gives are taught against the better of the
+    world's moves (``world_move_targets``; the condition carries the scene's motion)."""
     n = model.cfg.tokens_per_frame
     B, T = valid.shape
     pick = lambda x: x.view(B, T, n, -1)[:, targets].reshape(B, len(targets) * n, -1)
@@ -331,7 +358,14 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
         out = model(x, t, frames, cond, prev=prev_all, mask=mask)
         ce = None
     else:
-        index, good, telling, exact, best = motion_targets(model, pick(prev), tgt)
+        targets_found = motion_targets(model, pick(prev), tgt)
+        if world_moves:
+            if not model.carries_motion or cond.shape[-1] != model.cfg.width + 3:
+                raise ValueError("world_moves teaches the scene's motion: the model must carry it "
+                                 "on its condition (embed_condition with the motion)")
+            motion = cond[:, 0, -3:-1].round().long()
+            targets_found = world_move_targets(model, pick(prev), tgt, motion, targets_found)
+        index, good, telling, exact, best = targets_found
         centre = torch.full((B, T * n, *index.shape[2:]), good.shape[-1] // 2, dtype=torch.long,
                             device=x.device)
         recall = model.cfg.recall
@@ -508,7 +542,8 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
             loss, motion_ce = teacher_forcing_loss(model, context, prev, target, valid, levels,
                                                    cond, weight, gen, mask, frames, targets,
                                                    cfg.motion_weight, cfg.paint_weight,
-                                                   cfg.motion_focus, cfg.move_weight)
+                                                   cfg.motion_focus, cfg.move_weight,
+                                                   world_moves=cfg.world_moves)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -671,6 +706,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--move-weight", type=float, default=d.move_weight,
                    help="weight of the motion cross-entropy on patches where staying put is wrong "
                         "(an object moves through them or leaves them; 1: as the others)")
+    p.add_argument("--world-moves", action=argparse.BooleanOptionalAction, default=d.world_moves,
+                   help="teach patches no displacement gives against the better of standing still "
+                        "and the scene's motion, the moves sampling with one motion makes")
     p.add_argument("--redraw-failed", action=argparse.BooleanOptionalAction, default=d.redraw_failed,
                    help="rollouts: an object the teacher cannot read is asked back whole where it "
                         "should be (--no-redraw-failed: the frames after it get no loss)")
@@ -695,6 +733,7 @@ def main(args: argparse.Namespace) -> int:
                       object_weight=args.object_weight, motion_weight=args.motion_weight,
                       paint_weight=args.paint_weight, motion_focus=args.motion_focus,
                       move_weight=args.move_weight, redraw_failed=args.redraw_failed,
+                      world_moves=args.world_moves,
                       switch_share=args.switch_share,
                       unnamed_share=args.unnamed_share,
                       seed=args.seed, threads=args.threads,

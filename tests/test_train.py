@@ -12,7 +12,8 @@ import torch
 from ffviz.models.tiny import TinyConfig, TinyVideoModel, masked_attention
 from ffviz.sampling import fill_cache
 from ffviz.train import (DATA_VERSION, TrainConfig, _resume, _rollout_context, draw, layout, motion_targets,
-                         previous_of_slots, rollout, state_path_for, teacher_forcing_loss, train)
+                         previous_of_slots, rollout, state_path_for, teacher_forcing_loss, train,
+                         world_move_targets)
 from ffviz.weights import load_tiny
 
 SMALL = TinyConfig(width=32, layers=1, heads=2)
@@ -391,6 +392,45 @@ def test_paint_weight_weighs_only_what_no_displacement_gives():
     moved = torch.roll(img, 1, 3)
     assert loss(moved, 5.0) == pytest.approx(loss(moved, 1.0), rel=1e-6)
     assert loss(appeared, 5.0) > 1.5 * loss(appeared, 1.0)  # the new patch's error dominates
+
+
+def _pillar_frame(model, obj_x, obj_y):
+    """A blue frame with a gray pillar (columns 8-23) and a yellow 6x8 object."""
+    img = torch.full((1, 1, 32, 32, 3), -1.0)
+    img[..., 2] = 0.6
+    img[:, :, :, 8:24] = 0.0
+    img[:, :, obj_y:obj_y + 8, obj_x:obj_x + 6] = torch.tensor([0.9, 0.8, -0.8])
+    return model.patchify(img)
+
+
+def test_world_moves_teach_what_no_displacement_gives_against_standing_still_or_the_motion():
+    """An object leaves the pillar's edge moving (1, 2): the patches it uncovers next to
+    the pillar are given by no displacement. Their best displacement is one the world
+    never makes; world_move_targets teaches the better of standing still and the scene's
+    motion there instead (with its equals), and leaves every patch some displacement
+    gives as it was."""
+    from tests.test_one_motion import MOTION
+    from tests.conftest import random_model
+    model = random_model(**MOTION)
+    prev, target = _pillar_frame(model, 24, 12), _pillar_frame(model, 26, 13)
+    found = motion_targets(model, prev, target)
+    world = world_move_targets(model, prev, target, torch.tensor([[1, 2]]), found)
+    still, scene = 12, (1 + 2) * 5 + (2 + 2)
+    new = ~found.exact
+    assert new.sum() == 3 and not set(found.index[new].tolist()) <= {still, scene}
+    assert set(world.index[new].tolist()) <= {still, scene}
+    assert torch.equal(world.index[~new], found.index[~new]) and torch.equal(world.good[~new], found.good[~new])
+    moved = model.displaced(prev)
+    for b, m in new.nonzero().tolist():  # good: the displacements that give the taught patch
+        gives = moved[b, m, world.index[b, m]]
+        assert torch.equal(world.good[b, m], (moved[b, m] - gives).abs().amax(-1) < 1e-4)
+    assert torch.equal(world.telling, ~world.good.all(-1))
+
+
+def test_world_moves_need_the_motion_on_the_condition():
+    model, img = _square_clip()
+    with pytest.raises(ValueError, match="motion"):
+        _last_frame_loss(model, img, torch.roll(img, 1, 3), world_moves=True)
 
 
 def test_move_weight_weighs_the_choice_only_where_staying_put_is_wrong():
