@@ -50,9 +50,9 @@ def test_the_tool_reports_every_class_and_refuses_what_it_cannot_measure(tmp_pat
     path = tmp_path / "tiny.safetensors"
     save_weights(random_model(**MOTION), path, {"steps": 3})
     main = runpy.run_path(str(TOOL))["main"]
-    main([str(path), "--seeds", "0", "--frames", "5", "--prompt", PROMPT])
+    main([str(path), "--seeds", "0", "--frames", "5", "--prompt", PROMPT, "--budget", "5"])
     line = json.loads(capsys.readouterr().out)
-    assert line["steps"] == 3 and set(line["classes"]) == {"still", "moved", "pillar edge", "view edge"}
+    assert line["steps"] == 3 and line["budget"] == 5 and set(line["classes"]) == {"still", "moved", "pillar edge", "view edge"}
     counted = sum(c["patches"] for c in line["classes"].values())
     assert counted == 3 * 64  # 3 generated frames of 8x8 patches, each in one class
     for c in line["classes"].values():
@@ -64,6 +64,8 @@ def test_the_tool_reports_every_class_and_refuses_what_it_cannot_measure(tmp_pat
         main([str(path), "--frames", "2"])
     with pytest.raises(SystemExit):
         main([str(path), "--seeds", "x"])
+    with pytest.raises(SystemExit):
+        main([str(path), "--budget", "0"])
     plain = tmp_path / "plain" / "tiny.safetensors"
     save_weights(random_model(), plain, {"steps": 1})
     with pytest.raises(SystemExit):

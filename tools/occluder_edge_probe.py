@@ -1,10 +1,10 @@
 """Where one move per patch cannot give the next frame, and how often the model gets
 those patches wrong from true frames.
 
-    python tools/occluder_edge_probe.py assets/tiny.safetensors --seeds 0-7 --frames 48
+    python tools/occluder_edge_probe.py assets/tiny.safetensors --seeds 0-7 --frames 48 [--budget 4]
 
-Every frame after the given ones is generated teacher-forced (from a cache of true
-frames, ``showcase.teacher_forced_frames``) on the tuning suite's scenes
+Every frame after the given ones is generated teacher-forced (from a cache of the
+``--budget`` newest true frames, ``showcase.teacher_forced_frames``) on the tuning suite's scenes
 (``memory-tuning``; ``--prompt`` for one of your own). Each 4x4 patch of the truth is
 put in one class by what gives it from the true previous frame:
 
@@ -112,6 +112,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0-7")
     ap.add_argument("--frames", type=int, default=48)
     ap.add_argument("--prompt", default=None, help="one prompt instead of the tuning suite's")
+    ap.add_argument("--budget", type=int, default=4, help="true frames cached (as many as --frames: all)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     try:
@@ -121,13 +122,16 @@ def main(argv=None) -> None:
     model, card = load_tiny(args.weights)
     if args.frames <= model.cfg.given_frames:
         ap.error(f"frames must be more than the {model.cfg.given_frames} given ones")
+    if args.budget < 1:
+        ap.error(f"--budget must be at least 1, got {args.budget}")
     if not model.cfg.motion_reach:
         ap.error("these weights move no patches (motion_reach 0): there is no move to classify by")
     prompts = [args.prompt] if args.prompt else list(SUITES["memory-tuning"].prompts)
     torch.set_num_threads(args.threads)
-    result = measure(model, prompts, seeds, args.frames)
+    result = measure(model, prompts, seeds, args.frames, args.budget)
     print(json.dumps({"weights": str(args.weights), "steps": card.get("steps"), "seeds": args.seeds,
-                      "frames": args.frames, "prompts": len(prompts), "classes": result}))
+                      "frames": args.frames, "budget": args.budget, "prompts": len(prompts),
+                      "classes": result}))
 
 
 if __name__ == "__main__":
