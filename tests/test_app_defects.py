@@ -62,7 +62,7 @@ def test_rejected_steer_puts_controls_back(server, app_module):
     out = c.predict("future_forcing", 4, *params_for(app_module, future_forcing__n_sink=50),
                     api_name="/steer")
     assert not job.done(), "the run ended before the steer: nothing left to test"
-    assert out[2 + i] == 1 and out[1] == 4, out[:2] + [out[2 + i]]
+    assert out[2 + i] == 1 and out[1] == 4, (out[:2], out[2 + i])
     c.predict(api_name="/stop")
     finish(job)
     assert "1 frame = 64 tokens" in app_module.budget_info(1)

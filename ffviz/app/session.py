@@ -300,6 +300,9 @@ class RunSession:
         budget = budget_frames * self.cfg.tokens_per_frame
         if cache.size > budget:
             policy.compress(cache, budget, ctx)
+        elif self.model is not None:  # the live cache is within the budget now (just
+            # compressed); the next chunk's write will put it over: try one frame over
+            preflight(self.model, policy, budget_frames)
 
     @staticmethod
     def new_dir() -> Path:
