@@ -71,12 +71,11 @@ def first_frame_seconds(model, prompt: str, policy: str = "future_forcing", budg
     """Seconds from starting a recording run of ``prompt`` (what the app's Generate
     does with its model loaded and warmed up) to its first generated frame; the
     fastest of ``repeats``."""
-    best = float("inf")
+    best, given = float("inf"), model.cfg.given_frames
     for _ in range(repeats):
         t0 = time.perf_counter()
         run = iter(Run(model, RunSettings(prompt, frames=8, seed=0, record=True), Controls(policy, budget)))
         try:
-            given = model.cfg.given_frames
             for step in run:  # the given frames are rendered, not generated
                 if step.frame_indices[-1] >= given:
                     break

@@ -284,8 +284,7 @@ def world_move_targets(model, prev, target, motion, t: MotionTargets) -> MotionT
     then learnt against a base the sampler never gives."""
     moved = model.displaced(prev.float())  # (B, M, K, d)
     B, M, K, d = moved.shape
-    r = model.cfg.motion_reach
-    scene = ((motion[:, 0] + r) * (2 * r + 1) + motion[:, 1] + r).long().to(moved.device)
+    scene = model.scene_index(motion).to(moved.device)
     err = (moved - target.float()[:, :, None]).pow(2).mean(-1)  # (B, M, K)
     still_err, scene_err = err[..., K // 2], err.gather(2, scene.view(B, 1, 1).expand(B, M, 1))[..., 0]
     world = torch.where(scene_err < still_err, scene[:, None], K // 2)  # (B, M)
@@ -360,10 +359,10 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
     else:
         targets_found = motion_targets(model, pick(prev), tgt)
         if world_moves:
-            if not model.carries_motion or cond.shape[-1] != model.cfg.width + 3:
+            motion = model.split_condition(cond)[1]
+            if motion is None:
                 raise ValueError("world_moves teaches the scene's motion: the model must carry it "
                                  "on its condition (embed_condition with the motion)")
-            motion = cond[:, 0, -3:-1].round().long()
             targets_found = world_move_targets(model, pick(prev), tgt, motion, targets_found)
         index, good, telling, exact, best = targets_found
         centre = torch.full((B, T * n, *index.shape[2:]), good.shape[-1] // 2, dtype=torch.long,

@@ -118,8 +118,9 @@ class TinyConfig:
     # At sampling, each patch's pick gives what one of the moves this world has gives: the
     # scene's motion (measured from the given frames), standing still (the pillar, a plain
     # background), or recall (``keep_to_motion``). The learnt choice still decides between
-    # them; training is unchanged (it teaches every displacement). Free-running, the other
-    # displacements are where objects tear (docs/experiments/sampling_choice.md).
+    # them (training teaches it with ``--world-moves`` where no displacement gives a patch).
+    # Free-running, the other displacements are where objects tear
+    # (docs/experiments/sampling_choice.md).
     one_motion: bool = False
     # Added to recall's logit at sampling (not in training). Recall is taught only where it
     # alone gives the patch, a small share, so the choice learns a prior that underrates it
@@ -432,6 +433,22 @@ class TinyVideoModel(nn.Module):
         side = 2 * r + 1
         return torch.stack([best // side - r, best % side - r], -1)
 
+    def scene_index(self, motion: torch.Tensor) -> torch.Tensor:
+        """(B,) long: the index among the displacements of the scene's ``motion`` (B, 2)
+        (row-major over (dy, dx), as ``displaced`` orders them)."""
+        r = self.cfg.motion_reach
+        return ((motion[:, 0] + r) * (2 * r + 1) + motion[:, 1] + r).long()
+
+    def split_condition(self, cond: torch.Tensor):
+        """``cond`` from ``embed_condition`` -> (the prompt's embedding, the scene's motion
+        (B, 2) long, one motion (B,) bool); the last two None where the condition carries no
+        motion (a prompt's embedding alone, width numbers: a scene without it)."""
+        if not (self.carries_motion and cond.shape[-1] == self.cfg.width + 3):
+            return cond, None, None
+        extra = cond[..., -3:]
+        extra = extra[:, 0] if extra.dim() == 3 else extra
+        return cond[..., :-3], extra[:, :2].round().long(), extra[:, 2] > 0.5
+
     def keep_to_motion(self, logits: torch.Tensor, motion: torch.Tensor, one: torch.Tensor,
                        moved: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, N, K[+1]) over the displacements ``moved`` (B, N, K, d) and
@@ -441,9 +458,8 @@ class TinyVideoModel(nn.Module):
         itself is the pillar standing still); elsewhere it gets the better of those two
         (or recall). Not a sum over the displacements that give the same patch: a plain
         background's many equals would outvote an object's leading edge."""
-        r, K = self.cfg.motion_reach, moved.shape[2]
-        side = 2 * r + 1
-        scene = ((motion[:, 0] + r) * side + motion[:, 1] + r).to(logits.device)
+        K = moved.shape[2]
+        scene = self.scene_index(motion).to(logits.device)
         allowed = torch.zeros(logits.shape[0], logits.shape[-1], dtype=torch.bool, device=logits.device)
         allowed[:, K // 2] = True
         allowed[torch.arange(len(motion)), scene] = True
@@ -587,13 +603,7 @@ class TinyVideoModel(nn.Module):
         ctx.t = float(t.flatten()[0])  # before the move: reading a GPU tensor waits for it
         t = t.to(dev)
         cos, sin = (c.to(dev) for c in self.rope.cos_sin(*meta))  # float64 angles on the host
-        motion, one_motion = None, None
-        if self.carries_motion and cond.shape[-1] == self.cfg.width + 3:
-            # the scene's motion rides on the condition (embed_condition); a prompt's embedding
-            # alone (width numbers) is a scene without it: nothing to recall along or keep to
-            cond, extra = cond[..., :-3], cond[..., -3:]
-            extra = extra[:, 0] if extra.dim() == 3 else extra
-            motion, one_motion = extra[:, :2].round().long(), extra[:, 2] > 0.5
+        cond, motion, one_motion = self.split_condition(cond)  # the motion rides on it
         if self.cfg.recall and motion is None:
             raise ValueError("this model recalls along the scene's motion: its condition comes from "
                              "embed_condition(ids, motion)")
