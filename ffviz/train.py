@@ -390,9 +390,25 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
         if recall:  # what recall reads, taught where no displacement gives the patch
             w_rec = (~exact & valid_tok).float()
             ce_term = ce_term + recall_weight * (rec_err * w_rec).sum() / w_rec.sum().clamp_min(1.0)
+        if model.cfg.pixel_moves:
+            ce_term = ce_term + pixel_moves_loss(model, T * n, valid_tok, paint_weight)
     err = (out[:, T * n:].float() - tgt).pow(2).mean(-1)  # (B, K * n), float32 under autocast too
     loss = (err * w).sum() / w.sum().clamp_min(1e-6)
     return (loss if ce is None else loss + motion_weight * ce_term), ce
+
+
+def pixel_moves_loss(model, first: int, valid_tok, paint_weight: float) -> torch.Tensor:
+    """Cross-entropy of each pixel's world move (``pixel_moves``) over the moves that give
+    it, on the target slots (tokens from ``first``) whose pick was a world move, where the
+    moves disagree; pixels whose first-ranked move does not give them (at the start: those
+    the patch's pick does not give, the pillar's edges) weigh ``paint_weight``."""
+    logits, gives = model.pixel_logits[:, first:], model.pixel_gives[:, first:]
+    telling = gives.any(-1) & ~gives.all(-1) & (model.pixel_has[:, first:] & valid_tok)[..., None]
+    some = gives | ~gives.any(-1, keepdim=True)  # a pixel no move gives: no target (nor NaN)
+    nll = logits.logsumexp(-1) - logits.masked_fill(~some, float("-inf")).logsumexp(-1)
+    right = gives.gather(-1, logits.argmax(-1, keepdim=True))[..., 0]
+    w = telling.float() * torch.where(right, 1.0, paint_weight)
+    return (torch.where(telling, nll, 0.0) * w).sum() / telling.sum().clamp_min(1)
 
 
 def _worker_init():
@@ -466,6 +482,14 @@ def _resume(out: Path, model_cfg: TinyConfig, log, fresh: bool, new_world: bool 
     return model, ema, opt_state, progress, {"world_changes": changes, "grafts": card.get("grafts", [])}
 
 
+def parameter_births(grafts: list) -> dict[str, int]:
+    """The step each grafted parameter was born at (``tools/add_motion_head.py`` records a
+    graft's new parameters in the card); parameters not named were born at step 0. The
+    EMA warms up from a part's birth, so a part grafted at step 9,000 is not averaged with
+    its zero start over the next thousand steps."""
+    return {name: g["step"] for g in grafts for name in g.get("parameters", [])}
+
+
 def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh: bool,
            new_world: bool) -> dict:
     if cfg.threads:
@@ -486,6 +510,12 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
     if opt_state:
         opt.load_state_dict(opt_state)
     warm_from = step if opt_state is None and step else 0  # a fresh optimizer warms up again
+    births = parameter_births(lineage["grafts"])
+    ema_groups = {}  # the step each part was born at -> (its EMA tensors, its raw ones)
+    for (name, averaged), raw in zip(ema.named_parameters(), model.parameters()):
+        group = ema_groups.setdefault(births.get(name, 0), ([], []))
+        group[0].append(averaged)
+        group[1].append(raw)
     n, g = model_cfg.tokens_per_frame, model_cfg.given_frames
     started, last_save, losses, valid_share, motion_ces = time.time(), time.time(), [], [], []
 
@@ -548,8 +578,9 @@ def _train(cfg: TrainConfig, model_cfg: TinyConfig, out: Path, log, pool, fresh:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            decay = min(cfg.ema, (1 + step) / (10 + step))  # EMA warm-up
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+            for born, (averaged, raw) in ema_groups.items():  # EMA warm-up from each part's birth
+                age = step - born
+                torch._foreach_lerp_(averaged, raw, 1 - min(cfg.ema, (1 + age) / (10 + age)))
         step += 1
         clips_seen += cfg.batch
         seconds += time.time() - t0

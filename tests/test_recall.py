@@ -54,6 +54,19 @@ def read_at(model, cache, frame, motion):
     return model.recall.read(model.recall.queries(*meta, motion), layer.k[:, :2], layer.v[:, :2])
 
 
+def drawn_batch_loss(model):
+    """(teacher_forcing_loss of a drawn batch of 2 clips of 16 frames, in training mode;
+    the clip's frame count T)."""
+    model.train()
+    batch = draw(0, 6000, TrainConfig(batch=2, curriculum=((0, 16),)), model.cfg)
+    s = true_slots(model, batch)
+    T = len(batch.frame_idx)
+    loss, _ = teacher_forcing_loss(model, s.truth, s.prev, s.truth, torch.ones(2, T, dtype=torch.bool),
+                                   batch.levels, s.cond, torch.ones(2, T * 64), torch.Generator().manual_seed(0),
+                                   s.mask, s.frames, torch.from_numpy(batch.targets), 0.5, 4.0)
+    return loss, T
+
+
 def test_the_scene_motion_is_measured_from_the_given_frames():
     model = recall_model()
     for seed in range(12):
@@ -154,13 +167,7 @@ def test_a_recall_model_needs_the_motion_and_trains():
     model = recall_model()
     with pytest.raises(ValueError, match="motion"):
         model.embed_condition(torch.zeros(1, len(model.cond_embed), dtype=torch.long))
-    model.train()
-    batch = draw(0, 6000, TrainConfig(batch=2, curriculum=((0, 16),)), model.cfg)
-    s = true_slots(model, batch)
-    T = len(batch.frame_idx)
-    loss, ce = teacher_forcing_loss(model, s.truth, s.prev, s.truth, torch.ones(2, T, dtype=torch.bool),
-                                    batch.levels, s.cond, torch.ones(2, T * 64), torch.Generator().manual_seed(0),
-                                    s.mask, s.frames, torch.from_numpy(batch.targets), 0.5, 4.0)
+    loss, _ = drawn_batch_loss(model)
     loss.backward()
     assert torch.isfinite(loss)
     assert model.recall_trust.weight.grad.abs().sum() > 0

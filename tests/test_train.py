@@ -14,7 +14,7 @@ from ffviz.sampling import fill_cache
 from ffviz.train import (DATA_VERSION, TrainConfig, _resume, _rollout_context, draw, layout, motion_targets,
                          previous_of_slots, rollout, state_path_for, teacher_forcing_loss, train,
                          world_move_targets)
-from ffviz.weights import load_tiny
+from ffviz.weights import load_tiny, save_weights
 
 SMALL = TinyConfig(width=32, layers=1, heads=2)
 quiet = lambda s: None
@@ -583,7 +583,12 @@ def test_the_motion_tool_carries_the_training_state_over(tmp_path, monkeypatch):
     new, card = load_tiny(dst)
     assert new.cfg.motion_refine and new.cfg.patch_position and card["steps"] == 2
     # the card records each graft, in order, with the step it was made at
-    assert card["grafts"] == [{"step": 2, "added": ["pick"]}, {"step": 2, "added": ["pick", "refine", "position"]}]
+    assert [{k: g[k] for k in ("step", "added")} for g in card["grafts"]] == [
+        {"step": 2, "added": ["pick"]}, {"step": 2, "added": ["pick", "refine", "position"]}]
+    # and the parameters each graft added (the EMA warms up from there for them)
+    assert card["grafts"][0]["parameters"] == []
+    assert sorted(card["grafts"][1]["parameters"]) == sorted(
+        n for n, _ in new.named_parameters() if n.startswith(("motion_refine.", "position_embed")))
     x, prev = torch.rand(1, 64, 48) * 2 - 1, torch.rand(1, 64, 48) * 2 - 1
     cond = torch.zeros(1, 128)
     with torch.no_grad():
@@ -607,6 +612,33 @@ def test_the_motion_tool_carries_the_training_state_over(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(tool), str(dst), "--pick", "--refine", "--out", str(tmp_path / "x.safetensors")])
     with pytest.raises(SystemExit, match="not one checkpoint"):
         runpy.run_path(str(tool), run_name="__main__")
+
+
+def test_a_grafted_parts_ema_warms_up_from_its_graft(tmp_path, monkeypatch):
+    """Weights at step 5,000 given a new part: one training step moves the EMA of the new
+    part most of the way to the raw weights (its warm-up starts at the graft) and the EMA
+    of the old parts by 0.2% (theirs started at step 0)."""
+    import runpy
+    import sys
+    from ffviz.__main__ import main
+    from ffviz.train import TrainConfig as TC, state_path_for, train as run_train
+    src, dst = tmp_path / "w.safetensors", tmp_path / "g" / "w.safetensors"
+    assert main(["train", "--fresh", "--steps", "1", "--width", "128", "--layers", "1", "--motion-reach",
+                 "2", "--motion-pick", "--motion-memory", "--out", str(src)]) == 0
+    model, card = load_tiny(src)
+    save_weights(model, src, {**card, "steps": 5000})
+    state = torch.load(state_path_for(src), weights_only=False)
+    torch.save({**state, "step": 5000}, state_path_for(src))
+    tool = Path(__file__).resolve().parents[1] / "tools" / "add_motion_head.py"
+    monkeypatch.setattr(sys, "argv", [str(tool), str(src), "--pick", "--refine", "--out", str(dst)])
+    runpy.run_path(str(tool), run_name="__main__")
+    before = load_tiny(dst)[0].state_dict()
+    run_train(TC(steps=5001, batch=2, curriculum=((0, 5),), warmup=2, rollout_after=10 ** 6,
+                 save_every_s=1e9), load_tiny(dst)[0].cfg, dst, log=lambda s: None)
+    after, raw = load_tiny(dst)[0].state_dict(), torch.load(state_path_for(dst), weights_only=False)["model"]
+    moved = lambda name: float(((after[name] - before[name]).norm() / (raw[name] - before[name]).norm()))
+    assert moved("motion_refine.0.weight") == pytest.approx(0.9, abs=1e-3)  # 1 - (1 + 0) / (10 + 0)
+    assert moved("patch_embed.weight") == pytest.approx(1 - 5001 / 5010, abs=1e-4)  # from step 0
 
 
 def test_a_per_pixel_pick_moves_two_motions_in_one_patch():
@@ -669,4 +701,5 @@ def test_the_motion_tool_makes_a_picking_head_per_pixel_and_starts_where_it_was(
     assert any("resumed exactly" in line for line in lines)
     trained, card = load_tiny(dst)
     assert card["steps"] == 4 and not torch.equal(trained.motion.weight, new.motion.weight)
-    assert card["grafts"] == [{"step": 2, "added": ["pick", "per-pixel", "refine"]}]  # training keeps it
+    assert [{k: g[k] for k in ("step", "added")} for g in card["grafts"]] == [
+        {"step": 2, "added": ["pick", "per-pixel", "refine"]}]  # training keeps it

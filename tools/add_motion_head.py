@@ -13,6 +13,11 @@ exactly, with only the new parts starting afresh.
 ``--per-pixel`` makes a picking head choose per pixel (``TinyConfig.motion_per_pixel``):
 every pixel of a patch starts with its patch's choice (the head's rows repeated, the
 optimizer's moments too), so the model starts as the one it was.
+
+``--pixel-moves`` (on recall weights) lets each pixel of a patch whose pick is a world
+move take another one (``TinyConfig.pixel_moves``); its correction starts at zero, so
+the model starts as the one it was. The card records each graft's new parameters:
+training's EMA of them warms up from the graft (``ffviz.train.parameter_births``).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from ffviz.train import state_path_for  # noqa: E402
 from ffviz.weights import load_tiny, save_weights, training_progress  # noqa: E402
 
 NEW_PARTS = ("motion", "match_embed", "memory_scale", "motion_refine", "position_embed", "recall_trust",
-             "recall_choice")
+             "recall_choice", "pixel_moves")
 
 
 def grown(old_model, cfg, state_dict):
@@ -98,6 +103,9 @@ def main() -> None:
     p.add_argument("--recall", action="store_true",
                    help="one more block, whose first heads recall each patch from the frames the "
                         "scene's motion carried it from (TinyConfig.recall); it starts adding nothing")
+    p.add_argument("--pixel-moves", action="store_true",
+                   help="each pixel of a patch whose pick is a world move may take another world move "
+                        "(TinyConfig.pixel_moves; needs recall); it starts changing nothing")
     p.add_argument("--per-pixel", action="store_true",
                    help="a picking head chooses per pixel, not per patch (TinyConfig.motion_per_pixel)")
     p.add_argument("--out", type=Path, required=True)
@@ -111,6 +119,8 @@ def main() -> None:
     memory = args.memory or cfg.motion_memory
     if args.refine and not memory:
         raise SystemExit("--refine corrects what the motion memory reads: add --memory too")
+    if args.pixel_moves and not (args.recall or cfg.recall):
+        raise SystemExit("--pixel-moves picks among still, the scene's motion and recall: add --recall too")
     if args.per_pixel and not (args.pick or cfg.motion_pick):
         raise SystemExit("--per-pixel makes the pick per pixel: add --pick too")
     new_cfg = dataclasses.replace(cfg, motion_reach=args.reach, motion_pick=args.pick or cfg.motion_pick,
@@ -119,6 +129,7 @@ def main() -> None:
                                   motion_refine=args.refine or cfg.motion_refine,
                                   patch_position=args.position or cfg.patch_position,
                                   recall=args.recall or cfg.recall,
+                                  pixel_moves=args.pixel_moves or cfg.pixel_moves,
                                   layers=cfg.layers + int(args.recall and not cfg.recall))
     pixels = cfg.patch ** 2
     adapted = (lambda sd: per_pixel_rows(sd, pixels)) if new_cfg.motion_per_pixel and not cfg.motion_per_pixel \
@@ -143,12 +154,17 @@ def main() -> None:
         state_path_for(args.out).unlink()
     added = [name for name, on in (("pick", args.pick), ("per-pixel", args.per_pixel), ("match", args.match),
                                    ("memory", args.memory), ("refine", args.refine),
-                                   ("position", args.position), ("recall", args.recall)) if on]
-    keep["grafts"] = keep.get("grafts", []) + [{"step": keep.get("steps", 0), "added": added}]
+                                   ("position", args.position), ("recall", args.recall),
+                                   ("pixel-moves", args.pixel_moves)) if on]
+    born = [name for name, _ in model.named_parameters() if name not in old.state_dict()]
+    # the new parameters, so that training's EMA warms up from here for them
+    keep["grafts"] = keep.get("grafts", []) + [{"step": keep.get("steps", 0), "added": added,
+                                                 "parameters": born}]
     save_weights(model.eval(), args.out, keep)
     print(f"wrote {args.out}: motion reach {args.reach}, pick {args.pick}, match "
           f"{new_cfg.motion_match}, memory {new_cfg.motion_memory}, refine {new_cfg.motion_refine}, "
-          f"position {new_cfg.patch_position}, per pixel {new_cfg.motion_per_pixel}, recall {new_cfg.recall} "
+          f"position {new_cfg.patch_position}, per pixel {new_cfg.motion_per_pixel}, recall {new_cfg.recall}, "
+          f"pixel moves {new_cfg.pixel_moves} "
           f"on {args.weights} (step {keep.get('steps')})"
           + (", its training state carried over" if state_in.exists() else ""))
 

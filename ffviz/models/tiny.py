@@ -128,6 +128,15 @@ class TinyConfig:
     # the choice gives it about 0.05); the logit adjustment for a rare class
     # (docs/experiments/sampling_choice.md).
     recall_bias: float = 0.0
+    # Pixel by pixel, one of the world's moves. A patch beside the pillar holds pixels that
+    # move with the scene and pixels whose source is the pillar (what the object uncovers:
+    # the background standing still, or what recall reads); one pick per patch tears one of
+    # them (docs/experiments/pixel_moves.md). Each pixel takes standing still, the scene's
+    # motion or recall: the patch's pick, unless a learnt per-pixel correction outweighs it
+    # by more than PIXEL_DEFAULT. Where the patch's pick is none of the three (the choice as
+    # trained, without one_motion) nothing changes. Tried on the training line and not
+    # adopted: free-running it took pixels away from recall and lost returning objects.
+    pixel_moves: bool = False
 
     @property
     def side(self) -> int:
@@ -157,6 +166,11 @@ MEMORY_GAIN = 4.0  # sharpness of the motion memory's look at the same patch
 # would take thousands of steps to count in them.
 POSITION_GAIN = 10.0
 RECALL_BIAS_LAGS = 2  # recall_bias applies where recall found this many lags' worth (trusted)
+# What a pixel's correction must outweigh to leave its patch's pick (pixel_moves): at
+# the start (zero correction) every pixel keeps it, so a grafted model is the one it was.
+PIXEL_DEFAULT = 2.0
+WORLD_MOVES = 3  # per pixel: standing still, the scene's motion, recall
+PIXEL_GIVES = 0.1  # a move gives a true pixel within this (each channel, pixels in [-1, 1])
 ATTENTION_BANDS = 4  # bands of query rows of whole-clip training's attention (masked_attention)
 
 
@@ -366,6 +380,17 @@ class TinyVideoModel(nn.Module):
                                                nn.GELU(approximate="tanh"), nn.Linear(w, 1))
             nn.init.zeros_(self.recall_choice[2].weight)
             nn.init.constant_(self.recall_choice[2].bias, -8.0)
+        if cfg.pixel_moves:
+            if not cfg.recall:
+                raise ValueError("pixel_moves picks per pixel among still, the scene's motion and "
+                                 "recall: it needs recall")
+            # per pixel, how far each world move beats the patch's pick, from the features,
+            # the three moves' pixels and how much recall found; it starts at zero (no change)
+            self.pixel_moves = nn.Sequential(nn.Linear(w + WORLD_MOVES * cfg.patch_dim + 1, w),
+                                             nn.GELU(approximate="tanh"),
+                                             nn.Linear(w, cfg.patch ** 2 * WORLD_MOVES))
+            nn.init.zeros_(self.pixel_moves[2].weight)
+            nn.init.zeros_(self.pixel_moves[2].bias)
         nn.init.zeros_(self.time_proj[1].weight)
         nn.init.zeros_(self.time_proj[1].bias)
 
@@ -471,6 +496,61 @@ class TinyVideoModel(nn.Module):
         fits = ((ways - gives).abs().amax(-1) < 1e-4).any(-1) | (top[..., 0] >= K)  # (B, N)
         keep = one.to(logits.device)[:, None] & ~fits
         return torch.where(keep[..., None] & ~allowed[:, None], torch.finfo(logits.dtype).min, logits)
+
+    def world_pixels(self, feat, moved, recalled, motion, pick, one_motion, truth=None, taught=None):
+        """Patches made pixel by pixel (``pixel_moves``). ``pick`` (B, N, d): the patches of
+        the pick sampling makes. Where it gives what standing still, the scene's ``motion``
+        or recall (``recalled``: pixels, found) gives, each pixel takes the world move its
+        logits rank first: the pick's, +PIXEL_DEFAULT, plus the learnt correction.
+        Sampling (``truth`` None) returns those pixels where ``one_motion`` (B,) keeps the
+        scene to the world's moves, ``pick`` elsewhere. Training (``truth``: the true
+        tokens) returns the base the frame loss is taught against: each pixel of
+        ``taught`` (the taught pick's patches) from the move that gives it (``taught``'s
+        where it does), and keeps for the loss the logits ``pixel_logits`` (B, N, P, 3),
+        which moves give each pixel ``pixel_gives``, and where the pick was a world move
+        ``pixel_has`` (B, N) and which ``pixel_pick``."""
+        B, N, K, d = moved.shape
+        P, C = self.cfg.patch ** 2, self.cfg.channels
+        read, found = recalled
+        scene = self.scene_index(motion).to(moved.device)
+        sources = torch.stack([moved[:, :, K // 2],
+                               moved.gather(2, scene.view(B, 1, 1, 1).expand(B, N, 1, d))[:, :, 0],
+                               read.to(moved.dtype)], 2).float()  # (B, N, 3, d)
+        recall_ok = found >= RECALL_FOUND  # (B, N): recall read something
+        def world_move(patches):
+            """Which world move gives ``patches`` (the first of equals: still, scene, recall)
+            and whether any does."""
+            same = (sources - patches[:, :, None].float()).abs().amax(-1) < 1e-4
+            same[..., 2] &= recall_ok
+            return same.float().argmax(-1), same.any(-1)
+        default, has = world_move(pick)
+        # only patches where the moves differ have a choice (a plain background has none: most)
+        differ = has & ((sources.amax(2) - sources.amin(2)).amax(-1) > 1e-4)
+        rows = differ.nonzero(as_tuple=True)
+        inputs = torch.cat([feat.reshape(B, N, -1)[rows], sources[rows].flatten(1).to(feat.dtype),
+                            found[rows][:, None].to(feat.dtype)], -1)
+        logits = feat.new_zeros(B, N, P * WORLD_MOVES, dtype=torch.float32)
+        logits[rows] = self.pixel_moves(inputs).float()
+        logits = logits.view(B, N, P, WORLD_MOVES)
+        logits = logits + PIXEL_DEFAULT * F.one_hot(default, WORLD_MOVES)[:, :, None].float()
+        no_recall = torch.zeros_like(logits, dtype=torch.bool)
+        no_recall[..., 2] = ~recall_ok[..., None]
+        logits = logits.masked_fill(no_recall, -1e4)
+        px = sources.view(B, N, WORLD_MOVES, P, C)
+        if truth is None:
+            choice = logits.argmax(-1)  # (B, N, P)
+            apply = has & (one_motion.to(has.device)[:, None] if one_motion is not None else False)
+            base = pick
+        else:
+            gives = ((px - truth.float().view(B, N, 1, P, C)).abs().amax(-1) < PIXEL_GIVES).transpose(2, 3)
+            gives = gives & ~no_recall  # (B, N, P, 3)
+            self.pixel_logits, self.pixel_gives, self.pixel_has, self.pixel_pick = logits, gives, has, default
+            default, apply = world_move(taught)
+            kept = gives.gather(-1, default[:, :, None, None].expand(B, N, P, 1))[..., 0]
+            choice = torch.where(gives.any(-1) & ~kept, gives.float().argmax(-1), default[:, :, None])
+            base = taught
+        chosen = px.gather(2, choice[:, :, None, :, None].expand(B, N, 1, P, C))[:, :, 0].reshape(B, N, d)
+        return torch.where(apply[..., None], chosen.to(base.dtype), base)
 
     @staticmethod
     def match(moved: torch.Tensor, x: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
@@ -662,11 +742,13 @@ class TinyVideoModel(nn.Module):
                     # where recall found nothing (a window that evicted the frames, the run's start)
                     # it is no choice: what it read is no content
                     recall_logit = self.recall_choice(choice).to(logits.dtype)
-                    if motion_index is None:  # sampling: the rare choice's prior adjusted, where
-                        # at least two frames were found along the motion (one frame found, as in
-                        # a short window, is most often the pillar read as if it moved)
-                        seen = found[..., None] >= (RECALL_BIAS_LAGS - 0.5) / len(RECALL_LAGS)
-                        recall_logit = recall_logit + self.cfg.recall_bias * seen
+                    # sampling adjusts the rare choice's prior where at least two frames were
+                    # found along the motion (one frame found, as in a short window, is most
+                    # often the pillar read as if it moved)
+                    seen = found[..., None] >= (RECALL_BIAS_LAGS - 0.5) / len(RECALL_LAGS)
+                    sampling_bias = self.cfg.recall_bias * seen
+                    if motion_index is None:
+                        recall_logit = recall_logit + sampling_bias
                     recall_logit = recall_logit.masked_fill(found[..., None] < RECALL_FOUND, -1e4)
                     logits = torch.cat([logits, recall_logit], -1)
                     candidates = torch.cat([moved, pixels[:, :, None].to(moved.dtype)], 2)
@@ -686,6 +768,17 @@ class TinyVideoModel(nn.Module):
                     pixels = candidates.view(B, N, candidates.shape[2], self.choices_per_token, -1)
                     index = index.reshape(B, N, 1, -1, 1).expand(-1, -1, -1, -1, pixels.shape[-1])
                     base = pixels.gather(2, index)[:, :, 0].reshape(B, N, -1)
+                    if self.cfg.pixel_moves and motion_index is None:
+                        base = self.world_pixels(feat, moved, recalled, motion, base, one_motion)
+                    elif self.cfg.pixel_moves:  # training: the pixels correct the pick sampling makes
+                        own = logits.detach().clone()
+                        own[..., K:] += sampling_bias
+                        if one_motion is not None and bool(one_motion.any()):
+                            own = self.keep_to_motion(own, motion, one_motion, moved)
+                        picked = candidates.gather(2, own.argmax(-1)[..., None, None].expand(
+                            -1, -1, 1, candidates.shape[-1]))[:, :, 0]
+                        base = self.world_pixels(feat, moved, recalled, motion, picked, one_motion,
+                                                 truth=recall_target, taught=base)
                 else:
                     base = torch.einsum("bnk,bnkd->bnd", weights, moved)
             out = out + base
