@@ -284,11 +284,11 @@ def world_move_targets(model, prev, target, motion, t: MotionTargets) -> MotionT
     then learnt against a base the sampler never gives."""
     moved = model.displaced(prev.float())  # (B, M, K, d)
     B, M, K, d = moved.shape
-    scene = model.scene_index(motion).to(moved.device)
-    err = (moved - target.float()[:, :, None]).pow(2).mean(-1)  # (B, M, K)
-    still_err, scene_err = err[..., K // 2], err.gather(2, scene.view(B, 1, 1).expand(B, M, 1))[..., 0]
-    world = torch.where(scene_err < still_err, scene[:, None], K // 2)  # (B, M)
-    gives = moved.gather(2, world[..., None, None].expand(B, M, 1, d))
+    ways = model.world_move_patches(moved, motion)  # (B, M, 2, d): still, the scene's motion
+    still_err, scene_err = (ways - target.float()[:, :, None]).pow(2).mean(-1).unbind(-1)
+    by_scene = scene_err < still_err
+    world = torch.where(by_scene, model.scene_index(motion).to(moved.device)[:, None], K // 2)  # (B, M)
+    gives = ways.gather(2, by_scene.long()[..., None, None].expand(B, M, 1, d))
     same = (moved - gives).abs().amax(-1) < 1e-4  # (B, M, K): displacements giving that patch
     index = torch.where(t.exact, t.index, world)
     good = torch.where(t.exact[..., None], t.good, same)

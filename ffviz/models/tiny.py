@@ -474,6 +474,24 @@ class TinyVideoModel(nn.Module):
         extra = extra[:, 0] if extra.dim() == 3 else extra
         return cond[..., :-3], extra[:, :2].round().long(), extra[:, 2] > 0.5
 
+    def world_move_patches(self, moved: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
+        """(B, N, 2, d): each patch of ``moved`` (B, N, K, d, every displacement) standing
+        still and moved with the scene's ``motion`` (B, 2): this world's two moves."""
+        B, N, K, d = moved.shape
+        scene = self.scene_index(motion).to(moved.device)
+        return torch.stack([moved[:, :, K // 2],
+                            moved.gather(2, scene.view(B, 1, 1, 1).expand(B, N, 1, d))[:, :, 0]], 2)
+
+    def sampling_logits(self, logits, recall_bias, motion, one_motion, moved):
+        """The logits (B, N, K[+1]) sampling picks from: recall's (the last) raised by
+        ``recall_bias`` (B, N, 1; None without recall), and where ``one_motion`` (B,) kept
+        to the world's moves (``keep_to_motion``)."""
+        if recall_bias is not None:
+            logits = torch.cat([logits[..., :-1], logits[..., -1:] + recall_bias.to(logits.dtype)], -1)
+        if one_motion is not None and bool(one_motion.any()):
+            logits = self.keep_to_motion(logits, motion, one_motion, moved)
+        return logits
+
     def keep_to_motion(self, logits: torch.Tensor, motion: torch.Tensor, one: torch.Tensor,
                        moved: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, N, K[+1]) over the displacements ``moved`` (B, N, K, d) and
@@ -491,8 +509,7 @@ class TinyVideoModel(nn.Module):
         allowed[:, K:] = True  # recall
         top = logits.argmax(-1, keepdim=True)  # (B, N, 1)
         gives = moved.gather(2, top.clamp_max(K - 1)[..., None].expand(-1, -1, 1, moved.shape[-1]))
-        ways = torch.stack([moved[:, :, K // 2], moved.gather(2, scene.view(-1, 1, 1, 1).expand(
-            -1, moved.shape[1], 1, moved.shape[-1]))[:, :, 0]], 2)  # (B, N, 2, d)
+        ways = self.world_move_patches(moved, motion)
         fits = ((ways - gives).abs().amax(-1) < 1e-4).any(-1) | (top[..., 0] >= K)  # (B, N)
         keep = one.to(logits.device)[:, None] & ~fits
         return torch.where(keep[..., None] & ~allowed[:, None], torch.finfo(logits.dtype).min, logits)
@@ -512,10 +529,8 @@ class TinyVideoModel(nn.Module):
         B, N, K, d = moved.shape
         P, C = self.cfg.patch ** 2, self.cfg.channels
         read, found = recalled
-        scene = self.scene_index(motion).to(moved.device)
-        sources = torch.stack([moved[:, :, K // 2],
-                               moved.gather(2, scene.view(B, 1, 1, 1).expand(B, N, 1, d))[:, :, 0],
-                               read.to(moved.dtype)], 2).float()  # (B, N, 3, d)
+        sources = torch.cat([self.world_move_patches(moved, motion),
+                             read[:, :, None].to(moved.dtype)], 2).float()  # (B, N, 3, d)
         recall_ok = found >= RECALL_FOUND  # (B, N): recall read something
         def world_move(patches):
             """Which world move gives ``patches`` (the first of equals: still, scene, recall)
@@ -545,9 +560,9 @@ class TinyVideoModel(nn.Module):
             gives = ((px - truth.float().view(B, N, 1, P, C)).abs().amax(-1) < PIXEL_GIVES).transpose(2, 3)
             gives = gives & ~no_recall  # (B, N, P, 3)
             self.pixel_logits, self.pixel_gives, self.pixel_has, self.pixel_pick = logits, gives, has, default
-            default, apply = world_move(taught)
-            kept = gives.gather(-1, default[:, :, None, None].expand(B, N, P, 1))[..., 0]
-            choice = torch.where(gives.any(-1) & ~kept, gives.float().argmax(-1), default[:, :, None])
+            taught_move, apply = world_move(taught)
+            kept = gives.gather(-1, taught_move[:, :, None, None].expand(B, N, P, 1))[..., 0]
+            choice = torch.where(gives.any(-1) & ~kept, gives.float().argmax(-1), taught_move[:, :, None])
             base = taught
         chosen = px.gather(2, choice[:, :, None, :, None].expand(B, N, 1, P, C))[:, :, 0].reshape(B, N, d)
         return torch.where(apply[..., None], chosen.to(base.dtype), base)
@@ -734,7 +749,7 @@ class TinyVideoModel(nn.Module):
                             torch.cat([feat.reshape(B, N, -1), evidence], -1))[:, :, None]
                 if not self.cfg.motion_per_pixel:
                     logits = logits[:, :, 0]
-                candidates = moved
+                candidates, recall_bias = moved, None
                 if recalled is not None:  # recall: one more choice, after the displacements
                     pixels, found = recalled
                     choice = torch.cat([feat.reshape(B, N, -1), pixels.to(feat.dtype),
@@ -742,14 +757,12 @@ class TinyVideoModel(nn.Module):
                     # where recall found nothing (a window that evicted the frames, the run's start)
                     # it is no choice: what it read is no content
                     recall_logit = self.recall_choice(choice).to(logits.dtype)
+                    recall_logit = recall_logit.masked_fill(found[..., None] < RECALL_FOUND, -1e4)
                     # sampling adjusts the rare choice's prior where at least two frames were
                     # found along the motion (one frame found, as in a short window, is most
                     # often the pillar read as if it moved)
                     seen = found[..., None] >= (RECALL_BIAS_LAGS - 0.5) / len(RECALL_LAGS)
-                    sampling_bias = self.cfg.recall_bias * seen
-                    if motion_index is None:
-                        recall_logit = recall_logit + sampling_bias
-                    recall_logit = recall_logit.masked_fill(found[..., None] < RECALL_FOUND, -1e4)
+                    recall_bias = self.cfg.recall_bias * seen
                     logits = torch.cat([logits, recall_logit], -1)
                     candidates = torch.cat([moved, pixels[:, :, None].to(moved.dtype)], 2)
                     self.recall_pixels = pixels
@@ -760,8 +773,8 @@ class TinyVideoModel(nn.Module):
                         self.recall_used = ((err(pixels) < RECALL_GIVES) & (found >= RECALL_FOUND)
                                             & (err(pixels) < err(taught[:, :, 0]) - 1e-3))
                         motion_index = torch.where(self.recall_used, K, motion_index)
-                if motion_index is None and one_motion is not None and bool(one_motion.any()):
-                    logits = self.keep_to_motion(logits, motion, one_motion, moved)
+                if motion_index is None:
+                    logits = self.sampling_logits(logits, recall_bias, motion, one_motion, moved)
                 weights = self.hook_motion(logits.softmax(-1))
                 if self.cfg.motion_pick:  # one displacement per patch, or per pixel (P of them)
                     index = weights.argmax(-1) if motion_index is None else motion_index
@@ -771,10 +784,7 @@ class TinyVideoModel(nn.Module):
                     if self.cfg.pixel_moves and motion_index is None:
                         base = self.world_pixels(feat, moved, recalled, motion, base, one_motion)
                     elif self.cfg.pixel_moves:  # training: the pixels correct the pick sampling makes
-                        own = logits.detach().clone()
-                        own[..., K:] += sampling_bias
-                        if one_motion is not None and bool(one_motion.any()):
-                            own = self.keep_to_motion(own, motion, one_motion, moved)
+                        own = self.sampling_logits(logits.detach(), recall_bias, motion, one_motion, moved)
                         picked = candidates.gather(2, own.argmax(-1)[..., None, None].expand(
                             -1, -1, 1, candidates.shape[-1]))[:, :, 0]
                         base = self.world_pixels(feat, moved, recalled, motion, picked, one_motion,
