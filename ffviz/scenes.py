@@ -43,6 +43,7 @@ VIEW = 32  # frame side in pixels
 MAX_OBJECTS = 3
 # pixels of world beyond the view (past the object's side) where a leaving object is out of sight
 EXIT_GAP = 16
+EXITS_ID = 4  # where ``SceneSpec.condition_ids`` says whether objects leave the view
 MAX_PROMPT_CHARS = 2000
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -76,6 +77,12 @@ _FILLER = {"and", "on", "with", "the", "of", "in", "front", "behind", "moving",
            "bounce", "around", "over", "across", "plain", "colored", "coloured", "view",
            "frame", "picture", "different", "colors", "colours", "color", "colour", "they",
            "it", "some", "come", "back", "returning", "then", "and", "to", "from", "each"}
+
+
+def exit_torus() -> int:
+    """The horizontal torus (pixels) of a scene whose objects leave the view: the view, the
+    largest object and ``EXIT_GAP`` (60: whole 4-px patches)."""
+    return VIEW + max(SIZES.values()) + EXIT_GAP
 
 
 class PromptError(ValueError):
@@ -335,7 +342,7 @@ class Scene:
         self.side = np.array([SIZES[o.size] for o in spec.objects])
         self.bitmaps = [_bitmap(o.shape, SIZES[o.size]) for o in spec.objects]
         # one torus for all objects (n, 2) for x and y: top-left corners live in [0, period)
-        width = VIEW + (max(SIZES.values()) + EXIT_GAP if spec.exits else 0)
+        width = exit_torus() if spec.exits else VIEW
         self.period = np.tile([width, VIEW], (n, 1))
         self.pillar_x = PILLARS["wide" if spec.wide_pillar else "narrow"] if spec.pillar else None
         # every object starts whole in the given frames (image-to-video: what the model is

@@ -260,10 +260,10 @@ class MotionTargets(NamedTuple):
     best: torch.Tensor  # the best displacement's mean squared error
 
 
-def motion_targets(model, prev, target) -> MotionTargets:
+def motion_targets(model, prev, target, open_sides=None) -> MotionTargets:
     """Which displacements of ``prev`` give ``target`` (tokens (B, M, d)), patch by patch
-    (or pixel by pixel with ``motion_per_pixel``)."""
-    moved = model.displaced(prev.float())
+    (or pixel by pixel with ``motion_per_pixel``); ``open_sides`` as ``displaced``."""
+    moved = model.displaced(prev.float(), open_sides)
     B, M, K, _ = moved.shape
     P = model.choices_per_token
     err = (moved.view(B, M, K, P, -1) - target.float().view(B, M, 1, P, -1)).pow(2).mean(-1).transpose(2, 3)
@@ -275,14 +275,14 @@ def motion_targets(model, prev, target) -> MotionTargets:
     return MotionTargets(index, good, ~good.all(-1), best[..., 0] < 1e-4, best[..., 0])
 
 
-def world_move_targets(model, prev, target, motion, t: MotionTargets) -> MotionTargets:
+def world_move_targets(model, prev, target, motion, t: MotionTargets, open_sides=None) -> MotionTargets:
     """``t`` with the patches no displacement gives exactly taught as the better of the
     world's two moves: standing still or the scene's ``motion`` (B, 2) (with every
     displacement that gives the same patch as it). Elsewhere the best displacement of
     such a patch is most often one the world never makes (the pillar's edge moved one
     pixel), which sampling with ``one_motion`` does not pick; the patch's change is
     then learnt against a base the sampler never gives."""
-    moved = model.displaced(prev.float())  # (B, M, K, d)
+    moved = model.displaced(prev.float(), open_sides)  # (B, M, K, d)
     B, M, K, d = moved.shape
     ways = model.world_move_patches(moved, motion)  # (B, M, 2, d): still, the scene's motion
     still_err, scene_err = (ways - target.float()[:, :, None]).pow(2).mean(-1).unbind(-1)
@@ -357,13 +357,13 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
         out = model(x, t, frames, cond, prev=prev_all, mask=mask)
         ce = None
     else:
-        targets_found = motion_targets(model, pick(prev), tgt)
+        _, motion, _, open_sides = model.split_condition(cond)
+        targets_found = motion_targets(model, pick(prev), tgt, open_sides)
         if world_moves:
-            motion = model.split_condition(cond)[1]
             if motion is None:
                 raise ValueError("world_moves teaches the scene's motion: the model must carry it "
                                  "on its condition (embed_condition with the motion)")
-            targets_found = world_move_targets(model, pick(prev), tgt, motion, targets_found)
+            targets_found = world_move_targets(model, pick(prev), tgt, motion, targets_found, open_sides)
         index, good, telling, exact, best = targets_found
         centre = torch.full((B, T * n, *index.shape[2:]), good.shape[-1] // 2, dtype=torch.long,
                             device=x.device)

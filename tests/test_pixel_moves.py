@@ -1,22 +1,13 @@
 """Pixel moves (TinyConfig.pixel_moves): where a patch's pick is one of the world's moves,
 each pixel may take another one (standing still, the scene's motion, recall)."""
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from ffviz.generate import Controls, RunSettings
 from ffviz.models.tiny import PIXEL_DEFAULT, TinyConfig, TinyVideoModel
-from ffviz.policies import make_policy
-from ffviz.run import Run
 from ffviz.train import pixel_moves_loss
-from ffviz.weights import load_tiny, save_weights
-from tests.test_recall import MOTION, PILLAR, drawn_batch_loss, recall_model
+from tests.test_recall import MOTION, drawn_batch_loss, full_cache_frames, grafted, recall_model
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "add_motion_head.py"
 STILL, SCENE, RECALL = 0, 1, 2
 
 
@@ -91,15 +82,9 @@ def test_the_pixel_loss_teaches_the_correction_and_weighs_the_picks_misses():
 
 def test_the_graft_starts_as_the_model_it_grew_from(tmp_path):
     old = recall_model(one_motion=True, recall_bias=4.0)
-    save_weights(old, tmp_path / "old.safetensors", {"steps": 7})
-    out = tmp_path / "new.safetensors"
-    subprocess.run([sys.executable, str(TOOL), str(tmp_path / "old.safetensors"), "--pick", "--pixel-moves",
-                    "--out", str(out)], check=True, capture_output=True)
-    new, card = load_tiny(out)
+    new, card = grafted(tmp_path, old, "--pick", "--pixel-moves")
     assert new.cfg.pixel_moves and card["grafts"][-1]["added"] == ["pick", "pixel-moves"]
-    runs = [np.array(Run(m, RunSettings(PILLAR, frames=12, seed=2, record=False),
-                         Controls(make_policy("full"), 12)).finish().frames.all()) for m in (old, new)]
-    assert np.array_equal(*runs)
+    assert np.array_equal(full_cache_frames(old), full_cache_frames(new))
 
 
 def test_pixel_moves_need_recall():

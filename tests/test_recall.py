@@ -32,6 +32,25 @@ def recall_model(**cfg):
     return model
 
 
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "add_motion_head.py"
+
+
+def grafted(tmp_path, old, *flags):
+    """``old`` saved at step 7 and grown by tools/add_motion_head.py with ``flags``:
+    (the new model, its card)."""
+    save_weights(old, tmp_path / "old.safetensors", {"steps": 7})
+    out = tmp_path / "new.safetensors"
+    subprocess.run([sys.executable, str(TOOL), str(tmp_path / "old.safetensors"), *flags, "--out", str(out)],
+                   check=True, capture_output=True)
+    return load_tiny(out)
+
+
+def full_cache_frames(model, prompt=PILLAR, frames=12, seed=2):
+    """The frames (T, S, S, 3) of a full-cache run of ``prompt``."""
+    return np.array(Run(model, RunSettings(prompt, frames=frames, seed=seed, record=False),
+                        Controls(make_policy("full"), frames)).finish().frames.all())
+
+
 def tokens(model, pixels):
     return model.patchify(torch.from_numpy(pixels)[None].float() / 127.5 - 1)
 
@@ -185,17 +204,10 @@ def test_a_recall_model_runs_with_recording_and_a_policy():
 
 def test_the_recall_graft_starts_as_the_model_it_grew_from(tmp_path):
     old = random_model(**MOTION, patch_position=True)
-    save_weights(old, tmp_path / "old.safetensors", {"steps": 7})
-    out = tmp_path / "new.safetensors"
-    tool = Path(__file__).resolve().parents[1] / "tools" / "add_motion_head.py"
-    subprocess.run([sys.executable, str(tool), str(tmp_path / "old.safetensors"), "--pick", "--match",
-                    "--memory", "--refine", "--recall", "--out", str(out)], check=True, capture_output=True)
-    new, card = load_tiny(out)
+    new, card = grafted(tmp_path, old, "--pick", "--match", "--memory", "--refine", "--recall")
     assert new.cfg.recall and new.cfg.layers == old.cfg.layers + 1
     assert card["grafts"][-1]["added"][-1] == "recall"
-    runs = [np.array(Run(m, RunSettings(PILLAR, frames=12, seed=2, record=False),
-                         Controls(make_policy("full"), 12)).finish().frames.all()) for m in (old, new)]
-    assert np.array_equal(*runs)
+    assert np.array_equal(full_cache_frames(old), full_cache_frames(new))
 
 
 def test_recall_is_no_choice_where_it_found_nothing():

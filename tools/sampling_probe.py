@@ -5,7 +5,8 @@ motion choice: one motion on or off, and recall's bias.
         --settings off on on:2 on:3
 
 A setting is ``on`` or ``off`` (``TinyConfig.one_motion``), optionally ``:B``, recall's
-bias at sampling (``TinyConfig.recall_bias``; the card's when left out). Each runs the
+bias at sampling (``TinyConfig.recall_bias``; the card's when left out). ``--round-trip``
+turns on ``TinyConfig.recall_round_trip`` (weights with ``scene_torus``). Each runs the
 full cache on the showcase's scene of every seed and prints one JSON line: the means of
 the showcase's measures and, per seed, background, colour presence and tracking. Tune
 on seeds below 200; the showcase's held-out seeds are 200-207 (docs/model.md).
@@ -67,6 +68,9 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", default="0-11")
     p.add_argument("--frames", type=int, default=96)
     p.add_argument("--settings", nargs="+", default=["off", "on"])
+    p.add_argument("--round-trip", action="store_true",
+                   help="recall also looks a round trip back in scenes that leave the view "
+                        "(TinyConfig.recall_round_trip)")
     args = p.parse_args(argv)
     try:
         settings = [parse_setting(s) for s in args.settings]
@@ -78,6 +82,10 @@ def main(argv=None) -> None:
     model, _ = load_tiny(args.weights)
     if not model.carries_motion:
         raise SystemExit(f"error: {args.weights} picks no displacement per patch: nothing to keep")
+    if args.round_trip:
+        if not (model.cfg.scene_torus and model.cfg.recall):
+            raise SystemExit(f"error: --round-trip: {args.weights} has no scene_torus with recall")
+        model.cfg.recall_round_trip = True  # this process's own model
     for one_motion, bias in settings:
         t0 = time.time()
         result = probe(model, seeds, args.frames, one_motion, bias)

@@ -24,10 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from ffviz.models.rope import apply_rotation
+from ffviz.scenes import exit_torus
 
 # Recall looks this many frames back: multiples of the patch side, so every integer motion
 # lands on whole patches (a 4-px patch moved 1 px a frame is a whole patch 4 frames later).
 RECALL_LAGS = (4, 8, 12, 16, 20, 24)
+# With ``recall_round_trip`` a scene that leaves the view also looks this far back: at 1 px
+# a frame an object comes back in at one edge 28 frames or more after it was last seen at
+# the other (the scene's torus is 15 patches, the view 8), beyond RECALL_LAGS' reach.
+ROUND_TRIP_LAGS = (28, 32, 36, 40, 44)
 RECALL_HEADS = 2  # heads of the recall block that carry the pixels (each: part of them and trust)
 # Sharpness of the recall's look: a key one frame or one patch off the place looked at
 # scores 0.46 or 0.77 below a perfect one (of 16, the RoPE planes of a 32-dim head) ...
@@ -73,17 +78,42 @@ class RecallLookup:
     def __getstate__(self):  # a copied or pickled model keeps no read (weak references do not pickle)
         return {**self.__dict__, "_kept": None}
 
-    def queries(self, frame, row, col, motion) -> torch.Tensor:
-        """Post-RoPE queries (B, lags, N, d) of tokens at (frame, row, col) (N,): each looks
-        at the place ``motion`` (B, 2) carried it from, each of RECALL_LAGS frames back
-        (on the torus of the view)."""
-        lags = torch.tensor(RECALL_LAGS).view(1, -1, 1)
-        dy, dx = (motion[:, i].cpu().view(-1, 1, 1) for i in (0, 1))
+    def lags(self, open_sides=None) -> tuple[int, ...]:
+        """The lags a batch looks back: RECALL_LAGS, and ROUND_TRIP_LAGS where some scene
+        of it leaves the view (``open_sides``) and the model has ``recall_round_trip``."""
+        if self.cfg.recall_round_trip and open_sides is not None and bool(open_sides.any()):
+            return RECALL_LAGS + ROUND_TRIP_LAGS
+        return RECALL_LAGS
+
+    def places(self, frame, row, col, motion, open_sides=None):
+        """Where tokens at (frame, row, col) (N,) look, each of ``lags`` frames back: the
+        place ``motion`` (B, 2) carried them from, on the view's torus, or sideways on the
+        longer torus of a scene that leaves the view (``open_sides`` (B,) bool, with
+        ``scene_torus``). Returns frame (1, L, N), row and col (B, L, N), and in view (B, L, N)
+        bool: a place off the view was never cached (nor is a round trip's in a scene that
+        stays in it)."""
+        lags = torch.tensor(self.lags(open_sides), device=frame.device).view(1, -1, 1)
+        dy, dx = (motion[:, i].to(frame.device).view(-1, 1, 1) for i in (0, 1))
         side, p = self.cfg.side, self.cfg.patch
-        cos, sin = self.rope.cos_sin(frame.view(1, 1, -1) - lags,
-                                     torch.remainder(row.view(1, 1, -1) - lags * dy // p, side),
-                                     torch.remainder(col.view(1, 1, -1) - lags * dx // p, side))
-        return apply_rotation(self.key.expand(*cos.shape[:-1], -1), cos, sin)
+        across = torch.full((len(motion), 1, 1), side, device=frame.device)
+        if open_sides is not None:
+            across = torch.where(open_sides.to(frame.device).view(-1, 1, 1), exit_torus() // p, across)
+        rows = torch.remainder(row.view(1, 1, -1) - lags * dy // p, side)
+        cols = torch.remainder(col.view(1, 1, -1) - lags * dx // p, across)
+        in_view = cols < side
+        if lags.shape[1] > len(RECALL_LAGS):
+            in_view = in_view & ((lags <= RECALL_LAGS[-1]) | open_sides.to(frame.device).view(-1, 1, 1))
+        return frame.view(1, 1, -1) - lags, rows, cols, in_view
+
+    def queries(self, frame, row, col, motion, open_sides=None) -> torch.Tensor:
+        """Post-RoPE queries (B, lags, N, d) of tokens at (frame, row, col) (N,): each looks
+        at its ``places`` along ``motion``. A place out of view gets a zero query: it
+        matches no key, so the null takes the look."""
+        at, rows, cols, in_view = self.places(frame.cpu(), row.cpu(), col.cpu(), motion.cpu(),
+                                              None if open_sides is None else open_sides.cpu())
+        cos, sin = self.rope.cos_sin(at, rows, cols.clamp_max(self.cfg.side - 1))
+        q = apply_rotation(self.key.expand(*cos.shape[:-1], -1), cos, sin)
+        return q * in_view[..., None]
 
     def values(self, x: torch.Tensor, trust: torch.Tensor) -> torch.Tensor:
         """The recall heads' values (B, RECALL_HEADS, N, d): each head a slice of the patch
@@ -102,7 +132,8 @@ class RecallLookup:
         (N, M) bool or None. Each head attends on its own (a policy may keep other tokens in
         each), per lag against a null key; what the lags found is averaged, weighted by
         trust. Returns pixels (B, N, patch_dim) and found (B, N): the trusted attention
-        mass (per lag, the least of the heads)."""
+        mass (per lag, the least of the heads) over len(RECALL_LAGS), at most 1 (round
+        trips' lags add to what the others found)."""
         perfect = float(self.key.pow(2).sum())
         q = queries.to(keys.device).float()
         pixels, found = [], None
@@ -120,11 +151,11 @@ class RecallLookup:
                 mass = attn @ trust  # (B, N, 1)
                 pixels.append((attn @ (val[..., :width] * trust)) / mass.clamp_min(1e-3))
                 found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
-        return torch.cat(pixels, -1).clamp(-1, 1), found / len(RECALL_LAGS)
+        return torch.cat(pixels, -1).clamp(-1, 1), (found / len(RECALL_LAGS)).clamp_max(1.0)
 
-    def read_cache(self, layer, queries, frame, motion):
-        """``read`` of ``queries`` (from ``queries``: tokens of frames ``frame`` (N,) and
-        ``motion``) over a cache layer. The read is the same
+    def read_cache(self, layer, queries, frame, motion, open_sides=None):
+        """``read`` of ``queries`` (from ``queries``: tokens of frames ``frame`` (N,),
+        ``motion`` and ``open_sides``) over a cache layer. The read is the same
         at every denoising step of a frame (the same cache, and queries that depend on the
         place and the motion alone), so the last one is kept and given back while the
         layer's tensors are the same objects (a cache never changes a tensor in place: a
@@ -132,43 +163,45 @@ class RecallLookup:
         H = RECALL_HEADS
         tensors = (layer.k, layer.v, layer.mass)
         kept = self._kept
+        # no open sides reads as all shut
+        sides = torch.zeros(len(motion), dtype=torch.bool) if open_sides is None else open_sides.cpu().clone()
         if (kept is not None and all(ref() is t for ref, t in zip(kept[0], tensors))
-                and torch.equal(kept[1], frame) and torch.equal(kept[2], motion.cpu())):
-            return kept[3]
+                and torch.equal(kept[1], frame) and torch.equal(kept[2], motion.cpu())
+                and torch.equal(kept[3], sides)):
+            return kept[4]
         log_mass = None if layer.bias() is None else layer.mass[:, :H].log()
         out = self.read(queries, layer.k[:, :H], layer.v[:, :H], log_mass)
-        self._kept = (tuple(weakref.ref(t) for t in tensors), frame.clone(), motion.cpu().clone(), out)
+        self._kept = (tuple(weakref.ref(t) for t in tensors), frame.clone(), motion.cpu().clone(), sides, out)
         return out
 
-    def gather(self, meta, motion, values, mask):
+    def gather(self, meta, motion, values, mask, open_sides=None):
         """``read`` for whole-clip training, where the keys are whole clean frames at
         their own places: there every key but the one at the place looked at scores at
         least 0.46 x RECALL_GAIN below it (e^-13), so the read is that key's value against
         the null, a gather. meta: (frame, row, col) (N,) of the clip's tokens; values (B,
         RECALL_HEADS, N, d); mask (N, N) bool, the clip's layout (a key no token may see,
-        such as a noisy copy, is never recalled). Returns like ``read``."""
+        such as a noisy copy, is never recalled); open_sides as ``places``. Returns like
+        ``read``."""
         frame, row, col = (m.to(values.device) for m in meta)
         B, H, N, _ = values.shape
-        side, p = self.cfg.side, self.cfg.patch
+        side = self.cfg.side
         allowed = mask & (frame[None] < frame[:, None])
         # the first token of each frame's clean slot (-1: no such slot)
         first = torch.full((int(frame.max()) + 1,), -1, dtype=torch.long, device=values.device)
         keyed = allowed.any(0) & (row == 0) & (col == 0)
         first[frame[keyed]] = keyed.nonzero()[:, 0]
-        lags = torch.tensor(RECALL_LAGS, device=values.device).view(1, -1, 1)
-        dy, dx = (motion[:, i].to(values.device).view(-1, 1, 1) for i in (0, 1))
-        at = frame.view(1, 1, -1) - lags  # (1, L, N)
+        at, rows, cols, in_view = self.places(frame, row, col, motion, open_sides)  # at: (1, L, N)
         base = torch.where(at >= 0, first[at.clamp_min(0)], -1)
-        key = (base + torch.remainder(row - lags * dy // p, side) * side
-               + torch.remainder(col - lags * dx // p, side))  # (B, L, N)
-        present = (base >= 0) & allowed.gather(1, key.clamp_min(0).view(-1, N).T.reshape(N, -1)).T.view(key.shape)
+        key = base + rows * side + cols.clamp_max(side - 1)  # (B, L, N)
+        present = (base >= 0) & in_view & allowed.gather(
+            1, key.clamp_min(0).view(-1, N).T.reshape(N, -1)).T.view(key.shape)
         weight = present.float() / (1 + math.exp(-RECALL_GAIN * RECALL_MARGIN))  # against the null
         pixels, found = [], None
         for h, width in enumerate(self._widths()):
             val = values[:, h].float().gather(1, key.clamp_min(0).view(B, -1, 1).expand(-1, -1, values.shape[-1]))
-            val = val.view(B, len(RECALL_LAGS), N, -1)
+            val = val.view(B, key.shape[1], N, -1)
             trusted = weight[..., None] * val[..., width:width + 1]  # (B, L, N, 1)
             mass = trusted.sum(1)
             pixels.append((trusted * val[..., :width]).sum(1) / mass.clamp_min(1e-3))
             found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
-        return torch.cat(pixels, -1).clamp(-1, 1), found / len(RECALL_LAGS)
+        return torch.cat(pixels, -1).clamp(-1, 1), (found / len(RECALL_LAGS)).clamp_max(1.0)

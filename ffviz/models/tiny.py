@@ -41,7 +41,7 @@ from ffviz.hooks import HookContext, HookPoint
 from ffviz.models.recall import (RECALL_FOUND, RECALL_GIVES, RECALL_HEADS, RECALL_LAGS, RecallLookup,
                                  check_config)
 from ffviz.models.rope import Rope3D, apply_rotation
-from ffviz.scenes import CONDITION_VOCAB
+from ffviz.scenes import CONDITION_VOCAB, EXITS_ID
 
 
 @dataclasses.dataclass
@@ -137,6 +137,21 @@ class TinyConfig:
     # trained, without one_motion) nothing changes. Tried on the training line and not
     # adopted: free-running it took pixels away from recall and lost returning objects.
     pixel_moves: bool = False
+    # The moves and recall follow the scene's own torus (ffviz.scenes). Where a scene's
+    # objects leave the view its horizontal torus is longer than the view: there a
+    # displacement or the previous-frame neighbourhood does not wrap sideways (the edge
+    # repeats: what comes in was out of sight, most often background), and recall looks
+    # along the longer torus and finds nothing where the place it looks at is out of view.
+    # With ``wrap`` alone an object leaving at one edge comes straight back in at the other
+    # (docs/experiments/scene_torus.md). The condition carries whether the scene leaves
+    # the view: a fourth trailing number.
+    scene_torus: bool = False
+    # With scene_torus, recall in a scene that leaves the view also looks ROUND_TRIP_LAGS
+    # back (28-44 frames): at 1 px a frame that is when what left at one edge comes back in
+    # at the other. A training clip holds such a lag only across its gap (a recent block
+    # 28-44 frames after the given frames, ``gap_start``); free-running, a full cache
+    # always does (docs/experiments/scene_torus.md).
+    recall_round_trip: bool = False
 
     @property
     def side(self) -> int:
@@ -340,6 +355,12 @@ class TinyVideoModel(nn.Module):
             raise ValueError("motion_refine corrects what the motion memory reads: it needs motion_memory")
         if cfg.motion_per_pixel and not cfg.motion_pick:
             raise ValueError("motion_per_pixel makes the pick per pixel: it needs motion_pick")
+        if cfg.scene_torus and not (cfg.wrap and self.carries_motion):
+            raise ValueError("scene_torus opens the sides of a wrapping world per scene, told on the "
+                             "condition: it needs wrap and a per-patch pick (motion_reach, motion_pick)")
+        if cfg.recall_round_trip and not (cfg.scene_torus and cfg.recall):
+            raise ValueError("recall_round_trip looks back along a scene's own torus: it needs "
+                             "scene_torus and recall")
         if cfg.motion_reach:
             side = 2 * cfg.motion_reach + 1
             dy, dx = torch.meshgrid(torch.arange(side) - cfg.motion_reach,
@@ -399,9 +420,10 @@ class TinyVideoModel(nn.Module):
         """Motion choices per token: one, or one per pixel (``motion_per_pixel``)."""
         return self.cfg.patch ** 2 if self.cfg.motion_per_pixel else 1
 
-    def neighbourhood(self, tokens: torch.Tensor) -> torch.Tensor:
+    def neighbourhood(self, tokens: torch.Tensor, open_sides: torch.Tensor | None = None) -> torch.Tensor:
         """Each token's patch and the patches within ``prev_reach`` of it (zeros past the
-        edge, or the opposite edge's patches with ``wrap``): (B, T*n, d) ->
+        edge, or the opposite edge's patches with ``wrap``; the edge's own where
+        ``open_sides`` (B,) bool says a scene's sides do not wrap): (B, T*n, d) ->
         (B, T*n, (2r+1)^2 d). With r = 1 every pixel an object can bring into a patch in
         one frame (at most 2 px of a 4-px patch) is in its input."""
         r = self.cfg.prev_reach
@@ -412,22 +434,33 @@ class TinyVideoModel(nn.Module):
         x = tokens.view(B, -1, rows, cols, d)
         if self.cfg.wrap:
             x = torch.cat([x[:, :, -r:], x, x[:, :, :r]], 2)
-            x = torch.cat([x[:, :, :, -r:], x, x[:, :, :, :r]], 3)
+            wrapped = torch.cat([x[:, :, :, -r:], x, x[:, :, :, :r]], 3)
+            if open_sides is not None and bool(open_sides.any()):
+                edges = torch.cat([x[:, :, :, :1].expand(-1, -1, -1, r, -1), x,
+                                   x[:, :, :, -1:].expand(-1, -1, -1, r, -1)], 3)
+                wrapped = torch.where(open_sides.to(x.device).view(B, 1, 1, 1, 1), edges, wrapped)
+            x = wrapped
         else:
             x = F.pad(x, (0, 0, r, r, r, r))
         parts = [x[:, :, dy:dy + rows, dx:dx + cols] for dy in range(2 * r + 1) for dx in range(2 * r + 1)]
         return torch.cat(parts, -1).view(B, N, -1)
 
-    def displaced(self, tokens: torch.Tensor) -> torch.Tensor:
+    def displaced(self, tokens: torch.Tensor, open_sides: torch.Tensor | None = None) -> torch.Tensor:
         """Every displacement (dy, dx) in [-r, r]^2 of each frame of ``tokens`` (B, N, d):
         (B, N, (2r+1)^2, d); content moves by (dy, dx), and what comes in at an edge is the
-        opposite edge's (``wrap``) or the edge repeated. Row-major over
+        opposite edge's (``wrap``) or the edge repeated (also at the left and right edges
+        where ``open_sides`` (B,) bool says a scene's sides do not wrap). Row-major over
         (dy, dx), so the middle one is the frame itself."""
         r, S = self.cfg.motion_reach, self.cfg.frame_size
         img = self.unpatchify(tokens)  # (B, T, S, S, C)
         B, T = img.shape[:2]
-        pad = F.pad(img.permute(0, 1, 4, 2, 3).reshape(B * T, -1, S, S), (r, r, r, r),
-                    mode="circular" if self.cfg.wrap else "replicate")
+        img = img.permute(0, 1, 4, 2, 3).reshape(B * T, -1, S, S)
+        pad = F.pad(img, (r, r, r, r), mode="circular" if self.cfg.wrap else "replicate")
+        if self.cfg.wrap and open_sides is not None and bool(open_sides.any()):
+            rows_wrapped = F.pad(img, (0, 0, r, r), mode="circular")
+            opened = F.pad(rows_wrapped, (r, r, 0, 0), mode="replicate")
+            which = open_sides.to(img.device).repeat_interleave(T).view(B * T, 1, 1, 1)
+            pad = torch.where(which, opened, pad)
         pad = pad.view(B, T, -1, S + 2 * r, S + 2 * r).permute(0, 1, 3, 4, 2)
         shifts = [self.patchify(pad[:, :, r - dy:r - dy + S, r - dx:r - dx + S])
                   for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
@@ -464,15 +497,24 @@ class TinyVideoModel(nn.Module):
         r = self.cfg.motion_reach
         return ((motion[:, 0] + r) * (2 * r + 1) + motion[:, 1] + r).long()
 
+    @property
+    def condition_extras(self) -> int:
+        """Numbers after the prompt's embedding on the condition (``embed_condition``)."""
+        return (3 + int(self.cfg.scene_torus)) if self.carries_motion else 0
+
     def split_condition(self, cond: torch.Tensor):
         """``cond`` from ``embed_condition`` -> (the prompt's embedding, the scene's motion
-        (B, 2) long, one motion (B,) bool); the last two None where the condition carries no
-        motion (a prompt's embedding alone, width numbers: a scene without it)."""
-        if not (self.carries_motion and cond.shape[-1] == self.cfg.width + 3):
-            return cond, None, None
-        extra = cond[..., -3:]
+        (B, 2) long, one motion (B,) bool, open sides (B,) bool: the scene's objects leave the
+        view and ``scene_torus`` follows them); the last three None where the condition
+        carries no motion (a prompt's embedding alone, width numbers: a scene without it),
+        the last None without ``scene_torus``."""
+        n = self.condition_extras
+        if not (n and cond.shape[-1] == self.cfg.width + n):
+            return cond, None, None, None
+        extra = cond[..., -n:]
         extra = extra[:, 0] if extra.dim() == 3 else extra
-        return cond[..., :-3], extra[:, :2].round().long(), extra[:, 2] > 0.5
+        open_sides = extra[:, 3] > 0.5 if self.cfg.scene_torus else None
+        return cond[..., :-n], extra[:, :2].round().long(), extra[:, 2] > 0.5, open_sides
 
     def world_move_patches(self, moved: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
         """(B, N, 2, d): each patch of ``moved`` (B, N, K, d, every displacement) standing
@@ -608,8 +650,9 @@ class TinyVideoModel(nn.Module):
         (B, T, ...) ids (a prompt per frame) -> (B, T, width). A model that picks
         displacements (``carries_motion``) also gets the scene's motion (B, 2) from
         ``measure_motion`` and whether picks keep to it (``one_motion``; None: the card's)
-        as three trailing numbers. Recall needs the motion; without it others get (0, 0)
-        and no restriction."""
+        as three trailing numbers, and with ``scene_torus`` a fourth: whether the scene's
+        objects leave the view (read from the ids). Recall needs the motion; without it
+        others get (0, 0) and no restriction."""
         e = sum(emb(cond_ids[..., i]) for i, emb in enumerate(self.cond_embed))
         if not self.carries_motion:
             return e
@@ -621,8 +664,11 @@ class TinyVideoModel(nn.Module):
                                  "given frames' tokens)")
             motion, one = torch.zeros(cond_ids.shape[0], 2), False
         m = motion.to(e.device, e.dtype).view(-1, *([1] * (e.dim() - 2)), 2)
-        extra = torch.cat([m, torch.full_like(m[..., :1], float(one))], -1)
-        return torch.cat([e, extra.expand(*e.shape[:-1], 3)], -1)
+        extra = torch.cat([m, torch.full_like(m[..., :1], float(one))], -1).expand(*e.shape[:-1], 3)
+        if self.cfg.scene_torus:
+            leaves = (cond_ids[..., EXITS_ID] > 0).to(e.device, e.dtype)[..., None]
+            extra = torch.cat([extra, leaves], -1)
+        return torch.cat([e, extra], -1)
 
     def encode_prompt(self, prompt: str):
         raise TypeError("the tiny model is conditioned on a scene: use embed_condition(ids)")
@@ -643,7 +689,7 @@ class TinyVideoModel(nn.Module):
         return tok_chunk[:, None] >= tok_chunk[None, :]
 
     # -- the network --------------------------------------------------------
-    def recall_inputs(self, h, x, meta, motion, mask, cache_layer, cos, sin, write=False):
+    def recall_inputs(self, h, x, meta, motion, mask, cache_layer, cos, sin, write=False, open_sides=None):
         """The recall block's fixed heads (query, key, value, pre-RoPE, each (B, RECALL_HEADS,
         N, d)) and what recall reads for each token: (pixels (B, N, patch_dim), found (B, N)),
         from the cache before this call (generation) or from the clip's earlier frames
@@ -652,13 +698,13 @@ class TinyVideoModel(nn.Module):
         H, P = RECALL_HEADS, self.cfg.patch_dim
         trust = torch.sigmoid(self.recall_trust(h.reshape(B, N, -1)))
         values = self.recall.values(x, trust.to(x.dtype))
-        queries = self.recall.queries(*meta, motion).to(x.device)
+        queries = self.recall.queries(*meta, motion, open_sides).to(x.device)
         if mask is not None:
-            read = self.recall.gather(meta, motion, values, mask)
+            read = self.recall.gather(meta, motion, values, mask, open_sides)
         elif write:  # the cache-filling pass: its output is not used, only its keys and values
             read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
         elif cache_layer is not None and cache_layer.size:
-            read = self.recall.read_cache(cache_layer, queries, meta[0], motion)  # queries made once
+            read = self.recall.read_cache(cache_layer, queries, meta[0], motion, open_sides)  # made once
         else:  # nothing cached: nothing to recall
             read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
         # the heads' own query (what hooks and policies see): the mean of the lags' queries
@@ -698,7 +744,7 @@ class TinyVideoModel(nn.Module):
         ctx.t = float(t.flatten()[0])  # before the move: reading a GPU tensor waits for it
         t = t.to(dev)
         cos, sin = (c.to(dev) for c in self.rope.cos_sin(*meta))  # float64 angles on the host
-        cond, motion, one_motion = self.split_condition(cond)  # the motion rides on it
+        cond, motion, one_motion, open_sides = self.split_condition(cond)  # the motion rides on it
         if self.cfg.recall and motion is None:
             raise ValueError("this model recalls along the scene's motion: its condition comes from "
                              "embed_condition(ids, motion)")
@@ -711,10 +757,10 @@ class TinyVideoModel(nn.Module):
             if prev is None:
                 h = h + self.no_prev
             else:
-                h = h + torch.where(first, self.no_prev, self.prev_embed(self.neighbourhood(prev)))
+                h = h + torch.where(first, self.no_prev, self.prev_embed(self.neighbourhood(prev, open_sides)))
         moved, memory = None, None
         if self.cfg.motion_reach and prev is not None:
-            moved = self.displaced(prev.masked_fill(first, 0))  # frame 0: nothing to move
+            moved = self.displaced(prev.masked_fill(first, 0), open_sides)  # frame 0: nothing to move
             match = self.match(moved, x) if self.cfg.motion_match or self.cfg.motion_memory else None
             if self.cfg.motion_match:
                 h = h + torch.where(first, 0.0, self.match_embed(match))
@@ -729,7 +775,7 @@ class TinyVideoModel(nn.Module):
             if self.cfg.recall and i == len(self.blocks) - 1:
                 fixed, recalled = self.recall_inputs(h, x, meta, motion, mask,
                                                      cache[i] if cache is not None else None, cos, sin,
-                                                     write)
+                                                     write, open_sides)
             h = block(h, mod, cos, sin, mask=mask, write=write, meta=meta,
                       cache_layer=cache[i] if cache is not None else None, memory=fixed)
         shift, scale = (e[:, :, None] + self.head_mod)[:, :, :, None].unbind(2)
