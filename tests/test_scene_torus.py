@@ -33,6 +33,8 @@ def test_an_open_scene_repeats_its_side_edges_and_still_wraps_rows():
     assert torch.equal(opened[:, 2:], shut[:, 2:])  # inside the view nothing changes
     assert torch.equal(opened[:1, :, 1], image[-1:, :, 1])  # rows still wrap: the bottom comes in at the top
     assert torch.equal(model.displaced(frame, torch.tensor([False])), model.displaced(frame))
+    leftward = model.unpatchify(model.displaced(frame, torch.tensor([True]))[:, :, at(0, -2)])[0, 0]
+    assert torch.equal(leftward[:, -2:, 0], image[:, -1:, 0].expand(-1, 2))  # the right edge repeats
     # the previous-frame neighbourhood likewise
     shut_n, open_n = model.neighbourhood(frame), model.neighbourhood(frame, torch.tensor([True]))
     d, side = model.cfg.patch_dim, model.cfg.side
@@ -110,9 +112,9 @@ def test_generation_reads_the_longer_torus_as_training_gathers_it():
 
 def test_the_graft_generates_scenes_in_view_as_before_and_leaving_ones_apart(tmp_path):
     old = recall_model(one_motion=True, recall_bias=4.0)
-    new, card = grafted(tmp_path, old, "--pick", "--scene-torus")
-    assert new.cfg.scene_torus and card["grafts"][-1] == {"step": 7, "added": ["pick", "scene-torus"],
-                                                          "parameters": []}
+    new, card = grafted(tmp_path, old, "--pick", "--scene-torus", "--round-trip")
+    assert new.cfg.scene_torus and new.cfg.recall_round_trip
+    assert card["grafts"][-1] == {"step": 7, "added": ["pick", "scene-torus", "round-trip"], "parameters": []}
     assert np.array_equal(full_cache_frames(old, frames=16), full_cache_frames(new, frames=16))
     assert not np.array_equal(full_cache_frames(old, LEAVING, 16), full_cache_frames(new, LEAVING, 16))
 
@@ -147,6 +149,23 @@ def test_a_round_trip_recalls_what_comes_back_at_one_pixel_a_frame():
     assert torch.equal(both[1][1:], found)
     with pytest.raises(ValueError, match="scene_torus"):
         recall_model(recall_round_trip=True)
+
+
+def test_a_scene_in_view_is_the_same_beside_one_that_leaves_it():
+    """A batch gets the round trip's lags where any scene of it leaves the view; a scene
+    that stays in view computes the same with or without such a neighbour."""
+    model = recall_model(scene_torus=True, recall_round_trip=True)
+    scenes = [Scene(parse_prompt(p, 1)[0], 1) for p in (PILLAR, LEAVING)]
+    frames = torch.arange(6)
+    x = torch.cat([tokens(model, s.render(range(6))) for s in scenes])
+    prev = torch.cat([torch.zeros_like(x[:, :64]), x[:, :-64]], 1)
+    motion = torch.tensor([[int(s.vel[0, 1]), int(s.vel[0, 0])] for s in scenes])
+    ids = torch.stack([torch.from_numpy(s.spec.condition_ids()) for s in scenes])
+    cond = model.embed_condition(ids, motion)
+    run = lambda rows: model(x[rows], torch.zeros(len(rows), 6), frames, cond[rows], prev=prev[rows],
+                             mask=model.block_causal_mask(frames))
+    with torch.no_grad():
+        assert torch.allclose(run([0, 1])[:1], run([0]), atol=1e-5)
 
 
 def test_training_follows_the_scene_torus():

@@ -17,7 +17,8 @@ optimizer's moments too), so the model starts as the one it was.
 ``--pixel-moves`` (on recall weights) lets each pixel of a patch whose pick is a world
 move take another one (``TinyConfig.pixel_moves``); its correction starts at zero, so
 the model starts as the one it was. ``--scene-torus`` (on recall weights) makes the
-moves and recall follow each scene's own torus (``TinyConfig.scene_torus``): no new
+moves and recall follow each scene's own torus (``TinyConfig.scene_torus``), and
+``--round-trip`` lets recall look a round trip back there (``recall_round_trip``): no new
 parameters; scenes that stay in the view generate as before. The card records each
 graft's new parameters:
 training's EMA of them warms up from the graft (``ffviz.train.parameter_births``).
@@ -112,6 +113,9 @@ def main() -> None:
     p.add_argument("--scene-torus", action="store_true",
                    help="in scenes whose objects leave the view, moves do not wrap sideways and recall "
                         "looks along the scene's longer torus (TinyConfig.scene_torus; needs recall)")
+    p.add_argument("--round-trip", action="store_true",
+                   help="with the scene's torus, recall in scenes that leave the view also looks a "
+                        "round trip back, 28-44 frames (TinyConfig.recall_round_trip)")
     p.add_argument("--per-pixel", action="store_true",
                    help="a picking head chooses per pixel, not per patch (TinyConfig.motion_per_pixel)")
     p.add_argument("--out", type=Path, required=True)
@@ -129,6 +133,8 @@ def main() -> None:
         raise SystemExit("--pixel-moves picks among still, the scene's motion and recall: add --recall too")
     if args.scene_torus and not (args.recall or cfg.recall):
         raise SystemExit("--scene-torus follows the scene's torus with the moves and recall: add --recall too")
+    if args.round_trip and not (args.scene_torus or cfg.scene_torus):
+        raise SystemExit("--round-trip looks back along the scene's torus: add --scene-torus too")
     if args.per_pixel and not (args.pick or cfg.motion_pick):
         raise SystemExit("--per-pixel makes the pick per pixel: add --pick too")
     new_cfg = dataclasses.replace(cfg, motion_reach=args.reach, motion_pick=args.pick or cfg.motion_pick,
@@ -139,6 +145,7 @@ def main() -> None:
                                   recall=args.recall or cfg.recall,
                                   pixel_moves=args.pixel_moves or cfg.pixel_moves,
                                   scene_torus=args.scene_torus or cfg.scene_torus,
+                                  recall_round_trip=args.round_trip or cfg.recall_round_trip,
                                   layers=cfg.layers + int(args.recall and not cfg.recall))
     pixels = cfg.patch ** 2
     adapted = (lambda sd: per_pixel_rows(sd, pixels)) if new_cfg.motion_per_pixel and not cfg.motion_per_pixel \
@@ -164,7 +171,8 @@ def main() -> None:
     added = [name for name, on in (("pick", args.pick), ("per-pixel", args.per_pixel), ("match", args.match),
                                    ("memory", args.memory), ("refine", args.refine),
                                    ("position", args.position), ("recall", args.recall),
-                                   ("pixel-moves", args.pixel_moves), ("scene-torus", args.scene_torus)) if on]
+                                   ("pixel-moves", args.pixel_moves), ("scene-torus", args.scene_torus),
+                                   ("round-trip", args.round_trip)) if on]
     born = [name for name, _ in model.named_parameters() if name not in old.state_dict()]
     # the new parameters, so that training's EMA warms up from here for them
     keep["grafts"] = keep.get("grafts", []) + [{"step": keep.get("steps", 0), "added": added,
@@ -174,6 +182,7 @@ def main() -> None:
           f"{new_cfg.motion_match}, memory {new_cfg.motion_memory}, refine {new_cfg.motion_refine}, "
           f"position {new_cfg.patch_position}, per pixel {new_cfg.motion_per_pixel}, recall {new_cfg.recall}, "
           f"pixel moves {new_cfg.pixel_moves}, scene torus {new_cfg.scene_torus} "
+          f"(round trip {new_cfg.recall_round_trip}) "
           f"on {args.weights} (step {keep.get('steps')})"
           + (", its training state carried over" if state_in.exists() else ""))
 

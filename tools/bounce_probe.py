@@ -184,7 +184,7 @@ def choice_by_kind(model, batches: int) -> dict:
         b = draw(11, 300_000 + s, cfg, model.cfg)
         x = true_slots(model, b)
         B, T, K = x.truth.shape[0], len(b.frame_idx), len(b.targets)
-        _, good, telling, _, _ = motion_targets(model, x.target_prev, x.target)
+        _, good, telling, _, _ = motion_targets(model, x.target_prev, x.target, model.split_condition(x.cond)[3])
         noise = torch.randn(x.target.shape, generator=torch.Generator().manual_seed(s))
         levels = torch.cat([torch.zeros(B, T), torch.ones(B, K)], 1)
         _, logits = model(torch.cat([x.truth, noise], 1), levels, x.frames, x.cond,

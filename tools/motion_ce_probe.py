@@ -36,7 +36,8 @@ def probe(model, batches: int) -> dict:
         x = true_slots(model, b)
         B, T, K = x.truth.shape[0], len(b.frame_idx), len(b.targets)
         target, target_prev = x.target, x.target_prev
-        _, good, telling, exact, _ = motion_targets(model, target_prev, target)
+        open_sides = model.split_condition(x.cond)[3]  # scene_torus: where sides do not wrap
+        _, good, telling, exact, _ = motion_targets(model, target_prev, target, open_sides)
         gen = torch.Generator().manual_seed(s)
         for t in LEVELS:
             noisy = (1 - t) * target + t * torch.randn(target.shape, generator=gen)
@@ -44,7 +45,7 @@ def probe(model, batches: int) -> dict:
             _, logits = model(torch.cat([x.truth, noisy], 1), levels, x.frames, x.cond,
                               prev=torch.cat([x.prev, target_prev], 1), mask=x.mask,
                               return_motion_logits=True)
-            match = model.match(model.displaced(target_prev), noisy).clamp_min(1e-9).log()
+            match = model.match(model.displaced(target_prev, open_sides), noisy).clamp_min(1e-9).log()
             for source, lg in (("head", logits[:, T * n:]), ("match", match)):
                 nll = lg.logsumexp(-1) - lg.masked_fill(~good, float("-inf")).logsumexp(-1)
                 hit = good.gather(-1, lg.argmax(-1, keepdim=True))[..., 0]

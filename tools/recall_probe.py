@@ -44,7 +44,7 @@ def probe(model, batches: int = 6, batch: int = 8, level: float = 0.5) -> dict:
         noise = torch.randn(s.target.shape, generator=torch.Generator().manual_seed(step))
         x = torch.cat([s.truth, (1 - level) * s.target + level * noise], 1)
         t = torch.cat([torch.zeros(batch, T), torch.full((batch, targets), level)], 1)
-        index = motion_targets(model, s.target_prev, s.target)[0]
+        index = motion_targets(model, s.target_prev, s.target, model.split_condition(s.cond)[3])[0]
         centre = torch.full((batch, T * n), K // 2, dtype=torch.long)
         with torch.no_grad():
             _, logits = model(x, t, s.frames, s.cond, prev=torch.cat([s.prev, s.target_prev], 1),

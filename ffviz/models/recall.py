@@ -30,8 +30,9 @@ from ffviz.scenes import exit_torus
 # lands on whole patches (a 4-px patch moved 1 px a frame is a whole patch 4 frames later).
 RECALL_LAGS = (4, 8, 12, 16, 20, 24)
 # With ``recall_round_trip`` a scene that leaves the view also looks this far back: at 1 px
-# a frame an object comes back in at one edge 28 frames or more after it was last seen at
-# the other (the scene's torus is 15 patches, the view 8), beyond RECALL_LAGS' reach.
+# a frame a patch comes back in at one edge 32 frames or more after it was last seen at
+# the other (the scene's torus is 15 patches, the view 8), beyond RECALL_LAGS' reach; at
+# 2 px lag 28 reads the column next to lag 24's.
 ROUND_TRIP_LAGS = (28, 32, 36, 40, 44)
 RECALL_HEADS = 2  # heads of the recall block that carry the pixels (each: part of them and trust)
 # Sharpness of the recall's look: a key one frame or one patch off the place looked at
@@ -59,8 +60,9 @@ def check_config(cfg) -> None:
     if RECALL_HEADS * (cfg.head_dim - 1) < cfg.patch_dim:
         raise ValueError(f"recall carries a patch's {cfg.patch_dim} pixels in {RECALL_HEADS} heads "
                          f"of {cfg.head_dim - 1} values")
-    if any(lag % cfg.patch for lag in RECALL_LAGS):
-        raise ValueError(f"recall lags {RECALL_LAGS} must be multiples of the patch side {cfg.patch}")
+    if any(lag % cfg.patch for lag in RECALL_LAGS + ROUND_TRIP_LAGS):
+        raise ValueError(f"recall lags {RECALL_LAGS + ROUND_TRIP_LAGS} must be multiples of the patch "
+                         f"side {cfg.patch}")
 
 
 class RecallLookup:

@@ -41,7 +41,7 @@ from ffviz.hooks import HookContext, HookPoint
 from ffviz.models.recall import (RECALL_FOUND, RECALL_GIVES, RECALL_HEADS, RECALL_LAGS, RecallLookup,
                                  check_config)
 from ffviz.models.rope import Rope3D, apply_rotation
-from ffviz.scenes import CONDITION_VOCAB, EXITS_ID
+from ffviz.scenes import CONDITION_VOCAB, EXITS_ID, VIEW, exit_torus
 
 
 @dataclasses.dataclass
@@ -139,16 +139,17 @@ class TinyConfig:
     pixel_moves: bool = False
     # The moves and recall follow the scene's own torus (ffviz.scenes). Where a scene's
     # objects leave the view its horizontal torus is longer than the view: there a
-    # displacement or the previous-frame neighbourhood does not wrap sideways (the edge
-    # repeats: what comes in was out of sight, most often background), and recall looks
+    # displacement does not wrap sideways (the edge column repeats: what comes in was out
+    # of sight, most often background), nor does the previous-frame neighbourhood (the
+    # edge patch stands for its neighbour past the edge), and recall looks
     # along the longer torus and finds nothing where the place it looks at is out of view.
     # With ``wrap`` alone an object leaving at one edge comes straight back in at the other
     # (docs/experiments/scene_torus.md). The condition carries whether the scene leaves
     # the view: a fourth trailing number.
     scene_torus: bool = False
     # With scene_torus, recall in a scene that leaves the view also looks ROUND_TRIP_LAGS
-    # back (28-44 frames): at 1 px a frame that is when what left at one edge comes back in
-    # at the other. A training clip holds such a lag only across its gap (a recent block
+    # back (28-44 frames): at 1 px a frame what left at one edge comes back in at the other
+    # 32 frames or more later (at 2 px, lag 28 reads the nearest column of the last pass). A training clip holds such a lag only across its gap (a recent block
     # 28-44 frames after the given frames, ``gap_start``); free-running, a full cache
     # always does (docs/experiments/scene_torus.md).
     recall_round_trip: bool = False
@@ -358,6 +359,9 @@ class TinyVideoModel(nn.Module):
         if cfg.scene_torus and not (cfg.wrap and self.carries_motion):
             raise ValueError("scene_torus opens the sides of a wrapping world per scene, told on the "
                              "condition: it needs wrap and a per-patch pick (motion_reach, motion_pick)")
+        if cfg.scene_torus and (cfg.frame_size != VIEW or exit_torus() % cfg.patch):
+            raise ValueError(f"scene_torus follows the world of ffviz.scenes: frames of {VIEW} px and a "
+                             f"patch side that divides its {exit_torus()}-px torus")
         if cfg.recall_round_trip and not (cfg.scene_torus and cfg.recall):
             raise ValueError("recall_round_trip looks back along a scene's own torus: it needs "
                              "scene_torus and recall")
@@ -707,8 +711,10 @@ class TinyVideoModel(nn.Module):
             read = self.recall.read_cache(cache_layer, queries, meta[0], motion, open_sides)  # made once
         else:  # nothing cached: nothing to recall
             read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
-        # the heads' own query (what hooks and policies see): the mean of the lags' queries
-        q_pre = apply_rotation(queries.mean(1), cos, -sin)[:, None].expand(-1, H, -1, -1)
+        # the heads' own query (what hooks and policies see, and what the block's heads 0 and
+        # 1 attend with): the mean of RECALL_LAGS' queries, so a round trip's lags, which
+        # a batch has where any of its scenes leaves the view, change no other scene's
+        q_pre = apply_rotation(queries[:, :len(RECALL_LAGS)].mean(1), cos, -sin)[:, None].expand(-1, H, -1, -1)
         return (q_pre, self.recall.key.to(x.device).expand(B, H, N, -1), values), read
 
     def forward(self, x, t, frames, cond, prev: torch.Tensor | None = None,
