@@ -46,6 +46,22 @@ def test_wrong_pixels_is_the_share_off_per_patch():
     assert share[1].sum() == 0
 
 
+def test_the_best_lag_reads_find_the_past_along_the_motion_and_in_place():
+    probe = runpy.run_path(str(TOOL))
+    rng = np.random.default_rng(0)
+    truth = np.zeros((12, 8, 8, 3), np.uint8)
+    truth[0] = rng.integers(0, 255, (8, 8, 3))
+    for t in range(1, 12):  # the whole view moves 1 px right a frame (it wraps)
+        truth[t] = np.roll(truth[t - 1], (0, 1), axis=(0, 1))
+    along, same = probe["best_lag_reads"](truth, 2, (0, 1), 4, lags=(4, 8))
+    assert along.shape == same.shape == (10, 2, 2)
+    assert np.all(along[:2] == 1) and np.all(along[2:] == 0)  # frames 2, 3 reach before frame 0
+    assert np.all(same[6:] == 0) and same[2:6].min() > 0  # 8 px along an 8-px view: in place
+    still = np.repeat(truth[:1], 12, 0)
+    along, same = probe["best_lag_reads"](still, 4, (0, 1), 4, lags=(4,))
+    assert np.all(same == 0) and along.min() > 0  # nothing moved: only the same place gives it
+
+
 def test_the_tool_reports_every_class_and_refuses_what_it_cannot_measure(tmp_path, capsys):
     path = tmp_path / "tiny.safetensors"
     save_weights(random_model(**MOTION), path, {"steps": 3})
@@ -56,10 +72,15 @@ def test_the_tool_reports_every_class_and_refuses_what_it_cannot_measure(tmp_pat
     counted = sum(c["patches"] for c in line["classes"].values())
     assert counted == 3 * 64  # 3 generated frames of 8x8 patches, each in one class
     for c in line["classes"].values():
-        for key in ("wrong", "copy_wrong", "best_world_move_wrong", "same_place_8_back_wrong"):
+        for key in ("wrong", "copy_wrong", "best_world_move_wrong", "same_place_8_back_wrong",
+                    "best_move_or_recall_wrong", "best_move_recall_or_same_place_wrong"):
             assert c[key] is None or 0 <= c[key] <= 1
     still = line["classes"]["still"]  # copying gives a still patch, so the better move does
     assert still["patches"] == 0 or still["copy_wrong"] == still["best_world_move_wrong"] == 0
+    for c in line["classes"].values():  # more reads to pick from are never worse
+        if c["patches"]:
+            assert c["best_move_recall_or_same_place_wrong"] <= c["best_move_or_recall_wrong"] \
+                <= c["best_world_move_wrong"]
     with pytest.raises(SystemExit):
         main([str(path), "--frames", "2"])
     with pytest.raises(SystemExit):
@@ -70,3 +91,23 @@ def test_the_tool_reports_every_class_and_refuses_what_it_cannot_measure(tmp_pat
     save_weights(random_model(), plain, {"steps": 1})
     with pytest.raises(SystemExit):
         main([str(plain), "--frames", "4"])
+
+
+def test_a_recall_model_reports_what_its_read_gets_wrong(tmp_path, capsys):
+    """With the whole true past cached, recall of a random model that trusts every patch
+    alike finds something once its lags reach the cache, and the tool scores that read."""
+    from tests.test_recall import PILLAR, recall_model
+    model = recall_model()
+    path = tmp_path / "recall.safetensors"
+    save_weights(model, path, {"steps": 1})
+    probe = runpy.run_path(str(TOOL))
+    with probe["RecallReads"](model) as reads:
+        probe["teacher_forced_frames"](model, PILLAR, 0, 8, 8)
+    assert sorted(reads.by_frame) == list(range(2, 8))  # a read at every generated frame
+    assert "read_cache" not in vars(model.recall)  # unwrapped after
+    probe["main"]([str(path), "--seeds", "0", "--frames", "8", "--prompt", PILLAR, "--budget", "8"])
+    classes = json.loads(capsys.readouterr().out)["classes"]
+    assert sum(c["recall_found"] * c["patches"] for c in classes.values() if c["patches"]) > 0
+    for c in classes.values():
+        for key in ("recall_found", "recall_read_wrong", "best_lag_wrong_where_found"):
+            assert c[key] is None or 0 <= c[key] <= 1

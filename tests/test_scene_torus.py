@@ -6,6 +6,7 @@ import torch
 
 from ffviz.models.tiny import TinyConfig, TinyVideoModel
 from ffviz.scenes import EXITS_ID, Scene, exit_torus, parse_prompt
+from ffviz.train import TrainConfig, draw
 from tests.conftest import random_model
 from tests.test_recall import MOTION, PILLAR, drawn_batch_loss, full_cache_frames, grafted, recall_model, tokens
 LEAVING = "a big red square and a small blue circle on a black background, leaving the view, fast"
@@ -172,6 +173,8 @@ def test_training_follows_the_scene_torus():
     """A drawn batch whose first clip leaves the view: its loss changes with the geometry
     (the same weights), and the recall parts learn from it."""
     torus, view = recall_model(scene_torus=True, recall_round_trip=True), recall_model()
+    batch = draw(0, 6000, TrainConfig(batch=2, curriculum=((0, 16),)), torus.cfg)  # drawn_batch_loss's
+    assert batch.cond_ids[0, :, EXITS_ID].all() and not batch.cond_ids[1, :, EXITS_ID].any()
     loss, _ = drawn_batch_loss(torus)
     assert torch.isfinite(loss) and abs(loss.item() - drawn_batch_loss(view)[0].item()) > 1e-6
     loss.backward()

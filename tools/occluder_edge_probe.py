@@ -15,15 +15,21 @@ put in one class by what gives it from the true previous frame:
 - ``view edge``: neither, elsewhere: an object leaving or entering the view.
 
 Prints one JSON line: per class the number of patches and the share of their pixels the
-model got wrong, next to three predictors that read the truth: copying the previous
+model got wrong, next to five predictors that read the truth: copying the previous
 frame, the better of standing still and moving with the scene for each patch (what a
-perfect pick between the world's two moves gives), and the same place 8 frames back
+perfect pick between the world's two moves gives), the same place 8 frames back
 (what a read of the cache there gives: the background an object uncovers, from before
-it came). Tune on seeds below 200 (docs/model.md).
+it came), the best per patch of the two moves and recall's read at each of its lags
+(the place the motion carried the patch from, on the view's torus: what a perfect pick
+of a lag gives), and that with the same place at each lag too. With a recall model, also
+where its read of the cache found something (``recall_found``), the share of pixels
+that read gets wrong there (``recall_read_wrong``: a trust-weighted mean over the lags)
+and the best single lag's on the same patches. Tune on seeds below 200 (docs/model.md).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -33,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from ffviz.evaluate import parse_seeds  # noqa: E402
+from ffviz.models.recall import RECALL_FOUND, RECALL_LAGS  # noqa: E402
 from ffviz.scenes import Scene, parse_prompt  # noqa: E402
 from ffviz.showcase import teacher_forced_frames  # noqa: E402
 from ffviz.suites import SUITES  # noqa: E402
@@ -41,7 +48,8 @@ from ffviz.weights import load_tiny  # noqa: E402
 CLASSES = ("still", "moved", "pillar edge", "view edge")
 WRONG = 24  # a pixel is wrong where a channel is off by more than this (of 255)
 BACK = 8  # frames back of the same-place predictor
-PREDICTORS = ("copy", "best_world_move", f"same_place_{BACK}_back")
+PREDICTORS = ("copy", "best_world_move", f"same_place_{BACK}_back", "best_move_or_recall",
+              "best_move_recall_or_same_place")
 
 
 def patch_classes(truth: np.ndarray, motion: tuple[int, int], pillar: tuple[int, int] | None,
@@ -75,16 +83,76 @@ def wrong_pixels(frames: np.ndarray, truth: np.ndarray, patch: int) -> np.ndarra
     return off.reshape(T, g, patch, g, patch).mean((2, 4))
 
 
+def best_lag_reads(truth: np.ndarray, first: int, motion: tuple[int, int], patch: int,
+                   lags=RECALL_LAGS) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch of frames ``first``.. of ``truth`` (T, S, S, 3) the share of pixels wrong
+    (T - first, g, g) of the best of ``lags`` for two reads of the past: along the scene's
+    ``motion`` (recall's place, on the view's torus) and at the same place. A lag that
+    reaches before frame 0 reads nothing (all wrong)."""
+    now = truth[first:]
+    t = np.arange(first, len(truth))
+    along = same = np.ones(wrong_pixels(now, now, patch).shape)
+    for lag in lags:
+        reached = (t - lag >= 0)[:, None, None]
+        past = truth[np.maximum(t - lag, 0)]
+        moved = np.roll(past, (lag * motion[0], lag * motion[1]), axis=(1, 2))
+        along = np.minimum(along, np.where(reached, wrong_pixels(moved, now, patch), 1.0))
+        same = np.minimum(same, np.where(reached, wrong_pixels(past, now, patch), 1.0))
+    return along, same
+
+
+class RecallReads:
+    """While in use, keeps what a recall model's read of the cache gave at each frame
+    ({frame: (pixels (N, patch_dim), found (N,))} of batch element 0), by wrapping the
+    model's ``RecallLookup.read_cache`` (a frame's read is made once, for all its steps)."""
+
+    def __init__(self, model):
+        self.model, self.by_frame = model, {}
+
+    def __enter__(self):
+        lookup = self.model.recall
+        inner = lookup.read_cache
+
+        def read_cache(layer, queries, frame, motion, open_sides=None):
+            out = inner(layer, queries, frame, motion, open_sides)
+            self.by_frame[int(frame[0])] = (out[0][0].float(), out[1][0].float())
+            return out
+        lookup.read_cache = read_cache
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.recall.read_cache  # the class's own method again
+
+
+def recall_read_wrong(model, reads: dict, truth: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch of frames ``first``.. of ``truth``: the share of pixels the model's recall
+    read gets wrong (T - first, g, g), and where it found something (bool, same shape);
+    a frame with no read found nothing."""
+    g = model.cfg.side
+    shape = (len(truth) - first, g, g)
+    wrong, found = np.ones(shape), np.zeros(shape, bool)
+    for i, f in enumerate(range(first, len(truth))):
+        if f in reads:
+            pixels, mass = reads[f]
+            image = model.decode(pixels[None])[0]
+            wrong[i] = wrong_pixels(image[None], truth[f:f + 1], model.cfg.patch)[0]
+            found[i] = (mass >= RECALL_FOUND).view(g, g).numpy()
+    return wrong, found
+
+
 def measure(model, prompts, seeds, frames: int, budget: int = 4) -> dict:
     cfg, p = model.cfg, model.cfg.patch
     given = cfg.given_frames
-    sums = {c: {"patches": 0, "model": 0.0, **{k: 0.0 for k in PREDICTORS}} for c in CLASSES}
+    sums = {c: {"patches": 0, "model": 0.0, "found": 0, "read": 0.0, "best_lag": 0.0,
+                **{k: 0.0 for k in PREDICTORS}} for c in CLASSES}
     for prompt in prompts:
         for seed in seeds:
             spec = parse_prompt(prompt, seed)[0]
             scene = Scene(spec, seed)
             truth = scene.render(np.arange(frames))
-            video = teacher_forced_frames(model, prompt, seed, frames, budget)
+            reads = RecallReads(model) if cfg.recall else contextlib.nullcontext()
+            with reads:
+                video = teacher_forced_frames(model, prompt, seed, frames, budget)
             tokens = model.patchify(torch.from_numpy(truth[:given])[None].float() / 127.5 - 1)
             motion = tuple(int(v) for v in model.measure_motion(tokens)[0])
             pillar = scene.pillar_x
@@ -94,15 +162,26 @@ def measure(model, prompts, seeds, frames: int, budget: int = 4) -> dict:
             copy = wrong_pixels(before, now, p)
             moved = wrong_pixels(np.roll(before, motion, axis=(1, 2)), now, p)
             back = wrong_pixels(truth[np.maximum(np.arange(given, frames) - BACK, 0)], now, p)
+            recall, same = best_lag_reads(truth, given, motion, p)
+            moves = np.minimum(copy, moved)
+            if cfg.recall:
+                read, found = recall_read_wrong(model, reads.by_frame, truth, given)
             for i, name in enumerate(CLASSES):
                 at = cls == i
                 sums[name]["patches"] += int(at.sum())
                 sums[name]["model"] += float(err[at].sum())
-                for key, wrong in zip(PREDICTORS, (copy, np.minimum(copy, moved), back)):
+                if cfg.recall:
+                    sums[name]["found"] += int((at & found).sum())
+                    sums[name]["read"] += float(read[at & found].sum())
+                    sums[name]["best_lag"] += float(recall[at & found].sum())
+                for key, wrong in zip(PREDICTORS, (copy, moves, back, np.minimum(moves, recall),
+                                                   np.minimum(np.minimum(moves, recall), same))):
                     sums[name][key] += float(wrong[at].sum())
-    share = lambda s, key: round(s[key] / s["patches"], 4) if s["patches"] else None
+    share = lambda s, key, of="patches": round(s[key] / s[of], 4) if s[of] else None
+    recall = lambda s: ({"recall_found": share(s, "found"), "recall_read_wrong": share(s, "read", "found"),
+                         "best_lag_wrong_where_found": share(s, "best_lag", "found")} if cfg.recall else {})
     return {name: {"patches": s["patches"], "wrong": share(s, "model"),
-                   **{f"{key}_wrong": share(s, key) for key in PREDICTORS}}
+                   **{f"{key}_wrong": share(s, key) for key in PREDICTORS}, **recall(s)}
             for name, s in sums.items()}
 
 

@@ -21,7 +21,8 @@ for part in $parts; do
                       --out docs/showcase ;;
         fresh) $PY -m ffviz showcase --seeds 300-307 --frames 160 --also teacher-forced:4 \
                    --out docs/showcase_fresh ;;
-        eval) $PY -m ffviz eval --policies full,window,sink,expected_attention,future_forcing,forcing_kv \
+        eval) $PY -m ffviz eval --policies full,window,sink,expected_attention,future_forcing,forcing_kv,oracle \
+                  --variant ff_no_merge=future_forcing --policy-arg ff_no_merge:tau=0 \
                   --variant ff_adaptive=future_forcing --policy-arg ff_adaptive:head_budget=adaptive \
                   --variant ea_adaptive=expected_attention --policy-arg ea_adaptive:head_budget=adaptive \
                   --budgets 3 --seeds 1000-1015 --out docs/eval $EVAL_ARGS ;;
