@@ -178,10 +178,10 @@ def measure(model, prompts, seeds, frames: int, budget: int = 4) -> dict:
                                                    np.minimum(np.minimum(moves, recall), same))):
                     sums[name][key] += float(wrong[at].sum())
     share = lambda s, key, of="patches": round(s[key] / s[of], 4) if s[of] else None
-    recall = lambda s: ({"recall_found": share(s, "found"), "recall_read_wrong": share(s, "read", "found"),
-                         "best_lag_wrong_where_found": share(s, "best_lag", "found")} if cfg.recall else {})
+    read_keys = lambda s: ({"recall_found": share(s, "found"), "recall_read_wrong": share(s, "read", "found"),
+                          "best_lag_wrong_where_found": share(s, "best_lag", "found")} if cfg.recall else {})
     return {name: {"patches": s["patches"], "wrong": share(s, "model"),
-                   **{f"{key}_wrong": share(s, key) for key in PREDICTORS}, **recall(s)}
+                   **{f"{key}_wrong": share(s, key) for key in PREDICTORS}, **read_keys(s)}
             for name, s in sums.items()}
 
 
