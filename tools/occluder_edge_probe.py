@@ -91,7 +91,8 @@ def best_lag_reads(truth: np.ndarray, first: int, motion: tuple[int, int], patch
     reaches before frame 0 reads nothing (all wrong)."""
     now = truth[first:]
     t = np.arange(first, len(truth))
-    along = same = np.ones(wrong_pixels(now, now, patch).shape)
+    g = truth.shape[1] // patch
+    along = same = np.ones((len(now), g, g))
     for lag in lags:
         reached = (t - lag >= 0)[:, None, None]
         past = truth[np.maximum(t - lag, 0)]
