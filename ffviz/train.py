@@ -387,11 +387,15 @@ def teacher_forcing_loss(model, context, prev, target, valid, levels, cond, weig
         moves = torch.where(good[..., model.displacement_length.numel() // 2], 1.0, move_weight)
         ce_term = (nll * w_ce * focal * moves).sum() / w_ce.sum().clamp_min(1.0)
         w = w * torch.where(exact.all(-1) if per_pixel else exact, 1.0, paint_weight)
-        if recall:  # what recall reads, taught where no displacement gives the patch
+        if recall:  # what recall reads, taught where no displacement gives the patch: its
+            # mean over lags, which the trust weighs (a lag's own read does not depend on it)
             w_rec = (~exact & valid_tok).float()
-            ce_term = ce_term + recall_weight * (rec_err * w_rec).sum() / w_rec.sum().clamp_min(1.0)
+            mean_err = (model.recall_mean[:, T * n:].float() - tgt).pow(2).mean(-1)
+            ce_term = ce_term + recall_weight * (mean_err * w_rec).sum() / w_rec.sum().clamp_min(1.0)
         if model.cfg.pixel_moves:
             ce_term = ce_term + pixel_moves_loss(model, T * n, valid_tok, paint_weight)
+        if model.cfg.recall_lag_pick:
+            ce_term = ce_term + lag_pick_loss(model, T * n, valid_tok)
     err = (out[:, T * n:].float() - tgt).pow(2).mean(-1)  # (B, K * n), float32 under autocast too
     loss = (err * w).sum() / w.sum().clamp_min(1e-6)
     return (loss if ce is None else loss + motion_weight * ce_term), ce
@@ -409,6 +413,16 @@ def pixel_moves_loss(model, first: int, valid_tok, paint_weight: float) -> torch
     right = gives.gather(-1, logits.argmax(-1, keepdim=True))[..., 0]
     w = telling.float() * torch.where(right, 1.0, paint_weight)
     return (torch.where(telling, nll, 0.0) * w).sum() / telling.sum().clamp_min(1)
+
+
+def lag_pick_loss(model, first: int, valid_tok) -> torch.Tensor:
+    """Cross-entropy of recall's pick among its reads (``recall_lag_pick``) over the reads
+    that give the patch, on the target slots (tokens from ``first``) where some read gives
+    it and another found one does not."""
+    logits, gives = model.lag_pick_logits[:, first:], model.lag_pick_gives[:, first:]
+    telling = model.lag_pick_telling[:, first:] & valid_tok
+    nll = logits.logsumexp(-1) - logits.masked_fill(~gives, float("-inf")).logsumexp(-1)
+    return torch.where(telling, nll, 0.0).sum() / telling.sum().clamp_min(1)
 
 
 def _worker_init():

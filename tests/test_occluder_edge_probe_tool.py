@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ffviz.weights import save_weights
 from tests.conftest import random_model
@@ -111,3 +112,26 @@ def test_a_recall_model_reports_what_its_read_gets_wrong(tmp_path, capsys):
     for c in classes.values():
         for key in ("recall_found", "recall_read_wrong", "best_lag_wrong_where_found"):
             assert c[key] is None or 0 <= c[key] <= 1
+
+
+def test_a_lag_pick_model_reports_what_its_pick_gets_wrong(tmp_path, capsys):
+    """The pick's read is kept for every generated frame: on the mean while the pick is
+    as grafted (the same as the read), another read once it prefers a lag."""
+    from tests.test_recall import PILLAR
+    from tests.test_recall_lag_pick import lag_pick_model, rank_longest_lag_first
+    model = lag_pick_model()
+    path = tmp_path / "pick.safetensors"
+    save_weights(model, path, {"steps": 1})
+    probe = runpy.run_path(str(TOOL))
+    with probe["RecallReads"](model) as reads:
+        probe["teacher_forced_frames"](model, PILLAR, 0, 24, 24)
+    assert sorted(reads.picked) == list(range(2, 24))
+    assert all(torch.equal(reads.picked[f], reads.by_frame[f][0]) for f in reads.picked)
+    assert "pick_recall_lag" not in vars(model)  # unwrapped after
+    probe["main"]([str(path), "--seeds", "0", "--frames", "12", "--prompt", PILLAR, "--budget", "12"])
+    classes = json.loads(capsys.readouterr().out)["classes"]
+    assert all(c["recall_pick_wrong"] == c["recall_read_wrong"] for c in classes.values())
+    rank_longest_lag_first(model)
+    with probe["RecallReads"](model) as reads:
+        probe["teacher_forced_frames"](model, PILLAR, 0, 24, 24)
+    assert any(not torch.equal(reads.picked[f], reads.by_frame[f][0]) for f in reads.picked)

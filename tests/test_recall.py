@@ -114,7 +114,7 @@ def test_recall_brings_back_what_the_pillar_hid():
         motion = model.measure_motion(truth[:, :128])
         lag = RECALL_LAGS[2]
         cache = cached(model, truth, motion, [t - lag])  # one frame: one lag can find anything
-        pixels, found = read_at(model, cache, t, motion)
+        pixels, found, *_ = read_at(model, cache, t, motion)
         dy, dx = motion[0].tolist()
         source = torch.from_numpy(np.roll(scene.render([t - lag])[0], (lag * dy, lag * dx), (0, 1)))
         expected = model.patchify(source[None, None].float() / 127.5 - 1)
@@ -159,23 +159,29 @@ def test_the_read_is_kept_for_a_frames_steps_and_redone_when_the_cache_changes()
     assert again is not first and again[1].max() < 1e-6 < first[1].min()
 
 
-def test_training_gather_reads_as_the_cache_does():
-    """Whole-clip training gathers what generation's attention over the cache reads."""
-    model = recall_model()
-    batch = draw(0, 6000, TrainConfig(batch=2, curriculum=((0, 24),)), model.cfg)
+def gathered_and_dense(model, motion):
+    """What whole-clip training gathers over a drawn batch of 24-frame clips (one per row
+    of ``motion``, random trust) and what generation's attention reads over the same keys."""
+    from ffviz.models.rope import apply_rotation
+    B = len(motion)
+    batch = draw(0, 6000, TrainConfig(batch=B, curriculum=((0, 24),)), model.cfg)
     x = true_slots(model, batch).truth
     frame_idx = torch.from_numpy(batch.frame_idx)
     meta = model.token_positions(frame_idx)
     mask = model.block_causal_mask(frame_idx)
-    values = model.recall.values(x, torch.rand(2, x.shape[1], 1))
-    motion = torch.tensor([[1, -2], [0, 1]])
+    values = model.recall.values(x, torch.rand(B, x.shape[1], 1))
     gathered = model.recall.gather(meta, motion, values, mask)
     cos, sin = model.rope.cos_sin(*meta)
-    from ffviz.models.rope import apply_rotation
-    keys = apply_rotation(model.recall.key.expand(x.shape[1], -1), cos, sin).expand(2, 2, -1, -1)
+    keys = apply_rotation(model.recall.key.expand(x.shape[1], -1), cos, sin).expand(B, 2, -1, -1)
     frame = meta[0]
     dense = model.recall.read(model.recall.queries(*meta, motion), keys, values,
                               allowed=mask & (frame[None] < frame[:, None]))
+    return gathered, dense
+
+
+def test_training_gather_reads_as_the_cache_does():
+    """Whole-clip training gathers what generation's attention over the cache reads."""
+    gathered, dense = gathered_and_dense(recall_model(), torch.tensor([[1, -2], [0, 1]]))
     assert torch.allclose(gathered[1], dense[1], atol=1e-4)
     found = dense[1] > 0.05
     assert found.float().mean() > 0.5

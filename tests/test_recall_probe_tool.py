@@ -31,3 +31,18 @@ def test_the_probe_counts_picks_and_wrong_picks(monkeypatch):
     assert never["taught_share"] == always["taught_share"] > 0
     with pytest.raises(ValueError, match="no recall"):
         recall_probe.probe(random_model(), batches=1, batch=2)
+
+
+def test_the_probe_counts_the_lag_picks_right():
+    """A pick that ranks the longest found lag first is right on some patches where the
+    reads disagree, one that ranks the mean first on none (the mean never gives a patch
+    where the found reads disagree, on true clips)."""
+    from tests.test_recall_lag_pick import lag_pick_model, rank_longest_lag_first
+    model = lag_pick_model()
+    on_mean = recall_probe.probe(model, batches=1, batch=8)
+    assert on_mean["lag_pick_telling"] > 0 and on_mean["lag_pick_right"] == 0
+    rank_longest_lag_first(model)
+    longest = recall_probe.probe(model, batches=1, batch=8)
+    assert longest["lag_pick_telling"] == on_mean["lag_pick_telling"]
+    assert 0 < longest["lag_pick_right_share"] <= 1
+    assert "lag_pick_telling" not in recall_probe.probe(recall_model(), batches=1, batch=2)

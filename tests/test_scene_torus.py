@@ -79,7 +79,7 @@ def clip_read_of(model, scene, frames, open_sides):
 
 def test_recall_reads_a_leaving_scene_along_its_own_torus():
     model = recall_model(scene_torus=True)
-    (pixels, found), x, meta, motion, values = clip_read(model, LEAVING, 3, 30, True)
+    (pixels, found, *_), x, meta, motion, values = clip_read(model, LEAVING, 3, 30, True)
     assert abs(int(motion[0, 1])) == 2  # fast: the torus comes round in 30 frames
     seen = found > 0
     assert seen.float().mean() > 0.3
@@ -91,7 +91,7 @@ def test_recall_reads_a_leaving_scene_along_its_own_torus():
     assert torch.equal(seen, reachable)
     assert exit_torus() % model.cfg.patch == 0
     # on the view's torus the same reads are wrong where an object crossed the edge
-    (wrong, found_view), *_ = clip_read(model, LEAVING, 3, 30, False)
+    (wrong, found_view, *_), *_ = clip_read(model, LEAVING, 3, 30, False)
     assert (wrong - x.float()).abs().amax(-1)[found_view > 0].max() > 0.5
 
 
@@ -99,7 +99,7 @@ def test_generation_reads_the_longer_torus_as_training_gathers_it():
     """Attention over the cache (zero queries where the place is off the view) reads what
     whole-clip training gathers."""
     model = recall_model(scene_torus=True)
-    (gathered, found), x, meta, motion, values = clip_read(model, LEAVING, 3, 30, True)
+    (gathered, found, *_), x, meta, motion, values = clip_read(model, LEAVING, 3, 30, True)
     from ffviz.models.rope import apply_rotation
     cos, sin = model.rope.cos_sin(*meta)
     keys = apply_rotation(model.recall.key.expand(x.shape[1], -1), cos, sin).expand(1, 2, -1, -1)
@@ -130,8 +130,8 @@ def test_a_round_trip_recalls_what_comes_back_at_one_pixel_a_frame():
     assert abs(int(scene.vel[0, 0])) == 1
     far = recall_model(scene_torus=True, recall_round_trip=True)
     near = recall_model(scene_torus=True)
-    (pixels, found), x, meta, motion, values = clip_read_of(far, scene, 72, True)
-    (_, found_near), *_ = clip_read_of(near, scene, 72, True)
+    (pixels, found, *_), x, meta, motion, values = clip_read_of(far, scene, 72, True)
+    (_, found_near, *_), *_ = clip_read_of(near, scene, 72, True)
     assert bool((found >= found_near - 1e-6).all()) and float((found - found_near).max()) > 0.1
     seen = found > 0
     assert (pixels - x.float()).abs().amax(-1)[seen].max() < 1e-5

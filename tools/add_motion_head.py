@@ -19,9 +19,11 @@ move take another one (``TinyConfig.pixel_moves``); its correction starts at zer
 the model starts as the one it was. ``--scene-torus`` (on recall weights) makes the
 moves and recall follow each scene's own torus (``TinyConfig.scene_torus``), and
 ``--round-trip`` lets recall look a round trip back there (``recall_round_trip``): no new
-parameters; scenes that stay in the view generate as before. The card records each
-graft's new parameters:
-training's EMA of them warms up from the graft (``ffviz.train.parameter_births``).
+parameters; scenes that stay in the view generate as before. ``--lag-pick`` (on recall
+weights) gives recall's choice one lag's read per patch where a learnt pick prefers it
+to the mean over lags (``TinyConfig.recall_lag_pick``); it starts on the mean. The card
+records each graft's new parameters: training's EMA of them warms up from the graft
+(``ffviz.train.parameter_births``).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from ffviz.train import state_path_for  # noqa: E402
 from ffviz.weights import load_tiny, save_weights, training_progress  # noqa: E402
 
 NEW_PARTS = ("motion", "match_embed", "memory_scale", "motion_refine", "position_embed", "recall_trust",
-             "recall_choice", "pixel_moves")
+             "recall_choice", "pixel_moves", "recall_lag_pick")
 
 
 def grown(old_model, cfg, state_dict):
@@ -116,6 +118,9 @@ def main() -> None:
     p.add_argument("--round-trip", action="store_true",
                    help="with the scene's torus, recall in scenes that leave the view also looks a "
                         "round trip back, 28-44 frames (TinyConfig.recall_round_trip)")
+    p.add_argument("--lag-pick", action="store_true",
+                   help="recall gives one lag's read per patch where a learnt pick prefers it to the "
+                        "mean over lags (TinyConfig.recall_lag_pick; needs recall); it starts on the mean")
     p.add_argument("--per-pixel", action="store_true",
                    help="a picking head chooses per pixel, not per patch (TinyConfig.motion_per_pixel)")
     p.add_argument("--out", type=Path, required=True)
@@ -135,6 +140,8 @@ def main() -> None:
         raise SystemExit("--scene-torus follows the scene's torus with the moves and recall: add --recall too")
     if args.round_trip and not (args.scene_torus or cfg.scene_torus):
         raise SystemExit("--round-trip looks back along the scene's torus: add --scene-torus too")
+    if args.lag_pick and not (args.recall or cfg.recall):
+        raise SystemExit("--lag-pick picks among recall's reads: add --recall too")
     if args.per_pixel and not (args.pick or cfg.motion_pick):
         raise SystemExit("--per-pixel makes the pick per pixel: add --pick too")
     new_cfg = dataclasses.replace(cfg, motion_reach=args.reach, motion_pick=args.pick or cfg.motion_pick,
@@ -146,6 +153,7 @@ def main() -> None:
                                   pixel_moves=args.pixel_moves or cfg.pixel_moves,
                                   scene_torus=args.scene_torus or cfg.scene_torus,
                                   recall_round_trip=args.round_trip or cfg.recall_round_trip,
+                                  recall_lag_pick=args.lag_pick or cfg.recall_lag_pick,
                                   layers=cfg.layers + int(args.recall and not cfg.recall))
     pixels = cfg.patch ** 2
     adapted = (lambda sd: per_pixel_rows(sd, pixels)) if new_cfg.motion_per_pixel and not cfg.motion_per_pixel \
@@ -172,7 +180,7 @@ def main() -> None:
                                    ("memory", args.memory), ("refine", args.refine),
                                    ("position", args.position), ("recall", args.recall),
                                    ("pixel-moves", args.pixel_moves), ("scene-torus", args.scene_torus),
-                                   ("round-trip", args.round_trip)) if on]
+                                   ("round-trip", args.round_trip), ("lag-pick", args.lag_pick)) if on]
     born = [name for name, _ in model.named_parameters() if name not in old.state_dict()]
     # the new parameters, so that training's EMA warms up from here for them
     keep["grafts"] = keep.get("grafts", []) + [{"step": keep.get("steps", 0), "added": added,
@@ -182,7 +190,7 @@ def main() -> None:
           f"{new_cfg.motion_match}, memory {new_cfg.motion_memory}, refine {new_cfg.motion_refine}, "
           f"position {new_cfg.patch_position}, per pixel {new_cfg.motion_per_pixel}, recall {new_cfg.recall}, "
           f"pixel moves {new_cfg.pixel_moves}, scene torus {new_cfg.scene_torus} "
-          f"(round trip {new_cfg.recall_round_trip}) "
+          f"(round trip {new_cfg.recall_round_trip}, lag pick {new_cfg.recall_lag_pick}) "
           f"on {args.weights} (step {keep.get('steps')})"
           + (", its training state carried over" if state_in.exists() else ""))
 

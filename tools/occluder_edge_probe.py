@@ -24,7 +24,8 @@ it came), the best per patch of the two moves and recall's read at each of its l
 of a lag gives), and that with the same place at each lag too. With a recall model, also
 where its read of the cache found something (``recall_found``), the share of pixels
 that read gets wrong there (``recall_read_wrong``: a trust-weighted mean over the lags)
-and the best single lag's on the same patches. Tune on seeds below 200 (docs/model.md).
+and the best single lag's on the same patches; with ``recall_lag_pick``, also what the
+pick's read gets wrong there (``recall_pick_wrong``). Tune on seeds below 200 (docs/model.md).
 """
 from __future__ import annotations
 
@@ -105,10 +106,13 @@ def best_lag_reads(truth: np.ndarray, first: int, motion: tuple[int, int], patch
 class RecallReads:
     """While in use, keeps what a recall model's read of the cache gave at each frame
     ({frame: (pixels (N, patch_dim), found (N,))} of batch element 0), by wrapping the
-    model's ``RecallLookup.read_cache`` (a frame's read is made once, for all its steps)."""
+    model's ``RecallLookup.read_cache`` (a frame's read is made once, for all its steps),
+    and with ``recall_lag_pick`` the pixels the pick gave at the frame's last denoising
+    step (``picked``: {frame: pixels}; the pick follows each read of the cache)."""
 
     def __init__(self, model):
-        self.model, self.by_frame = model, {}
+        self.model, self.by_frame, self.picked = model, {}, {}
+        self._frame = None  # the frame whose read the next pick picks from
 
     def __enter__(self):
         lookup = self.model.recall
@@ -116,25 +120,40 @@ class RecallReads:
 
         def read_cache(layer, queries, frame, motion, open_sides=None):
             out = inner(layer, queries, frame, motion, open_sides)
-            self.by_frame[int(frame[0])] = (out[0][0].float(), out[1][0].float())
+            self._frame = int(frame[0])
+            self.by_frame[self._frame] = (out[0][0].float(), out[1][0].float())
             return out
         lookup.read_cache = read_cache
+        if self.model.cfg.recall_lag_pick:
+            pick = self.model.pick_recall_lag
+
+            def pick_recall_lag(*args, **kw):
+                out = pick(*args, **kw)
+                if self._frame is not None:  # not the cache-filling pass, which reads nothing
+                    self.picked[self._frame] = out.pixels[0].float()
+                    self._frame = None
+                return out
+            self.model.pick_recall_lag = pick_recall_lag
         return self
 
     def __exit__(self, *exc):
         del self.model.recall.read_cache  # the class's own method again
+        vars(self.model).pop("pick_recall_lag", None)
 
 
-def recall_read_wrong(model, reads: dict, truth: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+def recall_read_wrong(model, reads: dict, truth: np.ndarray, first: int,
+                      picked: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per patch of frames ``first``.. of ``truth``: the share of pixels the model's recall
     read gets wrong (T - first, g, g), and where it found something (bool, same shape);
-    a frame with no read found nothing."""
+    a frame with no read found nothing. With ``picked`` ({frame: pixels}), the share of
+    the picked pixels instead, where the read found something."""
     g = model.cfg.side
     shape = (len(truth) - first, g, g)
     wrong, found = np.ones(shape), np.zeros(shape, bool)
     for i, f in enumerate(range(first, len(truth))):
         if f in reads:
             pixels, mass = reads[f]
+            pixels = picked.get(f, pixels) if picked is not None else pixels
             image = model.decode(pixels[None])[0]
             wrong[i] = wrong_pixels(image[None], truth[f:f + 1], model.cfg.patch)[0]
             found[i] = (mass >= RECALL_FOUND).view(g, g).numpy()
@@ -144,7 +163,7 @@ def recall_read_wrong(model, reads: dict, truth: np.ndarray, first: int) -> tupl
 def measure(model, prompts, seeds, frames: int, budget: int = 4) -> dict:
     cfg, p = model.cfg, model.cfg.patch
     given = cfg.given_frames
-    sums = {c: {"patches": 0, "model": 0.0, "found": 0, "read": 0.0, "best_lag": 0.0,
+    sums = {c: {"patches": 0, "model": 0.0, "found": 0, "read": 0.0, "picked": 0.0, "best_lag": 0.0,
                 **{k: 0.0 for k in PREDICTORS}} for c in CLASSES}
     for prompt in prompts:
         for seed in seeds:
@@ -167,6 +186,8 @@ def measure(model, prompts, seeds, frames: int, budget: int = 4) -> dict:
             moves = np.minimum(copy, moved)
             if cfg.recall:
                 read, found = recall_read_wrong(model, reads.by_frame, truth, given)
+                if cfg.recall_lag_pick:
+                    picked, _ = recall_read_wrong(model, reads.by_frame, truth, given, reads.picked)
             for i, name in enumerate(CLASSES):
                 at = cls == i
                 sums[name]["patches"] += int(at.sum())
@@ -174,13 +195,17 @@ def measure(model, prompts, seeds, frames: int, budget: int = 4) -> dict:
                 if cfg.recall:
                     sums[name]["found"] += int((at & found).sum())
                     sums[name]["read"] += float(read[at & found].sum())
+                    if cfg.recall_lag_pick:
+                        sums[name]["picked"] += float(picked[at & found].sum())
                     sums[name]["best_lag"] += float(recall[at & found].sum())
                 for key, wrong in zip(PREDICTORS, (copy, moves, back, np.minimum(moves, recall),
                                                    np.minimum(np.minimum(moves, recall), same))):
                     sums[name][key] += float(wrong[at].sum())
     share = lambda s, key, of="patches": round(s[key] / s[of], 4) if s[of] else None
     read_keys = lambda s: ({"recall_found": share(s, "found"), "recall_read_wrong": share(s, "read", "found"),
-                          "best_lag_wrong_where_found": share(s, "best_lag", "found")} if cfg.recall else {})
+                          "best_lag_wrong_where_found": share(s, "best_lag", "found"),
+                          **({"recall_pick_wrong": share(s, "picked", "found")} if cfg.recall_lag_pick else {})}
+                         if cfg.recall else {})
     return {name: {"patches": s["patches"], "wrong": share(s, "model"),
                    **{f"{key}_wrong": share(s, key) for key in PREDICTORS}, **read_keys(s)}
             for name, s in sums.items()}

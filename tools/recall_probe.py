@@ -10,7 +10,10 @@ last denoising step's noise level 0.5), and counts over the target patches:
   displacement of the previous frame does (an object coming out from behind the pillar);
 * picked where taught: the share of those where the model's choice is recall;
 * wrong picks: patches where the model picks recall and recall is off (error > 1e-3),
-  per kind of scene (exits, pillar, plain; a scene with both counts in both).
+  per kind of scene (exits, pillar, plain; a scene with both counts in both);
+* with ``recall_lag_pick``, the patches where recall's reads disagree and some read gives
+  the patch (``lag_pick_telling``) and the share of those where the pick's own first
+  choice gives it (``lag_pick_right_share``).
 
 ``--raw``: the run's raw optimizer weights (its ``.state.pt``) instead of the EMA.
 """
@@ -36,6 +39,7 @@ def probe(model, batches: int = 6, batch: int = 8, level: float = 0.5) -> dict:
     n = model.cfg.tokens_per_frame
     K = model.displacement_length.numel()
     counts = {"patches": 0, "taught": 0, "picked_where_taught": 0, "wrong_picks": 0}
+    lag_pick = {"lag_pick_telling": 0, "lag_pick_right": 0}
     kinds = {k: {"wrong_picks": 0, "taught": 0, "picked_where_taught": 0} for k in ("exits", "pillar", "plain")}
     for step in range(900_000, 900_000 + batches):
         b = draw(5, step, cfg, model.cfg)
@@ -57,6 +61,12 @@ def probe(model, batches: int = 6, batch: int = 8, level: float = 0.5) -> dict:
         counts["taught"] += int(taught.sum())
         counts["picked_where_taught"] += int((picked & taught).sum())
         counts["wrong_picks"] += int(wrong.sum())
+        if model.cfg.recall_lag_pick:
+            telling = model.lag_pick_telling[:, T * n:]
+            own = model.lag_pick_logits[:, T * n:].argmax(-1, keepdim=True)
+            right = model.lag_pick_gives[:, T * n:].gather(-1, own)[..., 0]
+            lag_pick["lag_pick_telling"] += int(telling.sum())
+            lag_pick["lag_pick_right"] += int((right & telling).sum())
         exits = torch.tensor([sc.spec.exits for sc in b.scenes])[:, None].expand_as(taught)
         pillar = torch.tensor([bool(sc.spec.pillar) for sc in b.scenes])[:, None].expand_as(taught)
         for name, where in (("exits", exits), ("pillar", pillar), ("plain", ~exits & ~pillar)):
@@ -65,7 +75,9 @@ def probe(model, batches: int = 6, batch: int = 8, level: float = 0.5) -> dict:
             kinds[name]["picked_where_taught"] += int((picked & taught & where).sum())
     return {**counts, "taught_share": counts["taught"] / counts["patches"],
             "picked_where_taught_share": counts["picked_where_taught"] / max(counts["taught"], 1),
-            "wrong_pick_share": counts["wrong_picks"] / counts["patches"], "by_scene": kinds}
+            "wrong_pick_share": counts["wrong_picks"] / counts["patches"], "by_scene": kinds,
+            **({**lag_pick, "lag_pick_right_share": lag_pick["lag_pick_right"] / max(lag_pick["lag_pick_telling"], 1)}
+               if model.cfg.recall_lag_pick else {})}
 
 
 def main(argv=None) -> None:

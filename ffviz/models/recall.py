@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,24 @@ RECALL_GIVES = 0.01
 # Recall is a choice only where it found this much (trusted attention mass per lag); with
 # nothing cached at the places it looks, the null takes all but about 1e-4.
 RECALL_FOUND = 0.01
+
+
+class RecallRead(NamedTuple):
+    """What recall read for each token: the trust-weighted mean over its lags (pixels (B,
+    N, patch_dim), found (B, N) as ``RecallLookup.read`` says), and each lag's own read
+    (lag_pixels (B, L, N, patch_dim), lag_found (B, L, N): the lag's trusted attention
+    mass, up to 1)."""
+    pixels: torch.Tensor
+    found: torch.Tensor
+    lag_pixels: torch.Tensor
+    lag_found: torch.Tensor
+
+
+def nothing_read(x: torch.Tensor, lags: int) -> RecallRead:
+    """The read where nothing is cached (or the pass only fills the cache): no pixels found."""
+    B, N, P = x.shape[0], x.shape[1], x.shape[2]
+    zeros = lambda *shape: x.new_zeros(*shape, dtype=torch.float32)
+    return RecallRead(zeros(B, N, P), zeros(B, N), zeros(B, lags, N, P), zeros(B, lags, N))
 
 
 def check_config(cfg) -> None:
@@ -128,17 +147,17 @@ class RecallLookup:
         P, per = self.cfg.patch_dim, self.per_head
         return [min(per, P - h * per) for h in range(RECALL_HEADS)]
 
-    def read(self, queries, keys, values, log_mass=None, allowed=None):
+    def read(self, queries, keys, values, log_mass=None, allowed=None) -> RecallRead:
         """What recall reads: queries (B, lags, N, d); per recall head the keys (B, H', M, d)
         and values (B, H', M, d) of M cached tokens, log_mass (B, H', M) or None, allowed
         (N, M) bool or None. Each head attends on its own (a policy may keep other tokens in
-        each), per lag against a null key; what the lags found is averaged, weighted by
-        trust. Returns pixels (B, N, patch_dim) and found (B, N): the trusted attention
-        mass (per lag, the least of the heads) over len(RECALL_LAGS), at most 1 (round
-        trips' lags add to what the others found)."""
+        each), per lag against a null key. Each lag's read is its trust-weighted value, its
+        found the trusted attention mass (the least of the heads); the mean read averages the
+        lags weighted by trust, its found is theirs summed over len(RECALL_LAGS), at most 1
+        (round trips' lags add to what the others found)."""
         perfect = float(self.key.pow(2).sum())
         q = queries.to(keys.device).float()
-        pixels, found = [], None
+        per_head = []
         with torch.autocast(keys.device.type, enabled=False):  # logits of ~500: float32
             for h, width in enumerate(self._widths()):
                 logits = RECALL_GAIN * (torch.einsum("blnd,bmd->blnm", q, keys[:, h].float()) - perfect)
@@ -147,13 +166,23 @@ class RecallLookup:
                 if allowed is not None:
                     logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
                 null = logits.new_full((*logits.shape[:-1], 1), -RECALL_GAIN * RECALL_MARGIN)
-                attn = torch.cat([logits, null], -1).softmax(-1)[..., :-1].sum(1)  # (B, N, M) over lags
-                val = values[:, h].float()
+                attn = torch.cat([logits, null], -1).softmax(-1)[..., :-1]  # (B, L, N, M)
+                val = values[:, h].float()[:, None]
                 trust = val[..., width:width + 1]
-                mass = attn @ trust  # (B, N, 1)
-                pixels.append((attn @ (val[..., :width] * trust)) / mass.clamp_min(1e-3))
-                found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
-        return torch.cat(pixels, -1).clamp(-1, 1), (found / len(RECALL_LAGS)).clamp_max(1.0)
+                mass = attn @ trust  # (B, L, N, 1)
+                per_head.append((attn @ (val[..., :width] * trust), mass))
+        return self._combined(per_head)
+
+    @staticmethod
+    def _combined(per_head) -> RecallRead:
+        """The read from each head's (trusted sum of pixels (B, L, N, width), trusted mass
+        (B, L, N, 1)): a found is the least of the heads' (a policy may keep other tokens in each)."""
+        mean = torch.cat([(s.sum(1) / m.sum(1).clamp_min(1e-3)) for s, m in per_head], -1)
+        lags = torch.cat([s / m.clamp_min(1e-3) for s, m in per_head], -1)
+        found = torch.stack([m.sum(1)[..., 0] for _, m in per_head]).amin(0)
+        lag_found = torch.stack([m[..., 0] for _, m in per_head]).amin(0)
+        return RecallRead(mean.clamp(-1, 1), (found / len(RECALL_LAGS)).clamp_max(1.0),
+                          lags.clamp(-1, 1), lag_found.clamp_max(1.0))
 
     def read_cache(self, layer, queries, frame, motion, open_sides=None):
         """``read`` of ``queries`` (from ``queries``: tokens of frames ``frame`` (N,),
@@ -182,8 +211,8 @@ class RecallLookup:
         least 0.46 x RECALL_GAIN below it (e^-13), so the read is that key's value against
         the null, a gather. meta: (frame, row, col) (N,) of the clip's tokens; values (B,
         RECALL_HEADS, N, d); mask (N, N) bool, the clip's layout (a key no token may see,
-        such as a noisy copy, is never recalled); open_sides as ``places``. Returns like
-        ``read``."""
+        such as a noisy copy, is never recalled); open_sides as ``places``. Returns a
+        ``RecallRead`` like ``read``."""
         frame, row, col = (m.to(values.device) for m in meta)
         B, H, N, _ = values.shape
         side = self.cfg.side
@@ -198,12 +227,10 @@ class RecallLookup:
         present = (base >= 0) & in_view & allowed.gather(
             1, key.clamp_min(0).view(-1, N).T.reshape(N, -1)).T.view(key.shape)
         weight = present.float() / (1 + math.exp(-RECALL_GAIN * RECALL_MARGIN))  # against the null
-        pixels, found = [], None
+        per_head = []
         for h, width in enumerate(self._widths()):
             val = values[:, h].float().gather(1, key.clamp_min(0).view(B, -1, 1).expand(-1, -1, values.shape[-1]))
             val = val.view(B, key.shape[1], N, -1)
             trusted = weight[..., None] * val[..., width:width + 1]  # (B, L, N, 1)
-            mass = trusted.sum(1)
-            pixels.append((trusted * val[..., :width]).sum(1) / mass.clamp_min(1e-3))
-            found = mass[..., 0] if found is None else torch.minimum(found, mass[..., 0])
-        return torch.cat(pixels, -1).clamp(-1, 1), (found / len(RECALL_LAGS)).clamp_max(1.0)
+            per_head.append((trusted * val[..., :width], trusted))
+        return self._combined(per_head)

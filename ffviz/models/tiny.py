@@ -39,7 +39,7 @@ from ffviz import kernels
 from ffviz.cache import KVCache
 from ffviz.hooks import HookContext, HookPoint
 from ffviz.models.recall import (RECALL_FOUND, RECALL_GIVES, RECALL_HEADS, RECALL_LAGS, RecallLookup,
-                                 check_config)
+                                 RecallRead, check_config, nothing_read)
 from ffviz.models.rope import Rope3D, apply_rotation
 from ffviz.scenes import CONDITION_VOCAB, EXITS_ID, VIEW, exit_torus
 
@@ -153,6 +153,12 @@ class TinyConfig:
     # 28-44 frames after the given frames, ``gap_start``); free-running, a full cache
     # always does (docs/experiments/scene_torus.md).
     recall_round_trip: bool = False
+    # Recall gives one of its reads per patch: the trust-weighted mean over its lags, or a
+    # single lag's, as a learnt pick ranks them (the mean first by LAG_PICK_DEFAULT, so a
+    # grafted model starts as the one it was). At a pillar's edge the lags disagree (one
+    # saw the object, another the pillar) and their mean gets 0.30 of pixels wrong where
+    # the best single lag gets 0.04 (docs/experiments/occluder_edges.md).
+    recall_lag_pick: bool = False
 
     @property
     def side(self) -> int:
@@ -186,6 +192,15 @@ RECALL_BIAS_LAGS = 2  # recall_bias applies where recall found this many lags' w
 # the start (zero correction) every pixel keeps it, so a grafted model is the one it was.
 PIXEL_DEFAULT = 2.0
 WORLD_MOVES = 3  # per pixel: standing still, the scene's motion, recall
+# The lag pick's head start for recall's mean read (recall_lag_pick): with the pick's
+# output at zero the mean ranks first, as before the pick existed.
+LAG_PICK_DEFAULT = 2.0
+# A single lag is an option where it found as much as the mean needs from all of them.
+LAG_FOUND = RECALL_FOUND * len(RECALL_LAGS)
+# The pick's output enters its logits at this gain: grafted at the optimizer's late step
+# size, a zero-started pick took more than 80 steps to move its logits by one (as
+# POSITION_GAIN, for the same reason).
+LAG_PICK_GAIN = 10.0
 PIXEL_GIVES = 0.1  # a move gives a true pixel within this (each channel, pixels in [-1, 1])
 ATTENTION_BANDS = 4  # bands of query rows of whole-clip training's attention (masked_attention)
 
@@ -405,6 +420,15 @@ class TinyVideoModel(nn.Module):
                                                nn.GELU(approximate="tanh"), nn.Linear(w, 1))
             nn.init.zeros_(self.recall_choice[2].weight)
             nn.init.constant_(self.recall_choice[2].bias, -8.0)
+        if cfg.recall_lag_pick:
+            if not cfg.recall:
+                raise ValueError("recall_lag_pick picks among recall's reads: it needs recall")
+            # per option (the mean, each lag): a logit from the features, the option's pixels,
+            # the patch's own previous pixels, what the option found and its lag (the mean: 0)
+            self.recall_lag_pick = nn.Sequential(nn.Linear(w + 2 * cfg.patch_dim + 2, w),
+                                                 nn.GELU(approximate="tanh"), nn.Linear(w, 1))
+            nn.init.zeros_(self.recall_lag_pick[2].weight)  # starts on the mean: no change
+            nn.init.zeros_(self.recall_lag_pick[2].bias)
         if cfg.pixel_moves:
             if not cfg.recall:
                 raise ValueError("pixel_moves picks per pixel among still, the scene's motion and "
@@ -574,7 +598,7 @@ class TinyVideoModel(nn.Module):
         ``pixel_has`` (B, N) and which ``pixel_pick``."""
         B, N, K, d = moved.shape
         P, C = self.cfg.patch ** 2, self.cfg.channels
-        read, found = recalled
+        read, found = recalled[:2]
         sources = torch.cat([self.world_move_patches(moved, motion),
                              read[:, :, None].to(moved.dtype)], 2).float()  # (B, N, 3, d)
         recall_ok = found >= RECALL_FOUND  # (B, N): recall read something
@@ -612,6 +636,49 @@ class TinyVideoModel(nn.Module):
             base = taught
         chosen = px.gather(2, choice[:, :, None, :, None].expand(B, N, 1, P, C))[:, :, 0].reshape(B, N, d)
         return torch.where(apply[..., None], chosen.to(base.dtype), base)
+
+    def pick_recall_lag(self, feat, still, recalled: RecallRead, truth=None) -> RecallRead:
+        """``recalled`` with each patch's pixels those of one of its options: the mean over
+        the lags (option 0) or one lag (1..L), the found option the learnt pick ranks first
+        (``recall_lag_pick``; the mean +LAG_PICK_DEFAULT). ``still``: the patch's own
+        previous pixels (B, N, d). Training (``truth``: the true tokens) takes the first
+        option that gives the patch (error under RECALL_GIVES; the model's own pick where
+        none does) and keeps for the loss the logits ``lag_pick_logits`` (B, N, 1 + L),
+        which options give the patch ``lag_pick_gives`` and where the pick has something to
+        learn ``lag_pick_telling`` (B, N). The found stays the mean's (recall's choice and
+        sampling's bias read it as before)."""
+        B, N, d = recalled.pixels.shape
+        options = torch.cat([recalled.pixels[:, None], recalled.lag_pixels], 1).transpose(1, 2)  # (B, N, O, d)
+        mass = torch.cat([recalled.found[:, None], recalled.lag_found], 1).transpose(1, 2)  # (B, N, O)
+        found = torch.cat([(recalled.found >= RECALL_FOUND)[:, None], recalled.lag_found >= LAG_FOUND],
+                          1).transpose(1, 2)
+        O = options.shape[2]
+        lags = self.recall.lags(torch.ones(1, dtype=torch.bool) if O > len(RECALL_LAGS) + 1 else None)
+        lag = torch.tensor((0,) + lags, dtype=torch.float32, device=options.device) / RECALL_LAGS[-1]
+        # only where two found options differ is there a pick to make (most patches: none)
+        high = options.masked_fill(~found[..., None], -2.0).amax(2)
+        low = options.masked_fill(~found[..., None], 2.0).amin(2)
+        differ = (found.sum(-1) >= 2) & ((high - low).amax(-1) > 1e-4)
+        rows = differ.nonzero(as_tuple=True)
+        R = rows[0].numel()
+        logits = torch.zeros(B, N, O, device=options.device)
+        if R:
+            inputs = torch.cat([feat.reshape(B, N, -1)[rows][:, None].expand(R, O, -1),
+                                options[rows].to(feat.dtype), still[rows][:, None].expand(R, O, -1).to(feat.dtype),
+                                mass[rows][..., None].to(feat.dtype),
+                                lag.view(1, O, 1).expand(R, O, 1).to(feat.dtype)], -1)
+            logits[rows] = LAG_PICK_GAIN * self.recall_lag_pick(inputs)[..., 0].float()
+        logits[..., 0] += LAG_PICK_DEFAULT
+        logits = logits.masked_fill(~found, -1e4)
+        choice = logits.argmax(-1)  # (B, N)
+        if truth is not None:
+            err = (options.float() - truth.float()[:, :, None]).pow(2).mean(-1)
+            gives = (err < RECALL_GIVES) & found
+            choice = torch.where(gives.any(-1), gives.float().argmax(-1), choice)
+            self.lag_pick_logits, self.lag_pick_gives = logits, gives
+            self.lag_pick_telling = differ & gives.any(-1) & (gives != found).any(-1)
+        pixels = options.gather(2, choice[:, :, None, None].expand(B, N, 1, d))[:, :, 0]
+        return recalled._replace(pixels=pixels)
 
     @staticmethod
     def match(moved: torch.Tensor, x: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
@@ -695,22 +762,21 @@ class TinyVideoModel(nn.Module):
     # -- the network --------------------------------------------------------
     def recall_inputs(self, h, x, meta, motion, mask, cache_layer, cos, sin, write=False, open_sides=None):
         """The recall block's fixed heads (query, key, value, pre-RoPE, each (B, RECALL_HEADS,
-        N, d)) and what recall reads for each token: (pixels (B, N, patch_dim), found (B, N)),
-        from the cache before this call (generation) or from the clip's earlier frames
+        N, d)) and what recall reads for each token (a ``RecallRead``), from the cache before this call (generation) or from the clip's earlier frames
         (``mask``: whole-clip training). h: the stream entering the block (B, F, n, w)."""
         B, N = x.shape[:2]
-        H, P = RECALL_HEADS, self.cfg.patch_dim
+        H = RECALL_HEADS
         trust = torch.sigmoid(self.recall_trust(h.reshape(B, N, -1)))
         values = self.recall.values(x, trust.to(x.dtype))
         queries = self.recall.queries(*meta, motion, open_sides).to(x.device)
         if mask is not None:
             read = self.recall.gather(meta, motion, values, mask, open_sides)
         elif write:  # the cache-filling pass: its output is not used, only its keys and values
-            read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
+            read = nothing_read(x, len(self.recall.lags(open_sides)))
         elif cache_layer is not None and cache_layer.size:
             read = self.recall.read_cache(cache_layer, queries, meta[0], motion, open_sides)  # made once
         else:  # nothing cached: nothing to recall
-            read = (x.new_zeros(B, N, P, dtype=torch.float32), x.new_zeros(B, N, dtype=torch.float32))
+            read = nothing_read(x, len(self.recall.lags(open_sides)))
         # the heads' own query (what hooks and policies see, and what the block's heads 0 and
         # 1 attend with): the mean of RECALL_LAGS' queries, so a round trip's lags, which
         # a batch has where any of its scenes leaves the view, change no other scene's
@@ -803,7 +869,10 @@ class TinyVideoModel(nn.Module):
                     logits = logits[:, :, 0]
                 candidates, recall_bias = moved, None
                 if recalled is not None:  # recall: one more choice, after the displacements
-                    pixels, found = recalled
+                    self.recall_mean = recalled.pixels  # the trust-weighted mean (training teaches the trust on it)
+                    if self.cfg.recall_lag_pick:  # its pixels: the mean over lags, or one lag's
+                        recalled = self.pick_recall_lag(feat, moved[:, :, K // 2], recalled, recall_target)
+                    pixels, found = recalled.pixels, recalled.found
                     choice = torch.cat([feat.reshape(B, N, -1), pixels.to(feat.dtype),
                                         moved[:, :, K // 2].to(feat.dtype), found[..., None].to(feat.dtype)], -1)
                     # where recall found nothing (a window that evicted the frames, the run's start)
