@@ -38,8 +38,8 @@ from torch import nn
 from ffviz import kernels
 from ffviz.cache import KVCache
 from ffviz.hooks import HookContext, HookPoint
-from ffviz.models.recall import (RECALL_FOUND, RECALL_GIVES, RECALL_HEADS, RECALL_LAGS, RecallLookup,
-                                 RecallRead, check_config, nothing_read)
+from ffviz.models.recall import (RECALL_FOUND, RECALL_GIVES, RECALL_HEADS, RECALL_LAGS, ROUND_TRIP_LAGS,
+                                 RecallLookup, RecallRead, check_config, nothing_read)
 from ffviz.models.rope import Rope3D, apply_rotation
 from ffviz.scenes import CONDITION_VOCAB, EXITS_ID, VIEW, exit_torus
 
@@ -653,7 +653,7 @@ class TinyVideoModel(nn.Module):
         found = torch.cat([(recalled.found >= RECALL_FOUND)[:, None], recalled.lag_found >= LAG_FOUND],
                           1).transpose(1, 2)
         O = options.shape[2]
-        lags = self.recall.lags(torch.ones(1, dtype=torch.bool) if O > len(RECALL_LAGS) + 1 else None)
+        lags = (RECALL_LAGS + ROUND_TRIP_LAGS)[:O - 1]  # the read's lags, round trips' last
         lag = torch.tensor((0,) + lags, dtype=torch.float32, device=options.device) / RECALL_LAGS[-1]
         # only where two found options differ is there a pick to make (most patches: none)
         high = options.masked_fill(~found[..., None], -2.0).amax(2)
